@@ -1,0 +1,193 @@
+"""Configs: OmegaConf YAML with the ``target:`` / ``params:`` schema of the original latent-diffusion code.
+
+    cfg = load_config("configs/demo/shapes_ldm.yaml", overrides=["model.params.base_learning_rate=1e-4"])
+    model = instantiate_from_config(cfg.model)
+
+Every error names the config path of the node that is wrong (``model.params.unet_config.params.channel_mult``)
+and what to do about it, and is raised before any work starts: :func:`check_config` walks the whole tree,
+imports every target and binds its params against the constructor's signature.
+"""
+from __future__ import annotations
+
+import contextvars
+import importlib
+import inspect
+import os
+from typing import Any, Iterable, Mapping
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "ConfigError",
+    "load_config",
+    "instantiate_from_config",
+    "check_config",
+    "get_obj_from_str",
+    "to_plain",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem: the message is one line that names the key and the fix."""
+
+
+def load_config(*paths: str | os.PathLike, overrides: Iterable[str] = ()) -> DictConfig:
+    """Merge YAML files left to right, then ``key=value`` dotlist overrides."""
+    if not paths:
+        raise ConfigError("no config given: pass at least one YAML file (e.g. configs/demo/shapes_ldm.yaml)")
+    parts = []
+    for p in paths:
+        if not os.path.isfile(p):
+            raise ConfigError(f"config file not found: {p} (check the path given to --base/--config)")
+        try:
+            parts.append(OmegaConf.load(p))
+        except Exception as e:  # yaml errors are long; keep the first line
+            raise ConfigError(f"cannot parse config {p}: {str(e).splitlines()[0]}") from e
+    overrides = list(overrides)
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not of the form key=value (e.g. lightning.trainer.max_steps=20)")
+    try:
+        parts.append(OmegaConf.from_dotlist(overrides))
+        cfg = OmegaConf.merge(*parts)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot merge configs/overrides: {str(e).splitlines()[0]}") from e
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config {paths[0]} must be a mapping at the top level")
+    return cfg
+
+
+def to_plain(node: Any) -> Any:
+    """Resolve a config node to plain Python containers (what goes into checkpoints and JSON)."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    if isinstance(node, Mapping):
+        return {k: to_plain(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [to_plain(v) for v in node]
+    return node
+
+
+# id(plain dict) -> config path, for nested nodes handed to constructors as plain dicts while they build
+_PATHS: contextvars.ContextVar[dict] = contextvars.ContextVar("ldm_config_paths", default={})
+
+
+def _node_path(node: Any, path: str | None) -> str:
+    if path:
+        return path
+    known = _PATHS.get().get(id(node))
+    if known:
+        return known
+    if isinstance(node, DictConfig):
+        try:
+            key = node._get_full_key(None)
+            if key:
+                return str(key)
+        except Exception:
+            pass
+    return "<config>"
+
+
+def get_obj_from_str(target: str, path: str = "<config>") -> Any:
+    if not isinstance(target, str) or "." not in target:
+        raise ConfigError(f"{path}.target: {target!r} is not a dotted import path like 'ldm.models.unet.UNetModel'")
+    module_name, attr = target.rsplit(".", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{path}.target: cannot import module '{module_name}' ({e}); check the spelling") from e
+    if not hasattr(module, attr):
+        raise ConfigError(f"{path}.target: '{module_name}' has no '{attr}'; check the class name")
+    return getattr(module, attr)
+
+
+def _is_target_node(value: Any) -> bool:
+    return isinstance(value, (Mapping, DictConfig)) and "target" in value
+
+
+def _accepted(fn: Any) -> tuple[set[str], bool]:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return set(), True
+    names, var_kw = set(), False
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            names.add(p.name)
+    return names, var_kw
+
+
+def check_config(node: Any, path: str | None = None) -> None:
+    """Import every target in the tree and check its params against the constructor; raise ConfigError."""
+    path = _node_path(node, path)
+    if not _is_target_node(node):
+        raise ConfigError(f"{path}: expected a node with 'target:' (and optional 'params:')")
+    obj = get_obj_from_str(node["target"], path)
+    params = node.get("params", None) or {}
+    if not isinstance(params, (Mapping, DictConfig)):
+        raise ConfigError(f"{path}.params: must be a mapping, got {type(params).__name__}")
+    names, var_kw = _accepted(obj)
+    required = set()
+    try:
+        for p in inspect.signature(obj).parameters.values():
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self":
+                required.add(p.name)
+    except (TypeError, ValueError):
+        pass
+    for key in params:
+        if not var_kw and names and key not in names:
+            close = sorted(names)
+            raise ConfigError(
+                f"{path}.params.{key}: unknown parameter for {node['target']} (accepted: {', '.join(close)})")
+    missing = sorted(required - set(params))
+    if missing and names:
+        raise ConfigError(f"{path}.params: missing required parameter(s) {', '.join(missing)} for {node['target']}")
+    for key, value in params.items():
+        if _is_target_node(value):
+            check_config(value, f"{path}.params.{key}")
+        elif isinstance(value, (list, ListConfig)):
+            for i, item in enumerate(value):
+                if _is_target_node(item):
+                    check_config(item, f"{path}.params.{key}.{i}")
+
+
+def instantiate_from_config(node: Any, path: str | None = None, **extra: Any) -> Any:
+    """Build ``target(**params, **extra)``; errors name the node's config path."""
+    path = _node_path(node, path)
+    if not _is_target_node(node):
+        if node in ("__is_first_stage__", "__is_unconditional__"):
+            return None
+        raise ConfigError(f"{path}: expected a node with 'target:' (and optional 'params:')")
+    obj = get_obj_from_str(node["target"], path)
+    params = node.get("params", None) or {}
+    if isinstance(params, DictConfig):
+        params = OmegaConf.to_container(params, resolve=True)
+    params = dict(params, **extra)
+    names, var_kw = _accepted(obj)
+    if names and not var_kw:
+        unknown = [k for k in params if k not in names]
+        if unknown:
+            raise ConfigError(
+                f"{path}.params.{unknown[0]}: unknown parameter for {node['target']} "
+                f"(accepted: {', '.join(sorted(names))})")
+    paths = dict(_PATHS.get())
+    for key, value in params.items():
+        if _is_target_node(value):
+            paths[id(value)] = f"{path}.params.{key}"
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if _is_target_node(item):
+                    paths[id(item)] = f"{path}.params.{key}.{i}"
+    token = _PATHS.set(paths)
+    try:
+        return obj(**params)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, AssertionError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path}: cannot build {node['target']}: {msg}") from e
+    finally:
+        _PATHS.reset(token)
