@@ -1,0 +1,156 @@
+"""The full latent diffusion model as a plain ``nn.Module`` (no Lightning): what checkpoints load into.
+
+Attribute names are those of the original ``LatentDiffusion`` so that its ``state_dict`` is the Stable Diffusion
+layout (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*`` and the 12 schedule buffers).
+Training (``ldm.training``) subclasses it; the pipeline uses it as is.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ldm.config import instantiate_from_config
+from ldm.diffusion import schedules
+from ldm.diffusion.denoisers import make_denoiser
+
+log = logging.getLogger(__name__)
+
+PARAMETERIZATIONS = ("eps", "v", "x0")
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet as ``diffusion_model`` and routes the conditioning dict into it.
+
+    cond keys: ``crossattn`` (text embeddings, [B, L, D]) and optionally ``concat`` (extra input channels, e.g.
+    the mask and masked-image latents of a 9-channel inpainting UNet).
+    """
+
+    def __init__(self, unet_config: Any):
+        super().__init__()
+        self.diffusion_model = instantiate_from_config(unet_config)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict | torch.Tensor | None = None) -> torch.Tensor:
+        if cond is None:
+            cond = {}
+        elif isinstance(cond, torch.Tensor):
+            cond = {"crossattn": cond}
+        if cond.get("concat") is not None:
+            x = torch.cat([x, cond["concat"]], dim=1)
+        return self.diffusion_model(x, t, context=cond.get("crossattn"))
+
+
+class LatentDiffusion(nn.Module):
+    """First stage (VAE), text conditioner and UNet, with the discrete noise schedule as buffers.
+
+    Parameter names follow the original configs (``model.params`` of v1-inference.yaml / v2-inference.yaml).
+    """
+
+    def __init__(
+        self,
+        unet_config: Any,
+        first_stage_config: Any,
+        cond_stage_config: Any,
+        *,
+        parameterization: str = "eps",
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        linear_start: float = 0.00085,
+        linear_end: float = 0.012,
+        cosine_s: float = 8e-3,
+        zero_terminal_snr: bool = False,
+        scale_factor: float = 0.18215,
+        scale_by_std: bool = False,
+        conditioning_key: str = "crossattn",
+        first_stage_key: str = "image",
+        cond_stage_key: str = "caption",
+        image_size: int = 64,
+        channels: int = 4,
+        cond_stage_trainable: bool = False,
+        use_ema: bool = False,
+        # accepted for compatibility with the original configs; they change nothing at inference
+        num_timesteps_cond: int = 1,
+        log_every_t: int = 200,
+        monitor: str | None = None,
+        clip_denoised: bool = False,
+        scheduler_config: Any = None,
+    ):
+        super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        if conditioning_key not in ("crossattn", "hybrid"):
+            raise ValueError(f"conditioning_key must be 'crossattn' or 'hybrid', got {conditioning_key!r}")
+        self.parameterization = parameterization
+        self.conditioning_key = conditioning_key
+        self.first_stage_key = first_stage_key
+        self.cond_stage_key = cond_stage_key
+        self.image_size = image_size
+        self.channels = channels
+        self.cond_stage_trainable = cond_stage_trainable
+        self.use_ema = use_ema
+        self.scale_by_std = scale_by_std
+        self.num_timesteps = int(timesteps)
+
+        self.model = DiffusionWrapper(unet_config)
+        self.first_stage_model = instantiate_from_config(first_stage_config)
+        self.first_stage_model.eval()
+        self.first_stage_model.requires_grad_(False)
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+
+        betas = schedules.make_betas(beta_schedule, self.num_timesteps, linear_start=linear_start,
+                                     linear_end=linear_end, cosine_s=cosine_s)
+        if zero_terminal_snr:
+            betas = schedules.rescale_zero_terminal_snr(betas)
+        for name, value in schedules.register_schedule_buffers(betas).items():
+            self.register_buffer(name, value)
+
+        # As in the original: a buffer (saved) only when it is estimated from data, a plain float otherwise.
+        if scale_by_std:
+            self.register_buffer("scale_factor", torch.tensor(float(scale_factor)))
+        else:
+            self.scale_factor = float(scale_factor)
+
+    # ---- first stage -------------------------------------------------------------------------------------
+    @property
+    def downsample_factor(self) -> int:
+        return int(self.first_stage_model.downsample_factor)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.first_stage_model.embed_dim)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.first_stage_model.eval()  # frozen, always
+        return self
+
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor, *, sample: bool = True,
+                           generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents (a posterior sample, or its mode with sample=False)."""
+        posterior = self.first_stage_model.encode(x)
+        z = posterior.sample(generator=generator) if sample else posterior.mode()
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels in about [-1, 1]."""
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    # ---- conditioning ------------------------------------------------------------------------------------
+    def get_learned_conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings [B, L, D] for a list of prompts."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return self.cond_stage_model.encode(list(prompts))
+
+    # ---- denoising ---------------------------------------------------------------------------------------
+    def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | torch.Tensor | None) -> torch.Tensor:
+        """The raw network output (eps, v or x0 depending on ``parameterization``)."""
+        return self.model(x_t, t, cond)
+
+    def denoiser(self, quantize: bool = True):
+        """This model seen as ``D(x, sigma, cond) -> x0`` for the samplers."""
+        return make_denoiser(self.apply_model, self.alphas_cumprod, self.parameterization, quantize=quantize)
