@@ -95,8 +95,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             raise CheckpointError(f"{path} is a corrupt or truncated safetensors file ({_first_line(e)})") from e
         return sd, meta
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        # a file object, not the name: torch.load must not pick a reader from the file's extension
+        with open(path, "rb") as f, torch.serialization.safe_globals(_safe_globals()):
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         msg = _first_line(e)
         if "weights_only" in msg.lower() or "unsupported global" in msg.lower() or "unpickl" in msg.lower():
