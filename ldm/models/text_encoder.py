@@ -1,0 +1,409 @@
+"""Text encoders on open_clip's text tower: SD2's FrozenOpenCLIPEmbedder, and SD1's CLIP ViT-L/14 reproduced.
+
+    enc = OpenCLIPTextEncoder("ViT-H-14")                     # SD2: penultimate layer, pad with 0
+    enc = OpenCLIPTextEncoder("ViT-L-14", layer="last", pad="eot", quick_gelu=True, projection=False)  # SD1
+    context = enc(["a red square", ""])                       # [2, 77, width], "" is the CFG unconditional prompt
+
+Only the text tower is built (never the vision tower, never a download). Its state dict is
+``model.<open_clip CLIP text names>``, i.e. exactly SD2's ``cond_stage_model.model.*`` entries; SD1's
+transformers-named weights are mapped onto it by :func:`convert_hf_clip_text_state_dict` (and back by
+:func:`to_hf_clip_text_state_dict`). Tiny architectures for tests and the demo model live in
+``text_archs/*.json`` (open_clip's own config format) and are registered with ``open_clip.add_model_config``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import open_clip
+import torch
+from open_clip.model import CLIPTextCfg
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
+from torch import nn
+
+__all__ = [
+    "OpenCLIPTextEncoder",
+    "register_text_archs",
+    "text_arch_config",
+    "read_state_dict",
+    "convert_hf_clip_text_state_dict",
+    "to_hf_clip_text_state_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+ARCH_DIR = Path(__file__).with_name("text_archs")
+PAD_MODES = ("zero", "eot")
+LONG_PROMPT_MODES = ("truncate", "chunk")
+NAMED_LAYERS = {"last": -1, "penultimate": -2}
+# open_clip text options that would change the tower's layout or forward beyond what this encoder handles
+_UNSUPPORTED_TEXT_OPTIONS = ("hf_model_name", "embed_cls", "no_causal_mask")
+# optional attention-block options of newer open_clip versions, passed through only when set
+_BLOCK_OPTIONS = ("block_type", "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner",
+                  "scale_attn", "scale_fc")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Architectures and tokenizer
+# ----------------------------------------------------------------------------------------------------------
+
+def register_text_archs() -> None:
+    """Make the project's architectures (``text_archs/*.json``) known to open_clip by name; idempotent."""
+    known = set(open_clip.list_models())
+    if any(p.stem not in known for p in ARCH_DIR.glob("*.json")):
+        open_clip.add_model_config(ARCH_DIR)
+
+
+def text_arch_config(arch: str) -> dict:
+    """The open_clip model config (``embed_dim``, ``text_cfg``, ...) of a named architecture, read offline."""
+    register_text_archs()
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown text encoder arch {arch!r}: use an open_clip model name such as 'ViT-H-14', "
+                         f"'ViT-L-14' or 'ldm-tiny-text' (see open_clip.list_models())")
+    return open_clip.get_model_config(arch)
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe_tokenizer() -> SimpleTokenizer:
+    """open_clip's CLIP BPE tokenizer; its vocabulary file ships inside the open_clip package."""
+    return SimpleTokenizer()
+
+
+def _build_text_tower(cfg: Mapping, quick_gelu: bool, projection: bool) -> TextTransformer:
+    """open_clip's TextTransformer for ``cfg`` plus CLIP's ``logit_scale`` (so names match a CLIP state dict)."""
+    text_cfg = CLIPTextCfg(**cfg["text_cfg"])
+    for option in _UNSUPPORTED_TEXT_OPTIONS:
+        if getattr(text_cfg, option, None):
+            raise ValueError(f"text_cfg option {option}={getattr(text_cfg, option)!r} is not supported by "
+                             f"OpenCLIPTextEncoder: use an arch with a plain causal CLIP text transformer")
+    act_layer, norm_layer = (QuickGELU if quick_gelu else nn.GELU), LayerNorm
+    if text_cfg.act_kwargs:
+        act_layer = functools.partial(act_layer, **text_cfg.act_kwargs)
+    if text_cfg.norm_kwargs:
+        norm_layer = functools.partial(norm_layer, **text_cfg.norm_kwargs)
+    block_options = {k: getattr(text_cfg, k) for k in _BLOCK_OPTIONS if getattr(text_cfg, k, None)}
+    tower = TextTransformer(
+        context_length=text_cfg.context_length, vocab_size=text_cfg.vocab_size, width=text_cfg.width,
+        heads=text_cfg.heads, layers=text_cfg.layers, mlp_ratio=text_cfg.mlp_ratio,
+        ls_init_value=text_cfg.ls_init_value, output_dim=cfg["embed_dim"], pool_type=text_cfg.pool_type,
+        proj_type=text_cfg.proj_type if projection else "none", proj_bias=text_cfg.proj_bias,
+        act_layer=act_layer, norm_layer=norm_layer, **block_options)
+    if projection:  # CLIP keeps the contrastive temperature next to the text tower's weights
+        tower.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+    return tower
+
+
+def _layers_to_run(layer: str | int, num_layers: int) -> int:
+    """How many transformer blocks run for ``layer`` ("last", "penultimate" or a block index, -1 = last)."""
+    index = NAMED_LAYERS.get(layer, layer) if isinstance(layer, str) else layer
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise ValueError(f"layer={layer!r} is not valid: use 'last', 'penultimate' or a block index "
+                         f"(-1 = last, -2 = penultimate, i.e. clip skip N is layer=-N)")
+    if not -num_layers <= index < num_layers:
+        raise ValueError(f"layer={layer} is out of range for a text tower with {num_layers} blocks: "
+                         f"use an index in [{-num_layers}, {num_layers - 1}]")
+    return index + 1 if index >= 0 else num_layers + index + 1
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid: use one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def _warn_cut(ids: list[list[int]], body: int) -> None:
+    """One warning per batch naming each prompt that truncation to ``body`` tokens shortens."""
+    cut = [f"prompt {i} lost {len(seq) - body}" for i, seq in enumerate(ids) if len(seq) > body]
+    if cut:
+        logger.warning("%d of %d prompts are over %d tokens and were cut (%s); long_prompts='chunk' keeps "
+                       "every token", len(cut), len(ids), body, ", ".join(cut))
+
+
+def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given: pass a list with at least one string (use '' for the unconditional)")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} is a {type(p).__name__}, not a str: pass a list of strings")
+    return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The encoder
+# ----------------------------------------------------------------------------------------------------------
+
+class OpenCLIPTextEncoder(nn.Module):
+    """Prompts -> per-token context ``[B, max_length * k, width]`` for the UNet's cross-attention.
+
+    Args:
+        arch: open_clip architecture name ("ViT-H-14" for SD2, "ViT-L-14" for SD1, "ldm-tiny-text", ...).
+        layer: "last", "penultimate" or a block index (-1 = last; clip skip N is ``layer=-N``). The blocks after
+            it are skipped; ``ln_final`` is applied in every case (as SD1 and SD2 do).
+        max_length: tokens per window, start and end-of-text included (at most the arch's context length).
+        pad: "zero" pads with id 0 after end-of-text (SD2 / open_clip); "eot" pads with the end-of-text id
+            49407 (SD1 / transformers CLIPTokenizer).
+        quick_gelu: QuickGELU activations (OpenAI CLIP weights, SD1); also on when the arch config says so.
+        freeze: eval mode and no gradients, kept by ``train()``. With ``freeze=False`` everything the forward
+            uses is trainable; the skipped blocks, ``text_projection`` and ``logit_scale`` stay frozen so
+            that DDP sees no unused parameters.
+        ckpt_path: local weights file (safetensors or torch pickle) in this module's names, open_clip CLIP
+            names (``visual.*`` ignored) or transformers CLIP text names.
+        long_prompts: "truncate" cuts prompts longer than ``max_length`` (with a warning); "chunk" encodes
+            them as several ``max_length`` windows of ``max_length - 2`` tokens each, concatenated along the
+            sequence axis (all prompts of a batch padded with empty windows to the same count).
+        projection: build ``text_projection`` and ``logit_scale`` (SD2 checkpoints have them, SD1 not).
+    """
+
+    def __init__(self, arch: str = "ViT-H-14", layer: str | int = "penultimate", max_length: int = 77,
+                 pad: str = "zero", quick_gelu: bool = False, freeze: bool = True,
+                 ckpt_path: str | os.PathLike | None = None, long_prompts: str = "truncate",
+                 projection: bool = True):
+        super().__init__()
+        self.frozen = False
+        cfg = text_arch_config(arch)
+        self.model = _build_text_tower(cfg, quick_gelu or bool(cfg.get("quick_gelu")), projection)
+        self.arch = arch
+        self.width = self.output_dim = self.model.width
+        self.num_layers = len(self.model.transformer.resblocks)
+        self.layer = layer
+        self.layers_run = _layers_to_run(layer, self.num_layers)
+        context = self.model.positional_embedding.shape[0]
+        if not isinstance(max_length, int) or not 3 <= max_length <= context:
+            raise ValueError(f"max_length={max_length!r} must be an int in [3, {context}] "
+                             f"(the context length of {arch})")
+        self.max_length = max_length
+        self.pad = _check_choice("pad", pad, PAD_MODES)
+        self.long_prompts = _check_choice("long_prompts", long_prompts, LONG_PROMPT_MODES)
+        if ckpt_path is not None:
+            self.load_weights(ckpt_path)
+        if freeze:
+            self.freeze()
+        else:
+            self._freeze_unused()
+
+    # --- training state ---
+
+    def freeze(self) -> "OpenCLIPTextEncoder":
+        """Eval mode and ``requires_grad=False`` everywhere; ``train()`` keeps it in eval from now on."""
+        self.frozen = True
+        for p in self.parameters():
+            p.requires_grad_(False)
+        return self.train(False)
+
+    def train(self, mode: bool = True) -> "OpenCLIPTextEncoder":
+        return super().train(mode and not self.frozen)
+
+    def _freeze_unused(self) -> None:
+        """Freeze what the forward never reads: blocks after ``layer``, the projection and logit scale."""
+        unused = list(self.model.transformer.resblocks[self.layers_run:].parameters())
+        unused += [p for n, p in self.model.named_parameters(recurse=False) if n in ("text_projection",
+                                                                                      "logit_scale")]
+        for p in unused:
+            p.requires_grad_(False)
+
+    # --- tokens ---
+
+    @property
+    def pad_id(self) -> int:
+        return _bpe_tokenizer().eot_token_id if self.pad == "eot" else 0
+
+    def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Token ids ``[B, max_length * k]`` exactly as encoded (k = 1 unless ``long_prompts="chunk"``)."""
+        tokenizer = _bpe_tokenizer()
+        body = self.max_length - 2
+        ids = [tokenizer.encode(p) for p in _as_prompt_list(prompts)]
+        if self.long_prompts == "truncate":
+            _warn_cut(ids, body)
+            windows = [[seq[:body]] for seq in ids]
+        else:
+            windows = [[seq[s:s + body] for s in range(0, len(seq), body)] or [[]] for seq in ids]
+            count = max(len(w) for w in windows)
+            windows = [w + [[]] * (count - len(w)) for w in windows]
+        rows = [[t for window in item for t in self._wrap(window)] for item in windows]
+        return torch.tensor(rows, dtype=torch.long)
+
+    def _wrap(self, window: list[int]) -> list[int]:
+        tokenizer = _bpe_tokenizer()
+        ids = [tokenizer.sot_token_id, *window, tokenizer.eot_token_id]
+        return ids + [self.pad_id] * (self.max_length - len(ids))
+
+    # --- forward ---
+
+    def forward(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        return self.encode(prompts)
+
+    def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        """Prompts -> ``[B, max_length * k, width]`` (k = 1 unless long prompts are chunked)."""
+        return self.encode_tokens(self.tokenize(prompts))
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, max_length * k]`` -> ``[B, max_length * k, width]``; each window encoded alone."""
+        if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.shape[1] % self.max_length:
+            raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not fit: pass [batch, k * "
+                             f"{self.max_length}] ids as returned by tokenize()")
+        batch, length = tokens.shape
+        windows = tokens.reshape(-1, self.max_length).to(self.model.token_embedding.weight.device)
+        return self._encode_windows(windows).reshape(batch, length, self.width)
+
+    def _encode_windows(self, tokens: torch.Tensor) -> torch.Tensor:
+        model, length = self.model, tokens.shape[1]
+        x = model.token_embedding(tokens) + model.positional_embedding[:length]
+        mask = model.attn_mask[:length, :length]
+        batch_first = getattr(model.transformer, "batch_first", False)
+        x = x if batch_first else x.transpose(0, 1)
+        for block in model.transformer.resblocks[:self.layers_run]:
+            x = block(x, attn_mask=mask)
+        x = x if batch_first else x.transpose(0, 1)
+        return model.ln_final(x)
+
+    # --- weights ---
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load text weights from ``path`` strictly; a one-line ValueError lists what does not fit."""
+        state = _to_encoder_names(read_state_dict(path))
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(shape)}" for k, shape in expected.items()
+                      if k in state and state[k].shape != shape]
+        if missing or unexpected or mismatched:
+            problems = [f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+                        for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                            ("shape mismatch file vs model", mismatched)) if keys]
+            raise ValueError(f"{path} does not fit text encoder {self.arch} (width {self.width}, "
+                             f"{self.num_layers} blocks, projection={'model.text_projection' in expected}): "
+                             f"{'; '.join(problems)}; pick the arch/projection the file was made for")
+        self.load_state_dict(state, strict=True)
+        logger.info("loaded %d text encoder tensors from %s", len(state), path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State dicts: reading, open_clip and transformers names
+# ----------------------------------------------------------------------------------------------------------
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a local safetensors or torch file (format told by its bytes; pickles via weights_only)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path} (check ckpt_path)")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    try:
+        if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header size, then a JSON header
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            with open(path, "rb") as f:  # a file object: torch.load would pick the format by name
+                state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read weights from {path}: {first_line} (expected safetensors or a "
+                         f"torch state dict)") from e
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a flat name -> tensor state dict: save model.state_dict()")
+    return dict(state)
+
+
+def _to_encoder_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Own names (``model.*``) pass; open_clip CLIP names gain ``model.``; transformers names are converted."""
+    if any(k.startswith("model.") for k in state):
+        return dict(state)
+    if any(k.endswith("embeddings.token_embedding.weight") for k in state):
+        text = {k: v for k, v in state.items() if k.startswith(("text_model.", "embeddings.", "encoder.",
+                                                                 "final_layer_norm."))}
+        return convert_hf_clip_text_state_dict(text)
+    return {f"model.{k}": v for k, v in state.items() if not k.startswith("visual.")}
+
+
+_HF_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_HF_BLOCK = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_HF_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
+_HF_LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_OWN_BLOCK_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)")
+_OWN_IN_PROJ_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)")
+
+
+def convert_hf_clip_text_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers ``CLIPTextModel`` weights -> this encoder's names (``model.*``).
+
+    Keys are relative to the text model: ``text_model.encoder.layers.0.mlp.fc1.weight`` or
+    ``encoder.layers.0.mlp.fc1.weight`` (strip SD1's ``cond_stage_model.transformer.`` prefix first).
+    ``embeddings.position_ids`` is dropped; q/k/v projections are concatenated into ``in_proj_*`` [q; k; v].
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in sd.items():
+        name = key.removeprefix("text_model.")
+        if name == "embeddings.position_ids":
+            continue
+        if name in _HF_TOP:
+            out[f"model.{_HF_TOP[name]}"] = value
+            continue
+        match = _HF_LAYER_KEY.fullmatch(name)
+        module = match and match.group(2)
+        if module in _HF_QKV:
+            qkv[(match.group(1), match.group(3))][_HF_QKV[module]] = value
+        elif module in _HF_BLOCK:
+            out[f"model.transformer.resblocks.{match.group(1)}.{_HF_BLOCK[module]}.{match.group(3)}"] = value
+        else:
+            raise ValueError(f"unexpected transformers CLIP text key {key!r}: pass text_model.* keys without "
+                             f"the 'cond_stage_model.transformer.' prefix")
+    for (layer, kind), parts in sorted(qkv.items()):
+        if len(parts) != 3:
+            raise ValueError(f"layer {layer} {kind}: only {sorted(parts)} of q/k/v projections given: "
+                             f"pass all three")
+        out[f"model.transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
+            [parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def to_hf_clip_text_state_dict(sd: Mapping[str, torch.Tensor],
+                               position_ids: bool = True) -> dict[str, torch.Tensor]:
+    """This encoder's weights -> transformers ``CLIPTextModel`` names (``text_model.*``).
+
+    Input keys are this module's (``model.*``) or open_clip's CLIP text names; output keys are relative: prefix them with ``cond_stage_model.transformer.`` for an SD1 file. With
+    ``position_ids`` the ``embeddings.position_ids`` buffer [1, context] (int64) that SD1 files carry is added.
+    """
+    top = {ours: hf for hf, ours in _HF_TOP.items()}
+    block = {ours: hf for hf, ours in _HF_BLOCK.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        name = key.removeprefix("model.")
+        in_proj = _OWN_IN_PROJ_KEY.fullmatch(name)
+        other = _OWN_BLOCK_KEY.fullmatch(name)
+        if name in top:
+            out[f"text_model.{top[name]}"] = value
+        elif in_proj:
+            prefix = f"text_model.encoder.layers.{in_proj.group(1)}.self_attn"
+            for proj, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{prefix}.{proj}_proj.{in_proj.group(2)}"] = part.clone()  # no shared storage
+        elif other and other.group(2) in block:
+            out[f"text_model.encoder.layers.{other.group(1)}.{block[other.group(2)]}.{other.group(3)}"] = value
+        else:
+            raise ValueError(f"{key!r} has no place in the transformers CLIPTextModel layout: export an "
+                             f"encoder built with projection=False (SD1) and pass its state_dict()")
+    if position_ids and "text_model.embeddings.position_embedding.weight" in out:
+        count = out["text_model.embeddings.position_embedding.weight"].shape[0]
+        out["text_model.embeddings.position_ids"] = torch.arange(count, dtype=torch.long).unsqueeze(0)
+    return out
