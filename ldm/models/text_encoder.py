@@ -382,8 +382,9 @@ def to_hf_clip_text_state_dict(sd: Mapping[str, torch.Tensor],
                                position_ids: bool = True) -> dict[str, torch.Tensor]:
     """This encoder's weights -> transformers ``CLIPTextModel`` names (``text_model.*``).
 
-    Input keys are this module's (``model.*``) or open_clip's CLIP text names; output keys are relative: prefix them with ``cond_stage_model.transformer.`` for an SD1 file. With
-    ``position_ids`` the ``embeddings.position_ids`` buffer [1, context] (int64) that SD1 files carry is added.
+    Input keys are this module's (``model.*``) or open_clip's CLIP text names. Output keys are relative: prefix
+    them with ``cond_stage_model.transformer.`` for an SD1 file. With ``position_ids`` the
+    ``embeddings.position_ids`` buffer [1, context] (int64) that SD1 files carry is added.
     """
     top = {ours: hf for hf, ours in _HF_TOP.items()}
     block = {ours: hf for hf, ours in _HF_BLOCK.items()}
