@@ -238,7 +238,7 @@ def _check_dims(dims: int) -> None:
 
 
 def _per_level(value: IntOrList, levels: int, name: str) -> list[int]:
-    """An int for every level, or a list with one entry per channel_mult level."""
+    """One int (or bool) for every level, or a list with one entry per channel_mult level."""
     if isinstance(value, int):
         return [value] * levels
     value = list(value)
@@ -306,10 +306,9 @@ class UNetModel(nn.Module):
         self.attention_slice_size = attention_slice_size
         self.disable_self_attentions = (
             [False] * levels if disable_self_attentions is None
-            else _per_level(list(disable_self_attentions), levels, "disable_self_attentions"))
+            else _per_level(disable_self_attentions, levels, "disable_self_attentions"))
         self.num_attention_blocks = (
-            None if num_attention_blocks is None
-            else _per_level(list(num_attention_blocks), levels, "num_attention_blocks"))
+            None if num_attention_blocks is None else _per_level(num_attention_blocks, levels, "num_attention_blocks"))
         self._validate()
 
         time_embed_dim = model_channels * 4
