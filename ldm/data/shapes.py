@@ -18,8 +18,9 @@ Prompt specs (:func:`scene_to_prompt_spec`) are plain JSON-able dicts::
 samples a scene that satisfies it (the inverse), and ``caption(scene, rng)`` = ``caption_spec`` of the scene's
 spec with a few details randomly left out.
 
-Seed streams: training items come from ``random.Random(f"train/{seed}/{index}")``; held-out items (eval
-prompts, reconstruction checks) from ``f"eval/{seed}/{index}"``. The streams never share a scene draw, but the
+Seed streams: training items come from ``random.Random(f"train/{seed}/{index}")``; held-out items come from
+streams named ``eval/...``: ``f"eval/{seed}/{index}"`` (``split="eval"``: reconstruction checks) and
+``f"eval/{seed}/{category}/{i}"`` (GenEval prompts, :mod:`ldm.eval.geneval`). They never share a draw, but the
 world is small, so a held-out prompt's *text* can equal a training caption: the split holds out scenes and
 seeds, not word combinations.
 
@@ -44,7 +45,8 @@ from torch.utils.data import Dataset
 __all__ = [
     "COLORS", "SHAPES", "SIZES", "RELATIONS", "KINDS", "COUNT_WORDS", "BACKGROUND", "SIZE_RADIUS",
     "ShapeObject", "Scene", "sample_scene", "render", "caption", "caption_spec",
-    "scene_to_prompt_spec", "spec_to_scene", "scene_rng", "ShapesDataset", "write_shards", "main",
+    "scene_to_prompt_spec", "spec_to_scene", "spec_kind", "validate_spec", "relation_holds", "scene_rng",
+    "image_to_tensor", "ShapesDataset", "write_shards", "main",
 ]
 
 log = logging.getLogger(__name__)

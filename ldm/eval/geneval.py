@@ -1,0 +1,170 @@
+"""Prompt faithfulness on the shapes world, in the spirit of GenEval (Ghosh et al., 2023).
+
+Prompts are worded from specs (see :mod:`ldm.data.shapes`), so we know what each picture must show; the
+deterministic :func:`ldm.eval.analyzer.analyze` finds what it does show and :func:`score` compares.
+
+Categories (as GenEval, with our shapes for its COCO classes):
+
+==================  ===============================  ===========================================================
+category            example prompt                   correct when
+==================  ===============================  ===========================================================
+single_object       "a triangle"                     at least one triangle
+two_objects         "a circle and a square"          at least one of each
+counting            "three circles"                  exactly three circles
+colors              "a purple square"                at least one purple square
+position            "a circle to the left of a       both found and some circle's centroid is left of some
+                    square"                          square's centroid by more than ``POSITION_MARGIN``
+color_attribution   "a red circle and a blue square" a red circle and a blue square are both found
+==================  ===============================  ===========================================================
+
+Colors and sizes are checked only when the spec says them; blobs of no known shape are ignored.
+Eval prompts use the held-out seed stream ``random.Random(f"eval/{seed}/{category}/{i}")``, never the
+``train/...`` stream of :class:`ldm.data.shapes.ShapesDataset`.
+The overall score is the mean of the category accuracies (not of all images), like GenEval's.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Callable, NamedTuple, Sequence
+
+from PIL import Image
+
+from ldm.data.shapes import COLORS, RELATIONS, SHAPES, caption_spec, relation_holds, validate_spec
+from ldm.eval.analyzer import Detection, analyze
+
+__all__ = ["CATEGORIES", "POSITION_MARGIN", "EvalPrompt", "make_eval_prompts", "make_spec", "score",
+           "evaluate", "format_report"]
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attribution")
+POSITION_MARGIN = 0.05  # fraction of the image side between centroids for a relation to hold
+
+GenerateFn = Callable[[list, list], Sequence[Image.Image]]
+
+
+class EvalPrompt(NamedTuple):
+    category: str
+    prompt: str
+    spec: dict
+
+
+def _group(shape: str, color: str | None = None, count: int = 1) -> dict[str, Any]:
+    return {"shape": shape, "color": color, "size": None, "count": count}
+
+
+def make_spec(category: str, rng: random.Random, index: int = 0) -> dict[str, Any]:
+    """A random spec of ``category``; ``index`` cycles counts (1..4) and relations so they stay balanced."""
+    shape_a, shape_b = rng.sample(SHAPES, 2)
+    color_a, color_b = rng.sample(list(COLORS), 2)
+    if category == "single_object":
+        objects, relation = [_group(shape_a)], None
+    elif category == "two_objects":
+        objects, relation = [_group(shape_a), _group(shape_b)], None
+    elif category == "counting":
+        objects, relation = [_group(shape_a, count=1 + index % 4)], None
+    elif category == "colors":
+        objects, relation = [_group(shape_a, color_a)], None
+    elif category == "position":
+        objects = [_group(shape_a), _group(shape_b)]
+        relation = {"type": RELATIONS[index % len(RELATIONS)], "subject": 0, "reference": 1}
+    elif category == "color_attribution":
+        objects, relation = [_group(shape_a, color_a), _group(shape_b, color_b)], None
+    else:
+        raise ValueError(f"unknown category {category!r}; use one of {', '.join(CATEGORIES)}")
+    return {"category": category, "objects": objects, "relation": relation}
+
+
+def make_eval_prompts(n_per_category: int, seed: int = 0) -> list[EvalPrompt]:
+    """``n_per_category`` prompts of each category from the held-out stream, as (category, prompt, spec)."""
+    if not isinstance(n_per_category, int) or n_per_category < 1:
+        raise ValueError(f"n_per_category must be a positive int, got {n_per_category!r}")
+    prompts = []
+    for category in CATEGORIES:
+        for i in range(n_per_category):
+            rng = random.Random(f"eval/{seed}/{category}/{i}")
+            spec = make_spec(category, rng, i)
+            prompts.append(EvalPrompt(category, caption_spec(spec, rng), spec))
+    return prompts
+
+
+def _matches(det: Detection, group: dict[str, Any]) -> bool:
+    return (det.shape == group["shape"]
+            and group.get("color") in (None, det.color)
+            and group.get("size") in (None, det.size))
+
+
+def _relation_found(relation: dict[str, Any], groups: list, detections: Sequence[Detection]) -> bool:
+    """Some reference has ``count`` subjects standing in the relation to it."""
+    subject, reference = groups[relation["subject"]], groups[relation["reference"]]
+    subjects = [d for d in detections if _matches(d, subject)]
+    for ref in (d for d in detections if _matches(d, reference)):
+        ok = [s for s in subjects
+              if s is not ref and relation_holds(relation["type"], s.center, ref.center, POSITION_MARGIN)]
+        if len(ok) >= subject["count"]:
+            return True
+    return False
+
+
+def score(spec: dict[str, Any], detections: Sequence[Detection]) -> bool:
+    """Whether ``detections`` show what ``spec`` asks (rules in the module docstring). A spec with
+    ``category == "counting"`` needs exactly ``count`` objects of the shape, all with the asked attributes."""
+    validate_spec(spec)
+    groups = spec["objects"]
+    exact = spec.get("category") == "counting"
+    for group in groups:
+        same_shape = [d for d in detections if d.shape == group["shape"]]
+        found = sum(_matches(d, group) for d in same_shape)
+        if found < group["count"] or (exact and len(same_shape) != group["count"]):
+            return False
+    relation = spec.get("relation")
+    return relation is None or _relation_found(relation, groups, detections)
+
+
+def evaluate(generate_fn: GenerateFn, prompts: Sequence[EvalPrompt], images_per_prompt: int = 4,
+             seed: int = 0) -> dict[str, Any]:
+    """Generate ``images_per_prompt`` images per prompt and score them.
+
+    ``generate_fn(prompts: list[str], seeds: list[int]) -> list[PIL.Image]`` is called once per prompt;
+    image ``k`` of prompt ``p`` gets seed ``seed + p * images_per_prompt + k``. The report holds
+    ``categories`` ({name: {accuracy, correct, total}}), ``overall`` (mean of category accuracies),
+    ``num_images``, ``num_prompts``, ``images_per_prompt`` and per-image ``records``.
+    """
+    if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt must be a positive int, got {images_per_prompt!r}")
+    if not prompts:
+        raise ValueError("no prompts to evaluate; make some with make_eval_prompts(n_per_category)")
+    records = []
+    for p, (category, prompt, spec) in enumerate(prompts):
+        seeds = [seed + p * images_per_prompt + k for k in range(images_per_prompt)]
+        images = list(generate_fn([prompt] * images_per_prompt, seeds))
+        if len(images) != images_per_prompt:
+            raise ValueError(f"generate_fn returned {len(images)} images for {images_per_prompt} seeds; "
+                             "it must return one image per seed")
+        for s, image in zip(seeds, images):
+            records.append({"category": category, "prompt": prompt, "seed": s,
+                            "correct": bool(score(spec, analyze(image)))})
+        log.info("[%d/%d] %s: %r", p + 1, len(prompts), category, prompt)
+    return _summarize(records, len(prompts), images_per_prompt)
+
+
+def _summarize(records: list[dict], num_prompts: int, images_per_prompt: int) -> dict[str, Any]:
+    categories = {}
+    for name in dict.fromkeys(r["category"] for r in records):  # in order of first appearance
+        rows = [r for r in records if r["category"] == name]
+        correct = sum(r["correct"] for r in rows)
+        categories[name] = {"accuracy": correct / len(rows), "correct": correct, "total": len(rows)}
+    overall = sum(c["accuracy"] for c in categories.values()) / len(categories)
+    return {"categories": categories, "overall": overall, "num_images": len(records),
+            "num_prompts": num_prompts, "images_per_prompt": images_per_prompt, "records": records}
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A markdown table of an :func:`evaluate` report."""
+    lines = ["| category | accuracy | correct / images |", "|---|---:|---:|"]
+    for name, c in report["categories"].items():
+        lines.append(f"| {name} | {100 * c['accuracy']:.1f}% | {c['correct']} / {c['total']} |")
+    lines.append(f"| **overall** (mean of categories) | **{100 * report['overall']:.1f}%** "
+                 f"| {report['num_images']} images |")
+    return "\n".join(lines) + "\n"

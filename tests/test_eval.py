@@ -1,0 +1,304 @@
+import json
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm.data.shapes import (BACKGROUND, Scene, ShapeObject, render, sample_scene, scene_rng,
+                             scene_to_prompt_spec, spec_to_scene)
+from ldm.eval import cli
+from ldm.eval.analyzer import analyze, classify_shape
+from ldm.eval.geneval import CATEGORIES, evaluate, format_report, make_eval_prompts, score
+from ldm.eval.metrics import psnr, ssim
+
+
+def _obj(shape, color, center, size="large"):
+    return ShapeObject(shape, color, size, center)
+
+
+def _spec(*groups, relation=None, category=None):
+    objects = [{"shape": s, "color": c, "size": None, "count": n} for s, c, n in groups]
+    rel = None if relation is None else {"type": relation, "subject": 0, "reference": 1}
+    return {"category": category, "objects": objects, "relation": rel}
+
+
+def _detect(*objects, size=64):
+    return analyze(render(Scene("test", list(objects)), size))
+
+
+# ------------------------------------------------------------------------------------------------ analyzer
+def test_analyzer_finds_every_object_of_random_scenes():
+    wrong = 0
+    for i in range(300):
+        scene = sample_scene(scene_rng(11, i, "eval"))
+        found = sorted((d.shape, d.color, d.size) for d in analyze(render(scene, 64)))
+        wrong += found != sorted((o.shape, o.color, o.size) for o in scene.objects)
+    assert wrong == 0
+
+
+def test_analyzer_centers_and_sizes():
+    dets = _detect(_obj("circle", "red", (0.25, 0.7)), _obj("square", "white", (0.75, 0.25), "small"))
+    by_color = {d.color: d for d in dets}
+    assert by_color["red"].shape == "circle" and by_color["red"].size == "large"
+    assert by_color["white"].shape == "square" and by_color["white"].size == "small"
+    assert by_color["red"].center == pytest.approx((0.25, 0.7), abs=0.02)
+    assert by_color["white"].center == pytest.approx((0.75, 0.25), abs=0.02)
+    assert 0.7 < by_color["red"].fill < 0.86 and by_color["white"].fill > 0.95
+
+
+def test_analyzer_accepts_tensors_and_rejects_bad_input():
+    img = render(Scene("t", [_obj("triangle", "green", (0.5, 0.5))]))
+    t = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1
+    assert [(d.shape, d.color) for d in analyze(t)] == [("triangle", "green")]
+    with pytest.raises(TypeError, match="PIL image"):
+        analyze([1, 2, 3])
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        analyze(torch.zeros(1, 3, 8, 8))
+
+
+def test_analyzer_ignores_empty_noise_and_odd_blobs():
+    assert analyze(Image.new("RGB", (64, 64), BACKGROUND)) == []
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert [d for d in analyze(noise) if d.shape is not None] == []
+    bar = np.zeros((4, 30), dtype=bool)
+    bar[:] = True
+    assert classify_shape(bar) is None  # far too elongated
+    ring = np.ones((20, 20), dtype=bool)
+    ring[3:17, 3:17] = False
+    assert classify_shape(ring) is None  # no shape has a hollow box
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def test_eval_prompts_are_deterministic_and_balanced():
+    prompts = make_eval_prompts(8, seed=3)
+    assert prompts == make_eval_prompts(8, seed=3) and prompts != make_eval_prompts(8, seed=4)
+    assert [p.category for p in prompts] == [c for c in CATEGORIES for _ in range(8)]
+    counting = [p.spec["objects"][0]["count"] for p in prompts if p.category == "counting"]
+    assert sorted(set(counting)) == [1, 2, 3, 4]
+    relations = {p.spec["relation"]["type"] for p in prompts if p.category == "position"}
+    assert relations == {"left of", "right of", "above", "below"}
+    for category, prompt, spec in prompts:
+        for g in spec["objects"]:
+            assert g["shape"] in prompt
+            assert (g["color"] is not None) == (category in ("colors", "color_attribution"))
+            if g["color"]:
+                assert g["color"] in prompt
+    with pytest.raises(ValueError, match="n_per_category"):
+        make_eval_prompts(0)
+
+
+def test_ground_truth_scores_100_percent_in_every_category():
+    prompts = make_eval_prompts(40, seed=0)
+    hits = {c: 0 for c in CATEGORIES}
+    for i, (category, _, spec) in enumerate(prompts):
+        hits[category] += score(spec, analyze(render(spec_to_scene(spec, random.Random(i)), 64)))
+    assert hits == {c: 40 for c in CATEGORIES}
+
+
+def test_full_training_specs_score_true():
+    for i in range(150):
+        scene = sample_scene(scene_rng(5, i))
+        assert score(scene_to_prompt_spec(scene), analyze(render(scene)))
+
+
+# ------------------------------------------------------------------------------------------------ failures
+def test_wrong_color_fails():
+    dets = _detect(_obj("circle", "blue", (0.5, 0.5)))
+    assert score(_spec(("circle", "blue", 1), category="colors"), dets)
+    assert not score(_spec(("circle", "red", 1), category="colors"), dets)
+
+
+def test_swapped_color_attribution_fails():
+    dets = _detect(_obj("circle", "blue", (0.3, 0.3)), _obj("square", "red", (0.7, 0.7)))
+    spec = _spec(("circle", "red", 1), ("square", "blue", 1), category="color_attribution")
+    assert not score(spec, dets)
+    assert score(_spec(("circle", "blue", 1), ("square", "red", 1), category="color_attribution"), dets)
+
+
+def test_wrong_count_fails():
+    objects = [_obj("square", "yellow", c, "small") for c in ((0.2, 0.2), (0.8, 0.2), (0.2, 0.8))]
+    dets = _detect(*objects)
+    assert score(_spec(("square", None, 3), category="counting"), dets)
+    assert not score(_spec(("square", None, 2), category="counting"), dets)
+    assert not score(_spec(("square", None, 4), category="counting"), dets)
+    mixed = _detect(*objects[:2], _obj("square", "red", (0.8, 0.8), "small"))
+    assert not score(_spec(("square", "yellow", 3), category="counting"), mixed)
+    assert not score(_spec(("square", "yellow", 2), category="counting"), mixed)  # a third square is there
+
+
+@pytest.mark.parametrize("relation, inverse", [("left of", "right of"), ("above", "below")])
+def test_swapped_positions_fail(relation, inverse):
+    a, b = ((0.25, 0.5), (0.75, 0.5)) if relation == "left of" else ((0.5, 0.25), (0.5, 0.75))
+    dets = _detect(_obj("triangle", "purple", a), _obj("circle", "orange", b))
+    assert score(_spec(("triangle", None, 1), ("circle", None, 1), relation=relation, category="position"), dets)
+    assert not score(_spec(("triangle", None, 1), ("circle", None, 1), relation=inverse), dets)
+    assert not score(_spec(("circle", None, 1), ("triangle", None, 1), relation=relation), dets)
+
+
+def test_position_needs_a_clear_margin_and_both_objects():
+    dets = _detect(_obj("triangle", "purple", (0.49, 0.2)), _obj("circle", "orange", (0.51, 0.75)))
+    spec = _spec(("triangle", None, 1), ("circle", None, 1), relation="left of")
+    assert not score(spec, dets)
+    only = _detect(_obj("triangle", "purple", (0.2, 0.5)))
+    assert not score(spec, only)
+
+
+def test_wrong_shape_fails():
+    dets = _detect(_obj("triangle", "green", (0.5, 0.5)))
+    assert score(_spec(("triangle", None, 1), category="single_object"), dets)
+    assert not score(_spec(("circle", None, 1), category="single_object"), dets)
+    assert not score(_spec(("triangle", None, 1), ("square", None, 1), category="two_objects"), dets)
+
+
+def test_empty_and_noise_images_fail_everything():
+    empty = Image.new("RGB", (64, 64), BACKGROUND)
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    for _, _, spec in make_eval_prompts(3, seed=1):
+        assert not score(spec, analyze(empty))
+        assert not score(spec, analyze(noise))
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def _oracle(prompts, fail_categories=()):
+    """A fake generator: draws the truth, or an empty picture for prompts of ``fail_categories``."""
+    table = {p.prompt: p for p in prompts}
+
+    def generate(texts, seeds):
+        p = table[texts[0]]
+        if p.category in fail_categories:
+            return [Image.new("RGB", (64, 64), BACKGROUND) for _ in seeds]
+        return [render(spec_to_scene(p.spec, random.Random(s))) for s in seeds]
+    return generate
+
+
+def test_evaluate_report():
+    prompts = make_eval_prompts(2, seed=0)
+    seen = []
+
+    def generate(texts, seeds):
+        seen.extend(seeds)
+        return _oracle(prompts, ("counting", "position"))(texts, seeds)
+
+    report = evaluate(generate, prompts, images_per_prompt=3, seed=10)
+    assert seen == list(range(10, 10 + 3 * len(prompts)))
+    assert report["num_images"] == 36 and report["num_prompts"] == 12 and len(report["records"]) == 36
+    acc = {c: v["accuracy"] for c, v in report["categories"].items()}
+    assert acc == {c: 0.0 if c in ("counting", "position") else 1.0 for c in CATEGORIES}
+    assert report["overall"] == pytest.approx(4 / 6)
+    table = format_report(report)
+    assert "| counting | 0.0% | 0 / 6 |" in table and "66.7%" in table and "36 images" in table
+
+
+def test_overall_is_the_mean_of_categories():
+    prompts = make_eval_prompts(1, seed=0)[:1] + make_eval_prompts(3, seed=0)[3:6]  # 1 single, 3 two_objects
+    report = evaluate(_oracle(prompts, ("two_objects",)), prompts, images_per_prompt=1)
+    assert report["overall"] == pytest.approx(0.5)  # not 1/4 as a mean over images would be
+
+
+def test_evaluate_errors():
+    prompts = make_eval_prompts(1)
+    with pytest.raises(ValueError, match="one image per seed"):
+        evaluate(lambda texts, seeds: [], prompts)
+    with pytest.raises(ValueError, match="images_per_prompt"):
+        evaluate(_oracle(prompts), prompts, images_per_prompt=0)
+    with pytest.raises(ValueError, match="no prompts"):
+        evaluate(_oracle(prompts), [])
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_psnr_values():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.isinf(psnr(x, x)).all()
+    assert psnr(x, x + 0.2) == pytest.approx(torch.tensor([20.0, 20.0]), abs=1e-3)  # 0.1 on the [0, 1] scale
+    y = (x + 1) / 2
+    assert psnr(y[0], y[0] + 0.01, value_range=(0, 1)).item() == pytest.approx(40.0, abs=1e-3)
+    assert psnr(x[0], x[0] + 0.2).ndim == 0
+
+
+def test_ssim_values():
+    x = torch.rand(2, 3, 24, 24) * 2 - 1
+    assert torch.equal(ssim(x, x), torch.ones(2))
+    a, b = torch.full((1, 1, 16, 16), 0.5), torch.full((1, 1, 16, 16), 0.25)
+    c1 = 0.01**2
+    expected = (2 * 0.5 * 0.25 + c1) / (0.5**2 + 0.25**2 + c1)  # only the luminance term differs from 1
+    assert ssim(a, b, value_range=(0, 1)).item() == pytest.approx(expected, rel=1e-5)
+    assert ssim(x, -x).max() < -0.5  # inverted structure
+    noisy = ssim(x, x + 0.3 * torch.randn_like(x))
+    assert (noisy < 0.99).all() and (noisy > ssim(x, x + 1.0 * torch.randn_like(x))).all()
+    assert ssim(x[0], x[0]).ndim == 0
+    assert torch.allclose(ssim(x, x.roll(1, -1)), ssim(x.roll(1, -1), x))
+
+
+def test_metric_errors():
+    with pytest.raises(ValueError, match="differ in shape"):
+        psnr(torch.zeros(3, 16, 16), torch.zeros(3, 16, 8))
+    with pytest.raises(ValueError, match="window"):
+        ssim(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="value_range"):
+        psnr(torch.zeros(3, 4, 4), torch.zeros(3, 4, 4), value_range=(1, 0))
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize("argv, message", [
+    (["geneval"], "required: --ckpt"),
+    (["geneval", "--ckpt", "missing.safetensors"], "no such file"),
+    (["recon", "--ckpt", "missing.ckpt"], "no such file"),
+    (["geneval", "--ckpt", "{ckpt}", "--n", "0"], "must be >= 1"),
+    (["geneval", "--ckpt", "{ckpt}", "--config", "nope.yaml"], "--config nope.yaml"),
+    (["recon", "--ckpt", "{ckpt}", "--size", "16"], "too small"),
+    (["recon", "--ckpt", "{ckpt}", "--out", "{dir}"], "is a folder"),
+    (["score"], "invalid choice"),
+])
+def test_cli_argument_errors(tmp_path, capsys, argv, message):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    argv = [a.format(ckpt=ckpt, dir=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+class _FakeText2Image:
+    """Stands in for ldm.pipeline.Text2Image: draws the truth of eval prompts; its VAE is the identity."""
+
+    def __init__(self, n, seed):
+        self.specs = {p.prompt: p.spec for p in make_eval_prompts(n, seed)}
+        self.calls = []
+        identity = torch.nn.Linear(1, 1)  # gives the fake VAE a parameter (device / dtype)
+        identity.encode = lambda x: SimpleNamespace(mode=lambda: x * 1.0)
+        identity.decode = lambda z: z
+        self.model = SimpleNamespace(first_stage_model=identity)
+
+    def __call__(self, prompts, negative_prompts=None, *, seeds, height, width, **options):
+        self.calls.append({"seeds": seeds, "height": height, "width": width, **options})
+        return SimpleNamespace(images=[render(spec_to_scene(self.specs[p], random.Random(s)), height)
+                                       for p, s in zip(prompts, seeds)])
+
+
+def test_cli_geneval_runs_the_pipeline(tmp_path, monkeypatch):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    fake = _FakeText2Image(1, 5)
+    monkeypatch.setattr(cli, "_load_pipeline", lambda args: fake)
+    out = tmp_path / "report.md"
+    report = cli.main(["geneval", "--ckpt", str(ckpt), "--n", "1", "--seed", "5", "--images-per-prompt", "2",
+                       "--steps", "3", "--sampler", "DDIM", "--out", str(out)])
+    assert report["overall"] == 1.0 and report["num_images"] == 12
+    assert fake.calls[0] == {"seeds": [5, 6], "height": 64, "width": 64, "steps": 3, "sampler": "DDIM"}
+    assert "| **overall** (mean of categories) | **100.0%** |" in out.read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["num_images"] == 12
+
+
+def test_cli_recon_of_an_identity_autoencoder(tmp_path, monkeypatch):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    monkeypatch.setattr(cli, "_load_pipeline", lambda args: _FakeText2Image(1, 0))
+    out = tmp_path / "recon.json"
+    report = cli.main(["recon", "--ckpt", str(ckpt), "--num", "3", "--batch-size", "2", "--size", "32",
+                       "--out", str(out)])
+    assert report["psnr"] == float("inf") and report["ssim"] == pytest.approx(1.0)
+    assert json.loads(out.read_text())["num_images"] == 3
