@@ -28,11 +28,12 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 from torch import nn
 
+from ldm.checkpoint import read_state_dict
+
 __all__ = [
     "OpenCLIPTextEncoder",
     "register_text_archs",
     "text_arch_config",
-    "read_state_dict",
     "convert_hf_clip_text_state_dict",
     "to_hf_clip_text_state_dict",
 ]
@@ -267,8 +268,14 @@ class OpenCLIPTextEncoder(nn.Module):
     # --- weights ---
 
     def load_weights(self, path: str | os.PathLike) -> None:
-        """Load text weights from ``path`` strictly; a one-line ValueError lists what does not fit."""
-        state = _to_encoder_names(read_state_dict(path))
+        """Load text weights from ``path`` strictly; a one-line ValueError lists what does not fit.
+
+        The file is read by :func:`ldm.checkpoint.read_state_dict` (format from its bytes, pickles only with
+        ``weights_only``); its names may be this module's, open_clip CLIP's or transformers CLIP text's.
+        """
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"text encoder weights not found: {path} (check ckpt_path)")
+        state = _to_encoder_names(read_state_dict(path)[0])
         expected = {k: v.shape for k, v in self.state_dict().items()}
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -286,33 +293,8 @@ class OpenCLIPTextEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# State dicts: reading, open_clip and transformers names
+# State dicts: open_clip and transformers names
 # ----------------------------------------------------------------------------------------------------------
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a local safetensors or torch file (format told by its bytes; pickles via weights_only)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path} (check ckpt_path)")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    try:
-        if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header size, then a JSON header
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            with open(path, "rb") as f:  # a file object: torch.load would pick the format by name
-                state = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first_line = (str(e).splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot read weights from {path}: {first_line} (expected safetensors or a "
-                         f"torch state dict)") from e
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a flat name -> tensor state dict: save model.state_dict()")
-    return dict(state)
-
 
 def _to_encoder_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Own names (``model.*``) pass; open_clip CLIP names gain ``model.``; transformers names are converted."""
