@@ -151,7 +151,7 @@ def normalize_state_dict(sd: Mapping[str, torch.Tensor], *, use_ema: bool = Fals
             out[k] = v
     if sd1_text:
         for k, v in convert_hf_clip_text_state_dict(sd1_text).items():
-            out[SD2_TEXT_PREFIX + k] = v
+            out["cond_stage_model." + k] = v
     if ema:
         if has_ema_module:
             out.update({EMA_PREFIX + k: v for k, v in ema.items()})
