@@ -1,0 +1,172 @@
+"""Training data from a folder of images with captions.
+
+Two layouts are read (searched recursively, images ending in .jpg/.jpeg/.png/.webp):
+
+* ``cat.jpg`` next to ``cat.txt`` holding its caption;
+* a ``captions.jsonl`` in the folder, one ``{"file": "cat.jpg", "text": "a cat"}`` per line (paths relative
+  to the folder); when it exists it is the only caption source.
+
+Images without a caption are counted (``datamodule.stats["missing_caption"]``) and dropped or given ""
+(``missing_caption="drop"|"empty"``). The validation split is a fixed, seeded choice of files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Sequence
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset
+
+from ldm.config import ConfigError
+from ldm.data.datamodule import WorkerCounters, check_loader_args, make_loader
+from ldm.data.transforms import IMAGE_EXTENSIONS, ImageTransform, load_image
+
+__all__ = ["ImageFolderDataModule", "ImageFolderDataset", "scan_image_folder", "FOLDER_STATS"]
+
+logger = logging.getLogger(__name__)
+
+FOLDER_STATS = ("samples", "bad_samples", "missing_caption")
+Item = tuple[str, "str | None"]  # (image path, caption or None when it has none)
+
+
+def scan_image_folder(root: str | os.PathLike, captions_file: str = "captions.jsonl") -> list[Item]:
+    """All (image path, caption) pairs under ``root``, sorted by path; caption is None when missing."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"image folder '{root}' not found; check data.params.root")
+    images = sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS and p.is_file())
+    if not images:
+        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{root}'; check data.params.root")
+    jsonl = root / captions_file
+    if jsonl.is_file():
+        captions = _read_jsonl(jsonl, root)
+        return [(str(p), captions.get(p.resolve())) for p in images]
+    return [(str(p), _read_txt(p.with_suffix(".txt"))) for p in images]
+
+
+def _read_txt(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def _read_jsonl(path: Path, root: Path) -> dict[Path, str]:
+    """``{resolved image path: caption}`` from a captions.jsonl; malformed lines are config errors."""
+    captions = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            file, text = record["file"], record.get("text")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path}:{number}: expected {{\"file\": ..., \"text\": ...}} ({type(e).__name__}); "
+                              "fix that line") from e
+        image = (root / file).resolve()
+        if not image.is_file():
+            logger.warning("%s:%d names '%s', which does not exist; ignored", path, number, file)
+        if isinstance(text, str):
+            captions[image] = text.strip()
+    return captions
+
+
+class ImageFolderDataset(Dataset):
+    """Map-style dataset of ``{"image": FloatTensor[3, S, S] in [-1, 1], "caption": str}``.
+
+    An image that cannot be decoded is logged, counted in ``stats["bad_samples"]`` and replaced by the
+    next readable one, so batches keep their size.
+    """
+
+    def __init__(self, items: Sequence[tuple[str, str]], transform: ImageTransform,
+                 stats: WorkerCounters | None = None):
+        if not items:
+            raise ValueError("ImageFolderDataset got no images; check data.params.root and val_fraction")
+        self.items = list(items)
+        self.transform = transform
+        self.stats = stats if stats is not None else WorkerCounters(FOLDER_STATS)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self.items)):
+            path, caption = self.items[(index + offset) % len(self.items)]
+            try:
+                image = self.transform(load_image(path))
+            except Exception as exn:  # corrupt or unreadable file: count it, use the next one
+                count = self.stats.add("bad_samples")
+                logger.warning("skipping unreadable image '%s': %s: %s [%d bad in this worker]",
+                               path, type(exn).__name__, exn, count)
+                continue
+            self.stats.add("samples")
+            return {"image": image, "caption": caption}
+        raise RuntimeError(f"none of the {len(self.items)} images could be read; check data.params.root")
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    """Lightning data module over an image folder; batches are ``{"image": [B,3,S,S], "caption": [str]}``.
+
+    ``val_fraction`` of the files (at least one when > 0) go to validation, chosen by ``seed``.
+    """
+
+    def __init__(self, root: str | os.PathLike, batch_size: int, size: int = 256, num_workers: int = 2,
+                 val_fraction: float = 0.05, seed: int = 0, random_crop: bool = False, flip_p: float = 0.0,
+                 missing_caption: str = "drop", captions_file: str = "captions.jsonl"):
+        super().__init__()
+        check_loader_args(batch_size, num_workers)
+        if missing_caption not in ("drop", "empty"):
+            raise ConfigError(f"missing_caption={missing_caption!r} is not 'drop' or 'empty'; "
+                              "set data.params.missing_caption")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ConfigError(f"val_fraction={val_fraction!r} must be in [0, 1); set data.params.val_fraction")
+        self.root, self.captions_file = root, captions_file
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_fraction, self.seed, self.missing_caption = val_fraction, seed, missing_caption
+        self.train_transform = ImageTransform(size, random_crop=random_crop, flip_p=flip_p)
+        self.val_transform = ImageTransform(size)
+        self.stats = WorkerCounters(FOLDER_STATS, num_workers)
+        self.val_stats = WorkerCounters(FOLDER_STATS, num_workers)
+        self.items = self._captioned(scan_image_folder(root, captions_file))  # errors now, not mid-run
+        self.train_set: ImageFolderDataset | None = None
+        self.val_set: ImageFolderDataset | None = None
+
+    def _captioned(self, items: list[Item]) -> list[tuple[str, str]]:
+        missing = [path for path, caption in items if caption is None]
+        if missing:
+            self.stats.add("missing_caption", len(missing))
+            logger.warning("%d of %d images in '%s' have no caption (e.g. '%s'); %s", len(missing), len(items),
+                           self.root, missing[0], "dropped" if self.missing_caption == "drop" else "using ''")
+        kept = [(p, c if c is not None else "") for p, c in items
+                if c is not None or self.missing_caption == "empty"]
+        if not kept:
+            raise ConfigError(f"no image in '{self.root}' has a caption (.txt or {self.captions_file}); "
+                              "add captions or set data.params.missing_caption=empty")
+        return kept
+
+    def split(self) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """(train items, val items): a seeded shuffle of the sorted file list, the first ones for validation."""
+        order = list(self.items)
+        random.Random(self.seed).shuffle(order)
+        num_val = round(len(order) * self.val_fraction)
+        if self.val_fraction > 0 and len(order) > 1:
+            num_val = min(max(1, num_val), len(order) - 1)
+        return sorted(order[num_val:]), sorted(order[:num_val])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train, val = self.split()
+        self.train_set = ImageFolderDataset(train, self.train_transform, self.stats)
+        self.val_set = ImageFolderDataset(val, self.val_transform, self.val_stats) if val else None
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup("validate")
+        if self.val_set is None:
+            return []
+        return make_loader(self.val_set, self.batch_size, self.num_workers)

@@ -1,0 +1,92 @@
+"""Image preprocessing shared by every data module: decode, resize, crop, flip, scale to [-1, 1].
+
+    transform = ImageTransform(size=256, random_crop=False, flip_p=0.0)
+    image = transform(load_image(jpeg_bytes))      # FloatTensor[3, 256, 256] in [-1, 1]
+
+Resizing keeps the aspect ratio (the shorter side becomes ``size``); the crop then takes a ``size`` x ``size``
+square from the centre, or from a random place with ``random_crop=True``. Horizontal flips are off by default
+because they turn "a dog left of a cat" into an image that contradicts its caption.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["ImageTransform", "load_image", "to_tensor", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+ImageSource = Union[bytes, bytearray, str, os.PathLike]
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Decode encoded image bytes or a file path into an RGB PIL image.
+
+    Transparent images are composited onto white (plain ``convert("RGB")`` would leave whatever colour
+    the transparent pixels happen to hold, often black).
+    """
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    with Image.open(fp) as img:
+        img.load()
+        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> FloatTensor[3, H, W] in [-1, 1]."""
+    array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class ImageTransform:
+    """Resize the shorter side to ``size``, crop a ``size`` square, maybe flip, return a [-1, 1] tensor.
+
+    Random choices (crop offset, flip) use torch's global generator, which Lightning and the DataLoader
+    seed per worker, so runs are reproducible under ``seed_everything(..., workers=True)``.
+    """
+
+    def __init__(self, size: int, random_crop: bool = False, flip_p: float = 0.0):
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(f"image size must be a positive int, got {size!r}; set data.params.size (e.g. 256)")
+        if not 0.0 <= flip_p <= 1.0:
+            raise ValueError(f"flip_p must be in [0, 1], got {flip_p!r}; "
+                             "set data.params.flip_p (0 keeps left/right captions true)")
+        self.size = size
+        self.random_crop = random_crop
+        self.flip_p = float(flip_p)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(size={self.size}, random_crop={self.random_crop}, flip_p={self.flip_p})"
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = self.crop(self.resize(img))
+        if self.flip_p > 0 and torch.rand(()).item() < self.flip_p:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(img)
+
+    def resize(self, img: Image.Image) -> Image.Image:
+        """Scale so that the shorter side is exactly ``size`` (PIL's resize antialiases when shrinking)."""
+        w, h = img.size
+        scale = self.size / min(w, h)
+        new_size = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
+        if new_size == (w, h):
+            return img
+        return img.resize(new_size, resample=Image.Resampling.BICUBIC)
+
+    def crop(self, img: Image.Image) -> Image.Image:
+        """Take a ``size`` x ``size`` square: centred, or at a random offset with ``random_crop``."""
+        w, h = img.size
+        if self.random_crop:
+            left = int(torch.randint(0, w - self.size + 1, ()).item())
+            top = int(torch.randint(0, h - self.size + 1, ()).item())
+        else:
+            left, top = (w - self.size) // 2, (h - self.size) // 2
+        return img.crop((left, top, left + self.size, top + self.size))
