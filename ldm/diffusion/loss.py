@@ -1,0 +1,92 @@
+"""The denoising training loss (Ho et al. 2020) with eps / v / x0 targets and min-SNR weighting.
+
+    t ~ U{0, ..., T-1},  eps ~ N(0, I) (+ offset noise),  x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+    loss = E_t [ w(t) * || net(x_t, t, cond) - target ||^2 ]
+
+Min-SNR-gamma weighting (Hang et al. 2023) with SNR = a / (1 - a): the x0-space weight min(SNR, gamma)
+expressed in each parameterisation's units:
+
+    eps: min(SNR, gamma) / SNR      v: min(SNR, gamma) / (SNR + 1)      x0: min(SNR, gamma)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from ldm.diffusion.denoisers import PARAMETERIZATIONS, prediction_target
+
+WEIGHTINGS = ("uniform", "min_snr")
+
+
+def min_snr_weight(parameterization: str, snr: Tensor, gamma: float) -> Tensor:
+    """Per-item min-SNR-gamma weight; at SNR = 0 (zero terminal SNR) the eps weight is its limit 1."""
+    clipped = snr.clamp(max=gamma)
+    if parameterization == "eps":
+        return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
+    if parameterization == "v":
+        return clipped / (snr + 1)
+    return clipped
+
+
+class DiffusionLoss:
+    """Training loss for a discrete-time network ``net(x_t, t, cond) -> prediction``.
+
+    Args:
+        parameterization: "eps", "v" or "x0": what the network predicts.
+        weighting: "uniform" or "min_snr".
+        min_snr_gamma: gamma of min-SNR weighting.
+        offset_noise: std of a per-channel constant added to the noise (Guttenberg 2023); 0 disables.
+        num_timesteps: T; the alphas_cumprod passed at call time must have this length.
+    """
+
+    def __init__(self, parameterization: str = "eps", weighting: str = "uniform", min_snr_gamma: float = 5.0,
+                 offset_noise: float = 0.0, num_timesteps: int = 1000):
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"unknown parameterization {parameterization!r}; use one of {', '.join(PARAMETERIZATIONS)}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
+        if min_snr_gamma <= 0 or offset_noise < 0:
+            raise ValueError(f"min_snr_gamma={min_snr_gamma} must be > 0 and offset_noise={offset_noise} >= 0")
+        self.parameterization = parameterization
+        self.weighting = weighting
+        self.min_snr_gamma = min_snr_gamma
+        self.offset_noise = offset_noise
+        self.num_timesteps = num_timesteps
+
+    def sample_noise(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """eps ~ N(0, I), plus offset_noise * N(0, 1) constant over the spatial dimensions of each channel."""
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        if self.offset_noise > 0:
+            offset_shape = x0.shape[:2] + (1,) * (x0.ndim - 2)
+            offset = torch.randn(offset_shape, generator=generator, dtype=x0.dtype, device=x0.device)
+            noise = noise + self.offset_noise * offset
+        return noise
+
+    def weights(self, alpha_bar: Tensor) -> Tensor:
+        """Per-item loss weights w(t) for the given alpha_bar[t]."""
+        if self.weighting == "uniform":
+            return torch.ones_like(alpha_bar)
+        return min_snr_weight(self.parameterization, alpha_bar / (1 - alpha_bar), self.min_snr_gamma)
+
+    def __call__(self, net: Callable[[Tensor, Tensor, Any], Tensor], x0: Tensor, cond: Any, alphas_cumprod: Tensor,
+                 *, t: Tensor | None = None, noise: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Return ``(loss, logs)``; ``t`` and ``noise`` may be given (tests), otherwise they are drawn."""
+        if len(alphas_cumprod) != self.num_timesteps:
+            raise ValueError(f"alphas_cumprod has {len(alphas_cumprod)} entries but num_timesteps="
+                             f"{self.num_timesteps}; make the loss and the schedule agree")
+        batch = x0.shape[0]
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=x0.device)
+        if noise is None:
+            noise = self.sample_noise(x0, generator)
+        alpha_bar = alphas_cumprod.to(x0.device)[t].to(torch.float32)
+        a = alpha_bar.reshape(batch, *([1] * (x0.ndim - 1))).to(x0.dtype)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = prediction_target(self.parameterization, x0, noise, alpha_bar)
+        mse = ((net(x_t, t, cond).float() - target.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+        loss = (self.weights(alpha_bar) * mse).mean()
+        return loss, {"loss": loss.detach(), "mse": mse.mean().detach()}
