@@ -339,9 +339,10 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self.val_set: CaptionedShards | None = None
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+        """Build the datasets for this process's rank (again if the rank changed, e.g. set up before DDP)."""
         rank, world_size = node_info(self.trainer, self._rank, self._world_size)
+        if self.train_set is not None and (self.train_set.rank, self.train_set.world_size) == (rank, world_size):
+            return
         self._warn_uneven(rank, world_size)
         self.train_set = CaptionedShards(
             self.urls, self.train_transform, rank=rank, world_size=world_size, resampled=self.resampled,
