@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.checkpoint import read_state_dict
+
 __all__ = [
     "Encoder",
     "Decoder",
@@ -317,41 +319,14 @@ class DiagonalGaussianDistribution:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoint file reading (format decided from the bytes, never from the file name)
-
-def _file_format(path: str) -> str:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
-        return "safetensors"
-    raise ValueError(f"{path} is neither a safetensors file nor a PyTorch checkpoint; check the path")
-
+# Checkpoint files: read by ldm.checkpoint (format from the bytes, weights_only pickles), checked here
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state dict (safetensors, or ``torch.load(weights_only=True)``) onto the CPU.
+    """The tensors of a safetensors / ``.ckpt`` file on the CPU (a ``{"state_dict": ...}`` wrapper unwrapped).
 
-    A Lightning-style ``{"state_dict": ...}`` wrapper is unwrapped.
+    Raises :class:`ldm.checkpoint.CheckpointError` (a ValueError) for a missing, unknown or unsafe file.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path} (check ckpt_path)")
-    if _file_format(path) == "safetensors":
-        from safetensors.torch import load_file
-        return load_file(path, device="cpu")
-    try:  # a file object, not the path: torch.load would pick safetensors from a ".safetensors" name
-        with open(path, "rb") as f:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors are long; keep the first line
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"cannot load {path} with weights_only=True ({first}); "
-                         "convert it to safetensors or re-save only its state_dict") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict()")
-    return obj
+    return read_state_dict(path)[0]
 
 
 def _select_first_stage(sd: dict[str, torch.Tensor], ignore_keys: Iterable[str]) -> dict[str, torch.Tensor]:
