@@ -99,8 +99,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         with open(path, "rb") as f, torch.serialization.safe_globals(_safe_globals()):
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = _first_line(e)
-        if "weights_only" in msg.lower() or "unsupported global" in msg.lower() or "unpickl" in msg.lower():
+        msg, full = _first_line(e), str(e).lower()
+        if any(s in full for s in ("weights only", "weights_only", "unsupported global", "unpickl")):
             raise CheckpointError(
                 f"refusing to load {path}: the pickle asks to run code or build objects that are not plain tensors "
                 f"({msg[:200]}); convert it to .safetensors from a trusted source") from e
