@@ -1,0 +1,186 @@
+"""Helpers shared by the command lines: A1111-style generation parameters (PNG ``parameters`` text chunk),
+numbered output files, image grids and model hashes.
+
+The ``parameters`` text is what the popular UIs write and read back::
+
+    a red circle
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 0123456789, Model: x
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from PIL import Image, PngImagePlugin
+
+__all__ = [
+    "format_parameters",
+    "parse_parameters",
+    "read_png_parameters",
+    "save_png",
+    "next_index",
+    "make_grid",
+    "model_hash",
+]
+
+# pipeline key -> A1111 label, in the order the UIs write them ("Size" is width x height, handled apart)
+_LABELS = {
+    "steps": "Steps",
+    "sampler": "Sampler",
+    "cfg_scale": "CFG scale",
+    "seed": "Seed",
+    "size": "Size",
+    "model_hash": "Model hash",
+    "model": "Model",
+    "strength": "Denoising strength",
+    "eta": "Eta",
+    "guidance_rescale": "Guidance rescale",
+    "mask": "Mask",
+}
+_KEYS = {label: key for key, label in _LABELS.items()}
+_INT_KEYS = ("steps", "seed")
+_FLOAT_KEYS = ("cfg_scale", "strength", "eta", "guidance_rescale")
+# "Label: value" pairs of the last line; a value is a JSON string or runs to the next comma
+_PARAM_RE = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+_NEGATIVE = "Negative prompt:"
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if any(c in text for c in ",:\n\""):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    return text
+
+
+def _format_number(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def format_parameters(params: Mapping[str, Any]) -> str:
+    """The A1111 ``parameters`` text for one image's parameter dict (as :class:`ldm.pipeline.PipelineOutput`
+    gives it). Zero eta / rescale and absent values are left out, as the UIs do."""
+    lines = [str(params.get("prompt", ""))]
+    if params.get("negative_prompt"):
+        lines.append(f"{_NEGATIVE} {params['negative_prompt']}")
+    fields = []
+    for key, label in _LABELS.items():
+        if key == "size":
+            if params.get("width") is not None and params.get("height") is not None:
+                fields.append(f"Size: {params['width']}x{params['height']}")
+            continue
+        value = params.get(key)
+        if value is None or (key in ("eta", "guidance_rescale") and not value):
+            continue
+        fields.append(f"{label}: {_quote(_format_number(value))}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def _typed(key: str, value: str) -> Any:
+    try:
+        if key in _INT_KEYS:
+            return int(value)
+        if key in _FLOAT_KEYS:
+            return float(value)
+    except ValueError:
+        pass
+    return value
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Read an A1111 ``parameters`` text back into a dict with the keys :func:`format_parameters` takes
+    (``prompt``, ``negative_prompt``, ``steps``, ``sampler``, ``cfg_scale``, ``seed``, ``width``, ``height`` ...).
+    Labels this project does not know are kept under their own name."""
+    lines = text.strip().split("\n")
+    last = lines[-1] if lines else ""
+    if len(_PARAM_RE.findall(last)) < 3:  # no settings line: everything is prompt
+        last = ""
+    else:
+        lines = lines[:-1]
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        if line.startswith(_NEGATIVE):
+            in_negative, line = True, line[len(_NEGATIVE):].strip()
+        (negative if in_negative else prompt).append(line)
+    out: dict[str, Any] = {"prompt": "\n".join(prompt).strip(), "negative_prompt": "\n".join(negative).strip()}
+    for label, raw in _PARAM_RE.findall(last):
+        label, value = label.strip(), _unquote(raw)
+        key = _KEYS.get(label, label)
+        if key == "size":
+            match = re.fullmatch(r"(\d+)x(\d+)", value)
+            if match:
+                out["width"], out["height"] = int(match.group(1)), int(match.group(2))
+                continue
+        out[key] = _typed(key, value)
+    return out
+
+
+def read_png_parameters(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The parsed ``parameters`` chunk of a PNG, or None when it has none."""
+    with Image.open(path) as image:
+        text = image.info.get("parameters")
+    return parse_parameters(text) if text else None
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
+    """Save ``image`` as PNG, with the ``parameters`` text chunk when given."""
+    info = None
+    if parameters:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+    path = Path(path)
+    image.save(path, format="PNG", pnginfo=info)
+    return path
+
+
+def next_index(folder: str | os.PathLike, prefix: str = "", digits: int = 5) -> int:
+    """One more than the highest ``<prefix><number>.png`` in ``folder`` (0 for none): new files never
+    overwrite old ones, even when some were deleted."""
+    pattern = re.compile(rf"{re.escape(prefix)}(\d{{{digits},}})\.png")
+    numbers = [int(m.group(1)) for name in _listdir(folder) if (m := pattern.fullmatch(name))]
+    return max(numbers) + 1 if numbers else 0
+
+
+def _listdir(folder: str | os.PathLike) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []
+
+
+def make_grid(images: Sequence[Image.Image], rows: int) -> Image.Image:
+    """Paste ``images`` row by row into one image with ``rows`` rows (columns: as many as needed)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    rows = max(1, min(rows, len(images)))
+    cols = math.ceil(len(images) / rows)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def model_hash(path: str | os.PathLike, length: int = 10) -> str:
+    """The first ``length`` hex digits of the file's sha256 (the UIs' "Model hash")."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]

@@ -1,0 +1,357 @@
+"""``python sample.py``: text-to-image, img2img and inpainting from the command line.
+
+    python sample.py --prompt "two red circles above a blue square"          # the embedded demo model
+    python sample.py --ckpt sd-v1-5.safetensors --prompt "a cactus in a straw hat" --H 512 --W 512
+    python sample.py --ckpt model.safetensors --init-img in.png --strength 0.6 --prompt "..."
+    python sample.py --ckpt model.safetensors --init-img in.png --mask mask.png --prompt "..."
+
+Images go to ``<outdir>/samples/NNNNN.png`` (numbered on from what is there) and a grid of the run to
+``<outdir>/grid-NNNN.png`` (one row per --n_iter), each with an A1111-style ``parameters`` PNG text chunk.
+Every bad input is reported as one line (exit status 2), before the model is loaded where possible.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from ldm.cli.common import format_parameters, make_grid, next_index, save_png
+
+log = logging.getLogger("sample")
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_CKPT = PACKAGE_DIR / "assets" / "demo" / "shapes.safetensors"
+DEFAULT_PROMPT = "two red circles above a blue square"
+DEFAULT_SLICE_ROWS = 1024
+PROG = "sample.py"
+
+
+class UsageError(ValueError):
+    """A bad command line: one line naming the problem and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# arguments
+# ------------------------------------------------------------------------------------------------------------
+
+def _names(*names: str) -> list[str]:
+    """Each flag with both spellings: --n_iter and --n-iter."""
+    out: list[str] = []
+    for name in names:
+        for spelling in (name, "--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+            if spelling not in out:
+                out.append(spelling)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Generate images from text (and images) with a latent "
+                                "diffusion model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to draw")
+    g.add_argument(*_names("--prompt"), default=None, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
+    g.add_argument(*_names("--from-file"), dest="from_file", default=None, help="file with one prompt per line")
+    g.add_argument(*_names("--negative-prompt"), dest="negative_prompt", default="", help="what to steer away from")
+    g.add_argument(*_names("--init-img"), dest="init_img", default=None, help="start image (img2img)")
+    g.add_argument(*_names("--strength"), type=float, default=None,
+                   help="img2img: how much to change the init image, in (0, 1] (default 0.75; 1.0 with --mask)")
+    g.add_argument(*_names("--mask"), default=None, help="inpainting mask, white = repaint (needs --init-img)")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument(*_names("--n_samples"), type=int, default=4, help="images per batch")
+    g.add_argument(*_names("--n_iter"), type=int, default=1, help="batches (rows of the grid)")
+    g.add_argument(*_names("--steps", "--ddim_steps"), dest="steps", type=int, default=20, help="sampling steps")
+    g.add_argument(*_names("--sampler"), default="DPM++ 2M Karras", help="sampler name or alias (--list-samplers)")
+    g.add_argument(*_names("--list-samplers"), dest="list_samplers", action="store_true",
+                   help="print the sampler names and aliases, then exit")
+    g.add_argument(*_names("--scale"), type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument(*_names("--guidance-rescale"), dest="guidance_rescale", type=float, default=0.0,
+                   help="guidance rescale phi in [0, 1] (for zero-terminal-SNR models)")
+    g.add_argument(*_names("--eta"), type=float, default=None,
+                   help="noise of DDIM (default 0: deterministic) and of the ancestral/SDE samplers (default 1)")
+    g.add_argument(*_names("--seed"), type=int, default=42, help="seed of the first image; image i uses seed + i")
+    g.add_argument(*_names("--fixed_code"), dest="fixed_code", action="store_true",
+                   help="every batch starts from the same noise (seeds restart at --seed)")
+    g.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's size)")
+    g.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's size)")
+
+    g = p.add_argument_group("model")
+    g.add_argument(*_names("--ckpt"), default=None,
+                   help=f"checkpoint (.safetensors or .ckpt); default: the embedded demo model {DEFAULT_CKPT}")
+    g.add_argument(*_names("--config"), default=None, help="model config YAML (default: inferred from the file)")
+    ema = g.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="use_ema", action="store_true", default=None, help="use the EMA weights")
+    ema.add_argument(*_names("--no-ema"), dest="use_ema", action="store_false", help="ignore the EMA weights")
+    param = g.add_mutually_exclusive_group()
+    param.add_argument("--v", dest="parameterization", action="store_const", const="v",
+                       help="the model predicts v (SD 2.x 768-v) and no --config says so")
+    param.add_argument("--parameterization", choices=("eps", "v", "x0"), default=None)
+
+    g = p.add_argument_group("output")
+    g.add_argument(*_names("--outdir"), default=None, help="output folder (default: outputs/<task>-samples)")
+    g.add_argument(*_names("--skip_grid"), dest="skip_grid", action="store_true", help="do not save the grid")
+    g.add_argument(*_names("--skip_save"), dest="skip_save", action="store_true",
+                   help="do not save the single images")
+    g.add_argument(*_names("--no-metadata"), dest="no_metadata", action="store_true",
+                   help="no 'parameters' text chunk in the PNGs")
+
+    g = p.add_argument_group("speed and memory")
+    g.add_argument(*_names("--device"), default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    g.add_argument(*_names("--precision"), default="auto",
+                   choices=("auto", "fp32", "bf16", "fp16", "autocast", "full"),
+                   help="auto: fp16 on CUDA, fp32 on CPU; the VAE always decodes in fp32")
+    g.add_argument(*_names("--attention"), default=None, choices=("sdpa", "xformers", "math", "auto"),
+                   help="attention backend (default: the model's, sdpa)")
+    g.add_argument(*_names("--attention-slicing"), dest="attention_slicing", type=int, nargs="?",
+                   const=DEFAULT_SLICE_ROWS, default=None,
+                   help=f"attention in chunks of N query rows (default N {DEFAULT_SLICE_ROWS})")
+    g.add_argument(*_names("--vae-tiling"), dest="vae_tiling", action="store_true",
+                   help="decode large images tile by tile")
+    g.add_argument(*_names("--cpu-offload"), dest="cpu_offload", action="store_true",
+                   help="keep weights on the CPU, move each part to the device only while it runs")
+    g.add_argument(*_names("--channels-last"), dest="channels_last", action="store_true",
+                   help="channels-last memory format")
+    g.add_argument(*_names("--compile"), action="store_true", help="torch.compile the UNet")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------------------
+# checks before anything is loaded
+# ------------------------------------------------------------------------------------------------------------
+
+def _require_file(path: str | None, what: str, flag: str) -> Path | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise UsageError(f"{what} not found: {path} (check {flag})")
+    return Path(path)
+
+
+def _image_size(path: Path, flag: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError) as e:
+        raise UsageError(f"{path} is not a readable image ({type(e).__name__}); check {flag}") from e
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of one iteration: --n_samples copies of --prompt, or the lines of --from-file."""
+    if args.from_file is None:
+        prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+        return [prompt] * args.n_samples
+    path = _require_file(args.from_file, "prompt file", "--from-file")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise UsageError(f"prompt file {path} has no prompts: write one prompt per line")
+    return prompts
+
+
+def _check_sampler(name: str) -> None:
+    from ldm.diffusion import samplers
+
+    try:
+        samplers.get_sampler(name)
+    except (KeyError, ValueError) as e:
+        raise UsageError(f"unknown sampler {name!r}; choose one of: {', '.join(samplers.SAMPLERS)} "
+                         "(--list-samplers shows the aliases)") from e
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every check that needs no model; raises UsageError (one line)."""
+    if args.from_file is not None and args.prompt is not None:
+        raise UsageError("--prompt and --from-file both given: use one of them")
+    for flag, value in (("--n_samples", args.n_samples), ("--n_iter", args.n_iter), ("--steps", args.steps)):
+        if value < 1:
+            raise UsageError(f"{flag} is {value}: use at least 1")
+    for flag, value in (("--H", args.H), ("--W", args.W)):
+        if value is not None and (value < 8 or value % 8):
+            raise UsageError(f"{flag} {value} is not a positive multiple of 8: use e.g. {max(8, value // 8 * 8)}")
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
+        raise UsageError(f"--strength {args.strength} is outside (0, 1]: use e.g. 0.75")
+    if args.strength is not None and args.init_img is None:
+        raise UsageError("--strength needs --init-img (the image to start from)")
+    if args.mask is not None and args.init_img is None:
+        raise UsageError("--mask needs --init-img (the image to repaint)")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        raise UsageError(f"--guidance-rescale {args.guidance_rescale} is outside [0, 1]: use e.g. 0.7")
+    if args.eta is not None and args.eta < 0:
+        raise UsageError(f"--eta {args.eta} is negative: use a value in [0, 1]")
+    _check_sampler(args.sampler)
+    _require_file(args.ckpt, "checkpoint", "--ckpt")
+    _require_file(args.config, "config", "--config")
+    init = _require_file(args.init_img, "init image", "--init-img")
+    mask = _require_file(args.mask, "mask", "--mask")
+    if init is not None:
+        init_size = _image_size(init, "--init-img")
+        if mask is not None and _image_size(mask, "--mask") != init_size:
+            w, h = _image_size(mask, "--mask")
+            raise UsageError(f"mask is {w}x{h} but the init image is {init_size[0]}x{init_size[1]}: "
+                             "give a mask of the same size")
+
+
+def resolve_checkpoint(ckpt: str | None) -> Path:
+    """--ckpt, or the embedded demo model; a one-line error when there is neither."""
+    if ckpt is not None:
+        return Path(ckpt)
+    if DEFAULT_CKPT.is_file():
+        log.info("no --ckpt given: using the embedded demo model %s", DEFAULT_CKPT)
+        return DEFAULT_CKPT
+    raise UsageError(f"no --ckpt given and the embedded demo model {DEFAULT_CKPT} is not there: pass a checkpoint, "
+                     "e.g. --ckpt sd-v1-5.safetensors (add --config or --v for a v-model if needed)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------------------
+
+def _task(args: argparse.Namespace) -> str:
+    return "inpaint" if args.mask else "img2img" if args.init_img else "txt2img"
+
+
+def load_pipeline(args: argparse.Namespace):
+    from ldm import pipeline
+
+    cls = {"txt2img": pipeline.Text2Image, "img2img": pipeline.Image2Image, "inpaint": pipeline.Inpaint}[_task(args)]
+    ckpt = resolve_checkpoint(args.ckpt)
+    pipe = cls.from_checkpoint(ckpt, args.config, use_ema=args.use_ema, device=args.device,
+                               precision=args.precision, parameterization=args.parameterization,
+                               attention=args.attention, attention_slicing=args.attention_slicing,
+                               vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
+                               channels_last=args.channels_last, compile=args.compile)
+    m = pipe.size_multiple
+    for flag, value in (("--H", args.H), ("--W", args.W)):
+        if value is not None and value % m:
+            raise UsageError(f"{flag} {value} is not a multiple of {m} (this model's VAE factor "
+                             f"{pipe.downsample_factor} x UNet factor {m // pipe.downsample_factor}): "
+                             f"use e.g. {max(m, value // m * m)}")
+    return pipe
+
+
+class _Progress:
+    """A tqdm bar over images and one over the steps of the current batch."""
+
+    def __init__(self, total_images: int):
+        from tqdm.auto import tqdm
+
+        self._tqdm = tqdm
+        self.images = tqdm(total=total_images, desc="images", unit="img", position=0)
+        self.steps = None
+
+    def step(self, info: dict) -> None:
+        if self.steps is None:
+            self.steps = self._tqdm(total=info.get("total_steps"), desc="steps", unit="step", position=1,
+                                    leave=False)
+        self.steps.update(1)
+
+    def batch_done(self, n: int) -> None:
+        if self.steps is not None:
+            self.steps.close()
+            self.steps = None
+        self.images.update(n)
+
+    def close(self) -> None:
+        if self.steps is not None:
+            self.steps.close()
+        self.images.close()
+
+
+def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
+    kwargs = dict(negative_prompts=args.negative_prompt, height=args.H, width=args.W, steps=args.steps,
+                  sampler=args.sampler, guidance_scale=args.scale, guidance_rescale=args.guidance_rescale,
+                  eta=args.eta)
+    task = _task(args)
+    if task != "txt2img":
+        kwargs["init_images"] = Image.open(args.init_img).convert("RGB")
+        kwargs["strength"] = args.strength if args.strength is not None else (1.0 if task == "inpaint" else 0.75)
+    if task == "inpaint":
+        kwargs["masks"] = Image.open(args.mask).convert("L")
+    return kwargs
+
+
+def generate(args: argparse.Namespace, pipe, prompts: list[str]) -> tuple[list[Path], Path | None, int]:
+    """Run --n_iter passes over the prompts in batches of --n_samples, saving as it goes."""
+    outdir = Path(args.outdir or f"outputs/{_task(args)}-samples")
+    sample_dir = outdir / "samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    index = next_index(sample_dir)
+    kwargs = _call_kwargs(args, pipe)
+    images, parameters, saved = [], [], []
+    progress = _Progress(args.n_iter * len(prompts))
+    try:
+        for iteration in range(args.n_iter):
+            for start in range(0, len(prompts), args.n_samples):
+                batch = prompts[start:start + args.n_samples]
+                offset = start if args.fixed_code else iteration * len(prompts) + start
+                out = pipe(batch, seeds=args.seed + offset, callback=progress.step, **kwargs)
+                for image, params in zip(out.images, out.parameters):
+                    if not args.skip_save:
+                        saved.append(save_png(image, sample_dir / f"{index:05d}.png", _metadata(args, params)))
+                        index += 1
+                images += out.images
+                parameters += out.parameters
+                progress.batch_done(len(batch))
+    finally:
+        progress.close()
+    grid = None
+    if not args.skip_grid and images:
+        grid = outdir / f"grid-{next_index(outdir, 'grid-', 4):04d}.png"
+        save_png(make_grid(images, rows=args.n_iter), grid, _metadata(args, parameters[0]))
+    return saved, grid, len(images)
+
+
+def _metadata(args: argparse.Namespace, params: dict) -> str | None:
+    return None if args.no_metadata else format_parameters(params)
+
+
+def sampler_alias(name: str) -> str:
+    """The snake-case spelling of a sampler name ("DPM++ 2M Karras" -> "dpmpp_2m_karras")."""
+    return name.lower().replace("++", "pp").replace(" ", "_")
+
+
+def list_samplers() -> str:
+    """One line per registered sampler: its name and its snake-case alias."""
+    from ldm.diffusion import samplers
+
+    width = max(len(name) for name in samplers.SAMPLERS)
+    lines = [f"{name:<{width}}  {sampler_alias(name)}" for name in samplers.SAMPLERS]
+    lines.append("(names are case-insensitive; '_', '-' and ' ' are the same; also k_ prefixes, 'pndm' = PLMS)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of sample.py; returns the exit status (2 for bad input, with one line on stderr)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's own one-line usage errors
+        return int(e.code or 0)
+    if args.list_samplers:
+        print(list_samplers())
+        return 0
+    start = time.perf_counter()
+    try:
+        check_args(args)
+        prompts = read_prompts(args)
+        pipe = load_pipeline(args)
+        saved, grid, count = generate(args, pipe, prompts)
+    except (ValueError, OSError) as e:  # UsageError, ConfigError, CheckpointError, unreadable files
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        return 2
+    where = [f"{len(saved)} images in {saved[0].parent}" if saved else f"{count} images (not saved)"]
+    if grid is not None:
+        where.append(f"grid {grid}")
+    print(f"done: {', '.join(where)} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

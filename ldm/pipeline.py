@@ -1,0 +1,597 @@
+"""Prompt -> images with a loaded :class:`ldm.model.LatentDiffusion` (no Lightning needed).
+
+    pipe = Text2Image.from_checkpoint("sd-v1-5.safetensors")             # config inferred from the file
+    out = pipe("a cactus in a straw hat", negative_prompts="blurry", seeds=42)
+    out.images[0].save("cactus.png"); print(out.parameters[0])
+
+    Image2Image(pipe.model)(prompt, init_images=image, strength=0.6)      # same weights, other task
+    Inpaint(pipe.model)(prompt, init_images=image, masks=mask)            # white mask pixels are repainted
+
+Reproducibility: every image has its own seed and ``torch.Generator`` (image i of a call with seed s uses
+seed s + i), so an image does not depend on the batch it was made in. Initial noise is drawn on the CPU, as
+the reference scripts do, so a seed gives the same image on every device.
+
+Precision: the weights stay float32; "bf16" / "fp16" run the text encoder and the UNet under
+``torch.autocast`` (which keeps normalisations and softmax in float32, as the reference does) and the VAE
+decodes in float32 unless ``vae_precision`` says otherwise (a float16 VAE makes black images).
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import random
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from ldm.diffusion import samplers as _samplers
+from ldm.diffusion.guidance import CFGDenoiser
+from ldm.diffusion.inpaint import InpaintDenoiser, inpaint_concat_cond
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PipelineOutput",
+    "Text2Image",
+    "Image2Image",
+    "Inpaint",
+    "resolve_device",
+    "resolve_precision",
+    "PRECISIONS",
+    "DEFAULT_SAMPLER",
+]
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISION_ALIASES = {"full": "fp32", "float32": "fp32", "32": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                      "half": "fp16", "16": "fp16"}
+DEFAULT_SAMPLER = "DPM++ 2M Karras"
+ImageInput = Image.Image | torch.Tensor | str | Path
+
+
+@dataclass
+class PipelineOutput:
+    """``images``: one PIL image per prompt; ``parameters``: the settings that made each one (prompt,
+    negative_prompt, steps, sampler, cfg_scale, seed, width, height, ... as ldm.cli.common formats them)."""
+
+    images: list[Image.Image]
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# device and precision
+# ------------------------------------------------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` / "auto": CUDA when present, else CPU. Anything else is checked to exist."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for but CUDA is not available: use --device cpu (or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device mps asked for but MPS is not available: use --device cpu (or auto)")
+    return device
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """Normalise a precision name: "fp32", "bf16" or "fp16" ("auto"/None: fp16 on CUDA, fp32 elsewhere;
+    "autocast": fp16 on CUDA, bf16 elsewhere; "full": fp32)."""
+    name = "auto" if precision is None else str(precision).lower()
+    if name == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if name == "autocast":
+        return "fp16" if device.type == "cuda" else "bf16"
+    name = _PRECISION_ALIASES.get(name, name)
+    if name not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use fp32, bf16, fp16, autocast or auto")
+    return name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------------------------
+
+def _as_list(value: Any, n: int, name: str) -> list:
+    """A single value broadcast to ``n`` items, or a list of exactly ``n`` (or 1) items."""
+    if value is None or isinstance(value, (str, Image.Image, Path)) or (
+            isinstance(value, torch.Tensor) and value.ndim == 3):
+        return [value] * n
+    if isinstance(value, torch.Tensor):
+        value = list(value.unbind(0))
+    value = list(value)
+    if len(value) == 1:
+        return value * n
+    if len(value) != n:
+        raise ValueError(f"got {len(value)} {name} for {n} prompts: pass one, or one per prompt")
+    return value
+
+
+def _seed_list(seeds: int | Sequence[int] | None, n: int) -> list[int]:
+    """Per-image seeds: an int s gives s, s+1, ...; None draws a random base seed."""
+    if seeds is None:
+        seeds = random.randrange(2**32 - n)
+    if isinstance(seeds, (int, np.integer)):
+        return [int(seeds) + i for i in range(n)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} images: pass one int (s, s+1, ... are used) "
+                         "or one seed per image")
+    return seeds
+
+
+def load_image(image: ImageInput, mode: str = "RGB") -> Image.Image:
+    """A PIL image from a path or a PIL image (converted to ``mode``)."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        with Image.open(path) as opened:
+            image = opened.copy()
+    return image.convert(mode)
+
+
+def image_to_tensor(image: ImageInput, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """An RGB image as ``[3, H, W]`` in [-1, 1] (resized to ``size`` = (width, height) when given)."""
+    if isinstance(image, torch.Tensor):
+        tensor = image.float()
+        if size is not None and tuple(tensor.shape[-2:]) != (size[1], size[0]):
+            tensor = F.interpolate(tensor[None], size=(size[1], size[0]), mode="bicubic",
+                                   align_corners=False)[0].clamp(-1, 1)
+        return tensor
+    image = load_image(image)
+    if size is not None and image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def mask_to_tensor(mask: ImageInput, size: tuple[int, int]) -> torch.Tensor:
+    """A mask as ``[1, H, W]`` of 0/1 (1 = repaint: white pixels) at ``size`` = (width, height), binarised
+    at 0.5 like the reference."""
+    if isinstance(mask, torch.Tensor):
+        tensor = mask.float().reshape(1, *mask.shape[-2:])
+    else:
+        image = load_image(mask, "L")
+        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+    if tuple(tensor.shape[-2:]) != (size[1], size[0]):
+        tensor = F.interpolate(tensor[None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0]
+    return (tensor >= 0.5).float()
+
+
+def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
+    """``[B, 3, H, W]`` in [-1, 1] -> PIL images (clamped, rounded)."""
+    array = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the pipeline
+# ------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Request:
+    """Everything one call needs, checked and broadcast to one entry per image."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    seeds: list[int]
+    height: int
+    width: int
+    steps: int
+    sampler: str
+    guidance_scale: float
+    guidance_rescale: float
+    eta: float | None
+    batch_size: int
+    init_images: list | None = None
+    strength: float | None = None
+    masks: list | None = None
+
+
+class _Pipeline:
+    """What the three tasks share: the model on its device, precision, memory options, prompt encoding,
+    per-image noise, the sampler loop and decoding.
+
+    Args:
+        model: a loaded ``LatentDiffusion`` (``ldm.checkpoint.load_model``).
+        device: "auto"/None (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
+        precision: "fp32", "bf16", "fp16" (autocast for text encoder and UNet), "autocast" or "auto".
+        vae_precision: "fp32" (default: decode in float32) or "same" (decode under the pipeline's autocast).
+        attention: UNet attention backend ("sdpa", "xformers", "math", "auto"); None keeps the model's.
+        attention_slicing: query rows per attention chunk (lower peak memory, same result); None: off.
+        vae_tiling: encode/decode large images tile by tile (``AutoencoderKL.enable_tiling``).
+        cpu_offload: keep the weights on the CPU and move each part (text encoder, UNet, VAE) to the
+            device only while it runs.
+        channels_last: channels-last memory format for the UNet and VAE (faster convolutions on GPUs).
+        compile: ``torch.compile`` the UNet (True, or the name of a compile backend).
+        model_name, model_path: recorded in the parameters ("Model", "Model hash" = sha256 of the file).
+    """
+
+    task = "txt2img"
+
+    def __init__(self, model: nn.Module, device: str | torch.device | None = None, precision: str = "fp32", *,
+                 vae_precision: str = "fp32", attention: str | None = None, attention_slicing: int | None = None,
+                 vae_tiling: bool = False, cpu_offload: bool = False, channels_last: bool = False,
+                 compile: bool | str = False, model_name: str | None = None,
+                 model_path: str | Path | None = None):
+        self.model = model.eval().requires_grad_(False)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        if vae_precision not in ("fp32", "same"):
+            raise ValueError(f"vae_precision must be 'fp32' or 'same', got {vae_precision!r}")
+        self.vae_precision = vae_precision
+        self.cpu_offload = cpu_offload and self.device.type != "cpu"
+        self.model_name = model_name
+        self.model_path = Path(model_path) if model_path is not None else None
+        self._configure(attention, attention_slicing, vae_tiling, channels_last, compile)
+        self._place_model()
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: str | Path | None, config: Any = None, *, use_ema: bool | None = None,
+                        device: str | torch.device | None = None, precision: str = "fp32",
+                        parameterization: str | None = None, **options: Any) -> "_Pipeline":
+        """Load ``ckpt`` (config from ``config``, else from the file's metadata or its tensor shapes)."""
+        from ldm.checkpoint import load_model
+
+        model = load_model(config, ckpt, use_ema=use_ema, parameterization=parameterization)
+        options.setdefault("model_name", Path(ckpt).stem if ckpt is not None else None)
+        options.setdefault("model_path", ckpt)
+        return cls(model, device=device, precision=precision, **options)
+
+    @classmethod
+    def from_pipeline(cls, other: "_Pipeline") -> "_Pipeline":
+        """The same model and settings for another task (e.g. ``Inpaint.from_pipeline(text2image)``)."""
+        new = cls.__new__(cls)
+        new.__dict__.update({k: v for k, v in other.__dict__.items() if k != "model_hash"})
+        return new
+
+    # ---- set-up ---------------------------------------------------------------------------------------------
+    def _configure(self, attention, attention_slicing, vae_tiling, channels_last, compile) -> None:
+        unet = self.unet
+        if attention is not None or attention_slicing is not None:
+            from ldm.models.attention import set_attention_backend
+            backend = attention or getattr(unet, "attention_backend", None) or "sdpa"
+            set_attention_backend(unet, backend, attention_slicing)
+        if vae_tiling:
+            self.model.first_stage_model.enable_tiling()
+        if channels_last:
+            unet.to(memory_format=torch.channels_last)
+            self.model.first_stage_model.to(memory_format=torch.channels_last)
+        if compile:
+            unet.compile(**({"backend": compile} if isinstance(compile, str) else {}))
+
+    def _place_model(self) -> None:
+        if not self.cpu_offload:
+            self.model.to(self.device)
+            return
+        # weights stay on the CPU; the schedule buffers (tiny, used every step) live on the device
+        self.model.to("cpu")
+        for name, buffer in self.model.named_buffers(recurse=False):
+            setattr(self.model, name, buffer.to(self.device))
+
+    @contextlib.contextmanager
+    def _running(self, module: nn.Module) -> Iterator[nn.Module]:
+        """With CPU offload: ``module`` on the device for the block only."""
+        if not self.cpu_offload:
+            yield module
+            return
+        module.to(self.device)
+        try:
+            yield module
+        finally:
+            module.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _autocast(self, enabled: bool = True):
+        dtype = PRECISIONS[self.precision]
+        if not enabled or dtype == torch.float32:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # ---- model facts ----------------------------------------------------------------------------------------
+    @property
+    def unet(self) -> nn.Module:
+        return self.model.model.diffusion_model
+
+    @property
+    def downsample_factor(self) -> int:
+        return self.model.downsample_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the UNet's (its latent input must
+        survive ``len(channel_mult) - 1`` halvings): 64 for Stable Diffusion."""
+        levels = len(getattr(self.unet, "channel_mult", [1]))
+        return self.downsample_factor * 2 ** (levels - 1)
+
+    @property
+    def default_size(self) -> int:
+        """Pixels per side the model was made for: ``image_size * downsample_factor``."""
+        return int(self.model.image_size) * self.downsample_factor
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """A 9-channel UNet that also takes the mask and the masked image's latents (SD inpainting)."""
+        return int(getattr(self.unet, "in_channels", self.model.latent_channels)) == self.model.latent_channels + 5
+
+    @cached_property
+    def model_hash(self) -> str | None:
+        """First 10 hex digits of the checkpoint file's sha256 (what the UIs show), None without a file."""
+        if self.model_path is None or not self.model_path.is_file():
+            return None
+        from ldm.cli.common import model_hash
+        return model_hash(self.model_path)
+
+    def check_size(self, height: int, width: int) -> None:
+        """Raise a one-line ValueError unless height and width are positive multiples of :attr:`size_multiple`."""
+        m, f = self.size_multiple, self.downsample_factor
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, (int, np.integer)) or value < m or value % m:
+                near = max(m, int(value) // m * m) if isinstance(value, (int, np.integer)) else m
+                raise ValueError(f"{name} {value} is not a positive multiple of {m} (this model's VAE factor {f} "
+                                 f"x UNet factor {m // f}): use e.g. {near}")
+
+    # ---- steps of a call ------------------------------------------------------------------------------------
+    def _request(self, prompts, negative_prompts, height, width, steps, sampler, guidance_scale,
+                 guidance_rescale, eta, seeds, batch_size, **extra) -> _Request:
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given: pass a prompt string or a list of prompts")
+        n = len(prompts)
+        negatives = ["" if p is None else str(p) for p in _as_list(negative_prompts, n, "negative prompts")]
+        if not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"steps is {steps!r}: use at least 1 sampling step")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance rescale {guidance_rescale} is outside [0, 1]: 0.7 is the paper's choice")
+        if eta is not None and eta < 0:
+            raise ValueError(f"eta {eta} is negative: use 0 (deterministic DDIM) to 1 (DDPM-like)")
+        batch_size = n if batch_size is None else int(batch_size)
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size} must be at least 1")
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        self.check_size(height, width)
+        return _Request(prompts, negatives, _seed_list(seeds, n), int(height), int(width), int(steps),
+                        _samplers.get_sampler(sampler).name, float(guidance_scale), float(guidance_rescale),
+                        None if eta is None else float(eta), batch_size, **extra)
+
+    def _run(self, req: _Request, callback: Callable[[dict], None] | None) -> PipelineOutput:
+        images: list[Image.Image] = []
+        for start in range(0, len(req.prompts), req.batch_size):
+            batch = slice(start, start + req.batch_size)
+            latents = self._sample_batch(req, batch, callback, start)
+            images += tensor_to_images(self._decode(latents))
+        return PipelineOutput(images, [self._parameters(req, i) for i in range(len(req.prompts))])
+
+    def _parameters(self, req: _Request, i: int) -> dict[str, Any]:
+        params = {"prompt": req.prompts[i], "negative_prompt": req.negative_prompts[i], "steps": req.steps,
+                  "sampler": req.sampler,
+                  "cfg_scale": req.guidance_scale, "seed": req.seeds[i], "width": req.width,
+                  "height": req.height, "eta": req.eta, "guidance_rescale": req.guidance_rescale,
+                  "model_hash": self.model_hash, "model": self.model_name, "task": self.task}
+        if req.strength is not None:
+            params["strength"] = req.strength
+        return params
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings ``[B, L, D]`` on the device (float32)."""
+        with self._running(self.model.cond_stage_model), self._autocast():
+            return self.model.get_learned_conditioning(list(prompts)).float()
+
+    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
+        """Pixels in [-1, 1] -> scaled latents (a posterior sample per generator; the mode without)."""
+        vae = self.model.first_stage_model
+        with self._running(vae), self._autocast(self.vae_precision == "same"):
+            pixels = pixels.to(self.device)
+            z = self.model.encode_first_stage(pixels, sample=generators is not None, generator=generators)
+        return z.float()
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.model.first_stage_model
+        with self._running(vae), self._autocast(self.vae_precision == "same"):
+            return self.model.decode_first_stage(latents).float()
+
+    def _sample_batch(self, req: _Request, batch: slice, callback, first_index: int) -> torch.Tensor:
+        """Latents for the images ``batch`` of the request."""
+        prompts = req.prompts[batch]
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts(req.negative_prompts[batch]) if req.guidance_scale != 1.0 else None
+        # one CPU generator per image: its noise does not depend on the batch or the device
+        generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds[batch]]
+        f, c = self.downsample_factor, self.model.latent_channels
+        shape = (len(prompts), c, req.height // f, req.width // f)
+        noise = _samplers.randn_like(torch.empty(shape), generators).to(self.device)
+        spec = _samplers.get_sampler(req.sampler)
+        sigmas = _samplers.build_sigmas(spec, self.model.alphas_cumprod, req.steps).to(self.device)
+        init, mask = self._init_latents(req, batch, generators)
+        if init is not None:
+            sigmas = _samplers.img2img_sigmas(sigmas, req.strength)
+        cond, uncond = self._conditioning(cond, uncond, req, batch)
+        denoiser = self._denoiser(req, uncond, init, mask, noise)
+        step_callback = None if callback is None else _BatchCallback(callback, first_index, len(prompts),
+                                                                     len(sigmas) - 1)
+        options = {} if req.eta is None or "eta" not in inspect.signature(spec.fn).parameters else {"eta": req.eta}
+        with self._running(self.unet):
+            x = _samplers.sample(spec, denoiser, noise, sigmas, init_latent=init, extra_args={"cond": cond},
+                                 callback=step_callback, generator=generators, **options)
+        if mask is not None and not self.is_inpainting_model:
+            x = init + mask * (x - init)  # exactly the original outside the mask
+        return x
+
+    def _init_latents(self, req: _Request, batch: slice, generators) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Clean latents of the init images and the latent-size masks (None, None for txt2img)."""
+        if req.init_images is None:
+            return None, None
+        size = (req.width, req.height)
+        pixels = torch.stack([image_to_tensor(img, size) for img in req.init_images[batch]])
+        init = self._encode(pixels, generators)
+        if req.masks is None:
+            return init, None
+        masks = torch.stack([mask_to_tensor(m, size) for m in req.masks[batch]]).to(self.device)
+        return init, F.interpolate(masks, size=init.shape[-2:], mode="area")
+
+    def _conditioning(self, cond: torch.Tensor, uncond: torch.Tensor | None, req: _Request,
+                      batch: slice) -> tuple[dict, dict | None]:
+        """The UNet's conditioning dicts; a 9-channel inpainting UNet also gets ``concat`` = [mask,
+        masked-image latents] (for txt2img/img2img: the whole image masked)."""
+        if not self.is_inpainting_model:
+            return {"crossattn": cond}, (None if uncond is None else {"crossattn": uncond})
+        concat = self._inpainting_concat(req, batch, cond.shape[0])
+        return ({"crossattn": cond, "concat": concat},
+                None if uncond is None else {"crossattn": uncond, "concat": concat})
+
+    def _inpainting_concat(self, req: _Request, batch: slice, n: int) -> torch.Tensor:
+        size = (req.width, req.height)
+        if req.masks is not None:
+            pixels = torch.stack([image_to_tensor(img, size) for img in req.init_images[batch]])
+            masks = torch.stack([mask_to_tensor(m, size) for m in req.masks[batch]])
+        else:
+            pixels = torch.zeros(n, 3, req.height, req.width)
+            masks = torch.ones(n, 1, req.height, req.width)
+        latents = self._encode(pixels * (masks < 0.5), None)
+        small = F.interpolate(masks.to(self.device), size=latents.shape[-2:], mode="nearest")
+        return inpaint_concat_cond(small, latents)
+
+    def _denoiser(self, req: _Request, uncond, init, mask, noise) -> Callable:
+        """The model as ``D(x, sigma, cond)``: autocast, CFG, and latent blending for ordinary inpainting."""
+        guided = CFGDenoiser(_Precise(self.model.denoiser(), self._autocast), req.guidance_scale, uncond,
+                             req.guidance_rescale)
+        if mask is None or self.is_inpainting_model:
+            return guided
+        return InpaintDenoiser(guided, init, mask, noise)
+
+
+class _Precise:
+    """Run a denoiser under the pipeline's autocast and hand float32 back to the sampler."""
+
+    def __init__(self, denoiser: Callable, autocast: Callable):
+        self.denoiser, self.autocast = denoiser, autocast
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        with self.autocast():
+            return self.denoiser(x, sigma, cond).float()
+
+
+class _BatchCallback:
+    """Adds ``batch_start``, ``batch_size`` and ``total_steps`` to the sampler's per-step info dict."""
+
+    def __init__(self, callback: Callable[[dict], None], batch_start: int, batch_size: int, total_steps: int):
+        self.callback, self.extra = callback, {"batch_start": batch_start, "batch_size": batch_size,
+                                               "total_steps": total_steps}
+
+    def __call__(self, info: dict) -> None:
+        self.callback({**info, **self.extra})
+
+
+class Text2Image(_Pipeline):
+    """Prompts -> images. See :class:`_Pipeline` for the constructor's options."""
+
+    task = "txt2img"
+
+    def __call__(self, prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None, *,
+                 height: int | None = None, width: int | None = None, steps: int = 20,
+                 sampler: str = DEFAULT_SAMPLER, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 eta: float = 0.0, seeds: int | Sequence[int] | None = None, batch_size: int | None = None,
+                 callback: Callable[[dict], None] | None = None) -> PipelineOutput:
+        """One image per prompt. ``seeds``: an int s (image i gets s + i), one per image, or None (random).
+        ``batch_size``: images per forward pass (default all). ``callback(info)`` after every sampler step,
+        ``info`` holding the sampler's fields (``i``, ``sigma``, ...) plus ``batch_start`` and ``batch_size``."""
+        req = self._request(prompts, negative_prompts, height, width, steps, sampler, guidance_scale,
+                            guidance_rescale, eta, seeds, batch_size)
+        return self._run(req, callback)
+
+
+class Image2Image(_Pipeline):
+    """Prompts + init images -> images: the init is encoded, noised to the strength's step and denoised."""
+
+    task = "img2img"
+
+    def __call__(self, prompts: str | Sequence[str], init_images: ImageInput | Sequence[ImageInput], *,
+                 strength: float = 0.75, negative_prompts: str | Sequence[str] | None = None,
+                 height: int | None = None, width: int | None = None, steps: int = 20,
+                 sampler: str = DEFAULT_SAMPLER, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 eta: float = 0.0, seeds: int | Sequence[int] | None = None, batch_size: int | None = None,
+                 callback: Callable[[dict], None] | None = None) -> PipelineOutput:
+        """As :meth:`Text2Image.__call__`, plus ``init_images`` (one, or one per prompt: PIL images, paths or
+        ``[3, H, W]`` tensors in [-1, 1]) and ``strength`` in (0, 1]. The size defaults to the first init
+        image's, rounded down to a multiple of :attr:`size_multiple`."""
+        return self._run(self._image_request(prompts, init_images, None, strength, negative_prompts, height,
+                                             width, steps, sampler, guidance_scale, guidance_rescale, eta, seeds,
+                                             batch_size), callback)
+
+    def _image_request(self, prompts, init_images, masks, strength, negative_prompts, height, width, *rest):
+        n = 1 if isinstance(prompts, str) else len(prompts)
+        images = [_load_if_path(img) for img in _as_list(init_images, n, "init images")]
+        if any(img is None for img in images):
+            raise ValueError("init_images is missing: pass the image(s) to start from")
+        if not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength {strength} is outside (0, 1]: use e.g. 0.75 (1 = ignore the init image)")
+        width, height = self._size_from_image(images[0], height, width)
+        mask_list = None if masks is None else [_load_if_path(m, "L") for m in _as_list(masks, n, "masks")]
+        return self._request(prompts, negative_prompts, height, width, *rest, init_images=images,
+                             strength=float(strength), masks=mask_list)
+
+    def _size_from_image(self, image, height, width) -> tuple[int, int]:
+        if height is not None and width is not None:
+            return width, height
+        w, h = (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
+        m = self.size_multiple
+        if w < m or h < m:
+            raise ValueError(f"init image is {w}x{h}, smaller than this model's size multiple {m}: "
+                             "use a larger image")
+        size = (width if width is not None else w // m * m, height if height is not None else h // m * m)
+        if size != (w, h):
+            log.info("init image %dx%d resized to %dx%d (multiples of %d)", w, h, size[0], size[1], m)
+        return size
+
+
+def _load_if_path(image, mode: str = "RGB"):
+    return load_image(image, mode) if isinstance(image, (str, Path)) else image
+
+
+class Inpaint(Image2Image):
+    """Prompts + init images + masks -> images repainted where the mask is white.
+
+    Ordinary models: latent blending (outside the mask the sampler always sees the original, noised to the
+    current step). 9-channel SD inpainting models get the mask and the masked image's latents as input."""
+
+    task = "inpaint"
+
+    def __call__(self, prompts: str | Sequence[str], init_images: ImageInput | Sequence[ImageInput],
+                 masks: ImageInput | Sequence[ImageInput], *, strength: float = 1.0,
+                 negative_prompts: str | Sequence[str] | None = None, height: int | None = None,
+                 width: int | None = None, steps: int = 20, sampler: str = DEFAULT_SAMPLER,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, eta: float = 0.0,
+                 seeds: int | Sequence[int] | None = None, batch_size: int | None = None,
+                 callback: Callable[[dict], None] | None = None) -> PipelineOutput:
+        """As :meth:`Image2Image.__call__`, plus ``masks`` (white = repaint) of the init images' size."""
+        if masks is None:
+            raise ValueError("masks is missing: pass a mask image (white = repaint) for inpainting")
+        req = self._image_request(prompts, init_images, masks, strength, negative_prompts, height, width, steps,
+                                  sampler, guidance_scale, guidance_rescale, eta, seeds, batch_size)
+        self._check_mask_sizes(req)
+        return self._run(req, callback)
+
+    @staticmethod
+    def _check_mask_sizes(req: _Request) -> None:
+        for image, mask in zip(req.init_images, req.masks):
+            image_size = (image.shape[-1], image.shape[-2]) if isinstance(image, torch.Tensor) else image.size
+            mask_size = (mask.shape[-1], mask.shape[-2]) if isinstance(mask, torch.Tensor) else mask.size
+            if image_size != mask_size:
+                raise ValueError(f"mask is {mask_size[0]}x{mask_size[1]} but the init image is "
+                                 f"{image_size[0]}x{image_size[1]}: give a mask of the image's size")

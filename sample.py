@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Generate images: ``python sample.py --prompt "two red circles above a blue square"`` (see --help).
+
+The code lives in ldm/cli/sample.py.
+"""
+import sys
+
+from ldm.cli.sample import main
+
+if __name__ == "__main__":
+    sys.exit(main())

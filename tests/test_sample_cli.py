@@ -1,0 +1,226 @@
+"""sample.py end to end on a tiny random checkpoint: outputs, numbering, metadata, seeds, errors."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.cli import common
+from ldm.cli import sample as cli
+from tiny_models import tiny_ckpt  # noqa: F401  (fixture)
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--steps", "2", "--H", "32", "--W", "32", "--device", "cpu"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(np.int16)
+
+
+# ---- the parameters text ---------------------------------------------------------------------------------
+
+def test_parameters_round_trip():
+    params = {"prompt": "a red circle, large\nleft of: a square", "negative_prompt": "blurry, dark", "steps": 20,
+              "sampler": "DPM++ 2M Karras", "cfg_scale": 7.5, "seed": 42, "width": 512, "height": 768,
+              "model_hash": "0123456789", "model": "sd v1,5", "strength": 0.75, "eta": 0.0}
+    text = common.format_parameters(params)
+    assert text.splitlines()[-1] == ('Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, '
+                                     'Size: 512x768, Model hash: 0123456789, Model: "sd v1,5", '
+                                     'Denoising strength: 0.75')
+    assert "Negative prompt: blurry, dark" in text
+    back = common.parse_parameters(text)
+    expected = {k: v for k, v in params.items() if k != "eta"}  # eta 0 is not written, as the UIs do
+    assert back == expected
+
+
+def test_parse_reads_text_written_by_the_uis():
+    text = ("masterpiece, a cat\nNegative prompt: lowres\nSteps: 30, Sampler: Euler a, CFG scale: 7, "
+            "Seed: 1234, Size: 512x512, Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2")
+    back = common.parse_parameters(text)
+    assert back["prompt"] == "masterpiece, a cat" and back["negative_prompt"] == "lowres"
+    assert (back["steps"], back["sampler"], back["cfg_scale"], back["seed"]) == (30, "Euler a", 7.0, 1234)
+    assert (back["width"], back["height"], back["Clip skip"]) == (512, 512, "2")
+    assert common.parse_parameters("just a prompt") == {"prompt": "just a prompt", "negative_prompt": ""}
+
+
+def test_next_index_and_grid(tmp_path):
+    assert common.next_index(tmp_path / "missing") == 0
+    for name in ("00000.png", "00007.png", "notes.png", "grid-0002.png"):
+        (tmp_path / name).touch()
+    assert common.next_index(tmp_path) == 8
+    assert common.next_index(tmp_path, "grid-", 4) == 3
+    tiles = [Image.new("RGB", (4, 4), (i * 40, 0, 0)) for i in range(6)]
+    grid = common.make_grid(tiles, rows=2)
+    assert grid.size == (12, 8) and grid.getpixel((4, 4)) == (160, 0, 0)
+
+
+def test_sampler_aliases_resolve_to_their_names(capsys):
+    from ldm.diffusion.samplers import SAMPLERS, get_sampler
+
+    code, out, _ = run(capsys, "--list-samplers")
+    assert code == 0
+    for name in SAMPLERS:
+        assert get_sampler(cli.sampler_alias(name)).name == name
+        assert name in out
+
+
+# ---- runs ------------------------------------------------------------------------------------------------
+
+def test_txt2img_outputs_numbering_and_metadata(capsys, tmp_path, tiny_ckpt):
+    args = ["--ckpt", tiny_ckpt, "--outdir", tmp_path, "--prompt", "a red circle", "--negative-prompt", "blue",
+            "--n_samples", "2", "--n_iter", "2", "--seed", "5", "--sampler", "euler_a", *FAST]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    samples = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert samples == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    grid = Image.open(tmp_path / "grid-0000.png")
+    assert grid.size == (64, 64)  # 2 rows (n_iter) x 2 columns (n_samples) of 32x32
+    meta = common.read_png_parameters(tmp_path / "samples" / "00003.png")
+    assert meta == {"prompt": "a red circle", "negative_prompt": "blue", "steps": 2, "sampler": "Euler a",
+                    "cfg_scale": 7.5, "seed": 8, "width": 32, "height": 32, "model": "tiny",
+                    "model_hash": common.model_hash(tiny_ckpt)}
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("done: 4 images in") and "grid-0000.png" in last and last.endswith(" s)")
+
+    code, _, err = run(capsys, *args, "--skip_grid", "--n_iter", "1", "--no-metadata")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir())[-2:] == ["00004.png", "00005.png"]
+    assert not (tmp_path / "grid-0001.png").exists()
+    assert common.read_png_parameters(tmp_path / "samples" / "00004.png") is None
+    # same seeds as the first run's first row: same images
+    assert np.abs(_pixels(tmp_path / "samples" / "00004.png") - _pixels(tmp_path / "samples" / "00000.png")).max() <= 1
+
+
+def test_seed_is_per_image_across_batch_sizes_and_fixed_code(capsys, tmp_path, tiny_ckpt):
+    base = ["--ckpt", tiny_ckpt, "--prompt", "a red circle", "--skip_grid", *FAST]
+    assert run(capsys, *base, "--outdir", tmp_path / "a", "--n_samples", "3", "--seed", "10")[0] == 0
+    assert run(capsys, *base, "--outdir", tmp_path / "b", "--n_samples", "1", "--seed", "12")[0] == 0
+    assert run(capsys, *base, "--outdir", tmp_path / "c", "--n_samples", "1", "--n_iter", "2", "--seed", "10",
+               "--fixed_code")[0] == 0
+    a, b, c = (tmp_path / d / "samples" for d in "abc")
+    assert np.abs(_pixels(a / "00002.png") - _pixels(b / "00000.png")).max() <= 1
+    assert np.abs(_pixels(c / "00000.png") - _pixels(c / "00001.png")).max() == 0  # same start code
+    assert common.read_png_parameters(c / "00001.png")["seed"] == 10
+
+
+def test_prompts_from_file(capsys, tmp_path, tiny_ckpt):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\na green triangle\n")
+    code, _, err = run(capsys, "--ckpt", tiny_ckpt, "--from_file", prompts, "--n_samples", "2", "--outdir",
+                       tmp_path / "out", *FAST)
+    assert code == 0, err
+    written = sorted((tmp_path / "out" / "samples").iterdir())
+    assert [common.read_png_parameters(p)["prompt"] for p in written] == [
+        "a red circle", "a blue square", "a green triangle"]
+    assert Image.open(tmp_path / "out" / "grid-0000.png").size == (96, 32)
+
+
+def _write_image(path, size=(32, 32)) -> Path:
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_img2img_and_inpainting(capsys, tmp_path, tiny_ckpt):
+    init = _write_image(tmp_path / "init.png")
+    mask = Image.new("L", (32, 32))
+    mask.paste(255, (0, 0, 16, 32))
+    mask.save(tmp_path / "mask.png")
+    common_args = ["--ckpt", tiny_ckpt, "--prompt", "a red circle", "--n_samples", "1", "--steps", "2",
+                   "--init-img", init, "--device", "cpu"]
+    code, _, err = run(capsys, *common_args, "--strength", "0.5", "--outdir", tmp_path / "i2i")
+    assert code == 0, err
+    meta = common.read_png_parameters(tmp_path / "i2i" / "samples" / "00000.png")
+    assert meta["strength"] == 0.5 and (meta["width"], meta["height"]) == (32, 32)
+    code, _, err = run(capsys, *common_args, "--mask", tmp_path / "mask.png", "--outdir", tmp_path / "inp")
+    assert code == 0, err
+    meta = common.read_png_parameters(tmp_path / "inp" / "samples" / "00000.png")
+    assert meta["strength"] == 1.0
+
+
+def test_embedded_default_model(capsys, tmp_path, tiny_ckpt, monkeypatch):
+    monkeypatch.setattr(cli, "DEFAULT_CKPT", tmp_path / "absent.safetensors")
+    code, _, err = run(capsys, "--outdir", tmp_path, *FAST)
+    assert code == 2 and "pass a checkpoint, e.g. --ckpt" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(cli, "DEFAULT_CKPT", Path(tiny_ckpt))
+    code, _, err = run(capsys, "--outdir", tmp_path, "--n_samples", "1", *FAST)
+    assert code == 0, err
+    assert common.read_png_parameters(tmp_path / "samples" / "00000.png")["prompt"] == cli.DEFAULT_PROMPT
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+def _bad_inputs(tmp_path, ckpt):
+    init = _write_image(tmp_path / "init.png")
+    small_mask = _write_image(tmp_path / "small_mask.png", (16, 16))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    return [
+        (["--H", "60"], "--H 60 is not a positive multiple of 8: use e.g. 56"),
+        (["--W", "0"], "--W 0 is not a positive multiple of 8"),
+        (["--ckpt", tmp_path / "nope.ckpt"], "checkpoint not found"),
+        (["--config", tmp_path / "nope.yaml"], "config not found"),
+        (["--init-img", tmp_path / "nope.png"], "init image not found"),
+        (["--init-img", init, "--mask", tmp_path / "nope.png"], "mask not found"),
+        (["--from-file", tmp_path / "nope.txt"], "prompt file not found"),
+        (["--sampler", "Euler z"], "unknown sampler 'Euler z'; choose one of: DDPM, DDIM"),
+        (["--init-img", init, "--strength", "0"], "--strength 0.0 is outside (0, 1]"),
+        (["--init-img", init, "--strength", "1.5"], "--strength 1.5 is outside (0, 1]"),
+        (["--from-file", empty], "has no prompts"),
+        (["--init-img", init, "--mask", small_mask], "mask is 16x16 but the init image is 32x32"),
+        (["--mask", small_mask], "--mask needs --init-img"),
+        (["--steps", "0"], "--steps is 0: use at least 1"),
+        (["--ddim_steps", "-3"], "--steps is -3"),
+        (["--n_samples", "0"], "--n_samples is 0"),
+        (["--init-img", ckpt], "is not a readable image"),
+    ]
+
+
+def test_bad_input_is_one_line_exit_2_before_loading(capsys, tmp_path, tiny_ckpt, monkeypatch):
+    def no_load(args):
+        raise AssertionError("the model must not be loaded for a bad command line")
+
+    monkeypatch.setattr(cli, "load_pipeline", no_load)
+    for extra, message in _bad_inputs(tmp_path, tiny_ckpt):
+        argv = ["--ckpt", tiny_ckpt, "--outdir", tmp_path / "out", *extra]
+        code, out, err = run(capsys, *argv)
+        assert code == 2, (extra, err)
+        assert message in err, (extra, err)
+        assert err.startswith("sample.py: error: ") and len(err.strip().splitlines()) == 1
+        assert "Traceback" not in err and out == ""
+
+
+def test_bad_checkpoint_and_model_factor_are_one_line_errors(capsys, tmp_path, tiny_ckpt, monkeypatch):
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"this is not a checkpoint at all, not even close")
+    code, _, err = run(capsys, "--ckpt", garbage, "--outdir", tmp_path, *FAST)
+    assert code == 2 and "garbage.safetensors" in err and len(err.strip().splitlines()) == 1
+    # H/W pass the early check (multiple of 8) but not the model's (VAE 8 x UNet 2 = 16)
+    code, _, err = run(capsys, "--ckpt", tiny_ckpt, "--outdir", tmp_path, "--H", "40", "--W", "32",
+                       "--device", "cpu")
+    assert code == 2 and "--H 40 is not a multiple of 16" in err and "use e.g. 32" in err
+    assert not (tmp_path / "samples").exists() or not any((tmp_path / "samples").iterdir())
+
+
+def test_unknown_flag_is_argparse_exit_2(capsys):
+    code, _, err = run(capsys, "--no-such-flag")
+    assert code == 2 and "unrecognized arguments: --no-such-flag" in err
+
+
+def test_sample_py_in_a_subprocess(tmp_path, tiny_ckpt):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path),
+         "--n_samples", "1", "--sampler", "DDIM", *FAST],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "samples" / "00000.png").is_file() and (tmp_path / "grid-0000.png").is_file()
+    assert result.stdout.strip().splitlines()[-1].startswith("done: 1 images in")
+    assert "images" in result.stderr  # the tqdm bar
