@@ -66,12 +66,10 @@ def sd_alphas_cumprod(dtype=torch.float64):
     return alphas_cumprod(make_betas("scaled_linear", 1000)).to(dtype)
 
 
-def discrete_net(data, alphas_cumprod, parameterization="eps", calls=None):
+def discrete_net(data, alphas_cumprod, parameterization="eps"):
     """The exact discrete-time network ``net(x_t, t, cond)`` for ``data``, predicting eps, v or x0."""
 
     def net(x_in, t, cond=None):
-        if calls is not None:
-            calls.append((x_in.shape[0], cond))
         sigma = t_to_sigma(t.double(), alphas_cumprod.double()).to(x_in.dtype)
         x = x_in * _col((1 + sigma**2).sqrt(), x_in)
         x0 = data.denoise(x, sigma)

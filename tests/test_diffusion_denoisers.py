@@ -25,7 +25,8 @@ DATA = MixtureData()
 @pytest.mark.parametrize("quantize", [True, False])
 def test_eps_v_x0_wrappers_give_the_same_exact_denoiser(quantize):
     grid = alpha_bar_to_sigma(AC)
-    sigma = grid[[0, 10, 300, 700, 999]] if quantize else torch.tensor([0.05, 0.37, 1.9, 7.3, 14.0], dtype=torch.float64)
+    off_grid = torch.tensor([0.05, 0.37, 1.9, 7.3, 14.0], dtype=torch.float64)
+    sigma = grid[[0, 10, 300, 700, 999]] if quantize else off_grid
     x = torch.randn(5, 1, dtype=torch.float64) * (1 + sigma[:, None])
     expected = DATA.denoise(x, sigma)
     for cls, name in ((EpsDenoiser, "eps"), (VDenoiser, "v"), (X0Denoiser, "x0")):
@@ -128,7 +129,8 @@ def test_cfg_is_one_batched_forward_with_tensor_and_dict_cond():
 
 def test_cfg_errors_are_clear():
     x, sigma = torch.randn(2, 4), torch.ones(2)
-    with pytest.raises(ValueError, match="uncond keys \\['crossattn'\\] differ from cond keys \\['concat', 'crossattn'\\]"):
+    keys_error = r"uncond keys \['crossattn'\] differ from cond keys \['concat', 'crossattn'\]"
+    with pytest.raises(ValueError, match=keys_error):
         CFGDenoiser(CountingDenoiser(), 2.0, {"crossattn": torch.zeros(2, 1)})(
             x, sigma, {"crossattn": torch.zeros(2, 1), "concat": torch.zeros(2, 1)})
     with pytest.raises(ValueError, match="uncond has batch 3 but x has batch 2"):

@@ -34,7 +34,13 @@ def ode_error(fn, steps, **options):
     return float((out - GAUSS.ode_solution(x, SIGMA_MAX, float(sigmas[-1]))).abs().max())
 
 
-@pytest.mark.parametrize("fn,options,order", ODE_SOLVERS, ids=lambda v: getattr(v, "__name__", "") or "-".join(f"{k}={o}" for k, o in v.items()) if isinstance(v, dict) or callable(v) else "")
+def _param_id(value):
+    if callable(value):
+        return value.__name__
+    return "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else f"order{value}"
+
+
+@pytest.mark.parametrize("fn,options,order", ODE_SOLVERS, ids=_param_id)
 def test_deterministic_samplers_converge_with_their_order(fn, options, order):
     coarse, fine = ode_error(fn, 20, **options), ode_error(fn, 40, **options)
     assert fine < 0.1
@@ -58,7 +64,8 @@ def test_heun_is_exact_on_constant_denoiser_and_steps_to_zero():
     ((SM.sample_dpm_2_ancestral, {"eta": 0.0}), (SM.sample_dpm_2, {})),
     ((SM.sample_ddpm, {}), (SM.sample_euler_ancestral, {})),
     ((SM.sample_ddim, {"eta": 1.0}), (SM.sample_euler_ancestral, {})),
-], ids=["ddim=euler", "2m_sde(eta0)=2m", "sde(eta0)=2s_a(eta0)", "dpm2_a(eta0)=dpm2", "ddpm=euler_a", "ddim(eta1)=euler_a"])
+], ids=["ddim=euler", "2m_sde(eta0)=2m", "sde(eta0)=2s_a(eta0)", "dpm2_a(eta0)=dpm2", "ddpm=euler_a",
+        "ddim(eta1)=euler_a"])
 def test_known_equivalences(pair):
     (fn_a, opt_a), (fn_b, opt_b) = pair
     sigmas = get_sigmas_karras(8, 0.05, 8.0).double()
@@ -97,8 +104,9 @@ def test_samplers_reproduce_mixture_moments(name, steps):
     assert abs(float((out < 0.25).double().mean()) - 0.3) < 0.04
 
 
-def tiny_denoiser(calls=None):
-    return EpsDenoiser(discrete_net(GAUSS, sd_alphas_cumprod(torch.float32), calls=calls), sd_alphas_cumprod(torch.float32))
+def tiny_denoiser():
+    alphas_cumprod = sd_alphas_cumprod(torch.float32)
+    return EpsDenoiser(discrete_net(GAUSS, alphas_cumprod), alphas_cumprod)
 
 
 @pytest.mark.parametrize("name", list(SM.SAMPLERS))
@@ -227,7 +235,8 @@ def test_plms_reproduces_the_original_loop():
 
 
 def test_registry_names_aliases_and_errors():
-    for alias, name in [("euler_a", "Euler a"), ("k_euler_ancestral", "Euler a"), ("dpmpp_2m_karras", "DPM++ 2M Karras"),
+    for alias, name in [("euler_a", "Euler a"), ("k_euler_ancestral", "Euler a"),
+                        ("dpmpp_2m_karras", "DPM++ 2M Karras"),
                         ("DPM++ 2M karras", "DPM++ 2M Karras"), ("k_dpm_2_a", "DPM2 a"), ("dpm_2", "DPM2"),
                         ("PNDM", "PLMS"), ("ddim", "DDIM"), ("dpmpp_3m_sde_exponential", "DPM++ 3M SDE Exponential"),
                         ("k_lms", "LMS"), ("dpmpp_2s_ancestral", "DPM++ 2S a"), ("Euler-a", "Euler a")]:
@@ -245,7 +254,8 @@ def test_build_sigmas_schedules():
     ac = sd_alphas_cumprod(torch.float32)
     karras = SM.build_sigmas("DPM++ 2M Karras", ac, 10)
     assert len(karras) == 11 and karras[-1] == 0
-    assert float(karras[0]) == pytest.approx(14.6146, rel=1e-4) and float(karras[-2]) == pytest.approx(0.02917, rel=1e-3)
+    assert float(karras[0]) == pytest.approx(14.6146, rel=1e-4)
+    assert float(karras[-2]) == pytest.approx(0.02917, rel=1e-3)
     assert len(SM.build_sigmas("DDIM", tiny_denoiser(), 50)) == 51
     trailing = SM.build_sigmas("Euler", ac, 10, schedule="trailing")
     assert float(trailing[0]) == pytest.approx(14.6146, rel=1e-4)
@@ -290,3 +300,18 @@ def test_img2img_with_low_strength_stays_close_to_init():
 def test_sampler_rejects_bad_sigmas():
     with pytest.raises(ValueError, match="1-D schedule"):
         SM.sample_euler(GAUSS.denoise, torch.zeros(1, 1), torch.tensor([1.0]))
+
+
+def test_zero_terminal_snr_v_model_with_trailing_schedule():
+    from ldm.diffusion.denoisers import VDenoiser
+    from ldm.diffusion.schedules import alphas_cumprod, make_betas, rescale_zero_terminal_snr
+
+    ac = alphas_cumprod(rescale_zero_terminal_snr(make_betas("scaled_linear")))
+    assert float(ac[-1]) == 0.0
+    denoiser = VDenoiser(discrete_net(GAUSS, ac, "v"), ac)
+    sigmas = SM.build_sigmas("DPM++ 2M", denoiser, 25, schedule="trailing").double()
+    assert float(sigmas[0]) == pytest.approx(4096.0, rel=1e-3)  # alpha_bar clamped to 2**-24
+    noise = torch.randn(1000, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out = SM.sample("DPM++ 2M", denoiser, noise, sigmas)
+    assert abs(float(out.mean()) - GAUSS.mu) < 0.03
+    assert abs(float(out.std()) / GAUSS.std - 1) < 0.05

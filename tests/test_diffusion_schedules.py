@@ -85,7 +85,8 @@ def test_t_sigma_roundtrip_and_quantization():
 def test_schedule_buffers_match_the_original_formulas_and_names():
     betas = sd_betas().numpy()
     buffers = S.register_schedule_buffers(torch.from_numpy(betas))
-    layout_names = [line.split("\t")[0] for line in SD_LAYOUT.read_text().splitlines()[1:] if "." not in line.split("\t")[0]]
+    keys = [line.split("\t")[0] for line in SD_LAYOUT.read_text().splitlines()[1:]]
+    layout_names = [key for key in keys if "." not in key]
     assert sorted(buffers) == sorted(layout_names) and len(buffers) == 12
     alphas = 1.0 - betas
     ac = np.cumprod(alphas)

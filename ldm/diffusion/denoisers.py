@@ -103,7 +103,9 @@ class DiscreteDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
         sigma = sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma
         if sigma.shape != x.shape[:1]:
-            raise ValueError(f"sigma has shape {tuple(sigma.shape)} but x has batch {x.shape[0]}; pass one sigma per item")
+            raise ValueError(
+                f"sigma has shape {tuple(sigma.shape)} but x has batch {x.shape[0]}; pass one sigma per item"
+            )
         c_skip, c_out, c_in = (_bcast(c, x) for c in scalings(self.parameterization, sigma))
         out = self.net(x * c_in, self.sigma_to_t(sigma), cond)
         return c_skip * x + c_out * out

@@ -45,7 +45,8 @@ class DiffusionLoss:
     def __init__(self, parameterization: str = "eps", weighting: str = "uniform", min_snr_gamma: float = 5.0,
                  offset_noise: float = 0.0, num_timesteps: int = 1000):
         if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"unknown parameterization {parameterization!r}; use one of {', '.join(PARAMETERIZATIONS)}")
+            known = ", ".join(PARAMETERIZATIONS)
+            raise ValueError(f"unknown parameterization {parameterization!r}; use one of {known}")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         if min_snr_gamma <= 0 or offset_noise < 0:

@@ -26,7 +26,6 @@ noise of std ``sigma_up`` (``sigma_down^2 + sigma_up^2 = sigma'^2``).
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
@@ -546,7 +545,8 @@ def get_sampler(name: str) -> SamplerSpec:
 def _alphas_cumprod_of(model: Any) -> Tensor:
     alphas_cumprod = getattr(model, "alphas_cumprod", model)
     if not isinstance(alphas_cumprod, Tensor):
-        raise TypeError(f"need a denoiser with .alphas_cumprod or the alphas_cumprod tensor, got {type(model).__name__}")
+        kind = type(model).__name__
+        raise TypeError(f"need a denoiser with .alphas_cumprod or the alphas_cumprod tensor, got {kind}")
     return alphas_cumprod.detach().cpu()
 
 
