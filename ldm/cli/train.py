@@ -1,0 +1,229 @@
+"""``python train.py``: train whatever LightningModule ``model.target`` names on whatever ``data.target`` names.
+
+    python train.py --base configs/demo/shapes_ldm.yaml lightning.trainer.max_steps=200 --name shapes
+    python train.py --base configs/ldm_txt2img.yaml configs/data/webdataset.yaml \\
+        data.params.urls='/data/shards/{000000..000099}.tar' --devices 8 --num_nodes 2 --strategy ddp
+    python train.py --resume logs/shapes            # continue from logs/shapes/checkpoints/last.ckpt
+    python train.py --resume logs/shapes --export-only   # write logs/shapes/shapes.safetensors and stop
+
+Config sections: ``model`` and ``data`` (``target``/``params`` nodes; no ``data`` = the synthetic shapes data),
+``lightning.trainer`` (``pytorch_lightning.Trainer`` arguments; the trainer flags below override them),
+``lightning.callbacks`` (``checkpoint``, ``image_logger``, ``export``, ``lr_monitor``: their parameters, or
+``false`` to switch one off; any other entry is a ``target``/``params`` node of an extra callback) and
+``lightning.logger`` (auto / tensorboard / csv). The whole config is checked before anything is built; a bad
+key or value is reported in one line naming it, with exit status 2.
+
+Multi-node runs use Lightning's cluster environments as they are (torchrun variables, SLURM, or
+``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK`` with ``--num_nodes``): start the same command on every node.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checkpoint import CONFIG_DIR, CheckpointError, atomic_write
+from ldm.config import ConfigError, check_config, instantiate_from_config, load_config, to_plain
+
+log = logging.getLogger("ldm.train")
+
+DEFAULT_BASE = CONFIG_DIR / "demo" / "shapes_ldm.yaml"
+DEFAULT_DATA = {"target": "ldm.data.datamodule.ShapesDataModule", "params": {"size": 64, "batch_size": 16}}
+TRAINER_FLAGS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "max_steps",
+                 "accumulate_grad_batches")
+CALLBACK_TARGETS = {
+    "checkpoint": "ldm.training.callbacks.make_checkpoint_callback",
+    "image_logger": "ldm.training.callbacks.ImageLogger",
+    "export": "ldm.training.callbacks.ExportCallback",
+    "lr_monitor": "ldm.training.callbacks.make_lr_monitor",
+}
+_RESERVED_TRAINER_KEYS = ("callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description="Train a latent diffusion model (or its autoencoder).")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. lightning.trainer.max_steps=20 data.params.batch_size=4")
+    p.add_argument("-b", "--base", nargs="+", default=None, metavar="YAML",
+                   help=f"config files, merged left to right (default: {DEFAULT_BASE.relative_to(CONFIG_DIR.parent)})")
+    p.add_argument("-n", "--name", default=None, help="run name (default: the last config file's stem)")
+    p.add_argument("-l", "--logdir", default="logs", help="folder of run folders (default: logs)")
+    p.add_argument("-s", "--seed", type=int, default=23, help="global seed (default: 23)")
+    p.add_argument("-r", "--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
+                   help="continue a run: its folder, a .ckpt, or 'auto' (the run's last.ckpt if there is one)")
+    p.add_argument("--export-only", action="store_true",
+                   help="with --resume: export the checkpoint as <run>/<name>.safetensors and stop")
+    for flag in TRAINER_FLAGS:
+        p.add_argument(f"--{flag}", default=None, help=f"lightning.trainer.{flag}")
+    return p
+
+
+# ---- run folder and resume ----------------------------------------------------------------------------------------
+def resolve_run(args: argparse.Namespace) -> tuple[Path, Path | None, list[str]]:
+    """(run dir, checkpoint to resume from or None, config files to merge)."""
+    bases = list(args.base or [])
+    resume = args.resume
+    if resume not in (None, "auto"):
+        path = Path(resume)
+        if path.is_dir():
+            run_dir, ckpt = path, path / "checkpoints" / "last.ckpt"
+            if not ckpt.is_file():
+                raise CheckpointError(f"--resume {path}: no checkpoints/last.ckpt in it; check the run folder")
+        elif path.is_file():
+            ckpt = path
+            run_dir = path.parent.parent if path.parent.name == "checkpoints" else Path(args.logdir) / _name(args)
+        else:
+            raise CheckpointError(f"--resume {path}: no such run folder or checkpoint file")
+        saved = run_dir / "config.yaml"
+        return run_dir, ckpt, ([str(saved)] if saved.is_file() else []) + bases
+    if not bases:
+        bases = [str(DEFAULT_BASE)]
+    run_dir = Path(args.logdir) / _name(args, bases)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if resume == "auto":
+        return run_dir, (last if last.is_file() else None), bases
+    if last.is_file():
+        raise CheckpointError(f"run folder {run_dir} already has checkpoints/last.ckpt; pass --resume to continue "
+                              "it or choose another --name")
+    return run_dir, None, bases
+
+
+def _name(args: argparse.Namespace, bases: Sequence[str] = ()) -> str:
+    if args.name:
+        return args.name
+    return Path(bases[-1]).stem if bases else Path(DEFAULT_BASE).stem
+
+
+def _is_global_zero() -> bool:
+    """Before the trainer exists: rank 0 of the job, from the launchers' environment variables."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"] == "0"
+    node = os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", "0")))
+    local = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    return node == "0" and local == "0"
+
+
+# ---- config -------------------------------------------------------------------------------------------------------
+def build_config(args: argparse.Namespace, bases: Sequence[str]) -> DictConfig:
+    """Merge the files, the key=value overrides and the trainer flags; fill the defaults."""
+    flags = [f"lightning.trainer.{f}={getattr(args, f)}" for f in TRAINER_FLAGS if getattr(args, f) is not None]
+    cfg = load_config(*bases, overrides=list(args.overrides) + flags)
+    if "model" not in cfg:
+        raise ConfigError(f"config has no model section; pass a model config with --base (e.g. {DEFAULT_BASE.name})")
+    if cfg.get("data") is None:
+        cfg.data = DEFAULT_DATA
+    cfg.lightning = cfg.get("lightning") or {}
+    cfg.lightning.trainer = cfg.lightning.get("trainer") or {}
+    cfg.lightning.callbacks = cfg.lightning.get("callbacks") or {}
+    return cfg
+
+
+def callback_nodes(cfg: DictConfig, run_dir: Path, name: str) -> dict[str, dict]:
+    """``lightning.callbacks`` as target/params nodes (defaults filled in, switched-off ones left out)."""
+    settings = to_plain(cfg.lightning.callbacks)
+    nodes = {}
+    for key in list(CALLBACK_TARGETS) + [k for k in settings if k not in CALLBACK_TARGETS]:
+        value = settings.get(key, {})
+        if value is False or (value is None and key in settings):
+            continue
+        if value is True:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"lightning.callbacks.{key}: expected a mapping of parameters or false, got {value!r}")
+        if "target" in value:
+            nodes[key] = value
+        elif key in CALLBACK_TARGETS:
+            nodes[key] = {"target": CALLBACK_TARGETS[key], "params": dict(value)}
+        else:
+            raise ConfigError(f"lightning.callbacks.{key}: unknown callback; give it a target (and params) or use "
+                              f"one of {', '.join(CALLBACK_TARGETS)}")
+    if "checkpoint" in nodes and nodes["checkpoint"]["target"] == CALLBACK_TARGETS["checkpoint"]:
+        nodes["checkpoint"]["params"]["dirpath"] = str(run_dir / "checkpoints")
+    if "export" in nodes and nodes["export"]["target"] == CALLBACK_TARGETS["export"]:
+        nodes["export"]["params"].setdefault("name", name)
+    return nodes
+
+
+def validate(cfg: DictConfig, callbacks: dict[str, dict]) -> None:
+    """Check every section before anything is built (raises ConfigError naming the key)."""
+    check_config(cfg.model, "model")
+    check_config(cfg.data, "data")
+    trainer = to_plain(cfg.lightning.trainer)
+    if not isinstance(trainer, dict):
+        raise ConfigError("lightning.trainer: must be a mapping of pytorch_lightning.Trainer arguments")
+    for key in _RESERVED_TRAINER_KEYS:
+        if key in trainer:
+            raise ConfigError(f"lightning.trainer.{key}: set by train.py; configure it under lightning.callbacks, "
+                              "lightning.logger or --logdir instead")
+    check_config({"target": "pytorch_lightning.Trainer", "params": trainer}, "lightning.trainer")
+    for key, node in callbacks.items():
+        check_config(node, f"lightning.callbacks.{key}")
+    logger = cfg.lightning.get("logger", "auto")
+    if logger not in ("auto", "tensorboard", "csv", False, None):
+        raise ConfigError(f"lightning.logger: {logger!r} is unknown; use auto, tensorboard, csv or false")
+
+
+# ---- main ---------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except (ConfigError, CheckpointError) as e:
+        log.error("%s", e)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    run_dir, ckpt, bases = resolve_run(args)
+    if args.export_only:
+        return _export_only(run_dir, ckpt, args)
+    cfg = build_config(args, bases)
+    callbacks = callback_nodes(cfg, run_dir, run_dir.name)
+    validate(cfg, callbacks)
+
+    import pytorch_lightning as pl
+
+    from ldm.training.callbacks import AtomicCheckpointIO, make_logger
+
+    pl.seed_everything(args.seed, workers=True)
+    model = instantiate_from_config(cfg.model, "model")
+    if not isinstance(model, pl.LightningModule):
+        raise ConfigError(f"model.target: {cfg.model.target} is not a LightningModule; use a training module such "
+                          "as ldm.training.latent_diffusion.LatentDiffusionModule")
+    if hasattr(model, "run_config"):
+        model.run_config = to_plain(cfg)
+    data = instantiate_from_config(cfg.data, "data")
+    cb = [instantiate_from_config(node, f"lightning.callbacks.{key}") for key, node in callbacks.items()]
+    logger_kind = cfg.lightning.get("logger", "auto")
+    logger = make_logger(run_dir, logger_kind) if logger_kind else False
+
+    if _is_global_zero():
+        text = OmegaConf.to_yaml(cfg)
+        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+    log.info("run folder %s%s", run_dir, f", resuming from {ckpt}" if ckpt else "")
+    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=cb,
+                         plugins=[AtomicCheckpointIO()], enable_checkpointing="checkpoint" in callbacks,
+                         **to_plain(cfg.lightning.trainer))
+    trainer.fit(model, datamodule=data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    return 0
+
+
+def _export_only(run_dir: Path, ckpt: Path | None, args: argparse.Namespace) -> int:
+    from ldm.training.callbacks import export_from_checkpoint
+
+    if ckpt is None:
+        raise CheckpointError("--export-only needs a checkpoint: pass --resume RUN_DIR or --resume FILE.ckpt")
+    out = run_dir / f"{run_dir.name}.safetensors"
+    export_from_checkpoint(ckpt, out)
+    log.info("exported %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

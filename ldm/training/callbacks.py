@@ -1,0 +1,220 @@
+"""Lightning callbacks and plugins of a training run: checkpoints, image logging, export, loggers.
+
+Run directory layout (``<logdir>/<name>/``)::
+
+    config.yaml               the merged config (written by train.py)
+    checkpoints/last.ckpt     the latest checkpoint (resume from it); step-XXXXXXXX.ckpt: the last K
+    images/step-XXXXXXXX.png  captioned sample grids of the validation prompts (EMA weights)
+    logs/                     TensorBoard events (or metrics.csv without tensorboard)
+    <name>.safetensors        the export: SD layout + inference config, ``load_model(None, path)`` loads it
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
+
+from ldm.checkpoint import atomic_write, read_state_dict, save_checkpoint
+from ldm.training.latent_diffusion import export_state_dict, inference_config
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "make_checkpoint_callback",
+    "make_lr_monitor",
+    "make_logger",
+    "ImageLogger",
+    "ExportCallback",
+    "export_model",
+    "export_from_checkpoint",
+    "captioned_grid",
+]
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, through a temporary file in the same folder and a rename.
+
+    Lightning's own save buffers the file and commits an fsspec transaction through the system temp folder,
+    which is a copy (not a rename) when that is another file system; a crash there leaves a partial file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options; remove them from the save call")
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def make_checkpoint_callback(dirpath: str | os.PathLike, every_n_train_steps: int = 1000,
+                             keep_last: int = 3) -> ModelCheckpoint:
+    """Save every ``every_n_train_steps`` optimizer steps: ``step-XXXXXXXX.ckpt`` (the last ``keep_last``
+    kept, 0 = none, -1 = all) and always ``last.ckpt``."""
+    if not isinstance(every_n_train_steps, int) or every_n_train_steps < 1:
+        raise ValueError(f"every_n_train_steps={every_n_train_steps!r} must be a positive int")
+    if not isinstance(keep_last, int) or keep_last < -1:
+        raise ValueError(f"keep_last={keep_last!r} must be an int >= -1 (-1 keeps all)")
+    return ModelCheckpoint(dirpath=str(dirpath), filename="step-{step:08d}", auto_insert_metric_name=False,
+                           monitor="step", mode="max", save_top_k=keep_last, save_last=True,
+                           every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=False)
+
+
+def make_lr_monitor(logging_interval: str = "step") -> LearningRateMonitor:
+    return LearningRateMonitor(logging_interval=logging_interval)
+
+
+def make_logger(save_dir: str | os.PathLike, kind: str = "auto"):
+    """TensorBoard (``kind="tensorboard"``, or ``"auto"`` when it is installed), else CSV, under
+    ``<save_dir>/logs``; resumed runs append to the same folder."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    if kind not in ("auto", "tensorboard", "csv"):
+        raise ValueError(f"logger {kind!r} is unknown; use auto, tensorboard or csv")
+    if kind in ("auto", "tensorboard"):
+        try:
+            import tensorboard  # noqa: F401
+            return TensorBoardLogger(save_dir=str(save_dir), name="logs", version="", default_hp_metric=False)
+        except ImportError:
+            if kind == "tensorboard":
+                raise ValueError("logger tensorboard needs the tensorboard package; pip install tensorboard "
+                                 "or set lightning.logger=csv") from None
+    return CSVLogger(save_dir=str(save_dir), name="logs", version="")
+
+
+# ---- image grids ------------------------------------------------------------------------------------------------
+def captioned_grid(images: torch.Tensor, captions: Sequence[str], cols: int = 4) -> Image.Image:
+    """Images [B, 3, H, W] in [0, 1] -> one PNG-able grid, each image with its caption written below it."""
+    if images.ndim != 4 or images.shape[0] != len(captions):
+        raise ValueError(f"need images [B, 3, H, W] and B captions, got {tuple(images.shape)} and {len(captions)}")
+    font = ImageFont.load_default()
+    b, _, h, w = images.shape
+    chars = max(8, w // 6)
+    wrapped = [textwrap.wrap(c, chars)[:6] or [""] for c in captions]
+    text_h = 12 * max(len(lines) for lines in wrapped) + 4
+    cols = max(1, min(cols, b))
+    rows = (b + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * (h + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i, (arr, lines) in enumerate(zip(pixels, wrapped)):
+        x, y = (i % cols) * w, (i // cols) * (h + text_h)
+        grid.paste(Image.fromarray(arr), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x + 2, y + h + 2 + 12 * j), line, fill="black", font=font)
+    return grid
+
+
+class ImageLogger(Callback):
+    """Every ``every_n_steps`` optimizer steps (rank 0): sample the module's validation prompts with the EMA
+    weights (``LatentDiffusionModule.sample_images``) and save a captioned grid as
+    ``<run>/images/step-XXXXXXXX.png``; also sent to a TensorBoard logger.
+
+    ``steps``, ``sampler``, ``cfg_scale``, ``seed``, ``prompts``: override the module's sampling settings.
+    """
+
+    def __init__(self, every_n_steps: int = 500, prompts: Sequence[str] | None = None, steps: int | None = None,
+                 sampler: str | None = None, cfg_scale: float | None = None, seed: int | None = None,
+                 on_train_end: bool = True, cols: int = 4):
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive int")
+        self.every_n_steps = every_n_steps
+        self.prompts = list(prompts) if prompts else None
+        self.kwargs = {"steps": steps, "sampler": sampler, "cfg_scale": cfg_scale, "seed": seed}
+        self.log_on_train_end = on_train_end
+        self.cols = cols
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.log_images(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.log_on_train_end and trainer.global_step != self._last_step:
+            self.log_images(trainer, pl_module)
+
+    def log_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+        """Sample, save and log one grid now; returns the PNG path (None on other ranks or without prompts)."""
+        self._last_step = trainer.global_step
+        prompts = self.prompts or getattr(pl_module, "validation_prompts", None)
+        if not trainer.is_global_zero or not prompts:
+            return None
+        images = pl_module.sample_images(prompts, **self.kwargs)
+        grid = captioned_grid(images, prompts, self.cols)
+        path = Path(trainer.default_root_dir) / "images" / f"step-{trainer.global_step:08d}.png"
+        atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+        log.info("sample grid saved to %s", path)
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            arr = torch.from_numpy(np.asarray(grid).copy()).permute(2, 0, 1)
+            experiment.add_image("samples", arr, global_step=trainer.global_step)
+        return path
+
+
+# ---- export -----------------------------------------------------------------------------------------------------
+def _cast_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Cast network weights, keeping the schedule buffers and scale_factor (top-level keys) in fp32."""
+    if dtype is None:
+        return sd
+    return {k: v.to(dtype) if v.is_floating_point() and "." in k else v for k, v in sd.items()}
+
+
+def _write_export(sd: dict[str, torch.Tensor], path: str | os.PathLike, model_node: dict, fp16: bool,
+                  metadata: dict[str, str]) -> Path:
+    sd = _cast_weights(sd, torch.float16 if fp16 else None)
+    path = save_checkpoint(sd, path, config=inference_config(model_node), metadata=metadata)
+    log.info("exported %s (%d tensors%s)", path, len(sd), ", fp16" if fp16 else "")
+    return path
+
+
+def export_model(module: pl.LightningModule, path: str | os.PathLike, *, use_ema: bool = True,
+                 include_ema: bool = False, fp16: bool = False) -> Path:
+    """Write ``module`` as an inference checkpoint (SD layout, ``ldm.model.LatentDiffusion`` config stored)."""
+    sd = module.export_state_dict(use_ema=use_ema, include_ema=include_ema)
+    step = getattr(getattr(module, "_trainer", None), "global_step", None)
+    meta = {"global_step": str(step)} if step is not None else {}
+    return _write_export(sd, path, module.model_config(), fp16, meta)
+
+
+def export_from_checkpoint(ckpt: str | os.PathLike, path: str | os.PathLike, *, use_ema: bool = True,
+                           include_ema: bool = False, fp16: bool = False) -> Path:
+    """Export a training checkpoint (e.g. ``checkpoints/last.ckpt``) without building the model."""
+    sd, meta = read_state_dict(ckpt)
+    if not meta.get("config"):
+        raise ValueError(f"{ckpt} stores no config (ldm_config); was it written by train.py?")
+    config = json.loads(meta["config"])
+    node = config.get("model", config)
+    out = export_state_dict(sd, use_ema=use_ema, include_ema=include_ema)
+    return _write_export(out, path, node, fp16, {k: v for k, v in meta.items() if k != "config"})
+
+
+class ExportCallback(Callback):
+    """At the end of training (rank 0), write ``<run>/<name>.safetensors`` (see :func:`export_model`)."""
+
+    def __init__(self, name: str = "model", dirpath: str | None = None, use_ema: bool = True,
+                 include_ema: bool = False, fp16: bool = False):
+        if not name or "/" in name:
+            raise ValueError(f"export name {name!r} must be a plain file name without folders")
+        self.name, self.dirpath = name, dirpath
+        self.use_ema, self.include_ema, self.fp16 = use_ema, include_ema, fp16
+        self.path: Path | None = None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.path = Path(self.dirpath or trainer.default_root_dir) / f"{self.name}.safetensors"
+        self._export(pl_module)
+
+    @rank_zero_only
+    def _export(self, pl_module: pl.LightningModule) -> None:
+        export_model(pl_module, self.path, use_ema=self.use_ema, include_ema=self.include_ema, fp16=self.fp16)

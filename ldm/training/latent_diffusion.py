@@ -1,0 +1,479 @@
+"""Training the second stage: the UNet of a latent diffusion model, as a Lightning module.
+
+:class:`LatentDiffusionModule` *is* an :class:`ldm.model.LatentDiffusion` (same attribute names), so its
+``state_dict`` is the Stable Diffusion layout; with ``use_ema`` it adds ``model_ema.*`` exactly as the original
+checkpoints have it. On top it has the training settings: optimizer, warm-up, EMA, condition dropout for
+classifier-free guidance, the loss (:class:`ldm.diffusion.loss.DiffusionLoss`), ``scale_by_std`` and an optional
+latent cache.
+
+Randomness. The noise, timesteps, posterior samples and condition dropout of a training step come from a
+generator seeded by (global seed, rank, global step, batch index), not from the global RNG stream. A run is
+then reproducible for a seed, and a resumed run draws exactly what the uninterrupted run drew.
+
+Latent cache (``cache_latents: true``). The frozen first stage is run once per distinct training image: its
+posterior moments (mean and log-variance, on the CPU) are kept under a hash of the image's bytes, and the text
+embeddings under the caption (only while the text encoder is frozen). From the second epoch on every step
+reuses them; a new posterior sample is still drawn each step, so training is unchanged. Images that differ
+(random crops, flips) simply miss the cache. It costs host memory: about ``2 * C * h * w`` floats per image
+plus ``L * D`` per distinct caption; use it for datasets that fit in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import random
+from typing import Any, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from ldm.config import instantiate_from_config, to_plain
+from ldm.ema import EMA, ema_name
+from ldm.model import LatentDiffusion
+from ldm.training.lr import LinearWarmup
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LatentDiffusionModule", "inference_config", "export_state_dict"]
+
+_INFERENCE_TARGET = "ldm.model.LatentDiffusion"
+_EMA_PREFIX = "model_ema."
+_UNET_PREFIX = "model.diffusion_model."
+_SALT_TRAIN, _SALT_VAL, _SALT_SCALE = 1, 2, 3
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value!r} is out of range; use a value in [{low}, {high}]")
+
+
+class LatentDiffusionModule(LatentDiffusion, pl.LightningModule):
+    """A trainable :class:`~ldm.model.LatentDiffusion` (SD state-dict layout, plus ``model_ema.*``).
+
+    The first group of parameters are those of ``LatentDiffusion`` (the original config names). Training:
+        base_learning_rate: learning rate per sample; with ``scale_lr`` it is multiplied by
+            batch_size * accumulate_grad_batches * devices * nodes (as the original main.py does).
+        learning_rate: if given, the learning rate as is (overrides base_learning_rate and scale_lr).
+        weight_decay, adam_betas, adam_eps: AdamW settings.
+        warmup_steps: linear warm-up over this many optimizer steps (or ``scheduler_config``: a target
+            whose instance maps optimizer step -> LR multiplier, e.g. ``ldm.training.lr.WarmupCosine``).
+        ema_decay: EMA decay of the UNet weights (``use_ema``), updated once per optimizer step.
+        cond_drop_rate: probability that a sample's caption is replaced by "" (classifier-free guidance).
+        loss_weighting, min_snr_gamma, offset_noise: options of :class:`ldm.diffusion.loss.DiffusionLoss`.
+        gradient_checkpointing: recompute UNet activations in the backward pass (sets ``use_checkpoint``).
+        first_stage_ckpt: weights of a trained autoencoder (a first-stage state dict or a full SD-layout file).
+        cache_latents: cache first-stage moments and text embeddings (see the module docstring).
+        validation_prompts, sample_*: what the image logger samples (EMA weights, CFG).
+    """
+
+    def __init__(
+        self,
+        unet_config: Any,
+        first_stage_config: Any,
+        cond_stage_config: Any,
+        *,
+        # --- LatentDiffusion -------------------------------------------------------------------------------
+        parameterization: str = "eps",
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        linear_start: float = 0.00085,
+        linear_end: float = 0.012,
+        cosine_s: float = 8e-3,
+        zero_terminal_snr: bool = False,
+        scale_factor: float = 0.18215,
+        scale_by_std: bool = False,
+        conditioning_key: str = "crossattn",
+        first_stage_key: str = "image",
+        cond_stage_key: str = "caption",
+        image_size: int = 64,
+        channels: int = 4,
+        cond_stage_trainable: bool = False,
+        use_ema: bool = True,
+        num_timesteps_cond: int = 1,
+        log_every_t: int = 200,
+        monitor: str | None = None,
+        clip_denoised: bool = False,
+        scheduler_config: Any = None,
+        # --- training ----------------------------------------------------------------------------------------
+        base_learning_rate: float = 1e-4,
+        learning_rate: float | None = None,
+        scale_lr: bool = True,
+        weight_decay: float = 0.0,
+        adam_betas: Sequence[float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        warmup_steps: int = 0,
+        ema_decay: float = 0.9999,
+        cond_drop_rate: float = 0.1,
+        loss_weighting: str = "uniform",
+        min_snr_gamma: float = 5.0,
+        offset_noise: float = 0.0,
+        gradient_checkpointing: bool = False,
+        first_stage_ckpt: str | None = None,
+        cache_latents: bool = False,
+        validation_prompts: Sequence[str] | None = None,
+        sample_steps: int = 20,
+        sample_sampler: str = "Euler a",
+        sample_cfg_scale: float = 5.0,
+        sample_seed: int = 0,
+    ):
+        hparams = to_plain({k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        super().__init__(
+            unet_config, first_stage_config, cond_stage_config, parameterization=parameterization,
+            timesteps=timesteps, beta_schedule=beta_schedule, linear_start=linear_start, linear_end=linear_end,
+            cosine_s=cosine_s, zero_terminal_snr=zero_terminal_snr, scale_factor=scale_factor,
+            scale_by_std=scale_by_std, conditioning_key=conditioning_key, first_stage_key=first_stage_key,
+            cond_stage_key=cond_stage_key, image_size=image_size, channels=channels,
+            cond_stage_trainable=cond_stage_trainable, use_ema=use_ema, num_timesteps_cond=num_timesteps_cond,
+            log_every_t=log_every_t, monitor=monitor, clip_denoised=clip_denoised,
+            scheduler_config=scheduler_config)
+        self.save_hyperparameters(hparams, logger=False)
+        self._check_training_args(hparams)
+        self.base_learning_rate = float(base_learning_rate)
+        self.learning_rate = None if learning_rate is None else float(learning_rate)
+        self.scale_lr = scale_lr
+        self.weight_decay, self.adam_betas, self.adam_eps = weight_decay, tuple(adam_betas), adam_eps
+        self.lr_lambda = (instantiate_from_config(scheduler_config, "model.params.scheduler_config")
+                          if scheduler_config is not None else LinearWarmup(warmup_steps))
+        self.cond_drop_rate = float(cond_drop_rate)
+        self.loss_fn = self._make_loss(loss_weighting, min_snr_gamma, offset_noise)
+        self.cache_latents = cache_latents
+        self._moments_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self.validation_prompts = list(validation_prompts or [])
+        self.sample_steps, self.sample_sampler = sample_steps, sample_sampler
+        self.sample_cfg_scale, self.sample_seed = sample_cfg_scale, sample_seed
+        self.run_config: dict | None = None  # the whole run's config (plain), set by train.py
+        self._ema_scope: contextlib.ExitStack | None = None
+
+        if first_stage_ckpt:
+            if not os.path.isfile(first_stage_ckpt):
+                raise ValueError(f"first_stage_ckpt {first_stage_ckpt} not found; give the autoencoder export's "
+                                 "path or null")
+            self.first_stage_model.init_from_ckpt(first_stage_ckpt)
+        self._set_text_encoder_trainable(cond_stage_trainable)
+        if gradient_checkpointing:
+            for m in self.model.diffusion_model.modules():
+                if hasattr(m, "use_checkpoint"):
+                    m.use_checkpoint = True
+        self.model_ema = EMA(self.model, decay=ema_decay) if use_ema else None
+
+    # ---- construction helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _check_training_args(hp: dict) -> None:
+        _check_range("cond_drop_rate", hp["cond_drop_rate"], 0.0, 1.0)
+        _check_range("ema_decay", hp["ema_decay"], 0.0, 1.0)
+        if hp["base_learning_rate"] <= 0 or (hp["learning_rate"] is not None and hp["learning_rate"] <= 0):
+            raise ValueError("base_learning_rate/learning_rate must be > 0 (e.g. 1e-4)")
+        if len(hp["adam_betas"]) != 2:
+            raise ValueError(f"adam_betas={hp['adam_betas']!r} must be two numbers, e.g. [0.9, 0.999]")
+        if hp["scheduler_config"] is not None and hp["warmup_steps"]:
+            raise ValueError("give either warmup_steps or scheduler_config, not both")
+        if hp["cache_latents"] and hp["cond_stage_trainable"]:
+            log.info("cache_latents with a trainable text encoder: only latents are cached, not text embeddings")
+        for name in ("sample_steps",):
+            if not isinstance(hp[name], int) or hp[name] < 1:
+                raise ValueError(f"{name}={hp[name]!r} must be a positive int")
+
+    def _make_loss(self, weighting: str, min_snr_gamma: float, offset_noise: float):
+        from ldm.diffusion.loss import DiffusionLoss
+
+        return DiffusionLoss(self.parameterization, weighting=weighting, min_snr_gamma=min_snr_gamma,
+                             offset_noise=offset_noise, num_timesteps=self.num_timesteps)
+
+    def _set_text_encoder_trainable(self, trainable: bool) -> None:
+        enc = self.cond_stage_model
+        if trainable:
+            if getattr(enc, "frozen", False) or not any(p.requires_grad for p in enc.parameters()):
+                raise ValueError("cond_stage_trainable=true but the text encoder is frozen; set "
+                                 "model.params.cond_stage_config.params.freeze=false")
+        elif hasattr(enc, "freeze"):
+            enc.freeze()
+        else:
+            enc.eval().requires_grad_(False)
+
+    # ---- randomness -----------------------------------------------------------------------------------------
+    def _generator(self, salt: int, index: int) -> torch.Generator:
+        """A generator for one (step, batch) that does not depend on the global RNG's history."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        key = f"{seed}/{self.global_rank}/{salt}/{self.global_step}/{index}".encode()
+        g = torch.Generator(device=self.device)
+        g.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & (2**63 - 1))
+        return g
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def cache_keys(images: torch.Tensor) -> list[str]:
+        """The latent-cache key of each image: a hash of its bytes."""
+        return [hashlib.sha1(img.numpy().tobytes()).hexdigest() for img in images.detach().cpu().contiguous()]
+
+    def _moments(self, images: torch.Tensor, keys: list[str] | None) -> torch.Tensor:
+        """First-stage posterior moments [B, 2C, h, w] (from the cache when possible)."""
+        if keys is None:
+            with torch.no_grad():
+                return self.first_stage_model.encode(images).parameters.float()
+        missing = [i for i, k in enumerate(keys) if k not in self._moments_cache]
+        if missing:
+            with torch.no_grad():
+                fresh = self.first_stage_model.encode(images[missing]).parameters.float()
+            for i, m in zip(missing, fresh):
+                self._moments_cache[keys[i]] = m.cpu()
+        return torch.stack([self._moments_cache[k] for k in keys]).to(images.device)
+
+    def latents(self, images: torch.Tensor, generator: torch.Generator | None,
+                keys: list[str] | None = None) -> torch.Tensor:
+        """Scaled latents of images in [-1, 1]: a posterior sample times ``scale_factor``."""
+        from ldm.models.autoencoder import DiagonalGaussianDistribution
+
+        z = DiagonalGaussianDistribution(self._moments(images, keys)).sample(generator)
+        return z * self.scale_factor
+
+    def drop_captions(self, captions: Sequence[str], generator: torch.Generator | None) -> list[str]:
+        """Replace each caption by "" with probability ``cond_drop_rate``."""
+        if self.cond_drop_rate <= 0:
+            return list(captions)
+        device = generator.device if generator is not None else "cpu"
+        drop = torch.rand(len(captions), generator=generator, device=device) < self.cond_drop_rate
+        return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+    def conditioning(self, captions: Sequence[str]) -> torch.Tensor:
+        """Text embeddings [B, L, D]; cached per caption when ``cache_latents`` and the encoder is frozen."""
+        if not (self.cache_latents and not self.cond_stage_trainable):
+            return self.get_learned_conditioning(list(captions))
+        new = sorted({c for c in captions if c not in self._text_cache})
+        if new:
+            with torch.no_grad():
+                for c, e in zip(new, self.get_learned_conditioning(new)):
+                    self._text_cache[c] = e.cpu()
+        return torch.stack([self._text_cache[c] for c in captions]).to(self.device)
+
+    def _loss(self, batch: dict, generator: torch.Generator, drop: bool) -> torch.Tensor:
+        images = batch[self.first_stage_key]
+        captions = batch[self.cond_stage_key]
+        if isinstance(captions, str):
+            captions = [captions]
+        keys = self.cache_keys(images) if self.cache_latents and self.training else None
+        z = self.latents(images, generator, keys)
+        if drop:
+            captions = self.drop_captions(captions, generator)
+        context = self.conditioning(captions)
+        loss, _ = self.loss_fn(self.apply_model, z, {"crossattn": context}, self.alphas_cumprod, generator=generator)
+        return loss
+
+    # ---- Lightning hooks ------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch, self._generator(_SALT_TRAIN, batch_idx), drop=True)
+        bs = len(batch[self.cond_stage_key])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        if self.trainer.optimizers:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self.log("lr", lr, prog_bar=False, on_step=True, on_epoch=False, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(1_000_003 * (batch_idx + 1) + self.global_rank)  # the same noise at every validation
+        loss = self._loss(batch, g, drop=False)
+        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True,
+                 batch_size=len(batch[self.cond_stage_key]))
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._ema_scope = contextlib.ExitStack()
+        self._ema_scope.enter_context(self.ema_scope())
+
+    def on_validation_epoch_end(self) -> None:
+        if self._ema_scope is not None:
+            self._ema_scope.close()
+            self._ema_scope = None
+
+    @contextlib.contextmanager
+    def ema_scope(self):
+        """Use the EMA weights inside the block (no-op without EMA)."""
+        if self.model_ema is None:
+            yield
+            return
+        with self.model_ema.swapped_in(self.model):
+            yield
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.scale_by_std and self.global_step == 0 and batch_idx == 0:
+            self._estimate_scale_factor(batch[self.first_stage_key])
+
+    @torch.no_grad()
+    def _estimate_scale_factor(self, images: torch.Tensor) -> None:
+        """scale_factor = 1 / std of the first batch's latents (rank 0's value, broadcast to all ranks)."""
+        g = self._generator(_SALT_SCALE, 0)
+        z = self.first_stage_model.encode(images.to(self.device)).sample(g)
+        value = (1.0 / z.float().flatten().std()).to(self.device)
+        value = self.trainer.strategy.broadcast(value, src=0)
+        self.scale_factor.copy_(value)
+        log.info("scale_by_std: scale_factor set to %.5f", float(value))
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the EMA update: once per optimizer step (not per accumulated micro-batch),
+        and before any callback (e.g. the checkpoint of this step) sees the weights."""
+        super().optimizer_step(*args, **kwargs)
+        if self.model_ema is not None:
+            self.model_ema.update(self.model)
+
+    # ---- optimizer ------------------------------------------------------------------------------------------
+    def effective_learning_rate(self) -> float:
+        """``learning_rate``, else base_learning_rate (times the global batch size with ``scale_lr``)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        if not self.scale_lr:
+            return self.base_learning_rate
+        trainer = self.trainer
+        batch_size = getattr(trainer.datamodule, "batch_size", None) if trainer is not None else None
+        if batch_size is None:
+            raise ValueError("scale_lr needs the data module's batch_size; set model.params.scale_lr=false or "
+                             "model.params.learning_rate")
+        factor = batch_size * trainer.accumulate_grad_batches * trainer.num_devices * trainer.num_nodes
+        lr = self.base_learning_rate * factor
+        log.info("learning rate %.3g = %d (batch) x %d (accumulate) x %d (devices) x %d (nodes) x %.3g (base)",
+                 lr, batch_size, trainer.accumulate_grad_batches, trainer.num_devices, trainer.num_nodes,
+                 self.base_learning_rate)
+        return lr
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.cond_stage_trainable:
+            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
+        return params
+
+    def configure_optimizers(self) -> dict:
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.effective_learning_rate(),
+                                betas=self.adam_betas, eps=self.adam_eps, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Plain containers only: the run config as a dict, and the RNG states as tensors/ints."""
+        checkpoint["ldm_config"] = to_plain(self.run_config) if self.run_config else {"model": self.model_config()}
+        checkpoint["rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+
+    def model_config(self) -> dict:
+        """This module's own config node (target + params), plain."""
+        cls = type(self)
+        return {"target": f"{cls.__module__}.{cls.__qualname__}", "params": to_plain(dict(self.hparams))}
+
+    def inference_config(self) -> dict:
+        """The config of the exported model (see :func:`inference_config`)."""
+        return inference_config(self.model_config())
+
+    def export_state_dict(self, use_ema: bool = True, include_ema: bool = False) -> dict[str, torch.Tensor]:
+        """The SD-layout state dict for inference (see :func:`export_state_dict`)."""
+        return export_state_dict(self.state_dict(), use_ema=use_ema, include_ema=include_ema)
+
+    # ---- sampling (image logger) ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_images(self, prompts: Sequence[str] | None = None, *, steps: int | None = None,
+                      sampler: str | None = None, cfg_scale: float | None = None, seed: int | None = None,
+                      use_ema: bool = True) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] for ``prompts`` (default: ``validation_prompts``), one generator per
+        image seeded ``seed + i`` so that every logged grid uses the same noise."""
+        from ldm.diffusion.guidance import CFGDenoiser
+        from ldm.diffusion.samplers import build_sigmas, get_sampler, sample
+
+        prompts = list(prompts if prompts is not None else self.validation_prompts)
+        if not prompts:
+            raise ValueError("no prompts to sample: set model.params.validation_prompts")
+        spec = get_sampler(sampler or self.sample_sampler)
+        seed = self.sample_seed if seed is None else seed
+        gens = [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(len(prompts))]
+        side = self.image_size
+        noise = torch.stack([torch.randn(self.latent_channels, side, side, generator=g) for g in gens])
+        sigmas = build_sigmas(spec, self.alphas_cumprod, steps or self.sample_steps)
+        was_training = self.training
+        self.eval()
+        try:
+            with self.ema_scope() if use_ema else contextlib.nullcontext():
+                cond = {"crossattn": self.get_learned_conditioning(prompts)}
+                uncond = {"crossattn": self.get_learned_conditioning([""])}
+                scale = self.sample_cfg_scale if cfg_scale is None else cfg_scale
+                denoiser = CFGDenoiser(self.denoiser(), scale, uncond)
+                z = sample(spec, denoiser, noise.to(self.device), sigmas, extra_args={"cond": cond},
+                           generator=gens)
+                images = self.decode_first_stage(z.float())
+        finally:
+            self.train(was_training)
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
+
+
+# ---- export -----------------------------------------------------------------------------------------------------
+def inference_config(model_node: dict) -> dict:
+    """The config of an exported model: ``ldm.model.LatentDiffusion`` with the architecture of ``model_node``
+    (a training module's target + params).
+
+    File paths of pretrained parts (``ckpt_path``) are dropped, since the export holds their weights, and
+    ``use_ema`` is off: the export's UNet weights already are the EMA weights when there are any.
+    """
+    import inspect
+
+    accepted = set(inspect.signature(LatentDiffusion.__init__).parameters) - {"self"}
+    params = {k: v for k, v in to_plain(model_node.get("params") or {}).items() if k in accepted}
+    for key in ("first_stage_config", "cond_stage_config", "unet_config"):
+        if isinstance(params.get(key), dict):
+            (params[key].get("params") or {}).pop("ckpt_path", None)
+    params["use_ema"] = False
+    params["scheduler_config"] = None
+    return {"model": {"target": _INFERENCE_TARGET, "params": params}}
+
+
+def export_state_dict(state_dict: dict[str, torch.Tensor], use_ema: bool = True,
+                      include_ema: bool = False) -> dict[str, torch.Tensor]:
+    """A training state dict (SD layout + ``model_ema.*``) -> the inference one.
+
+    With ``use_ema`` and EMA weights present, they replace ``model.diffusion_model.*``; ``model_ema.*`` itself
+    is kept only with ``include_ema``.
+    """
+    ema = {k[len(_EMA_PREFIX):]: v for k, v in state_dict.items() if k.startswith(_EMA_PREFIX)}
+    out = {k: v.detach().clone() for k, v in state_dict.items() if not k.startswith(_EMA_PREFIX)}
+    if use_ema and ema:
+        swapped = 0
+        for k in out:
+            if k.startswith(_UNET_PREFIX) and ema_name(k[len("model."):]) in ema:
+                out[k] = ema[ema_name(k[len("model."):])].to(out[k].dtype).clone()
+                swapped += 1
+        log.info("export: %d UNet tensors taken from the EMA weights", swapped)
+    if include_ema:
+        out.update({_EMA_PREFIX + k: v.detach().clone() for k, v in ema.items()})
+    return out
+
+
+# ---- RNG states (plain tensors and ints, loadable with weights_only=True) --------------------------------------
+def _rng_states() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": _python_state_to_plain(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _python_state_to_plain(state: tuple) -> dict:
+    version, internal, gauss = state
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    npst = states["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    py = states["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,388 @@
+"""LatentDiffusionModule: one step, loss falls, EMA per optimizer step, condition dropout, plain checkpoints,
+crash-and-resume, export, fail-fast values, scale_by_std, latent cache, first_stage_ckpt.
+
+Everything is tiny: UNet width 32, a kl-f4 VAE of width 32 on 32x32 shapes (8x8 latents), the tiny text tower.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ldm.checkpoint import build_model, load_model, read_state_dict, save_checkpoint
+from ldm.config import ConfigError, instantiate_from_config
+from ldm.ema import ema_name
+from ldm.training.callbacks import AtomicCheckpointIO, export_from_checkpoint, export_model, make_checkpoint_callback
+from ldm.training.latent_diffusion import LatentDiffusionModule
+from ldm.training.lr import LinearWarmup, WarmupCosine
+
+TARGET = "ldm.training.latent_diffusion.LatentDiffusionModule"
+
+TINY_MODEL = {
+    "target": TARGET,
+    "params": {
+        "image_size": 8,
+        "channels": 4,
+        "use_ema": True,
+        "ema_decay": 0.9,
+        "learning_rate": 1e-3,
+        "cond_drop_rate": 0.1,
+        "validation_prompts": ["a red circle", "two blue squares"],
+        "sample_steps": 2,
+        "unet_config": {
+            "target": "ldm.models.unet.UNetModel",
+            "params": {"image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+                       "attention_resolutions": [2], "num_res_blocks": 1, "channel_mult": [1, 2],
+                       "num_head_channels": 16, "use_spatial_transformer": True, "use_linear_in_transformer": True,
+                       "transformer_depth": 1, "context_dim": 32, "legacy": False},
+        },
+        "first_stage_config": {
+            "target": "ldm.models.autoencoder.AutoencoderKL",
+            "params": {"embed_dim": 4, "ddconfig": {
+                "double_z": True, "z_channels": 4, "resolution": 32, "in_channels": 3, "out_ch": 3, "ch": 32,
+                "ch_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}},
+        },
+        "cond_stage_config": {
+            "target": "ldm.models.text_encoder.OpenCLIPTextEncoder",
+            "params": {"arch": "ldm-tiny-text", "layer": "last", "pad": "zero", "projection": False,
+                       "freeze": True},
+        },
+    },
+}
+TINY_DATA = {"target": "ldm.data.datamodule.ShapesDataModule",
+             "params": {"num_train": 8, "num_val": 0, "size": 32, "batch_size": 4, "num_workers": 0}}
+
+
+def tiny_model_node(**params) -> dict:
+    node = copy.deepcopy(TINY_MODEL)
+    node["params"].update(params)
+    return node
+
+
+def tiny_module(**params) -> LatentDiffusionModule:
+    return instantiate_from_config(tiny_model_node(**params), "model")
+
+
+def tiny_data(**params):
+    node = copy.deepcopy(TINY_DATA)
+    node["params"].update(params)
+    return instantiate_from_config(node, "data")
+
+
+def trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                    num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def fixed_batch(n: int = 4) -> dict:
+    from ldm.data.shapes import ShapesDataset
+
+    ds = ShapesDataset(n, size=32, seed=0)
+    items = [ds[i] for i in range(n)]
+    return {"image": torch.stack([x["image"] for x in items]), "caption": [x["caption"] for x in items]}
+
+
+def fixed_loss(module: LatentDiffusionModule, batch: dict) -> float:
+    """The loss on a fixed batch with fixed noise and timesteps (comparable across weights)."""
+    g = torch.Generator().manual_seed(123)
+    module.eval()
+    with torch.no_grad():
+        z = module.latents(batch["image"], g)
+        c = {"crossattn": module.conditioning(batch["caption"])}
+        losses = [module.loss_fn(module.apply_model, z, c, module.alphas_cumprod, generator=g)[0] for _ in range(8)]
+    return float(torch.stack(losses).mean())
+
+
+# ---- structure ------------------------------------------------------------------------------------------------------
+def test_state_dict_is_sd_layout_plus_model_ema():
+    module = tiny_module()
+    assert isinstance(module, pl.LightningModule)
+    plain = build_model({"model": tiny_model_node()})  # the plain LatentDiffusion of the same architecture
+    assert type(plain).__name__ == "LatentDiffusion"
+    keys = set(module.state_dict())
+    ema_keys = {k for k in keys if k.startswith("model_ema.")}
+    assert keys - ema_keys == set(plain.state_dict())
+    expected = {"model_ema." + ema_name(n) for n, _ in module.model.named_parameters()}
+    assert ema_keys == expected | {"model_ema.decay", "model_ema.num_updates"}
+    assert "loss_fn" not in "".join(keys)
+
+
+def test_one_training_step_changes_unet_only(tmp_path):
+    module = tiny_module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer(tmp_path, max_steps=1).fit(module, datamodule=tiny_data())
+    after = module.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.diffusion_model.") for k in changed)
+    assert not any(k.startswith(("first_stage_model.", "cond_stage_model.")) for k in changed)
+    assert "model_ema.num_updates" in changed
+    assert math.isfinite(float(module.trainer.callback_metrics["train/loss"]))
+
+
+def test_loss_falls_on_shapes(tmp_path):
+    torch.manual_seed(0)
+    module = tiny_module(learning_rate=2e-3, use_ema=False, cond_drop_rate=0.0)
+    batch = fixed_batch()
+    start = fixed_loss(module, batch)
+    trainer(tmp_path, max_steps=25).fit(module, datamodule=tiny_data(num_train=4))
+    end = fixed_loss(module, batch)
+    assert end < 0.8 * start, (start, end)
+
+
+def test_ema_updates_once_per_optimizer_step(tmp_path):
+    module = tiny_module(ema_decay=0.5)
+    t = trainer(tmp_path, max_steps=3, accumulate_grad_batches=2)
+    t.fit(module, datamodule=tiny_data(num_train=24))
+    assert t.global_step == 3
+    assert int(module.model_ema.num_updates) == 3
+    # the EMA moved towards the weights but is not equal to them
+    name = "diffusion_model.out.2.weight"
+    ema_w = getattr(module.model_ema, ema_name(name))
+    assert not torch.equal(ema_w, dict(module.model.named_parameters())[name])
+
+
+def test_condition_dropout_rate_and_determinism():
+    module = tiny_module(cond_drop_rate=0.3)
+    captions = [f"caption {i}" for i in range(4000)]
+    dropped = module.drop_captions(captions, torch.Generator().manual_seed(5))
+    rate = sum(c == "" for c in dropped) / len(captions)
+    assert abs(rate - 0.3) < 0.03
+    assert dropped == module.drop_captions(captions, torch.Generator().manual_seed(5))
+    assert dropped != module.drop_captions(captions, torch.Generator().manual_seed(6))
+    kept = [c for c in dropped if c]
+    assert all(c.startswith("caption ") for c in kept)
+    assert tiny_module(cond_drop_rate=0.0).drop_captions(captions[:50], None) == captions[:50]
+    assert tiny_module(cond_drop_rate=1.0).drop_captions(captions[:50], None) == [""] * 50
+
+
+def test_step_generators_depend_on_seed_step_and_batch(tmp_path, monkeypatch):
+    module = tiny_module()
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    a = torch.rand(3, generator=module._generator(1, 0))
+    assert torch.equal(a, torch.rand(3, generator=module._generator(1, 0)))
+    assert not torch.equal(a, torch.rand(3, generator=module._generator(1, 1)))
+    monkeypatch.setenv("PL_GLOBAL_SEED", "2")
+    assert not torch.equal(a, torch.rand(3, generator=module._generator(1, 0)))
+
+
+# ---- checkpoints, resume, export -------------------------------------------------------------------------------
+def _assert_plain(obj, path="checkpoint"):
+    assert not isinstance(obj, (DictConfig, ListConfig)), path
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _assert_plain(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _assert_plain(v, f"{path}[{i}]")
+
+
+def test_checkpoint_is_plain_and_loads_weights_only(tmp_path):
+    node = OmegaConf.create(tiny_model_node())  # built from a DictConfig, as train.py does
+    module = instantiate_from_config(node, "model")
+    module.run_config = {"model": OmegaConf.to_container(node)}
+    t = trainer(tmp_path, max_steps=2, plugins=[AtomicCheckpointIO()], enable_checkpointing=True,
+                callbacks=[make_checkpoint_callback(tmp_path / "ckpt", every_n_train_steps=1, keep_last=1)])
+    t.fit(module, datamodule=tiny_data())
+    last = tmp_path / "ckpt" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)  # no pickled objects at all
+    _assert_plain(ckpt)
+    assert ckpt["ldm_config"]["model"]["target"] == TARGET
+    assert {"torch", "numpy", "python"} <= set(ckpt["rng_states"])
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["last.ckpt", "step-00000002.ckpt"]
+    # the training checkpoint itself loads as an inference model (config from ldm_config)
+    model = load_model(None, last)
+    assert type(model).__name__ == "LatentDiffusion"
+
+
+def test_export_loads_with_load_model_and_uses_ema(tmp_path):
+    module = tiny_module(ema_decay=0.5)
+    trainer(tmp_path, max_steps=2).fit(module, datamodule=tiny_data())
+    path = export_model(module, tmp_path / "tiny.safetensors")
+    model = load_model(None, path)  # strict
+    name = "diffusion_model.input_blocks.0.0.weight"
+    ema_w = getattr(module.model_ema, ema_name(name))
+    assert torch.equal(model.model.diffusion_model.input_blocks[0][0].weight, ema_w)
+    assert not torch.equal(ema_w, dict(module.model.named_parameters())[name])
+    _, meta = read_state_dict(path)
+    assert '"ldm.model.LatentDiffusion"' in meta["config"] and meta["global_step"] == "2"
+
+    half = export_model(module, tmp_path / "half.safetensors", fp16=True, include_ema=True)
+    sd, _ = read_state_dict(half)
+    assert sd["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    assert sd["alphas_cumprod"].dtype == torch.float32  # schedule buffers stay exact
+    assert any(k.startswith("model_ema.") for k in sd)
+    load_model(None, half)
+    raw = export_model(module, tmp_path / "raw.safetensors", use_ema=False)
+    assert torch.equal(load_model(None, raw).model.diffusion_model.input_blocks[0][0].weight,
+                       dict(module.model.named_parameters())[name])
+
+
+def test_export_from_checkpoint_equals_export_model(tmp_path):
+    module = tiny_module()
+    module.run_config = {"model": tiny_model_node()}
+    t = trainer(tmp_path, max_steps=1, enable_checkpointing=True, plugins=[AtomicCheckpointIO()],
+                callbacks=[make_checkpoint_callback(tmp_path / "ckpt", every_n_train_steps=1, keep_last=0)])
+    t.fit(module, datamodule=tiny_data())
+    a, _ = read_state_dict(export_model(module, tmp_path / "a.safetensors"))
+    b, _ = read_state_dict(export_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class CrashAt(pl.Callback):
+    """Simulates a crash (after the checkpoint of an earlier step was written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def _fit_run(tmp_path: Path, name: str, max_steps: int, crash_at: int | None = None, resume: bool = False):
+    pl.seed_everything(7)
+    module = tiny_module(warmup_steps=3)
+    module.run_config = {"model": tiny_model_node(warmup_steps=3)}
+    ckpt_dir = tmp_path / name / "ckpt"
+    callbacks = [make_checkpoint_callback(ckpt_dir, every_n_train_steps=2, keep_last=1)]
+    if crash_at:
+        callbacks.append(CrashAt(crash_at))
+    t = trainer(tmp_path / name, max_steps=max_steps, enable_checkpointing=True, callbacks=callbacks,
+                plugins=[AtomicCheckpointIO()])
+    try:
+        t.fit(module, datamodule=tiny_data(num_train=8), ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None,
+              weights_only=True)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    return module, t
+
+
+def test_crash_and_resume_equals_uninterrupted(tmp_path):
+    full, _ = _fit_run(tmp_path, "full", max_steps=4)
+    _fit_run(tmp_path, "crash", max_steps=4, crash_at=3)  # last.ckpt at step 2 (an epoch boundary)
+    assert torch.load(tmp_path / "crash" / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed, t = _fit_run(tmp_path, "crash", max_steps=4, resume=True)
+    assert t.global_step == 4
+    assert int(resumed.model_ema.num_updates) == int(full.model_ema.num_updates) == 4
+    a, b = full.state_dict(), resumed.state_dict()
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < 1e-5, worst
+    assert t.lr_scheduler_configs[0].scheduler.last_epoch == 4
+
+
+# ---- settings ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key,value,fragment", [
+    ("cond_drop_rate", 1.5, "cond_drop_rate"),
+    ("ema_decay", 2.0, "ema_decay"),
+    ("learning_rate", -1.0, "learning_rate"),
+    ("adam_betas", [0.9], "adam_betas"),
+    ("parameterization", "epsilon", "parameterization"),
+    ("loss_weighting", "snr", "loss weighting"),
+])
+def test_bad_values_fail_fast_naming_the_key(key, value, fragment):
+    with pytest.raises(ConfigError) as info:
+        tiny_module(**{key: value})
+    msg = str(info.value)
+    assert "\n" not in msg and fragment in msg and msg.startswith("model")
+
+
+def test_trainable_text_encoder_needs_unfrozen_encoder():
+    with pytest.raises(ConfigError, match="freeze=false"):
+        tiny_module(cond_stage_trainable=True)
+    node = tiny_model_node(cond_stage_trainable=True)
+    node["params"]["cond_stage_config"]["params"]["freeze"] = False
+    module = instantiate_from_config(node)
+    n_text = sum(p.numel() for p in module.cond_stage_model.parameters() if p.requires_grad)
+    assert n_text > 0
+    assert sum(p.numel() for p in module.trainable_parameters()) == \
+        sum(p.numel() for p in module.model.parameters()) + n_text
+
+
+def test_learning_rate_scaling_and_warmup(tmp_path):
+    module = tiny_module(learning_rate=None, base_learning_rate=1e-4, scale_lr=True, warmup_steps=4)
+    t = trainer(tmp_path, max_steps=2, accumulate_grad_batches=2)
+    t.fit(module, datamodule=tiny_data(num_train=16))
+    opt = t.optimizers[0]
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(1e-4 * 4 * 2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 * 4 * 2 * 3 / 4)  # after 2 steps of 4 warm-up
+    assert [LinearWarmup(2)(s) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cos = WarmupCosine(warmup_steps=2, total_steps=12, final=0.1)
+    assert cos(0) == 0.5 and cos(2) == pytest.approx(1.0) and cos(12) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        LinearWarmup(-1)
+
+
+def test_scheduler_config_is_used(tmp_path):
+    sched = {"target": "ldm.training.lr.WarmupCosine", "params": {"warmup_steps": 1, "total_steps": 3}}
+    module = tiny_module(scheduler_config=sched)
+    t = trainer(tmp_path, max_steps=3)
+    t.fit(module, datamodule=tiny_data())
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine reached its end
+    with pytest.raises(ConfigError, match="not both"):
+        tiny_module(scheduler_config=sched, warmup_steps=2)
+
+
+def test_scale_by_std_sets_scale_factor_on_first_step(tmp_path):
+    module = tiny_module(scale_by_std=True, scale_factor=1.0)
+    assert "scale_factor" in module.state_dict()
+    batch = next(iter(tiny_data().train_dataloader()))
+    trainer(tmp_path, max_steps=1).fit(module, datamodule=tiny_data())
+    z = module.first_stage_model.encode(batch["image"]).sample(torch.Generator().manual_seed(0))
+    value = float(module.scale_factor)
+    assert value != 1.0 and value == pytest.approx(1 / float(z.std()), rel=0.05)
+
+
+def test_latent_cache_reuses_moments_and_matches_uncached():
+    cached = tiny_module(cache_latents=True)
+    plain = tiny_module()
+    plain.load_state_dict(cached.state_dict())
+    batch = fixed_batch()
+    calls = []
+    original = cached.first_stage_model.encode
+    cached.first_stage_model.encode = lambda x: calls.append(len(x)) or original(x)
+    cached.train()
+    plain.train()
+    for _ in range(2):
+        a = cached._loss(batch, torch.Generator().manual_seed(1), drop=False)
+        b = plain._loss(batch, torch.Generator().manual_seed(1), drop=False)
+        assert torch.allclose(a, b, atol=1e-6)
+    assert calls == [4]  # encoded once, then served from the cache
+    assert len(cached._text_cache) == len(set(batch["caption"]))
+
+
+def test_first_stage_ckpt_plain_or_full_layout(tmp_path):
+    source = tiny_module()
+    vae_sd = source.first_stage_model.state_dict()
+    plain = save_checkpoint(vae_sd, tmp_path / "vae.safetensors")
+    full = save_checkpoint({f"first_stage_model.{k}": v for k, v in vae_sd.items()}, tmp_path / "full.safetensors")
+    for path in (plain, full):
+        torch.manual_seed(99)  # a different random init
+        module = tiny_module(first_stage_ckpt=str(path))
+        for k, v in module.first_stage_model.state_dict().items():
+            assert torch.equal(v, vae_sd[k]), k
+    with pytest.raises(Exception, match="not found"):
+        tiny_module(first_stage_ckpt=str(tmp_path / "missing.safetensors"))
+
+
+def test_gradient_checkpointing_switch():
+    module = tiny_module(gradient_checkpointing=True)
+    flags = [m.use_checkpoint for m in module.model.diffusion_model.modules() if hasattr(m, "use_checkpoint")]
+    assert flags and all(flags)
+
+
+def test_sample_images_is_deterministic():
+    module = tiny_module()
+    a = module.sample_images(steps=2)
+    b = module.sample_images(steps=2)
+    assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)
+    assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
+    with pytest.raises(ValueError, match="validation_prompts"):
+        tiny_module(validation_prompts=None).sample_images()

@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Train a latent diffusion model: ``python train.py --base configs/demo/shapes_ldm.yaml`` (see ldm/cli/train.py)."""
+import sys
+
+from ldm.cli.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())
