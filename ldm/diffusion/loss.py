@@ -58,13 +58,17 @@ class DiffusionLoss:
         self.num_timesteps = num_timesteps
 
     def sample_noise(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """eps ~ N(0, I), plus offset_noise * N(0, 1) constant over the spatial dimensions of each channel."""
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        """eps ~ N(0, I), plus offset_noise * N(0, 1) constant over the spatial dimensions of each channel.
+
+        Drawn on the generator's device (so a CPU generator works for CUDA data) and moved to x0's device.
+        """
+        device = generator.device if generator is not None else x0.device
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=device)
         if self.offset_noise > 0:
             offset_shape = x0.shape[:2] + (1,) * (x0.ndim - 2)
-            offset = torch.randn(offset_shape, generator=generator, dtype=x0.dtype, device=x0.device)
+            offset = torch.randn(offset_shape, generator=generator, dtype=x0.dtype, device=device)
             noise = noise + self.offset_noise * offset
-        return noise
+        return noise.to(x0.device)
 
     def weights(self, alpha_bar: Tensor) -> Tensor:
         """Per-item loss weights w(t) for the given alpha_bar[t]."""
@@ -81,7 +85,8 @@ class DiffusionLoss:
                              f"{self.num_timesteps}; make the loss and the schedule agree")
         batch = x0.shape[0]
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=x0.device)
+            device = generator.device if generator is not None else x0.device
+            t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device).to(x0.device)
         if noise is None:
             noise = self.sample_noise(x0, generator)
         alpha_bar = alphas_cumprod.to(x0.device)[t].to(torch.float32)
