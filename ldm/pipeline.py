@@ -260,9 +260,9 @@ class _Pipeline:
     def _configure(self, attention, attention_slicing, vae_tiling, channels_last, compile) -> None:
         unet = self.unet
         if attention is not None or attention_slicing is not None:
-            from ldm.models.attention import set_attention_backend
-            backend = attention or getattr(unet, "attention_backend", None) or "sdpa"
-            set_attention_backend(unet, backend, attention_slicing)
+            from ldm.models.attention import AttentionBackendMixin, set_attention_backend
+            current = next((m.backend for m in unet.modules() if isinstance(m, AttentionBackendMixin)), "sdpa")
+            set_attention_backend(unet, attention or current, attention_slicing)
         if vae_tiling:
             self.model.first_stage_model.enable_tiling()
         if channels_last:
@@ -377,9 +377,8 @@ class _Pipeline:
 
     def _parameters(self, req: _Request, i: int) -> dict[str, Any]:
         params = {"prompt": req.prompts[i], "negative_prompt": req.negative_prompts[i], "steps": req.steps,
-                  "sampler": req.sampler,
-                  "cfg_scale": req.guidance_scale, "seed": req.seeds[i], "width": req.width,
-                  "height": req.height, "eta": req.eta, "guidance_rescale": req.guidance_rescale,
+                  "sampler": req.sampler, "cfg_scale": req.guidance_scale, "seed": req.seeds[i],
+                  "width": req.width, "height": req.height, "eta": req.eta, "guidance_rescale": req.guidance_rescale,
                   "model_hash": self.model_hash, "model": self.model_name, "task": self.task}
         if req.strength is not None:
             params["strength"] = req.strength

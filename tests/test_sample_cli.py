@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from ldm.cli import common
@@ -151,9 +150,10 @@ def test_embedded_default_model(capsys, tmp_path, tiny_ckpt, monkeypatch):
     code, _, err = run(capsys, "--outdir", tmp_path, *FAST)
     assert code == 2 and "pass a checkpoint, e.g. --ckpt" in err and len(err.strip().splitlines()) == 1
     monkeypatch.setattr(cli, "DEFAULT_CKPT", Path(tiny_ckpt))
-    code, _, err = run(capsys, "--outdir", tmp_path, "--n_samples", "1", *FAST)
+    code, _, err = run(capsys, "--outdir", tmp_path, "--n_samples", "1", "--seed", "-1", *FAST)
     assert code == 0, err
-    assert common.read_png_parameters(tmp_path / "samples" / "00000.png")["prompt"] == cli.DEFAULT_PROMPT
+    meta = common.read_png_parameters(tmp_path / "samples" / "00000.png")
+    assert meta["prompt"] == cli.DEFAULT_PROMPT and meta["seed"] >= 0  # -1: a random seed, recorded
 
 
 # ---- errors ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,7 @@ def _names(*names: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Generate images from text (and images) with a latent "
-                                "diffusion model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "diffusion model.")
     g = p.add_argument_group("what to draw")
     g.add_argument(*_names("--prompt"), default=None, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
     g.add_argument(*_names("--from-file"), dest="from_file", default=None, help="file with one prompt per line")
@@ -62,18 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_names("--mask"), default=None, help="inpainting mask, white = repaint (needs --init-img)")
 
     g = p.add_argument_group("sampling")
-    g.add_argument(*_names("--n_samples"), type=int, default=4, help="images per batch")
-    g.add_argument(*_names("--n_iter"), type=int, default=1, help="batches (rows of the grid)")
-    g.add_argument(*_names("--steps", "--ddim_steps"), dest="steps", type=int, default=20, help="sampling steps")
-    g.add_argument(*_names("--sampler"), default="DPM++ 2M Karras", help="sampler name or alias (--list-samplers)")
+    g.add_argument(*_names("--n_samples"), type=int, default=4, help="images per batch (default %(default)s)")
+    g.add_argument(*_names("--n_iter"), type=int, default=1, help="batches: rows of the grid (default %(default)s)")
+    g.add_argument(*_names("--steps", "--ddim_steps"), dest="steps", type=int, default=20, help="sampling steps (default %(default)s)")
+    g.add_argument(*_names("--sampler"), default="DPM++ 2M Karras", help="sampler name or alias (default %(default)r; see --list-samplers)")
     g.add_argument(*_names("--list-samplers"), dest="list_samplers", action="store_true",
                    help="print the sampler names and aliases, then exit")
-    g.add_argument(*_names("--scale"), type=float, default=7.5, help="classifier-free guidance scale")
+    g.add_argument(*_names("--scale"), type=float, default=7.5, help="classifier-free guidance scale (default %(default)s)")
     g.add_argument(*_names("--guidance-rescale"), dest="guidance_rescale", type=float, default=0.0,
                    help="guidance rescale phi in [0, 1] (for zero-terminal-SNR models)")
     g.add_argument(*_names("--eta"), type=float, default=None,
                    help="noise of DDIM (default 0: deterministic) and of the ancestral/SDE samplers (default 1)")
-    g.add_argument(*_names("--seed"), type=int, default=42, help="seed of the first image; image i uses seed + i")
+    g.add_argument(*_names("--seed"), type=int, default=42,
+                   help="seed of the first image; image i uses seed + i (default %(default)s; -1: random)")
     g.add_argument(*_names("--fixed_code"), dest="fixed_code", action="store_true",
                    help="every batch starts from the same noise (seeds restart at --seed)")
     g.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's size)")
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no 'parameters' text chunk in the PNGs")
 
     g = p.add_argument_group("speed and memory")
-    g.add_argument(*_names("--device"), default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    g.add_argument(*_names("--device"), default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     g.add_argument(*_names("--precision"), default="auto",
                    choices=("auto", "fp32", "bf16", "fp16", "autocast", "full"),
                    help="auto: fp16 on CUDA, fp32 on CPU; the VAE always decodes in fp32")
@@ -337,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(list_samplers())
         return 0
     start = time.perf_counter()
+    if args.seed < 0:
+        args.seed = random.randrange(2**31)
+        log.info("random seed %d", args.seed)
     try:
         check_args(args)
         prompts = read_prompts(args)
