@@ -28,7 +28,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.checkpoint import CONFIG_DIR, CheckpointError, atomic_write
-from ldm.config import ConfigError, check_config, instantiate_from_config, load_config, to_plain
+from ldm.config import ConfigError, check_config, get_obj_from_str, instantiate_from_config, load_config, to_plain
 
 log = logging.getLogger("ldm.train")
 
@@ -112,15 +112,51 @@ def _is_global_zero() -> bool:
 def build_config(args: argparse.Namespace, bases: Sequence[str]) -> DictConfig:
     """Merge the files, the key=value overrides and the trainer flags; fill the defaults."""
     flags = [f"lightning.trainer.{f}={getattr(args, f)}" for f in TRAINER_FLAGS if getattr(args, f) is not None]
-    cfg = load_config(*bases, overrides=list(args.overrides) + flags)
+    cfg = merge_configs(bases, list(args.overrides) + flags)
     if "model" not in cfg:
         raise ConfigError(f"config has no model section; pass a model config with --base (e.g. {DEFAULT_BASE.name})")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: required value is missing (???); set it, e.g. {missing[0]}=...")
     if cfg.get("data") is None:
         cfg.data = DEFAULT_DATA
     cfg.lightning = cfg.get("lightning") or {}
     cfg.lightning.trainer = cfg.lightning.get("trainer") or {}
     cfg.lightning.callbacks = cfg.lightning.get("callbacks") or {}
     return cfg
+
+
+def merge_configs(bases: Sequence[str], overrides: Sequence[str]) -> DictConfig:
+    """``load_config`` semantics, except that a later file whose ``model``/``data`` node names another
+    ``target`` replaces that node instead of merging into it (so configs/data/webdataset.yaml can follow a
+    config that has shapes data)."""
+    if not bases:
+        raise ConfigError("no config given: pass at least one YAML file with --base")
+    parts = [load_config(p) for p in bases]
+    for i, later in enumerate(parts):
+        for section in ("model", "data"):
+            node = later.get(section)
+            if not isinstance(node, DictConfig) or "target" not in node:
+                continue
+            for earlier in parts[:i]:
+                old = earlier.get(section)
+                if isinstance(old, DictConfig) and old.get("target") != node.target:
+                    earlier[section] = None
+    merged = OmegaConf.merge(*parts)
+    if not overrides:
+        return merged
+    return OmegaConf.merge(merged, load_config_overrides(overrides))
+
+
+def load_config_overrides(overrides: Sequence[str]) -> DictConfig:
+    """``key=value`` overrides as a config (load_config's checks and one-line errors)."""
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not of the form key=value (e.g. lightning.trainer.max_steps=20)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:  # omegaconf grammar errors are long; keep the first line
+        raise ConfigError(f"cannot parse overrides: {str(e).splitlines()[0]}") from e
 
 
 def callback_nodes(cfg: DictConfig, run_dir: Path, name: str) -> dict[str, dict]:
@@ -149,6 +185,18 @@ def callback_nodes(cfg: DictConfig, run_dir: Path, name: str) -> dict[str, dict]
     return nodes
 
 
+def check_params(target: str, params: dict, path: str) -> None:
+    """Check a plain mapping of keyword arguments against ``target``'s signature (errors name ``path.key``)."""
+    import inspect
+
+    fn = get_obj_from_str(target, path)
+    accepted = {name for name, p in inspect.signature(fn).parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+    for key in params:
+        if key not in accepted:
+            raise ConfigError(f"{path}.{key}: unknown parameter for {target} (accepted: {', '.join(sorted(accepted))})")
+
+
 def validate(cfg: DictConfig, callbacks: dict[str, dict]) -> None:
     """Check every section before anything is built (raises ConfigError naming the key)."""
     check_config(cfg.model, "model")
@@ -160,9 +208,13 @@ def validate(cfg: DictConfig, callbacks: dict[str, dict]) -> None:
         if key in trainer:
             raise ConfigError(f"lightning.trainer.{key}: set by train.py; configure it under lightning.callbacks, "
                               "lightning.logger or --logdir instead")
-    check_config({"target": "pytorch_lightning.Trainer", "params": trainer}, "lightning.trainer")
+    check_params("pytorch_lightning.Trainer", trainer, "lightning.trainer")
+    user_nodes = to_plain(cfg.lightning.callbacks)
     for key, node in callbacks.items():
-        check_config(node, f"lightning.callbacks.{key}")
+        if isinstance(user_nodes.get(key), dict) and "target" in user_nodes[key]:
+            check_config(node, f"lightning.callbacks.{key}")
+        else:  # parameters of a built-in callback, written without target/params
+            check_params(node["target"], node["params"], f"lightning.callbacks.{key}")
     logger = cfg.lightning.get("logger", "auto")
     if logger not in ("auto", "tensorboard", "csv", False, None):
         raise ConfigError(f"lightning.logger: {logger!r} is unknown; use auto, tensorboard, csv or false")
@@ -171,7 +223,7 @@ def validate(cfg: DictConfig, callbacks: dict[str, dict]) -> None:
 # ---- main ---------------------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         return _run(args)
     except (ConfigError, CheckpointError) as e:

@@ -153,6 +153,9 @@ class LatentDiffusionModule(LatentDiffusion, pl.LightningModule):
                 raise ValueError(f"first_stage_ckpt {first_stage_ckpt} not found; give the autoencoder export's "
                                  "path or null")
             self.first_stage_model.init_from_ckpt(first_stage_ckpt)
+        elif not (to_plain(first_stage_config).get("params") or {}).get("ckpt_path"):
+            log.warning("no first_stage_ckpt: the autoencoder keeps its random weights (smoke tests only); set "
+                        "model.params.first_stage_ckpt to a trained autoencoder")
         self._set_text_encoder_trainable(cond_stage_trainable)
         if gradient_checkpointing:
             for m in self.model.diffusion_model.modules():

@@ -1,0 +1,251 @@
+"""train.py: end to end in a subprocess, resume/refuse/export-only, config errors before any work (exit 2),
+the shipped configs with shrinking overrides, and (slow) 2-process DDP and a 2-node loopback run on CPU."""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from ldm.checkpoint import load_model, read_state_dict
+from ldm.cli.train import main
+from test_train_ldm import TINY_DATA, tiny_model_node
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+# shrinks configs/ldm_txt2img.yaml and configs/demo/shapes_ldm.yaml to the tiny test size
+SHRINK_UNET = ["model.params.unet_config.params.model_channels=32", "model.params.unet_config.params.channel_mult=[1,2]",
+               "model.params.unet_config.params.attention_resolutions=[2]",
+               "model.params.unet_config.params.num_res_blocks=1",
+               "model.params.unet_config.params.num_head_channels=16"]
+SHRINK_TXT2IMG = SHRINK_UNET + [
+    "model.params.image_size=8", "model.params.unet_config.params.image_size=8",
+    "model.params.unet_config.params.context_dim=32",
+    "model.params.first_stage_config.params.ddconfig.ch=32",
+    "model.params.first_stage_config.params.ddconfig.ch_mult=[1,1,1,1]",
+    "model.params.first_stage_config.params.ddconfig.num_res_blocks=1",
+    "model.params.first_stage_config.params.ddconfig.resolution=64",
+    "model.params.cond_stage_config.params.arch=ldm-tiny-text",
+    "model.params.cond_stage_config.params.projection=false",
+    "model.params.validation_prompts=[a red circle]", "model.params.sample_steps=2",
+    "data.params.size=64", "data.params.batch_size=2", "data.params.num_workers=0",
+    "lightning.trainer.max_steps=1", "lightning.trainer.precision=32", "lightning.trainer.accelerator=cpu",
+    "lightning.trainer.devices=1", "lightning.callbacks.export.fp16=false",
+]
+FAST = ["lightning.trainer.enable_progress_bar=false", "lightning.trainer.enable_model_summary=false",
+        "lightning.callbacks.image_logger=false"]
+
+
+def tiny_run_config(tmp_path: Path, **trainer) -> Path:
+    """A complete tiny run config file (model, shapes data at 32 px, trainer, callbacks)."""
+    cfg = {
+        "model": tiny_model_node(),
+        "data": copy.deepcopy(TINY_DATA),
+        "lightning": {
+            "logger": "csv",
+            "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 2, "num_sanity_val_steps": 0,
+                        "log_every_n_steps": 1, "enable_model_summary": False, **trainer},
+            "callbacks": {"checkpoint": {"every_n_train_steps": 1, "keep_last": 1},
+                          "image_logger": {"every_n_steps": 2}},
+        },
+    }
+    path = tmp_path / "tiny.yaml"
+    OmegaConf.save(OmegaConf.create(cfg), path)
+    return path
+
+
+def run_train(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_step(run_dir: Path) -> int:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+
+
+# ---- end to end -------------------------------------------------------------------------------------------------
+def test_train_py_end_to_end(tmp_path):
+    base = tiny_run_config(tmp_path)
+    proc = run_train(["--base", str(base), "--logdir", str(tmp_path / "logs"), "--name", "run", "--seed", "3",
+                      "data.params.batch_size=2", "--max_steps", "2", "--accelerator", "cpu"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "logs" / "run"
+    saved = OmegaConf.load(run / "config.yaml")
+    assert saved.data.params.batch_size == 2 and saved.lightning.trainer.max_steps == 2
+    assert last_step(run) == 2
+    assert (run / "images" / "step-00000002.png").is_file()
+    assert (run / "logs" / "metrics.csv").is_file()
+    assert "train/loss" in (run / "logs" / "metrics.csv").read_text().splitlines()[0]
+    model = load_model(None, run / "run.safetensors")
+    assert type(model).__name__ == "LatentDiffusion"
+
+
+def test_resume_refuse_and_export_only(tmp_path, caplog):
+    base = tiny_run_config(tmp_path)
+    common = ["--base", str(base), "--logdir", str(tmp_path / "logs"), "--name", "r"] + FAST
+    assert main(common + ["--max_steps", "1"]) == 0
+    run = tmp_path / "logs" / "r"
+    assert last_step(run) == 1
+    with caplog.at_level(logging.ERROR):
+        assert main(common + ["--max_steps", "2"]) == 2  # would overwrite the run
+    assert "--resume" in caplog.text
+    assert main(common + ["--max_steps", "2", "--resume"]) == 0  # auto: continue from last.ckpt
+    assert last_step(run) == 2
+    assert main(["--resume", str(run), "--max_steps", "3"] + FAST) == 0  # the run folder alone is enough
+    assert last_step(run) == 3
+    export = run / "r.safetensors"
+    export.unlink()
+    assert main(["--resume", str(run / "checkpoints" / "last.ckpt"), "--export-only"]) == 0
+    sd, meta = read_state_dict(export)
+    assert meta["global_step"] == "3"
+    load_model(None, export)
+    assert main(["--resume", str(tmp_path / "nothing"), "--export-only"]) == 2
+
+
+# ---- config errors: one line naming the key, exit status 2, before any work -----------------------------------
+@pytest.mark.parametrize("override,key", [
+    ("model.params.foo=1", "model.params.foo"),
+    ("model.params.unet_config.params.chanel_mult=[1]", "model.params.unet_config.params.chanel_mult"),
+    ("model.params.cond_drop_rate=2", "cond_drop_rate"),
+    ("data.params.batch_size=0", "batch_size"),
+    ("lightning.trainer.max_stepz=3", "lightning.trainer.max_stepz"),
+    ("lightning.trainer.logger=false", "lightning.trainer.logger"),
+    ("lightning.callbacks.checkpoint.every=3", "lightning.callbacks.checkpoint.every"),
+    ("lightning.callbacks.mystery.x=1", "lightning.callbacks.mystery"),
+    ("lightning.logger=wandb", "lightning.logger"),
+    ("model.target=ldm.models.unet.Nope", "model.target"),
+])
+def test_bad_config_fails_fast_naming_the_key(tmp_path, caplog, override, key):
+    base = tiny_run_config(tmp_path)
+    with caplog.at_level(logging.ERROR, logger="ldm.train"):
+        rc = main(["--base", str(base), "--logdir", str(tmp_path / "logs"), override])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0] and key in errors[0], errors
+    assert not (tmp_path / "logs" / "tiny" / "checkpoints").exists()
+
+
+def test_missing_required_value_and_bad_file(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR, logger="ldm.train"):
+        assert main(["--base", str(ROOT / "configs" / "ldm_txt2img.yaml"), "--logdir", str(tmp_path)]) == 2
+        assert main(["--base", str(tmp_path / "nope.yaml"), "--logdir", str(tmp_path)]) == 2
+    assert "data.params.urls" in caplog.text and "nope.yaml" in caplog.text
+
+
+def test_bad_config_in_a_subprocess_reports_one_error_line(tmp_path):
+    proc = run_train(["--base", str(tiny_run_config(tmp_path)), "--logdir", str(tmp_path), "model.params.ema_decay=7"])
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    errors = [ln for ln in lines if "ERROR" in ln]
+    assert len(errors) == 1 and "ema_decay" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---- the shipped configs ------------------------------------------------------------------------------------------
+def write_shards(out: Path, num: int, per_shard: int, size: int = 32) -> str:
+    """Shapes images with unique captions ("item 0003 ...") as webdataset shards; returns the brace pattern."""
+    import webdataset as wds
+
+    from ldm.data.shapes import ShapesDataset, render
+
+    ds = ShapesDataset(num, size=size, seed=0)
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(out / "s-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(num):
+            scene, text = ds.scene(i)
+            buf = io.BytesIO()
+            render(scene, size).save(buf, format="PNG")
+            sink.write({"__key__": f"{i:06d}", "png": buf.getvalue(), "txt": f"item {i:04d} {text}".encode()})
+    return str(out / f"s-{{000000..{(num + per_shard - 1) // per_shard - 1:06d}}}.tar")
+
+
+def test_ldm_txt2img_config_one_step_on_webdataset(tmp_path):
+    urls = write_shards(tmp_path / "shards", num=4, per_shard=2, size=64)
+    args = ["--base", str(ROOT / "configs" / "ldm_txt2img.yaml"), "--logdir", str(tmp_path / "logs"),
+            f"data.params.urls={urls}"] + SHRINK_TXT2IMG + FAST
+    assert main(args) == 0
+    run = tmp_path / "logs" / "ldm_txt2img"
+    assert last_step(run) == 1
+    assert load_model(None, run / "ldm_txt2img.safetensors").cond_stage_model.arch == "ldm-tiny-text"
+
+
+def test_shapes_demo_config_with_webdataset_data(tmp_path):
+    urls = write_shards(tmp_path / "shards", num=4, per_shard=2, size=64)
+    args = ["--base", str(ROOT / "configs" / "demo" / "shapes_ldm.yaml"), str(ROOT / "configs" / "data" / "webdataset.yaml"),
+            "--logdir", str(tmp_path / "logs"), "--name", "demo", f"data.params.urls={urls}",
+            "lightning.trainer.max_steps=1", "data.params.batch_size=2", "data.params.size=64",
+            "data.params.num_workers=0", "lightning.trainer.accelerator=cpu", "lightning.callbacks.image_logger=false",
+            "model.params.cond_stage_config.params.arch=ldm-tiny-text", "model.params.unet_config.params.context_dim=32",
+            ] + SHRINK_UNET + FAST
+    assert main(args) == 0
+    assert last_step(tmp_path / "logs" / "demo") == 1
+
+
+# ---- distributed (CPU, gloo) ---------------------------------------------------------------------------------------
+class RecordCaptions(pl.Callback):
+    """Appends every training caption this rank sees to ``<out_dir>/rank<R>.txt``."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / f"rank{trainer.global_rank}.txt", "a") as f:
+            f.writelines(c.split()[1] + "\n" for c in batch["caption"])
+
+
+def _ddp_args(tmp_path: Path, name: str, urls: str) -> list[str]:
+    wds_cfg = {"target": "ldm.data.webdataset.WebDatasetDataModule",
+               "params": {"urls": urls, "batch_size": 2, "num_workers": 0, "size": 32, "shuffle_buffer": 1}}
+    OmegaConf.save(OmegaConf.create({"data": wds_cfg}), tmp_path / "wds.yaml")
+    record = f"lightning.callbacks.record={{target: test_train_cli.RecordCaptions, params: {{out_dir: '{tmp_path / name}'}}}}"
+    return ["--base", str(tiny_run_config(tmp_path)), str(tmp_path / "wds.yaml"), "--logdir", str(tmp_path / "logs"),
+            "--name", name, "--accelerator", "cpu", "--strategy", "ddp", "--max_steps", "2", record]
+
+
+def _seen(folder: Path) -> list[set[str]]:
+    return [set((folder / f"rank{r}.txt").read_text().split()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_disjoint_shards(tmp_path):
+    urls = write_shards(tmp_path / "shards", num=8, per_shard=2)  # 4 shards: 2 per rank, 4 samples each
+    proc = run_train(_ddp_args(tmp_path, "ddp", urls) + ["--devices", "2"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = _seen(tmp_path / "ddp")
+    assert len(r0) == len(r1) == 4 and not r0 & r1
+    assert last_step(tmp_path / "logs" / "ddp") == 2
+    assert [p.name for p in (tmp_path / "logs" / "ddp" / "images").iterdir()] == ["step-00000002.png"]
+    load_model(None, tmp_path / "logs" / "ddp" / "ddp.safetensors")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_node_loopback(tmp_path):
+    urls = write_shards(tmp_path / "shards", num=8, per_shard=2)
+    args = _ddp_args(tmp_path, "nodes", urls) + ["--devices", "1", "--num_nodes", "2"]
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", OMP_NUM_THREADS="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                              env=dict(env, NODE_RANK=str(rank)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    r0, r1 = _seen(tmp_path / "nodes")
+    assert len(r0) == len(r1) == 4 and not r0 & r1
+    assert last_step(tmp_path / "logs" / "nodes") == 2
