@@ -416,7 +416,7 @@ class _Pipeline:
         shape = (len(prompts), c, req.height // f, req.width // f)
         noise = _samplers.randn_like(torch.empty(shape), generators).to(self.device)
         spec = _samplers.get_sampler(req.sampler)
-        sigmas = _samplers.build_sigmas(spec, self.model.alphas_cumprod, req.steps).to(self.device)
+        sigmas = self.sigmas(spec, req.steps).to(self.device)
         init, mask = self._init_latents(req, batch, generators)
         if init is not None:
             sigmas = _samplers.img2img_sigmas(sigmas, req.strength)
@@ -431,6 +431,14 @@ class _Pipeline:
         if mask is not None and not self.is_inpainting_model:
             x = init + mask * (x - init)  # exactly the original outside the mask
         return x
+
+    def sigmas(self, sampler: str | _samplers.SamplerSpec, steps: int) -> torch.Tensor:
+        """The sampler's sigma schedule for this model; a zero-terminal-SNR model gets "trailing" spacing
+        in place of the default one (Lin et al. 2023), so that sampling starts from pure noise."""
+        spec = _samplers.get_sampler(sampler) if isinstance(sampler, str) else sampler
+        zero_snr = float(self.model.alphas_cumprod[-1]) < 1e-6
+        schedule = "trailing" if zero_snr and spec.schedule == "default" else None
+        return _samplers.build_sigmas(spec, self.model.alphas_cumprod, steps, schedule=schedule)
 
     def _init_latents(self, req: _Request, batch: slice, generators) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Clean latents of the init images and the latent-size masks (None, None for txt2img)."""

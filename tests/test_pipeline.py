@@ -1,5 +1,8 @@
 """ldm.pipeline on a tiny random model (CPU, 32x32 or 64x64 images, 2-3 steps)."""
 import hashlib
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from ldm.pipeline import Image2Image, Inpaint, Text2Image, resolve_device, resol
 from tiny_models import tiny_ckpt, tiny_inpaint_ckpt  # noqa: F401  (fixtures)
 
 FAST = dict(steps=2, height=32, width=32)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +234,24 @@ def test_compile_option():
 
     compiled = Text2Image(tiny_model(), device="cpu", compile="eager")
     assert compiled("a red circle", seeds=0, **FAST).images[0].size == (32, 32)
+
+
+def test_zero_terminal_snr_models_get_trailing_spacing(pipe, monkeypatch):
+    from ldm.diffusion import schedules
+
+    default = pipe.sigmas("Euler", 4)
+    assert torch.allclose(default, schedules.get_sigmas_default(pipe.model.alphas_cumprod.cpu(), 4))
+    zero_snr = schedules.alphas_cumprod(schedules.rescale_zero_terminal_snr(schedules.make_betas())).float()
+    monkeypatch.setattr(pipe.model, "alphas_cumprod", zero_snr)
+    assert torch.equal(pipe.sigmas("Euler", 4), schedules.get_sigmas_trailing(zero_snr, 4))
+    karras = pipe.sigmas("Euler Karras", 4)  # keeps its own spacing, from the clamped sigma_max
+    assert torch.equal(karras, schedules.get_sigmas_karras(4, float(karras[-2]), float(karras[0])))
+
+
+def test_pipeline_does_not_import_lightning():
+    code = ("import sys, ldm.pipeline; "
+            "sys.exit(any(m.split('.')[0] in ('pytorch_lightning', 'lightning') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
 def test_device_and_precision_names():

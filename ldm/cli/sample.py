@@ -65,11 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("sampling")
     g.add_argument(*_names("--n_samples"), type=int, default=4, help="images per batch (default %(default)s)")
     g.add_argument(*_names("--n_iter"), type=int, default=1, help="batches: rows of the grid (default %(default)s)")
-    g.add_argument(*_names("--steps", "--ddim_steps"), dest="steps", type=int, default=20, help="sampling steps (default %(default)s)")
-    g.add_argument(*_names("--sampler"), default="DPM++ 2M Karras", help="sampler name or alias (default %(default)r; see --list-samplers)")
+    g.add_argument(*_names("--steps", "--ddim_steps"), dest="steps", type=int, default=20,
+                   help="sampling steps (default %(default)s)")
+    g.add_argument(*_names("--sampler"), default="DPM++ 2M Karras",
+                   help="sampler name or alias (default %(default)r; see --list-samplers)")
     g.add_argument(*_names("--list-samplers"), dest="list_samplers", action="store_true",
                    help="print the sampler names and aliases, then exit")
-    g.add_argument(*_names("--scale"), type=float, default=7.5, help="classifier-free guidance scale (default %(default)s)")
+    g.add_argument(*_names("--scale"), type=float, default=7.5,
+                   help="classifier-free guidance scale (default %(default)s)")
     g.add_argument(*_names("--guidance-rescale"), dest="guidance_rescale", type=float, default=0.0,
                    help="guidance rescale phi in [0, 1] (for zero-terminal-SNR models)")
     g.add_argument(*_names("--eta"), type=float, default=None,
