@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
 # shrinks configs/ldm_txt2img.yaml and configs/demo/shapes_ldm.yaml to the tiny test size
-SHRINK_UNET = ["model.params.unet_config.params.model_channels=32", "model.params.unet_config.params.channel_mult=[1,2]",
+SHRINK_UNET = ["model.params.unet_config.params.model_channels=32",
+               "model.params.unet_config.params.channel_mult=[1,2]",
                "model.params.unet_config.params.attention_resolutions=[2]",
                "model.params.unet_config.params.num_res_blocks=1",
                "model.params.unet_config.params.num_head_channels=16"]
@@ -140,7 +141,9 @@ def test_missing_required_value_and_bad_file(tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="ldm.train"):
         assert main(["--base", str(ROOT / "configs" / "ldm_txt2img.yaml"), "--logdir", str(tmp_path)]) == 2
         assert main(["--base", str(tmp_path / "nope.yaml"), "--logdir", str(tmp_path)]) == 2
+        assert main(["--logdir", str(tmp_path), "model.params.sample_stepz=1"]) == 2  # the default: shapes demo
     assert "data.params.urls" in caplog.text and "nope.yaml" in caplog.text
+    assert "model.params.sample_stepz" in caplog.text and "LatentDiffusionModule" in caplog.text
 
 
 def test_bad_config_in_a_subprocess_reports_one_error_line(tmp_path):
@@ -181,12 +184,13 @@ def test_ldm_txt2img_config_one_step_on_webdataset(tmp_path):
 
 def test_shapes_demo_config_with_webdataset_data(tmp_path):
     urls = write_shards(tmp_path / "shards", num=4, per_shard=2, size=64)
-    args = ["--base", str(ROOT / "configs" / "demo" / "shapes_ldm.yaml"), str(ROOT / "configs" / "data" / "webdataset.yaml"),
+    configs = ROOT / "configs"
+    args = ["--base", str(configs / "demo" / "shapes_ldm.yaml"), str(configs / "data" / "webdataset.yaml"),
             "--logdir", str(tmp_path / "logs"), "--name", "demo", f"data.params.urls={urls}",
             "lightning.trainer.max_steps=1", "data.params.batch_size=2", "data.params.size=64",
-            "data.params.num_workers=0", "lightning.trainer.accelerator=cpu", "lightning.callbacks.image_logger=false",
-            "model.params.cond_stage_config.params.arch=ldm-tiny-text", "model.params.unet_config.params.context_dim=32",
-            ] + SHRINK_UNET + FAST
+            "data.params.num_workers=0", "lightning.trainer.accelerator=cpu",
+            "model.params.cond_stage_config.params.arch=ldm-tiny-text",
+            "model.params.unet_config.params.context_dim=32"] + SHRINK_UNET + FAST
     assert main(args) == 0
     assert last_step(tmp_path / "logs" / "demo") == 1
 
@@ -208,7 +212,8 @@ def _ddp_args(tmp_path: Path, name: str, urls: str) -> list[str]:
     wds_cfg = {"target": "ldm.data.webdataset.WebDatasetDataModule",
                "params": {"urls": urls, "batch_size": 2, "num_workers": 0, "size": 32, "shuffle_buffer": 1}}
     OmegaConf.save(OmegaConf.create({"data": wds_cfg}), tmp_path / "wds.yaml")
-    record = f"lightning.callbacks.record={{target: test_train_cli.RecordCaptions, params: {{out_dir: '{tmp_path / name}'}}}}"
+    record = ("lightning.callbacks.record={target: test_train_cli.RecordCaptions, "
+              f"params: {{out_dir: '{tmp_path / name}'}}}}")
     return ["--base", str(tiny_run_config(tmp_path)), str(tmp_path / "wds.yaml"), "--logdir", str(tmp_path / "logs"),
             "--name", name, "--accelerator", "cpu", "--strategy", "ddp", "--max_steps", "2", record]
 

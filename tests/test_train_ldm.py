@@ -127,6 +127,35 @@ def test_one_training_step_changes_unet_only(tmp_path):
     assert math.isfinite(float(module.trainer.callback_metrics["train/loss"]))
 
 
+def test_bf16_mixed_precision_step(tmp_path):
+    module = tiny_module()
+    trainer(tmp_path, max_steps=1, precision="bf16-mixed").fit(module, datamodule=tiny_data())
+    assert math.isfinite(float(module.trainer.callback_metrics["train/loss"]))
+    assert module.model.diffusion_model.out[2].weight.dtype == torch.float32  # weights stay fp32
+
+
+def test_validation_uses_ema_weights_and_restores_them(tmp_path):
+    module = tiny_module(ema_decay=0.5)
+    t = trainer(tmp_path, max_steps=2, limit_val_batches=1)
+    t.fit(module, datamodule=tiny_data())
+    weights = {k: v.clone() for k, v in module.model.state_dict().items()}
+    data = tiny_data(num_val=4)
+    val_loss = t.validate(module, datamodule=data, verbose=False)[0]["val/loss"]
+    assert all(torch.equal(v, module.model.state_dict()[k]) for k, v in weights.items())
+    data.setup()
+    batch = next(iter(data.val_dataloader()))
+    module.eval()
+
+    def loss_now():
+        g = torch.Generator().manual_seed(1_000_003)  # validation's generator for batch 0 on rank 0
+        with torch.no_grad():
+            return float(module._loss(batch, g, drop=False))
+
+    with module.ema_scope():
+        assert val_loss == pytest.approx(loss_now(), rel=1e-5)
+    assert loss_now() != pytest.approx(val_loss, rel=1e-5)
+
+
 def test_loss_falls_on_shapes(tmp_path):
     torch.manual_seed(0)
     module = tiny_module(learning_rate=2e-3, use_ema=False, cond_drop_rate=0.0)
@@ -200,6 +229,16 @@ def test_checkpoint_is_plain_and_loads_weights_only(tmp_path):
     # the training checkpoint itself loads as an inference model (config from ldm_config)
     model = load_model(None, last)
     assert type(model).__name__ == "LatentDiffusion"
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_on_failure(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+    with pytest.raises(Exception):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}, "bad": lambda: None}, path)  # unpicklable
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
 def test_export_loads_with_load_model_and_uses_ema(tmp_path):

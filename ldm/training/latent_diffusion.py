@@ -50,6 +50,13 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
         raise ValueError(f"{name}={value!r} is out of range; use a value in [{low}, {high}]")
 
 
+def _make_loss(parameterization: str, weighting: str, min_snr_gamma: float, offset_noise: float, timesteps: int):
+    from ldm.diffusion.loss import DiffusionLoss
+
+    return DiffusionLoss(parameterization, weighting=weighting, min_snr_gamma=min_snr_gamma,
+                         offset_noise=offset_noise, num_timesteps=int(timesteps))
+
+
 class LatentDiffusionModule(LatentDiffusion, pl.LightningModule):
     """A trainable :class:`~ldm.model.LatentDiffusion` (SD state-dict layout, plus ``model_ema.*``).
 
@@ -120,6 +127,8 @@ class LatentDiffusionModule(LatentDiffusion, pl.LightningModule):
         sample_seed: int = 0,
     ):
         hparams = to_plain({k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        self._check_training_args(hparams)  # before the (possibly large) networks are built
+        loss_fn = _make_loss(parameterization, loss_weighting, min_snr_gamma, offset_noise, timesteps)
         super().__init__(
             unet_config, first_stage_config, cond_stage_config, parameterization=parameterization,
             timesteps=timesteps, beta_schedule=beta_schedule, linear_start=linear_start, linear_end=linear_end,
@@ -130,7 +139,6 @@ class LatentDiffusionModule(LatentDiffusion, pl.LightningModule):
             log_every_t=log_every_t, monitor=monitor, clip_denoised=clip_denoised,
             scheduler_config=scheduler_config)
         self.save_hyperparameters(hparams, logger=False)
-        self._check_training_args(hparams)
         self.base_learning_rate = float(base_learning_rate)
         self.learning_rate = None if learning_rate is None else float(learning_rate)
         self.scale_lr = scale_lr
@@ -138,7 +146,7 @@ class LatentDiffusionModule(LatentDiffusion, pl.LightningModule):
         self.lr_lambda = (instantiate_from_config(scheduler_config, "model.params.scheduler_config")
                           if scheduler_config is not None else LinearWarmup(warmup_steps))
         self.cond_drop_rate = float(cond_drop_rate)
-        self.loss_fn = self._make_loss(loss_weighting, min_snr_gamma, offset_noise)
+        self.loss_fn = loss_fn
         self.cache_latents = cache_latents
         self._moments_cache: dict[str, torch.Tensor] = {}
         self._text_cache: dict[str, torch.Tensor] = {}
@@ -176,15 +184,8 @@ class LatentDiffusionModule(LatentDiffusion, pl.LightningModule):
             raise ValueError("give either warmup_steps or scheduler_config, not both")
         if hp["cache_latents"] and hp["cond_stage_trainable"]:
             log.info("cache_latents with a trainable text encoder: only latents are cached, not text embeddings")
-        for name in ("sample_steps",):
-            if not isinstance(hp[name], int) or hp[name] < 1:
-                raise ValueError(f"{name}={hp[name]!r} must be a positive int")
-
-    def _make_loss(self, weighting: str, min_snr_gamma: float, offset_noise: float):
-        from ldm.diffusion.loss import DiffusionLoss
-
-        return DiffusionLoss(self.parameterization, weighting=weighting, min_snr_gamma=min_snr_gamma,
-                             offset_noise=offset_noise, num_timesteps=self.num_timesteps)
+        if not isinstance(hp["sample_steps"], int) or hp["sample_steps"] < 1:
+            raise ValueError(f"sample_steps={hp['sample_steps']!r} must be a positive int")
 
     def _set_text_encoder_trainable(self, trainable: bool) -> None:
         enc = self.cond_stage_model
