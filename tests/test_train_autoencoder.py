@@ -269,13 +269,39 @@ def test_loss_falls_on_shapes():
     assert after < 0.7 * before, (before, after)
 
 
-def test_validation_logs_reconstruction_metrics():
-    module = make_module(disc_start=0)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+class ImageRecorder(pl.loggers.Logger):
+    """A logger whose experiment records ``add_image`` calls (as TensorBoard's SummaryWriter has)."""
+
+    name, version = "recorder", 0
+
+    def __init__(self):
+        super().__init__()
+        self.images: list[tuple[str, torch.Tensor, int]] = []
+
+    @property
+    def experiment(self):
+        return self
+
+    def add_image(self, tag: str, image: torch.Tensor, step: int) -> None:
+        self.images.append((tag, image, step))
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def test_validation_logs_reconstruction_metrics_and_images():
+    module = AutoencoderKLModule(DDCONFIG, 4, loss_node(disc_start=0), learning_rate=1e-3, num_val_images=2)
+    recorder = ImageRecorder()
+    trainer = pl.Trainer(accelerator="cpu", logger=recorder, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.validate(module, datamodule=ShapesDataModule(num_train=2, num_val=2, size=32, batch_size=2),
                                verbose=False)[0]
     assert {"val/rec_loss", "val/psnr", "val/kl_loss", "val/d_loss"} <= set(metrics)
     assert 0 < metrics["val/psnr"] < 100
+    [(tag, grid, _)] = recorder.images
+    assert tag == "val/reconstructions" and grid.shape[0] == 3 and 0 <= grid.min() and grid.max() <= 1
 
 
 # ---- configs ------------------------------------------------------------------------------------------------------

@@ -149,15 +149,6 @@ class AutoencoderKLModule(AutoencoderKL, pl.LightningModule):
         grid = torchvision.utils.make_grid((pair + 1) / 2, nrow=len(inputs))
         experiment.add_image("val/reconstructions", grid, self.global_step)
 
-    @torch.no_grad()
-    def log_images(self, batch: dict, max_images: int = 8) -> dict[str, torch.Tensor]:
-        """Images in [-1, 1] for an image logger: ``inputs``, ``reconstructions`` (posterior mode) and
-        ``samples`` (decoded N(0, I) latents)."""
-        x = self.get_input(batch)[:max_images].to(self.device)
-        reconstructions, posterior = self(x, sample_posterior=False)
-        samples = self.decode(torch.randn_like(posterior.mode()))
-        return {"inputs": x, "reconstructions": reconstructions.clamp(-1, 1), "samples": samples.clamp(-1, 1)}
-
     # ---- optimizers -----------------------------------------------------------------------------------------
     def effective_learning_rate(self) -> float:
         """``learning_rate``, else base_learning_rate (times the global batch size with ``scale_lr``)."""
