@@ -347,9 +347,7 @@ def test_export_callback_stores_the_autoencoder_config(tmp_path):
     path = export_model(module, tmp_path / "vae.safetensors")
     sd, meta = read_state_dict(path)
     assert set(sd) == set(module.export_state_dict())
-    if json.loads(meta["config"])["model"]["target"] != "ldm.models.autoencoder.AutoencoderKL":
-        pytest.xfail("ldm.training.callbacks.export_model stores LatentDiffusion's inference config; it should use "
-                     "module.inference_config() (asked the lead)")
+    assert json.loads(meta["config"])["model"]["target"] == "ldm.models.autoencoder.AutoencoderKL"
 
 
 @pytest.mark.slow

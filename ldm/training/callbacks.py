@@ -26,7 +26,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from ldm.checkpoint import atomic_write, read_state_dict, save_checkpoint
-from ldm.training.latent_diffusion import export_state_dict, inference_config
+from ldm.config import get_obj_from_str
 
 log = logging.getLogger(__name__)
 
@@ -171,21 +171,23 @@ def _cast_weights(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dic
     return {k: v.to(dtype) if v.is_floating_point() and "." in k else v for k, v in sd.items()}
 
 
-def _write_export(sd: dict[str, torch.Tensor], path: str | os.PathLike, model_node: dict, fp16: bool,
+def _write_export(sd: dict[str, torch.Tensor], path: str | os.PathLike, config: dict, fp16: bool,
                   metadata: dict[str, str]) -> Path:
     sd = _cast_weights(sd, torch.float16 if fp16 else None)
-    path = save_checkpoint(sd, path, config=inference_config(model_node), metadata=metadata)
+    path = save_checkpoint(sd, path, config=config, metadata=metadata)
     log.info("exported %s (%d tensors%s)", path, len(sd), ", fp16" if fp16 else "")
     return path
 
 
 def export_model(module: pl.LightningModule, path: str | os.PathLike, *, use_ema: bool = True,
                  include_ema: bool = False, fp16: bool = False) -> Path:
-    """Write ``module`` as an inference checkpoint (SD layout, ``ldm.model.LatentDiffusion`` config stored)."""
+    """Write ``module`` as an inference checkpoint: its ``export_state_dict`` with its ``inference_config``
+    (for the latent diffusion stage an SD-layout ``ldm.model.LatentDiffusion``, for the first stage a plain
+    ``AutoencoderKL``)."""
     sd = module.export_state_dict(use_ema=use_ema, include_ema=include_ema)
     step = getattr(getattr(module, "_trainer", None), "global_step", None)
     meta = {"global_step": str(step)} if step is not None else {}
-    return _write_export(sd, path, module.model_config(), fp16, meta)
+    return _write_export(sd, path, module.inference_config(), fp16, meta)
 
 
 def export_from_checkpoint(ckpt: str | os.PathLike, path: str | os.PathLike, *, use_ema: bool = True,
@@ -196,8 +198,9 @@ def export_from_checkpoint(ckpt: str | os.PathLike, path: str | os.PathLike, *, 
         raise ValueError(f"{ckpt} stores no config (ldm_config); was it written by train.py?")
     config = json.loads(meta["config"])
     node = config.get("model", config)
-    out = export_state_dict(sd, use_ema=use_ema, include_ema=include_ema)
-    return _write_export(out, path, node, fp16, {k: v for k, v in meta.items() if k != "config"})
+    cls = get_obj_from_str(node["target"], "model")
+    out = cls.export_weights(sd, use_ema=use_ema, include_ema=include_ema)
+    return _write_export(out, path, cls.export_config(node), fp16, {k: v for k, v in meta.items() if k != "config"})
 
 
 class ExportCallback(Callback):
