@@ -52,12 +52,12 @@ def detect_format(path: str | os.PathLike) -> str:
         head = f.read(16)
     if head[:4] == b"PK\x03\x04":
         return "zip"
-    if head[:1] == b"\x80":
-        return "pickle"
-    if len(head) >= 9:
+    if len(head) >= 9:  # before the pickle test: a header length of 128 + 256 k also starts with 0x80
         (n,) = struct.unpack("<Q", head[:8])
         if head[8:9] == b"{" and 0 < n <= size - 8:
             return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
     if size < 16:
         raise CheckpointError(f"{path} is empty or truncated ({size} bytes); re-download or re-export it")
     raise CheckpointError(f"{path} is neither a safetensors nor a PyTorch checkpoint (unrecognised first bytes)")

@@ -80,3 +80,16 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         save_checkpoint({"bad": object()}, path)  # fails while writing
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "x.safetensors"
+    for pad in range(300):  # grow the header until its length's low byte is 0x80
+        save_file({"w": torch.zeros(1)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert detect_format(path) == "safetensors"
+    assert torch.equal(read_state_dict(path)[0]["w"], torch.zeros(1))
