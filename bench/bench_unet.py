@@ -1,0 +1,169 @@
+"""UNet forward and one training step (forward + backward + AdamW): ours vs diffusers' UNet2DConditionModel
+holding the same weights; plus utilization (the forward's counted FLOPs / time / measured matmul peak).
+
+Sizes are ``w<model_channels>@<latent>`` (the SD v1 architecture at reduced width) or ``full@<latent>``
+(SD v1.5 size, model_channels 320). Example (a few minutes on 2 cores):
+
+    python bench/bench_unet.py --sizes w128@32 full@32 --precisions fp32 bf16 --modes forward train --reps 3
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import re
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import common
+from common import autocast, median
+
+logger = logging.getLogger("bench.unet")
+
+CONTEXT_TOKENS = 77
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"w128@32" -> (128, 32); "full@64" -> (320, 64)."""
+    match = re.fullmatch(r"(?:w(\d+)|full)@(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not w<model_channels>@<latent> or full@<latent>: "
+                                         "e.g. w128@32 or full@64")
+    width = int(match.group(1) or 320)
+    if width % 32:
+        raise argparse.ArgumentTypeError(f"model_channels {width} in {text!r} must be a multiple of 32")
+    return width, int(match.group(2))
+
+
+def build_pair(width: int) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """Our UNet with random weights and diffusers' UNet converted from its state dict."""
+    from diffusers_port import diffusers_unet
+    from ldm.models.unet import UNetModel
+
+    params = dict(common.SD_V1_UNET, model_channels=width)
+    ours = common.randomize_(UNetModel(**params)).eval()
+    theirs = diffusers_unet(params, ours.state_dict()).eval()
+    return ours, theirs, params
+
+
+def inputs(batch: int, latent: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, latent, latent, generator=gen)
+    t = torch.randint(0, 1000, (batch,), generator=gen)
+    context = torch.randn(batch, CONTEXT_TOKENS, common.SD_V1_UNET["context_dim"], generator=gen)
+    return x, t, context
+
+
+def call(model: torch.nn.Module, x, t, context) -> torch.Tensor:
+    out = model(x, t, context)
+    return out.sample if hasattr(out, "sample") else out
+
+
+def forward_fn(model, x, t, context, precision: str) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad(), autocast(precision):
+            call(model, x, t, context)
+    return run
+
+
+def train_fn(model, x, t, context, precision: str) -> Callable[[], None]:
+    """One optimisation step on an MSE loss to a fixed target; the model keeps training between calls."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    target = torch.randn_like(x)
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        with autocast(precision):
+            loss = F.mse_loss(call(model, x, t, context).float(), target)
+        loss.backward()
+        opt.step()
+    return run
+
+
+def count_flops(model, x, t, context) -> float:
+    """FLOPs of one forward, counted once by torch's FlopCounterMode (matmuls, convs, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        call(model, x, t, context)
+    return float(counter.get_total_flops())
+
+
+def max_difference(ours, theirs, x, t, context) -> float:
+    with torch.no_grad():
+        return (call(ours, x, t, context) - call(theirs, x, t, context)).abs().max().item()
+
+
+def fits_training(width: int, budget_gb: float) -> bool:
+    """Two models training side by side need about 2 x 16 bytes per parameter (weights, grads, AdamW)."""
+    params = 860e6 * (width / 320) ** 2
+    return 2 * 16 * params / 2**30 < 0.8 * budget_gb
+
+
+def bench_size(width: int, latent: int, args) -> list[list]:
+    ours, theirs, _ = build_pair(width)
+    x, t, context = inputs(args.batch, latent)
+    diff = max_difference(ours, theirs, x, t, context)
+    flops = count_flops(ours, x, t, context)
+    logger.info("w%d@%d: %.1f GFLOP per forward, max |ours - diffusers| fp32 = %.2e", width, latent, flops / 1e9,
+                diff)
+    rows = []
+    label = f"{'SD1.5' if width == 320 else f'SD1 w{width}'} {latent}x{latent} b{args.batch}"
+    for mode in args.modes:
+        if mode == "train" and not fits_training(width, common.mem_available_gb()):
+            logger.warning("skipping the training step at w%d: two models with AdamW do not fit in memory", width)
+            continue
+        for precision in args.precisions:
+            make = forward_fn if mode == "forward" else train_fn
+            pair = {"ours": make(copy.deepcopy(ours) if mode == "train" else ours, x, t, context, precision),
+                    "diffusers": make(copy.deepcopy(theirs) if mode == "train" else theirs, x, t, context,
+                                      precision)}
+            rates: list[float] = []
+            if mode == "forward":  # the matmul peak, measured between the rounds, under the same machine load
+                pair["matmul peak"] = lambda: rates.append(common.matmul_peak_gflops(precision, reps=3))
+            times = common.interleaved(pair, args.reps, warmup=1)
+            a, b = median(times["ours"]), median(times["diffusers"])
+            row = [label, mode, precision, a, b, f"{b / a:.2f}x", f"{diff:.1e}"]
+            if mode == "forward":
+                peak = median(rates)
+                row += [f"{flops / 1e9:.0f}", f"{peak:.0f}", f"{100 * flops / a / 1e9 / peak:.0f}%",
+                        f"{100 * flops / b / 1e9 / peak:.0f}%"]
+            else:
+                row += ["", "", "", ""]
+            rows.append(row)
+            logger.info("%s", row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=parse_size, default=[parse_size("w128@32")],
+                        help="w<model_channels>@<latent> or full@<latent> (default: w128@32)")
+    parser.add_argument("--precisions", nargs="+", choices=common.PRECISIONS, default=list(common.PRECISIONS))
+    parser.add_argument("--modes", nargs="+", choices=("forward", "train"), default=["forward", "train"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=3, help="timed rounds per candidate (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", default=str(common.RESULTS / "unet.md"))
+    args = parser.parse_args()
+    threads = common.setup(args.threads)
+    rows = [row for width, latent in args.sizes for row in bench_size(width, latent, args)]
+    headers = ["UNet", "step", "precision", "ours s", "diffusers s", "speed-up", "max abs diff fp32",
+               "GFLOP", "matmul peak GFLOP/s", "ours util", "diffusers util"]
+    notes = ["matmul peak: dense 2048^3 matmul in the row's precision (best of 3), measured once per round "
+             "between the UNet runs; the table gives the median over the rounds",
+             "times are medians of interleaved rounds (ours, diffusers, ours, ...) after one warm-up round; "
+             "speed-up = diffusers / ours",
+             "util = counted forward FLOPs (torch.utils.flop_counter) / median time / matmul peak",
+             "train = forward + MSE loss + backward + AdamW step; both models train their own copy"]
+    common.write_report(args.out, "UNet forward and training step: ours vs diffusers",
+                        common.machine_info(threads, "/".join(args.precisions)), common.markdown_table(headers, rows),
+                        notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Shared helpers of the benchmark scripts: machine facts, interleaved A/B timing, markdown reports.
+
+The scripts in bench/ are run by hand (``python bench/<name>.py --help``); they are not tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+logger = logging.getLogger("bench")
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+PRECISIONS = ("fp32", "bf16")
+
+# The SD v1.x UNet (v1-inference.yaml); "model_channels" is what the reduced-width sizes change.
+SD_V1_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
+                  num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True,
+                  transformer_depth=1, context_dim=768, use_checkpoint=False, legacy=False)
+
+
+def setup(threads: int | None) -> int:
+    """Logging to stderr and the torch thread count (None: keep torch's default); returns the thread count."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if sys.path[0] != str(REPO):
+        sys.path.insert(0, str(REPO))
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def autocast(precision: str) -> contextlib.AbstractContextManager:
+    """CPU autocast for "bf16", nothing for "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def mem_available_gb() -> float:
+    """MemAvailable from /proc/meminfo in GiB (inf where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("inf")
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GiB.
+
+    VmHWM of /proc/self/status where there is one: unlike getrusage's ru_maxrss, which a child inherits from
+    the parent that forked it, it starts afresh in every exec'd process.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def machine_info(threads: int, precision: str) -> dict[str, str]:
+    info = {
+        "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs",
+        "torch": torch.__version__,
+        "threads": str(threads),
+        "precision": precision,
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "load average at start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+    }
+    try:
+        import diffusers
+        info["diffusers"] = diffusers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+
+
+@contextlib.contextmanager
+def timer(out: list[float]) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    out.append(time.perf_counter() - start)
+
+
+def interleaved(candidates: Mapping[str, Callable[[], object]], reps: int, warmup: int = 1
+                ) -> dict[str, list[float]]:
+    """Wall-clock seconds of each candidate, run in turn A B A B ... ``reps`` times after ``warmup`` rounds.
+
+    Interleaving spreads the machine's noise (other processes on a shared CPU) evenly over the candidates, so
+    their ratio is meaningful even when the absolute times are not.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be at least 1, got {reps}")
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_ in range(warmup + reps):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if round_ >= warmup:
+                times[name].append(elapsed)
+            logger.info("%s round %d: %.3f s", name, round_ - warmup, elapsed)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def fmt(v: object) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(path: str | os.PathLike, title: str, info: Mapping[str, str], table: str,
+                 notes: Sequence[str] = ()) -> Path:
+    """A markdown file: title, the machine facts, the exact command, the table and notes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    facts = "\n".join(f"- {k}: {v}" for k, v in info.items())
+    body = [f"# {title}", "", facts, f"- command: `{command_line()}`", "", table, ""]
+    body += [f"- {n}" for n in notes]
+    path.write_text("\n".join(body).rstrip() + "\n")
+    logger.info("wrote %s", path)
+    return path
+
+
+def matmul_peak_gflops(precision: str, n: int = 2048, reps: int = 5) -> float:
+    """Best dense n x n x n matmul rate (GFLOP/s) in this precision, on this process's threads."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)  # warm-up (oneDNN / BLAS set-up)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Random weights everywhere (zero-initialised output convs would make the work trivially sparse)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * std
+            p.copy_(noise + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    return module
