@@ -54,7 +54,7 @@ class GroupNorm32(nn.GroupNorm):
 
     Under CPU bf16 autocast the norm runs on the bf16 input directly, with the affine weights cast to bf16: the
     CPU kernel accumulates the statistics in fp32 (as the reference's upcast does) and this avoids two full copies
-    and a slow mixed-dtype kernel (about 30x faster). The output differs from the reference's by at most one bf16
+    and the slower mixed-dtype kernel. The output differs from the reference's by at most one bf16
     rounding step, well inside autocast's own error. Everywhere else (fp32, CUDA, fp16) it is the reference.
     """
 
