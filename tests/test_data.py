@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.config import ConfigError
-from ldm.data.datamodule import ShapesDataModule, WorkerCounters, collate, node_info
+from ldm.data.datamodule import ResumableSampler, ShapesDataModule, WorkerCounters, collate, make_loader, node_info
 from ldm.data.folder import ImageFolderDataModule
 from ldm.data.transforms import ImageTransform, load_image, to_tensor
 from ldm.data.webdataset import WebDatasetDataModule, expand_shards
@@ -440,3 +440,151 @@ def test_reads_shards_written_by_the_shapes_world(tmp_path):
     captions, _ = read_epoch(dm.train_dataloader())
     dataset = shapes.ShapesDataset(5, size=32)
     assert len(paths) == 3 and sorted(captions) == sorted(dataset[i]["caption"] for i in range(5))
+
+
+# -- resumable loaders: sampler state, mid-epoch resume through Lightning -------------------------
+
+class Numbers(Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"image": torch.rand(3, 2, 2), "caption": str(i)}  # rand: seeded per (seed, epoch, index)
+
+
+def test_resumable_sampler_order_ranks_and_state():
+    sampler = ResumableSampler(Numbers(10), seed=3)
+    first = list(sampler)
+    assert [e for e, _ in first] == [0] * 10 and sorted(i for _, i in first) == list(range(10))
+    assert list(sampler) == first  # same epoch, same order
+    sampler.set_epoch(1)
+    assert sorted(i for _, i in sampler) == list(range(10)) and list(sampler) != first
+    ranks = [list(ResumableSampler(Numbers(10), seed=3, rank=r, world_size=3)) for r in range(3)]
+    assert [len(r) for r in ranks] == [4, 4, 4] and {i for r in ranks for _, i in r} == set(range(10))
+
+    sampler.advance(4)
+    sampler.set_epoch(1)  # Lightning's set_epoch for the epoch in progress keeps the position
+    state = sampler.state_dict()
+    assert state == {"epoch": 1, "offset": 4, "seed": 3, "dataset_size": 10, "world_size": 1}
+    resumed = ResumableSampler(Numbers(10), seed=3)
+    resumed.load_state_dict(state)
+    full = ResumableSampler(Numbers(10), seed=3)
+    full.set_epoch(1)
+    assert list(resumed) == list(full)[4:]
+    resumed.load_state_dict({**state, "offset": 10})  # a finished epoch resumes with the next one
+    assert (resumed.epoch, resumed.offset) == (2, 0)
+
+
+def test_resumable_sampler_state_for_other_data_goes_on_with_next_epoch(caplog):
+    sampler = ResumableSampler(Numbers(12), seed=3)
+    with caplog.at_level(logging.WARNING, logger="ldm.data.datamodule"):
+        sampler.load_state_dict({"epoch": 2, "offset": 4, "seed": 3, "dataset_size": 10, "world_size": 1})
+    assert (sampler.epoch, sampler.offset) == (3, 0) and "going on with epoch 3" in caplog.text
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resumable_loader_counts_delivered_batches_not_prefetched(num_workers):
+    def loader():
+        return make_loader(Numbers(10), batch_size=3, num_workers=num_workers, shuffle=True, seed=1)
+
+    full = [(b["caption"], b["image"]) for b in loader()]
+    assert len(full) == 4 and sorted(c for caps, _ in full for c in caps) == sorted(map(str, range(10)))
+    partial = loader()
+    it = iter(partial)
+    next(it), next(it)  # workers have fetched further ahead by now
+    assert partial.state_dict()["offset"] == 6
+    resumed = loader()
+    resumed.load_state_dict(partial.state_dict())
+    rest = [(b["caption"], b["image"]) for b in resumed]
+    assert [c for c, _ in rest] == [c for c, _ in full[2:]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rest, full[2:]))  # same augmentation draws
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["offset"] == 0  # epoch done
+
+
+class Recorder:
+    """A tiny LightningModule that records the captions and image sums of each training batch."""
+
+    @staticmethod
+    def make(seen: list):
+        import pytorch_lightning as pl
+
+        class Module(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.weight = torch.nn.Parameter(torch.zeros(()))
+
+            def training_step(self, batch, batch_idx):
+                seen.append((self.current_epoch, list(batch["caption"]), round(float(batch["image"].sum()), 4)))
+                return (batch["image"].mean() - self.weight) ** 2
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return Module()
+
+
+def fit_recording(make_dm, root, max_steps, ckpt_path=None):
+    """Batches seen by a fit of ``max_steps`` (checkpoint after every step), resumed from ``ckpt_path``."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    seen = []
+    save = ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    trainer = pl.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, callbacks=[save],
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, default_root_dir=str(root))
+    trainer.fit(Recorder.make(seen), datamodule=make_dm(), ckpt_path=ckpt_path, weights_only=True)
+    return seen
+
+
+def check_resume(make_dm, tmp_path, max_steps, resume_steps):
+    full = fit_recording(make_dm, tmp_path / "full", max_steps)
+    assert len(full) == max_steps
+    for step in resume_steps:
+        resumed = fit_recording(make_dm, tmp_path / f"from{step}", max_steps,
+                                ckpt_path=str(tmp_path / "full" / "ckpt" / f"step={step}.ckpt"))
+        assert resumed == full[step:], step
+    return full
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_image_folder_resumes_mid_epoch_with_the_same_batches(tmp_path, num_workers):
+    make_folder(tmp_path / "data", n=11)  # 10 captioned: batches of 3, 3, 3, 1 per epoch
+
+    def make_dm():
+        return ImageFolderDataModule(tmp_path / "data", batch_size=3, size=16, num_workers=num_workers,
+                                     val_fraction=0.0, random_crop=True, flip_p=0.5, seed=5)
+
+    full = check_resume(make_dm, tmp_path, max_steps=7, resume_steps=[2, 4, 5])  # mid, end of epoch 0, mid
+    assert [epoch for epoch, _, _ in full] == [0, 0, 0, 0, 1, 1, 1]
+    assert full[0][1] != full[4][1]  # each epoch has its own order
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_webdataset_resumes_mid_epoch_with_the_same_batches(tmp_path, num_workers):
+    paths = write_shards(tmp_path / "shards", num_shards=4)
+
+    def make_dm():  # 10 samples per epoch: 4 batches with 0 workers and with 2 (5 + 5 samples)
+        return WebDatasetDataModule(paths, batch_size=3, num_workers=num_workers, size=16, shuffle_buffer=8,
+                                    epoch_length=10, random_crop=True, flip_p=0.5)
+
+    full = check_resume(make_dm, tmp_path, max_steps=6, resume_steps=[1, 4, 5])
+    assert [epoch for epoch, _, _ in full] == [0, 0, 0, 0, 1, 1]
+    assert sum(len(caps) for _, caps, _ in full[:4]) == 10
+
+
+def test_webdataset_resume_without_epoch_length_repeats_nothing(tmp_path):
+    paths = write_shards(tmp_path / "shards", num_shards=4)  # 16 samples: batches of 3 x 5 and 1
+
+    def make_dm():
+        return WebDatasetDataModule(paths, batch_size=3, num_workers=0, size=16, shuffle_buffer=8)
+
+    full = fit_recording(make_dm, tmp_path / "full", max_steps=8)
+    assert [epoch for epoch, _, _ in full] == [0] * 6 + [1] * 2
+    resumed = fit_recording(make_dm, tmp_path / "resumed", max_steps=8,
+                            ckpt_path=str(tmp_path / "full" / "ckpt" / "step=2.ckpt"))
+    # Lightning read batch 3 ahead before the checkpoint: it is skipped, the rest of the epoch is the same
+    assert resumed[:3] == full[3:6] and [epoch for epoch, _, _ in resumed] == [0, 0, 0, 1, 1, 1]

@@ -7,18 +7,32 @@ Every loader yields the project's batch format::
 :func:`collate` builds it, :func:`make_loader` builds the DataLoader (same worker settings everywhere),
 :class:`WorkerCounters` counts skipped data in shared memory so that counts made inside DataLoader worker
 processes are visible from the main process (``datamodule.stats``).
+
+Resuming mid-epoch. Lightning saves the ``state_dict()`` of every training loader that has one in its
+checkpoints and, on resume, calls ``load_state_dict()`` before it iterates the loader again (see
+``_FitLoop.on_save_checkpoint`` / ``setup_data`` in pytorch_lightning). Map-style training data goes through
+:class:`ResumableLoader`: an epoch-seeded shuffle (:class:`ResumableSampler`) whose position (epoch, samples
+of this rank already delivered to the training loop) is that state, so a resumed run sees exactly the
+batches the uninterrupted run would have seen. Random augmentations are seeded per sample
+(:func:`sample_rng`), so they do not depend on workers or on where a run was resumed either.
+Iterable (webdataset) data goes through :class:`StreamLoader` (see :mod:`ldm.data.webdataset`).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import itertools
 import logging
+import math
 import multiprocessing.sharedctypes
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-__all__ = ["collate", "make_loader", "worker_id", "node_info", "WorkerCounters", "ShapesDataModule"]
+__all__ = ["collate", "make_loader", "worker_id", "node_info", "WorkerCounters", "ShapesDataModule",
+           "ResumableSampler", "ResumableLoader", "StreamLoader", "sample_rng"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +103,10 @@ class WorkerCounters:
                              "build the dataset with the DataLoader's num_workers")
         return worker * len(self.fields) + self.fields.index(field)
 
+    def set(self, field: str, value: int, worker: int) -> None:
+        """Set one worker's counter (the training process uses it to hand values to its workers)."""
+        self._values[self._index(field, worker)] = int(value)
+
     def add(self, field: str, n: int = 1) -> int:
         """Add ``n`` to the current worker's counter; return its new value."""
         i = self._index(field, worker_id()[0])
@@ -115,19 +133,215 @@ class WorkerCounters:
         return f"WorkerCounters({self.totals()})"
 
 
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False) -> DataLoader:
-    """DataLoader with the project's collate; workers stay alive between epochs."""
+@contextlib.contextmanager
+def sample_rng(*key: Any) -> Iterator[None]:
+    """Seed torch's global (CPU) generator from ``key`` inside the block; the caller's stream is restored after.
+
+    Augmentations drawn from torch's global generator (``ImageTransform``: random crop, flip) then depend
+    only on the key, e.g. (seed, epoch, index): not on the worker that loads the sample, nor on where a
+    run was resumed.
+    """
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int.from_bytes(digest, "little") >> 1)
+        yield
+
+
+class ResumableSampler(DistributedSampler):
+    """Epoch-seeded shuffle over a map-style dataset, split over ranks, that resumes mid-epoch.
+
+    Epoch ``e`` is torch's ``DistributedSampler`` order for ``(seed, e)``: a seeded permutation padded so that
+    every rank gets ``len(self)`` samples, rank ``r`` taking every ``world_size``-th one. (Being a
+    ``DistributedSampler`` also tells Lightning not to replace it under DDP.) The position is ``epoch`` and
+    ``offset``, the number of this rank's samples of the epoch already delivered; an iteration starts at the
+    offset. Keys are ``(epoch, index)`` pairs, read by :class:`KeyedDataset`.
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+        self.offset = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = self.epoch, self.offset  # read at the first key: after Lightning's set_epoch
+        for index in itertools.islice(super().__iter__(), offset, None):
+            yield epoch, index
+
+    def set_epoch(self, epoch: int) -> None:
+        """Go to ``epoch`` (from its start), unless it is the current one (then keep the resumed offset)."""
+        if epoch != self.epoch:
+            self.epoch, self.offset = epoch, 0
+
+    def advance(self, num_samples: int) -> None:
+        """Count ``num_samples`` more samples of this epoch as delivered to the training loop."""
+        self.offset = min(self.offset + num_samples, self.num_samples)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "dataset_size": len(self.dataset),
+                "world_size": self.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at ``state``'s position; a finished epoch resumes at the start of the next one.
+
+        When the data set, seed or number of ranks changed, the order is not the saved one any more: the
+        run then goes on with the next epoch (nothing is repeated) and says so.
+        """
+        epoch, offset = int(state["epoch"]), int(state["offset"])
+        saved = (state.get("seed"), state.get("dataset_size"), state.get("world_size"))
+        now = (self.seed, len(self.dataset), self.num_replicas)
+        if saved != now:
+            logger.warning("the loader state was saved for (seed, dataset size, ranks) = %s, not %s: epoch %d "
+                           "cannot resume in the same order; going on with epoch %d", saved, now, epoch, epoch + 1)
+            offset = self.num_samples
+        self.epoch, self.offset = (epoch + 1, 0) if offset >= self.num_samples else (epoch, offset)
+
+
+class KeyedDataset(Dataset):
+    """``dataset[(epoch, index)]``: ``dataset[index]`` with torch's RNG seeded by (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        with sample_rng(self.seed, epoch, index):
+            return self.dataset[index]
+
+
+class ResumableLoader(DataLoader):
+    """DataLoader over a :class:`ResumableSampler` whose position is saved in Lightning checkpoints.
+
+    Lightning finds ``state_dict``/``load_state_dict`` on train loaders (its ``_Stateful`` protocol). A batch
+    counts as consumed when this loader hands it over (batches that workers prefetched do not count). The
+    iteration starts lazily, at the first batch, so that Lightning's ``set_epoch`` (called after ``iter``)
+    is seen even by worker processes. ``len()`` is the full epoch; a resumed epoch yields only what is left
+    (Lightning counts the batches it already ran). A completed pass moves on to the next epoch.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, sampler: ResumableSampler, **kwargs: Any):
+        super().__init__(KeyedDataset(dataset, sampler.seed), batch_size=batch_size, sampler=sampler, **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._deliver()
+
+    def _deliver(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            self.sampler.advance(self.batch_size)
+            yield batch
+        self.sampler.set_epoch(self.sampler.epoch + 1)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+SOURCE_KEY = "__source__"
+
+
+def _collate_with_source(samples: Sequence[dict]) -> dict:
+    """:func:`collate`, plus ``(worker index, number of samples)`` under SOURCE_KEY for :class:`StreamLoader`."""
+    batch = collate(samples)
+    batch[SOURCE_KEY] = (worker_id()[0], len(samples))
+    return batch
+
+
+class StreamLoader(DataLoader):
+    """DataLoader over a resumable stream (``ldm.data.webdataset.CaptionedShards``), saved in checkpoints.
+
+    Each DataLoader worker reads a deterministic stream for an epoch; the dataset counts its epochs
+    (``dataset.next_epoch()``), so a new loader over it goes on with the next one. The loader counts, per
+    stream, the samples it handed to the training loop (the collate function tags each batch with its
+    worker; the tag is removed here) and which stream's batch comes next. On resume,
+    ``dataset.start_epoch(epoch, consumed, first)`` makes each stream skip what it had delivered and keeps the
+    streams' interleaving. With ``epoch_length`` the dataset knows each stream's share of the epoch
+    (``dataset.worker_shares``): the loader then has a length, Lightning does not read ahead, and resuming is
+    exact. Without it Lightning reads one batch ahead to find the epoch's end, and that batch counts as
+    consumed: a resume skips it (nothing is repeated; at most one batch per rank is lost).
+    """
+
+    def __init__(self, dataset: IterableDataset, batch_size: int, num_workers: int, **kwargs: Any):
+        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_with_source,
+                         **kwargs)
+        self.streams = max(1, num_workers)
+        self.epoch = dataset.next_epoch()  # the epoch being read (or read next, before the first batch)
+        self.consumed = [0] * self.streams  # samples of this epoch delivered, per stream
+        self.first = self.next_stream = 0  # the stream worker 0 reads; the stream whose batch comes next
+        self._resume: dict | None = None  # where the next iteration starts, when resumed or finished
+
+    def _shares(self) -> list[int] | None:
+        return self.dataset.worker_shares(self.streams)
+
+    def __len__(self) -> int:
+        shares = self._shares()
+        if shares is None:
+            raise TypeError("this stream has no length (no epoch_length)")
+        return sum(math.ceil(share / self.batch_size) for share in shares)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self._deliver()
+
+    def _deliver(self) -> Iterator[dict]:
+        start = self._resume or self._epoch_start(self.dataset.next_epoch())
+        self._resume = None
+        self.epoch, self.consumed, self.first = start["epoch"], list(start["consumed"]), start["next_stream"]
+        self.next_stream = self.first
+        self.dataset.start_epoch(self.epoch, self.consumed, self.first)
+        for batch in super().__iter__():
+            worker, count = batch.pop(SOURCE_KEY)
+            stream = (worker + self.first) % self.streams
+            self.consumed[stream] += count
+            self.next_stream = (stream + 1) % self.streams
+            yield batch
+        self._resume = self._epoch_start(self.epoch + 1)  # the streams ended: this epoch is complete
+
+    def _epoch_start(self, epoch: int) -> dict[str, Any]:
+        return {"epoch": epoch, "consumed": [0] * self.streams, "next_stream": 0}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._resume is not None:
+            return dict(self._resume, consumed=list(self._resume["consumed"]))
+        return {"epoch": self.epoch, "consumed": list(self.consumed), "next_stream": self.next_stream}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``'s position; a finished epoch resumes at the start of the next one.
+
+        With a different number of workers the streams are not the saved ones: the run goes on with the
+        next epoch (nothing is repeated) and says so.
+        """
+        epoch, consumed = int(state["epoch"]), [int(c) for c in state["consumed"]]
+        shares = self._shares()
+        if len(consumed) != self.streams:
+            logger.warning("the loader state was saved with %d workers, not %d: epoch %d cannot resume in the "
+                           "same order; going on with epoch %d", len(consumed), self.streams, epoch, epoch + 1)
+            self._resume = self._epoch_start(epoch + 1)
+        elif shares is not None and all(c >= s for c, s in zip(consumed, shares)):
+            self._resume = self._epoch_start(epoch + 1)
+        else:
+            self._resume = {"epoch": epoch, "consumed": consumed, "next_stream": int(state["next_stream"])}
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False, *, seed: int = 0,
+                rank: int = 0, world_size: int = 1) -> DataLoader:
+    """DataLoader with the project's collate; workers stay alive between epochs.
+
+    ``shuffle=True`` asks for a resumable training loader: over a map-style dataset a :class:`ResumableLoader`
+    (order seeded by ``seed`` and the epoch, this ``rank``'s share of ``world_size``); over a stream with
+    ``start_epoch`` (webdataset shards, which shuffle themselves) a :class:`StreamLoader`. Otherwise
+    (validation, other iterables) a plain DataLoader.
+    """
+    common = dict(num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
     if isinstance(dataset, IterableDataset):
-        shuffle = False  # iterable datasets shuffle themselves
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        collate_fn=collate,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
+        if shuffle and hasattr(dataset, "start_epoch"):
+            return StreamLoader(dataset, batch_size, **common)
+    elif shuffle:
+        sampler = ResumableSampler(dataset, seed=seed, rank=rank, world_size=world_size)
+        return ResumableLoader(dataset, batch_size, sampler, collate_fn=collate, **common)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, **common)
 
 
 def check_loader_args(batch_size: int, num_workers: int) -> None:
@@ -163,8 +377,11 @@ class ShapesDataModule(pl.LightningDataModule):
             self.val_set = ShapesDataset(self.num_val, size=self.size, seed=self.seed + 1) if self.num_val else None
 
     def train_dataloader(self) -> DataLoader:
+        """Resumable loader: order seeded by ``seed`` and the epoch, split over the trainer's ranks."""
         self.setup("fit")
-        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True)
+        rank, world_size = node_info(self.trainer)
+        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed,
+                           rank=rank, world_size=world_size)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

@@ -22,7 +22,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.config import ConfigError
-from ldm.data.datamodule import WorkerCounters, check_loader_args, make_loader
+from ldm.data.datamodule import WorkerCounters, check_loader_args, make_loader, node_info
 from ldm.data.transforms import IMAGE_EXTENSIONS, ImageTransform, load_image
 
 __all__ = ["ImageFolderDataModule", "ImageFolderDataset", "scan_image_folder", "FOLDER_STATS"]
@@ -162,8 +162,11 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.val_set = ImageFolderDataset(val, self.val_transform, self.val_stats) if val else None
 
     def train_dataloader(self) -> DataLoader:
+        """Resumable loader: order seeded by ``seed`` and the epoch, split over the trainer's ranks."""
         self.setup("fit")
-        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True)
+        rank, world_size = node_info(self.trainer)
+        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed,
+                           rank=rank, world_size=world_size)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

@@ -17,6 +17,16 @@ Bad data does not stop training: a shard that cannot be opened or ends early is 
 image cannot be decoded is skipped, an image without caption is dropped or given "" (``missing_caption``).
 Each case is logged with the shard name and counted in ``datamodule.stats`` (shared memory, so the counts
 that worker processes make are visible in the training process; each DDP rank counts its own).
+
+Resuming mid-epoch: the training loader is a ``StreamLoader`` (``ldm.data.datamodule``). What each worker
+reads in an epoch (its stream) is deterministic: shard order, resampling and shuffle buffer are seeded by
+seed, epoch, rank and stream, augmentations per sample. The checkpoint keeps the epoch, how many samples of
+each stream were delivered and whose batch came next; on resume each worker reads its stream again from the
+epoch's start and drops that many samples, and the streams are dealt to the workers so that batches come in
+the same turn as before. Exact with ``epoch_length`` (the loader then has a length); without it Lightning
+reads one batch ahead and a resume skips that batch. Skipped samples are read and decoded again (the shuffle buffer
+needs them), so resuming late in a long epoch takes as long as reading that part of the epoch. Shards that
+changed in between (files added, removed or rewritten) give other streams: then nothing is exact.
 """
 from __future__ import annotations
 
@@ -37,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.tariterators import group_by_keys
 
 from ldm.config import ConfigError
-from ldm.data.datamodule import WorkerCounters, check_loader_args, make_loader, node_info, worker_id
+from ldm.data.datamodule import WorkerCounters, check_loader_args, make_loader, node_info, sample_rng, worker_id
 from ldm.data.transforms import IMAGE_EXTENSIONS, ImageTransform, load_image
 
 __all__ = ["WebDatasetDataModule", "CaptionedShards", "expand_shards", "tar_members", "SHARD_STATS"]
@@ -146,19 +156,52 @@ class CaptionedShards(IterableDataset):
         self.resampled, self.epoch_length = resampled, epoch_length
         self.shuffle, self.shuffle_buffer, self.seed = shuffle, shuffle_buffer, seed
         self.stats = stats if stats is not None else WorkerCounters(SHARD_STATS, num_workers)
-        self._epochs = WorkerCounters(("epoch",), num_workers)
+        self._epochs = WorkerCounters(("epoch",), num_workers)  # each worker counts its own epochs
+        # for the next iteration: samples to drop at the start, and the first worker's stream (see start_epoch)
+        self._plan = WorkerCounters(("skip", "first"), num_workers)
+
+    def start_epoch(self, epoch: int, skip: Sequence[int], first: int = 0) -> None:
+        """Plan every worker's next iteration (called by ``StreamLoader`` in the training process).
+
+        It reads epoch ``epoch``; worker ``w`` reads stream ``(w + first) % num_workers`` (streams are what
+        workers read when not resumed) and drops its first ``skip[stream]`` samples. The DataLoader takes
+        batches from workers in turn starting with worker 0, so ``first``, the stream whose batch came next
+        when the state was saved, keeps the interleaving of the streams the same after a resume.
+        """
+        num_workers = self._plan.num_workers
+        if len(skip) != num_workers or not 0 <= first < num_workers:
+            raise ValueError(f"got {len(skip)} skip counts and first stream {first} for {num_workers} workers; "
+                             "give one count per DataLoader worker")
+        for worker in range(num_workers):
+            self._epochs.set("epoch", epoch, worker)
+            self._plan.set("skip", skip[(worker + first) % num_workers], worker)
+            self._plan.set("first", first, worker)
+
+    def next_epoch(self) -> int:
+        """The epoch that the next iteration reads: one past the latest that any worker started."""
+        return max(self._epochs.get("epoch", w) for w in range(self._epochs.num_workers))
+
+    def worker_shares(self, num_workers: int) -> list[int] | None:
+        """Samples each of ``num_workers`` workers yields per epoch, when ``epoch_length`` fixes them."""
+        if self.epoch_length is None:
+            return None
+        return [self.epoch_length // num_workers + (w < self.epoch_length % num_workers) for w in range(num_workers)]
 
     def __iter__(self) -> Iterator[dict]:
         worker, num_workers = worker_id()
         epoch = self._epochs.add("epoch") - 1
-        urls = self._shard_urls(epoch, worker, num_workers)
-        samples = self._decode(self._read_shards(urls))
+        stream = (worker + self._plan.get("first")) % num_workers
+        skip = self._plan.get("skip")
+        self._plan.set("skip", 0, worker)
+        self._plan.set("first", 0, worker)
+        urls = self._shard_urls(epoch, stream, num_workers)
+        samples = self._decode(self._read_shards(urls), epoch, stream)
         if self.shuffle and self.shuffle_buffer > 1:
-            rng = random.Random(f"samples-{self.seed}-{epoch}-{self.rank}-{worker}")
+            rng = random.Random(f"samples-{self.seed}-{epoch}-{self.rank}-{stream}")
             samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
         if self.epoch_length is not None:
-            share = self.epoch_length // num_workers + (worker < self.epoch_length % num_workers)
-            samples = itertools.islice(samples, share)
+            samples = itertools.islice(samples, self.worker_shares(num_workers)[stream])
+        samples = itertools.islice(samples, skip, None)  # resumed: what was delivered before
         try:
             yield from samples
         finally:
@@ -166,14 +209,14 @@ class CaptionedShards(IterableDataset):
 
     # -- stages -------------------------------------------------------------------------------------
 
-    def _shard_urls(self, epoch: int, worker: int, num_workers: int) -> Iterator[str]:
-        """This worker's shards: a random endless draw, or its split of the list (repeated with epoch_length).
+    def _shard_urls(self, epoch: int, stream: int, num_workers: int) -> Iterator[str]:
+        """A stream's shards: a random endless draw, or its split of the list (repeated with epoch_length).
 
         Endless modes stop with an error once every shard was tried without yielding a sample (all
         unreadable, empty or captionless), instead of spinning forever.
         """
         if self.resampled:
-            rng = random.Random(f"resample-{self.seed}-{epoch}-{self.rank}-{worker}")
+            rng = random.Random(f"resample-{self.seed}-{epoch}-{self.rank}-{stream}")
             tried, seen = set(), self.stats.get("samples")
             while True:
                 if self.stats.get("samples") != seen:
@@ -186,13 +229,13 @@ class CaptionedShards(IterableDataset):
         order = list(self.urls)
         if self.shuffle:  # same order on every rank and worker, so the splits below stay disjoint
             random.Random(f"shards-{self.seed}-{epoch}").shuffle(order)
-        mine = list(wds.split_by_worker(itertools.islice(order, self.rank, None, self.world_size)))
+        mine = order[self.rank::self.world_size][stream::num_workers]
         if not mine:
             logger.warning("rank %d worker %d got no shards (%d shards for %d ranks x %d workers); "
-                           "use more shards or fewer workers", self.rank, worker, len(self.urls),
+                           "use more shards or fewer workers", self.rank, stream, len(self.urls),
                            self.world_size, num_workers)
             return
-        rng = random.Random(f"repeat-{self.seed}-{epoch}-{self.rank}-{worker}")
+        rng = random.Random(f"repeat-{self.seed}-{epoch}-{self.rank}-{stream}")
         while True:
             seen = self.stats.get("samples")
             yield from mine
@@ -224,10 +267,12 @@ class CaptionedShards(IterableDataset):
         finally:
             stream.close()
 
-    def _decode(self, raw_samples: Iterable[dict]) -> Iterator[dict]:
-        for raw in raw_samples:
+    def _decode(self, raw_samples: Iterable[dict], epoch: int, stream: int) -> Iterator[dict]:
+        """Decoded samples; augmentations are seeded by (seed, epoch, rank, stream, position in the stream)."""
+        for position, raw in enumerate(raw_samples):
             try:
-                sample = self._to_sample(raw)
+                with sample_rng(self.seed, epoch, self.rank, stream, position):
+                    sample = self._to_sample(raw)
             except Exception as exn:  # undecodable image or caption: skip this sample only
                 self._skip("bad_samples", f"sample '{raw.get('__key__')}' in '{raw.get('__url__')}'", exn)
                 continue
@@ -359,8 +404,9 @@ class WebDatasetDataModule(pl.LightningDataModule):
                            len(self.urls), world_size)
 
     def train_dataloader(self) -> DataLoader:
+        """Resumable loader (``StreamLoader``); the shards shuffle themselves."""
         self.setup("fit")
-        return make_loader(self.train_set, self.batch_size, self.num_workers)
+        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
