@@ -286,35 +286,49 @@ class CrashAt(pl.Callback):
             raise KeyboardInterrupt("simulated crash")
 
 
-def _fit_run(tmp_path: Path, name: str, max_steps: int, crash_at: int | None = None, resume: bool = False):
+def _fit_run(tmp_path: Path, name: str, max_steps: int, crash_at: int | None = None, every_n_train_steps: int = 2,
+             resume_from: Path | None = None):
+    """A seeded fit on 12 shapes, 3 batches of 4 per epoch, checkpoints every ``every_n_train_steps`` steps
+    (all kept) under ``<name>/ckpt``; it crashes after step ``crash_at`` or resumes from ``resume_from``."""
     pl.seed_everything(7)
     module = tiny_module(warmup_steps=3)
     module.run_config = {"model": tiny_model_node(warmup_steps=3)}
     ckpt_dir = tmp_path / name / "ckpt"
-    callbacks = [make_checkpoint_callback(ckpt_dir, every_n_train_steps=2, keep_last=1)]
+    callbacks = [make_checkpoint_callback(ckpt_dir, every_n_train_steps=every_n_train_steps, keep_last=-1)]
     if crash_at:
         callbacks.append(CrashAt(crash_at))
     t = trainer(tmp_path / name, max_steps=max_steps, enable_checkpointing=True, callbacks=callbacks,
                 plugins=[AtomicCheckpointIO()])
     try:
-        t.fit(module, datamodule=tiny_data(num_train=8), ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None,
+        t.fit(module, datamodule=tiny_data(num_train=12), ckpt_path=str(resume_from) if resume_from else None,
               weights_only=True)
     except (KeyboardInterrupt, SystemExit):
         pass
     return module, t
 
 
-def test_crash_and_resume_equals_uninterrupted(tmp_path):
-    full, _ = _fit_run(tmp_path, "full", max_steps=4)
-    _fit_run(tmp_path, "crash", max_steps=4, crash_at=3)  # last.ckpt at step 2 (an epoch boundary)
-    assert torch.load(tmp_path / "crash" / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
-    resumed, t = _fit_run(tmp_path, "crash", max_steps=4, resume=True)
-    assert t.global_step == 4
-    assert int(resumed.model_ema.num_updates) == int(full.model_ema.num_updates) == 4
+def _assert_same_weights(full: LatentDiffusionModule, resumed: LatentDiffusionModule, t: pl.Trainer, steps: int):
+    assert t.global_step == steps
+    assert int(resumed.model_ema.num_updates) == int(full.model_ema.num_updates) == steps
     a, b = full.state_dict(), resumed.state_dict()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst < 1e-5, worst
-    assert t.lr_scheduler_configs[0].scheduler.last_epoch == 4
+    assert t.lr_scheduler_configs[0].scheduler.last_epoch == steps
+
+
+def test_crash_and_resume_equals_uninterrupted(tmp_path):
+    """A crash in the middle of an epoch, and a resume from the end of an epoch, both end with the weights of
+    the uninterrupted run: the loader's position is in the checkpoint (``ldm.data.datamodule.ResumableLoader``)."""
+    full, _ = _fit_run(tmp_path, "full", max_steps=5, every_n_train_steps=1)  # epoch 0: steps 1-3
+    _fit_run(tmp_path, "crash", max_steps=5, crash_at=3)  # last.ckpt at step 2: one batch of epoch 0 left
+    last = torch.load(tmp_path / "crash" / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2 and last["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": 0, "offset": 8, "seed": 0, "dataset_size": 12, "world_size": 1}]
+    resumed, t = _fit_run(tmp_path, "crash", max_steps=5, resume_from=tmp_path / "crash" / "ckpt" / "last.ckpt")
+    _assert_same_weights(full, resumed, t, steps=5)
+    at_epoch_end = tmp_path / "full" / "ckpt" / "step-00000003.ckpt"
+    resumed, t = _fit_run(tmp_path, "epoch_end", max_steps=5, resume_from=at_epoch_end)
+    _assert_same_weights(full, resumed, t, steps=5)
 
 
 # ---- settings ---------------------------------------------------------------------------------------------------
