@@ -16,6 +16,9 @@ _EXPORTS = {
     "ShapesDataModule": "ldm.data.datamodule",
     "WorkerCounters": "ldm.data.datamodule",
     "collate": "ldm.data.datamodule",
+    "ResumableSampler": "ldm.data.datamodule",
+    "ResumableLoader": "ldm.data.datamodule",
+    "StreamLoader": "ldm.data.datamodule",
     "ImageTransform": "ldm.data.transforms",
     "load_image": "ldm.data.transforms",
 }

@@ -49,8 +49,9 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 class ImageTransform:
     """Resize the shorter side to ``size``, crop a ``size`` square, maybe flip, return a [-1, 1] tensor.
 
-    Random choices (crop offset, flip) use torch's global generator, which Lightning and the DataLoader
-    seed per worker, so runs are reproducible under ``seed_everything(..., workers=True)``.
+    Random choices (crop offset, flip) use torch's global generator; the training loaders seed it per sample
+    (``ldm.data.datamodule.sample_rng``), so a sample is augmented the same way whatever worker reads it and
+    wherever a resumed run starts.
     """
 
     def __init__(self, size: int, random_crop: bool = False, flip_p: float = 0.0):
