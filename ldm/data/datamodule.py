@@ -352,7 +352,28 @@ def check_loader_args(batch_size: int, num_workers: int) -> None:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}; set data.params.num_workers")
 
 
-class ShapesDataModule(pl.LightningDataModule):
+class MapDataModule(pl.LightningDataModule):
+    """Loaders shared by the map-style data modules; subclasses set ``train_set``/``val_set`` in ``setup`` and
+    have ``batch_size``, ``num_workers`` and ``seed``."""
+
+    train_set: Dataset | None = None
+    val_set: Dataset | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        """Resumable loader: order seeded by ``seed`` and the epoch, split over the trainer's ranks."""
+        self.setup("fit")
+        rank, world_size = node_info(self.trainer)
+        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed,
+                           rank=rank, world_size=world_size)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup("validate")
+        if self.val_set is None:
+            return []
+        return make_loader(self.val_set, self.batch_size, self.num_workers)
+
+
+class ShapesDataModule(MapDataModule):
     """Synthetic captioned shapes (``ldm.data.shapes.ShapesDataset``): the offline demo and test data.
 
     Train and validation sets use different seeds so that they do not share images.
@@ -376,15 +397,3 @@ class ShapesDataModule(pl.LightningDataModule):
             self.train_set = ShapesDataset(self.num_train, size=self.size, seed=self.seed)
             self.val_set = ShapesDataset(self.num_val, size=self.size, seed=self.seed + 1) if self.num_val else None
 
-    def train_dataloader(self) -> DataLoader:
-        """Resumable loader: order seeded by ``seed`` and the epoch, split over the trainer's ranks."""
-        self.setup("fit")
-        rank, world_size = node_info(self.trainer)
-        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed,
-                           rank=rank, world_size=world_size)
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.setup("validate")
-        if self.val_set is None:
-            return []
-        return make_loader(self.val_set, self.batch_size, self.num_workers)

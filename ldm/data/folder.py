@@ -18,11 +18,10 @@ import random
 from pathlib import Path
 from typing import Sequence
 
-import pytorch_lightning as pl
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ldm.config import ConfigError
-from ldm.data.datamodule import WorkerCounters, check_loader_args, make_loader, node_info
+from ldm.data.datamodule import MapDataModule, WorkerCounters, check_loader_args
 from ldm.data.transforms import IMAGE_EXTENSIONS, ImageTransform, load_image
 
 __all__ = ["ImageFolderDataModule", "ImageFolderDataset", "scan_image_folder", "FOLDER_STATS"]
@@ -105,7 +104,7 @@ class ImageFolderDataset(Dataset):
         raise RuntimeError(f"none of the {len(self.items)} images could be read; check data.params.root")
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(MapDataModule):
     """Lightning data module over an image folder; batches are ``{"image": [B,3,S,S], "caption": [str]}``.
 
     ``val_fraction`` of the files (at least one when > 0) go to validation, chosen by ``seed``.
@@ -161,15 +160,3 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.train_set = ImageFolderDataset(train, self.train_transform, self.stats)
         self.val_set = ImageFolderDataset(val, self.val_transform, self.val_stats) if val else None
 
-    def train_dataloader(self) -> DataLoader:
-        """Resumable loader: order seeded by ``seed`` and the epoch, split over the trainer's ranks."""
-        self.setup("fit")
-        rank, world_size = node_info(self.trainer)
-        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed,
-                           rank=rank, world_size=world_size)
-
-    def val_dataloader(self) -> DataLoader | list:
-        self.setup("validate")
-        if self.val_set is None:
-            return []
-        return make_loader(self.val_set, self.batch_size, self.num_workers)
