@@ -27,6 +27,7 @@ import torch
 
 from ldm.config import instantiate_from_config, to_plain
 from ldm.models.autoencoder import AutoencoderKL
+from ldm.training.common import TrainingModuleMixin
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ _INFERENCE_TARGET = "ldm.models.autoencoder.AutoencoderKL"
 _LOSS_PREFIX = "loss."
 
 
-class AutoencoderKLModule(AutoencoderKL, pl.LightningModule):
+class AutoencoderKLModule(AutoencoderKL, TrainingModuleMixin, pl.LightningModule):
     """A trainable :class:`~ldm.models.autoencoder.AutoencoderKL`.
 
     Args:
@@ -150,23 +151,6 @@ class AutoencoderKLModule(AutoencoderKL, pl.LightningModule):
         experiment.add_image("val/reconstructions", grid, self.global_step)
 
     # ---- optimizers -----------------------------------------------------------------------------------------
-    def effective_learning_rate(self) -> float:
-        """``learning_rate``, else base_learning_rate (times the global batch size with ``scale_lr``)."""
-        if self.learning_rate is not None:
-            return self.learning_rate
-        if not self.scale_lr:
-            return self.base_learning_rate
-        trainer = self.trainer
-        batch_size = getattr(trainer.datamodule, "batch_size", None)
-        if batch_size is None:
-            raise ValueError("scale_lr needs the data module's batch_size; set model.params.scale_lr=false or "
-                             "model.params.learning_rate")
-        factor = batch_size * trainer.accumulate_grad_batches * trainer.num_devices * trainer.num_nodes
-        log.info("learning rate %.3g = %d (batch) x %d (accumulate) x %d (devices) x %d (nodes) x %.3g (base)",
-                 self.base_learning_rate * factor, batch_size, trainer.accumulate_grad_batches,
-                 trainer.num_devices, trainer.num_nodes, self.base_learning_rate)
-        return self.base_learning_rate * factor
-
     def autoencoder_parameters(self) -> list[torch.nn.Parameter]:
         """What the autoencoder optimizer trains: encoder, decoder, quant convs (and logvar if learned)."""
         params = [p for m in (self.encoder, self.decoder, self.quant_conv, self.post_quant_conv)
@@ -187,11 +171,6 @@ class AutoencoderKLModule(AutoencoderKL, pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.ae_step = int(checkpoint.get("ae_step", 0))
-
-    def model_config(self) -> dict:
-        """This module's own config node (target + params), plain."""
-        cls = type(self)
-        return {"target": f"{cls.__module__}.{cls.__qualname__}", "params": to_plain(dict(self.hparams))}
 
     def inference_config(self) -> dict:
         """The config of the exported autoencoder: a plain ``AutoencoderKL`` with this architecture."""

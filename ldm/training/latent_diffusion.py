@@ -33,6 +33,7 @@ import torch
 from ldm.config import instantiate_from_config, to_plain
 from ldm.ema import EMA, ema_name
 from ldm.model import LatentDiffusion
+from ldm.training.common import TrainingModuleMixin
 from ldm.training.lr import LinearWarmup
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def _make_loss(parameterization: str, weighting: str, min_snr_gamma: float, offs
                          offset_noise=offset_noise, num_timesteps=int(timesteps))
 
 
-class LatentDiffusionModule(LatentDiffusion, pl.LightningModule):
+class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningModule):
     """A trainable :class:`~ldm.model.LatentDiffusion` (SD state-dict layout, plus ``model_ema.*``).
 
     The first group of parameters are those of ``LatentDiffusion`` (the original config names). Training:
@@ -324,24 +325,6 @@ class LatentDiffusionModule(LatentDiffusion, pl.LightningModule):
             self.model_ema.update(self.model)
 
     # ---- optimizer ------------------------------------------------------------------------------------------
-    def effective_learning_rate(self) -> float:
-        """``learning_rate``, else base_learning_rate (times the global batch size with ``scale_lr``)."""
-        if self.learning_rate is not None:
-            return self.learning_rate
-        if not self.scale_lr:
-            return self.base_learning_rate
-        trainer = self.trainer
-        batch_size = getattr(trainer.datamodule, "batch_size", None) if trainer is not None else None
-        if batch_size is None:
-            raise ValueError("scale_lr needs the data module's batch_size; set model.params.scale_lr=false or "
-                             "model.params.learning_rate")
-        factor = batch_size * trainer.accumulate_grad_batches * trainer.num_devices * trainer.num_nodes
-        lr = self.base_learning_rate * factor
-        log.info("learning rate %.3g = %d (batch) x %d (accumulate) x %d (devices) x %d (nodes) x %.3g (base)",
-                 lr, batch_size, trainer.accumulate_grad_batches, trainer.num_devices, trainer.num_nodes,
-                 self.base_learning_rate)
-        return lr
-
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cond_stage_trainable:
@@ -363,11 +346,6 @@ class LatentDiffusionModule(LatentDiffusion, pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
-
-    def model_config(self) -> dict:
-        """This module's own config node (target + params), plain."""
-        cls = type(self)
-        return {"target": f"{cls.__module__}.{cls.__qualname__}", "params": to_plain(dict(self.hparams))}
 
     def inference_config(self) -> dict:
         """The config of the exported model (see :func:`inference_config`)."""
