@@ -76,3 +76,37 @@ def test_bf16_autocast_forward_close_to_fp32():
         low = fast(x, t, ctx)
     high = fast(x, t, ctx)
     assert (low.float() - high).abs().mean() < 0.02 * high.abs().mean()
+
+
+def test_bf16_inference_runs_on_cached_weights_and_matches_autocast():
+    fast, _ = randomized_pair()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast.cache_cast_weights = False
+        plain = fast(x, t, ctx)
+        assert fast._weight_cache is None
+        fast.cache_cast_weights = True
+        first = fast(x, t, ctx)
+        cache = fast._weight_cache[1]
+        second = fast(x, t, ctx)
+        assert fast._weight_cache[1] is cache  # reused, not re-cast
+    assert cache["out.2.weight"].dtype == torch.bfloat16
+    assert cache["out.2.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first.float(), plain.float(), atol=0.05, rtol=0.05)
+
+
+def test_weight_cache_follows_weight_changes_and_is_skipped_when_training():
+    fast, _ = randomized_pair()
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 5, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = fast(x, t, ctx)
+        fast.out[2].bias.add_(1.0)  # an in-place update (optimizer step, EMA copy, load_state_dict)
+        after = fast(x, t, ctx)
+    torch.testing.assert_close(after.float() - before.float(), torch.ones_like(before.float()), atol=0.02, rtol=0)
+    fast.clear_weight_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(x, t, ctx)
+    assert fast._weight_cache is None  # grad enabled: autocast's own casts, gradients reach the fp32 weights
+    out.float().sum().backward()
+    assert fast.out[2].weight.grad is not None and fast.out[2].weight.grad.dtype == torch.float32
