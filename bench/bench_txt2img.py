@@ -99,10 +99,11 @@ def prepare(folder: Path, unet_width: int, vae_ch: int) -> None:
     pipe.save_pretrained(folder / "diffusers")
 
 
-def generate_ours(folder: Path, size: int, precision: str) -> tuple[float, float]:
+def generate_ours(folder: Path, size: int, precision: str, vae_precision: str) -> tuple[float, float]:
     from ldm.pipeline import Text2Image
 
-    pipe = Text2Image.from_checkpoint(folder / "ours.safetensors", device="cpu", precision=precision)
+    pipe = Text2Image.from_checkpoint(folder / "ours.safetensors", device="cpu", precision=precision,
+                                      vae_precision=vae_precision)
     loaded = common.peak_rss_gb()
     run = lambda steps: pipe(PROMPT, height=size, width=size, steps=steps, sampler="DPM++ 2M",  # noqa: E731
                              guidance_scale=GUIDANCE, seeds=0)
@@ -112,7 +113,7 @@ def generate_ours(folder: Path, size: int, precision: str) -> tuple[float, float
     return time.perf_counter() - start, loaded
 
 
-def generate_diffusers(folder: Path, size: int, precision: str) -> tuple[float, float]:
+def generate_diffusers(folder: Path, size: int, precision: str, vae_precision: str) -> tuple[float, float]:
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(folder / "diffusers", local_files_only=True)
@@ -131,13 +132,13 @@ def generate_diffusers(folder: Path, size: int, precision: str) -> tuple[float, 
 
 def worker(args) -> None:
     fn = generate_ours if args.worker == "ours" else generate_diffusers
-    seconds, loaded = fn(Path(args.folder), args.sizes[0], args.precisions[0])
+    seconds, loaded = fn(Path(args.folder), args.sizes[0], args.precisions[0], args.ours_vae_precision)
     print(json.dumps({"seconds": seconds, "rss_after_load_gb": loaded, "peak_rss_gb": common.peak_rss_gb()}))
 
 
-def run_worker(name: str, folder: Path, size: int, precision: str, threads: int) -> dict:
+def run_worker(name: str, folder: Path, size: int, precision: str, args, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--sizes", str(size),
-           "--precisions", precision, "--threads", str(threads)]
+           "--precisions", precision, "--threads", str(threads), "--ours-vae-precision", args.ours_vae_precision]
     logger.info("running %s", " ".join(cmd))
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode:
@@ -152,6 +153,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1, help="interleaved rounds (ours, diffusers) per setting")
     parser.add_argument("--unet-width", type=int, default=320, help="UNet model_channels (320 = SD1.5)")
     parser.add_argument("--vae-ch", type=int, default=128, help="VAE base width (128 = SD1.5)")
+    parser.add_argument("--ours-vae-precision", choices=("fp32", "same"), default="fp32",
+                        help="Text2Image's vae_precision: fp32 (our default) or same (the autocast, as diffusers)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(common.RESULTS / "txt2img.md"))
     parser.add_argument("--worker", choices=CANDIDATES, help=argparse.SUPPRESS)
@@ -170,7 +173,7 @@ def main() -> None:
                 results = {name: [] for name in CANDIDATES}
                 for _ in range(args.reps):
                     for name in CANDIDATES:
-                        results[name].append(run_worker(name, folder, size, precision, threads))
+                        results[name].append(run_worker(name, folder, size, precision, args, threads))
                 ours, theirs = (common.median([r["seconds"] for r in results[n]]) for n in CANDIDATES)
                 peak = {n: max(r["peak_rss_gb"] for r in results[n]) for n in CANDIDATES}
                 loaded = {n: max(r["rss_after_load_gb"] for r in results[n]) for n in CANDIDATES}
@@ -184,7 +187,8 @@ def main() -> None:
         f"SD1 architecture, UNet width {args.unet_width}, VAE width {args.vae_ch}"
     notes = [f"{width}, random weights, one prompt, {STEPS} steps DPM++ 2M (diffusers: DPMSolverMultistep "
              f"dpmsolver++ order 2), CFG {GUIDANCE}, batch 1; each number from a fresh process after a 1-step warm-up",
-             "ours decodes the VAE in fp32 (the default); diffusers runs everything under the same autocast",
+             f"ours decodes the VAE with vae_precision={args.ours_vae_precision!r} ('fp32' is our default); "
+             "diffusers runs everything, VAE included, under the same autocast",
              "peak RSS: VmHWM of the worker process (loading included)"]
     common.write_report(args.out, "Text-to-image end to end: ours vs diffusers",
                         common.machine_info(threads, "/".join(args.precisions)), common.markdown_table(headers, rows),
