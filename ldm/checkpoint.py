@@ -81,13 +81,68 @@ def _safe_globals() -> list:
     return allowed
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a checkpoint's tensors (``state_dict`` level unwrapped) and its string metadata."""
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class LazyTensor:
+    """One tensor of a safetensors file: its shape now, its values on :meth:`load`.
+
+    Read with plain file reads (not a memory map), so loading a model tensor by tensor never has more than one
+    tensor of the file in memory beside the model.
+    """
+
+    __slots__ = ("path", "key", "shape", "dtype", "_start", "_end")
+
+    def __init__(self, path: Path, key: str, entry: dict, data_start: int):
+        self.path, self.key = path, key
+        self.shape = torch.Size(entry["shape"])
+        self.dtype = _ST_DTYPES[entry["dtype"]]
+        self._start, self._end = data_start + entry["data_offsets"][0], data_start + entry["data_offsets"][1]
+
+    def load(self) -> torch.Tensor:
+        buf = bytearray(self._end - self._start)
+        with open(self.path, "rb") as f:
+            f.seek(self._start)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{self.path} is truncated (tensor {self.key} is cut off)")
+        if not buf:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.frombuffer(buf, dtype=self.dtype).reshape(self.shape)
+
+
+def _lazy_safetensors(path: Path) -> tuple[dict[str, LazyTensor], dict[str, str]]:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    size = path.stat().st_size
+    sd = {k: LazyTensor(path, k, e, 8 + n) for k, e in header.items()}
+    if any(t._end > size for t in sd.values()):
+        raise ValueError("the header points past the end of the file")
+    return sd, dict(meta)
+
+
+def materialize(value: torch.Tensor | LazyTensor) -> torch.Tensor:
+    return value.load() if isinstance(value, LazyTensor) else value
+
+
+def read_state_dict(path: str | os.PathLike, *, lazy: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a checkpoint's tensors (``state_dict`` level unwrapped) and its string metadata.
+
+    With ``lazy`` a safetensors file's values are :class:`LazyTensor` s, read one at a time when loaded (so a
+    model loads with the memory of one tensor beside it, not of a second copy of the weights), and a torch zip
+    file is memory-mapped.
+    """
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "safetensors":
         from safetensors import safe_open
         try:
+            if lazy:
+                return _lazy_safetensors(path)
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = dict(f.metadata() or {})
                 sd = {k: f.get_tensor(k) for k in f.keys()}
@@ -95,9 +150,13 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             raise CheckpointError(f"{path} is a corrupt or truncated safetensors file ({_first_line(e)})") from e
         return sd, meta
     try:
-        # a file object, not the name: torch.load must not pick a reader from the file's extension
-        with open(path, "rb") as f, torch.serialization.safe_globals(_safe_globals()):
-            obj = torch.load(f, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_safe_globals()):
+            if lazy and fmt == "zip" and path.suffix != ".safetensors":
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            else:
+                # a file object, not the name: torch.load must not pick a reader from the file's extension
+                with open(path, "rb") as f:
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
         msg, full = _first_line(e), str(e).lower()
         if any(s in full for s in ("weights only", "weights_only", "unsupported global", "unpickl")):
@@ -150,6 +209,7 @@ def normalize_state_dict(sd: Mapping[str, torch.Tensor], *, use_ema: bool = Fals
         else:
             out[k] = v
     if sd1_text:
+        sd1_text = {k: materialize(v) for k, v in sd1_text.items()}
         for k, v in convert_hf_clip_text_state_dict(sd1_text).items():
             out["cond_stage_model." + k] = v
     if ema:
@@ -256,7 +316,7 @@ def load_model(config: Any, ckpt: str | os.PathLike | None, *, use_ema: bool | N
     ``ckpt`` strictly. ``use_ema`` None follows the config's ``use_ema``; the result is in eval mode."""
     if ckpt is None and config is None:
         raise ConfigError("nothing to load: pass a checkpoint (--ckpt) or a config")
-    sd, meta = read_state_dict(ckpt) if ckpt is not None else ({}, {})
+    sd, meta = read_state_dict(ckpt, lazy=True) if ckpt is not None else ({}, {})
     if config is None:
         config = infer_config(sd, meta, parameterization)
     elif isinstance(config, (str, os.PathLike)):
@@ -292,8 +352,11 @@ def load_weights(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], *, use_
             log.warning("non-strict load of %s: %d tensors skipped, %d model tensors left as initialised",
                         source, skipped, absent)
         sd = fits
-    sd = {k: v.to(model_sd[k].dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    model.load_state_dict(sd, strict=strict)
+    # tensor by tensor into the existing parameters: a lazily read file never holds a second copy of the weights,
+    # and the parameters keep their dtype and memory format (e.g. channels_last convs)
+    with torch.no_grad():
+        for k in list(sd):
+            model_sd[k].copy_(materialize(sd.pop(k)))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -93,3 +93,21 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pic
     assert path.read_bytes()[0] == 0x80
     assert detect_format(path) == "safetensors"
     assert torch.equal(read_state_dict(path)[0]["w"], torch.zeros(1))
+
+
+def test_lazy_read_equals_eager_and_catches_truncation(tmp_path):
+    from ldm.checkpoint import LazyTensor, materialize
+
+    sd = dict(_sd(), bf=torch.randn(2, 3).to(torch.bfloat16), empty=torch.zeros(0, 4))
+    path = save_checkpoint(sd, tmp_path / "m.safetensors", config={"a": 1})
+    lazy, meta = read_state_dict(path, lazy=True)
+    assert meta["config"] == '{"a": 1}'
+    assert all(isinstance(v, LazyTensor) for v in lazy.values())
+    for k, v in sd.items():
+        assert lazy[k].shape == v.shape
+        back = materialize(lazy[k])
+        assert back.dtype == v.dtype and torch.equal(back, v)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-8])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        read_state_dict(tmp_path / "cut.safetensors", lazy=True)
