@@ -1,0 +1,1 @@
+"""The embedded demo model: shapes.safetensors (see docs/demo_model.md)."""

@@ -1,0 +1,72 @@
+"""The shipped demo model (ldm/assets/demo/shapes.safetensors): size, dtype, loading and a faithful picture."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from ldm.cli.sample import DEFAULT_CKPT
+from ldm.data.shapes import BACKGROUND, COLORS
+from ldm.eval.analyzer import to_rgb_array
+
+MAX_BYTES = 40 * 1024 * 1024
+
+pytestmark = pytest.mark.skipif(not DEFAULT_CKPT.is_file(), reason=f"{DEFAULT_CKPT} is not there")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from ldm.pipeline import Text2Image
+
+    return Text2Image.from_checkpoint(DEFAULT_CKPT, device="cpu")
+
+
+def color_shares(image) -> dict[str, float]:
+    """Share of each palette color among the pixels that are not background (nearest palette entry)."""
+    rgb = to_rgb_array(image).reshape(-1, 3).astype(np.float32)
+    names = list(COLORS) + ["background"]
+    palette = np.asarray(list(COLORS.values()) + [BACKGROUND], dtype=np.float32)
+    nearest = np.linalg.norm(rgb[:, None] - palette[None], axis=-1).argmin(-1)
+    foreground = nearest[nearest != len(COLORS)]
+    if foreground.size == 0:
+        return {}
+    return {name: float((foreground == i).mean()) for i, name in enumerate(names[:-1])}
+
+
+def test_file_is_small_fp16_and_complete():
+    assert DEFAULT_CKPT.stat().st_size <= MAX_BYTES
+    with safe_open(str(DEFAULT_CKPT), framework="pt") as f:
+        keys = list(f.keys())
+        assert f.metadata() and "config" in f.metadata()
+        weights = [k for k in keys if "." in k]  # network tensors; schedule buffers stay fp32
+        assert {k.split(".")[0] for k in weights} == {"model", "first_stage_model", "cond_stage_model"}
+        assert all(str(f.get_slice(k).get_dtype()) == "F16" for k in weights)
+        assert not any(k.startswith("model_ema.") for k in keys)
+
+
+def test_color_shares_see_a_red_circle():
+    """The measure itself: a hand-drawn red circle is all red, a blank picture has no foreground."""
+    from ldm.data.shapes import Scene, ShapeObject, render
+
+    red = render(Scene("single", [ShapeObject("circle", "red", "large", (0.5, 0.5))]))
+    assert color_shares(red)["red"] > 0.95
+    assert color_shares(render(Scene("single", []))) == {}
+
+
+def _assert_mostly(pipe, prompt: str, color: str) -> None:
+    out = pipe([prompt] * 2, steps=8, guidance_scale=5.0, seeds=0)
+    assert [im.size for im in out.images] == [(64, 64), (64, 64)]
+    for image in out.images:
+        shares = color_shares(image)
+        assert shares.get(color, 0.0) > 0.5, (prompt, shares)
+
+
+def test_loads_and_draws_a_blue_circle(pipe):
+    _assert_mostly(pipe, "a blue circle", "blue")
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped autoencoder encodes red, orange and yellow alike (all decode "
+                   "to orange), so red cannot be drawn; see docs/demo_model.md. Remove this mark with a model "
+                   "whose autoencoder keeps them apart.")
+def test_loads_and_draws_a_red_circle(pipe):
+    _assert_mostly(pipe, "a red circle", "red")
