@@ -185,8 +185,9 @@ def test_ldm_txt2img_config_one_step_on_webdataset(tmp_path):
 def test_shapes_demo_config_with_webdataset_data(tmp_path):
     urls = write_shards(tmp_path / "shards", num=4, per_shard=2, size=64)
     configs = ROOT / "configs"
+    # overrides right after the --base files (the README's form): argparse gives them to --base
     args = ["--base", str(configs / "demo" / "shapes_ldm.yaml"), str(configs / "data" / "webdataset.yaml"),
-            "--logdir", str(tmp_path / "logs"), "--name", "demo", f"data.params.urls={urls}",
+            f"data.params.urls={urls}", "--logdir", str(tmp_path / "logs"), "--name", "demo",
             "lightning.trainer.max_steps=1", "data.params.batch_size=2", "data.params.size=64",
             "data.params.num_workers=0", "lightning.trainer.accelerator=cpu",
             "model.params.cond_stage_config.params.arch=ldm-tiny-text",

@@ -224,11 +224,19 @@ def validate(cfg: DictConfig, callbacks: dict[str, dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_intermixed_args(argv)
+    _split_overrides(args)
     try:
         return _run(args)
     except (ConfigError, CheckpointError) as e:
         log.error("%s", e)
         return 2
+
+
+def _split_overrides(args: argparse.Namespace) -> None:
+    """``--base a.yaml b.yaml key=value``: argparse hands the key=value words to --base; they are overrides."""
+    if args.base:
+        args.overrides = [b for b in args.base if "=" in b] + list(args.overrides)
+        args.base = [b for b in args.base if "=" not in b] or None
 
 
 def _run(args: argparse.Namespace) -> int:
