@@ -196,6 +196,26 @@ def test_shapes_demo_config_with_webdataset_data(tmp_path):
     assert last_step(tmp_path / "logs" / "demo") == 1
 
 
+def test_shapes_demo_config_with_image_folder_data(tmp_path):
+    from ldm.data.shapes import ShapesDataset, render
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    dataset = ShapesDataset(4, size=64, seed=3)
+    for i in range(4):
+        scene, caption = dataset.scene(i)
+        render(scene, 64).save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text(caption)
+    configs = ROOT / "configs"
+    args = ["--base", str(configs / "demo" / "shapes_ldm.yaml"), str(configs / "data" / "image_folder.yaml"),
+            f"data.params.root={folder}", "--logdir", str(tmp_path / "logs"), "--name", "folder",
+            "lightning.trainer.max_steps=1", "data.params.batch_size=2", "data.params.num_workers=0",
+            "lightning.trainer.accelerator=cpu", "model.params.cond_stage_config.params.arch=ldm-tiny-text",
+            "model.params.unet_config.params.context_dim=32"] + SHRINK_UNET + FAST
+    assert main(args) == 0
+    assert last_step(tmp_path / "logs" / "folder") == 1
+
+
 # ---- distributed (CPU, gloo) ---------------------------------------------------------------------------------------
 class RecordCaptions(pl.Callback):
     """Appends every training caption this rank sees to ``<out_dir>/rank<R>.txt``."""
