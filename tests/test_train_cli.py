@@ -126,6 +126,7 @@ def test_resume_refuse_and_export_only(tmp_path, caplog):
     ("lightning.callbacks.mystery.x=1", "lightning.callbacks.mystery"),
     ("lightning.logger=wandb", "lightning.logger"),
     ("model.target=ldm.models.unet.Nope", "model.target"),
+    ("lightning.trainer.strategy=fsdp", "lightning.trainer.strategy"),  # no CUDA here; FSDP needs it
 ])
 def test_bad_config_fails_fast_naming_the_key(tmp_path, caplog, override, key):
     base = tiny_run_config(tmp_path)
@@ -275,3 +276,18 @@ def test_two_node_loopback(tmp_path):
     r0, r1 = _seen(tmp_path / "nodes")
     assert len(r0) == len(r1) == 4 and not r0 & r1
     assert last_step(tmp_path / "logs" / "nodes") == 2
+
+
+def test_fsdp_with_ema_is_refused_before_work(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from ldm.cli.train import _check_fsdp
+    from ldm.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ldm = OmegaConf.create({"target": "ldm.training.latent_diffusion.LatentDiffusionModule", "params": {}})
+    with pytest.raises(ConfigError, match=r"^model\.params\.use_ema: .*FSDP"):
+        _check_fsdp({"strategy": "fsdp", "accelerator": "gpu"}, ldm)  # use_ema defaults to true there
+    ldm.params.use_ema = False
+    _check_fsdp({"strategy": "fsdp", "accelerator": "gpu"}, ldm)
+    _check_fsdp({"strategy": "ddp"}, OmegaConf.create({"target": "x.y", "params": {"use_ema": True}}))

@@ -209,6 +209,7 @@ def validate(cfg: DictConfig, callbacks: dict[str, dict]) -> None:
             raise ConfigError(f"lightning.trainer.{key}: set by train.py; configure it under lightning.callbacks, "
                               "lightning.logger or --logdir instead")
     check_params("pytorch_lightning.Trainer", trainer, "lightning.trainer")
+    _check_fsdp(trainer, cfg.model)
     user_nodes = to_plain(cfg.lightning.callbacks)
     for key, node in callbacks.items():
         if isinstance(user_nodes.get(key), dict) and "target" in user_nodes[key]:
@@ -218,6 +219,25 @@ def validate(cfg: DictConfig, callbacks: dict[str, dict]) -> None:
     logger = cfg.lightning.get("logger", "auto")
     if logger not in ("auto", "tensorboard", "csv", False, None):
         raise ConfigError(f"lightning.logger: {logger!r} is unknown; use auto, tensorboard, csv or false")
+
+
+def _check_fsdp(trainer: dict, model: DictConfig) -> None:
+    """FSDP shards the weights: Lightning runs it on CUDA only, and the EMA here needs whole weights."""
+    import inspect
+
+    import torch
+
+    strategy = str(trainer.get("strategy", "auto"))
+    if not strategy.startswith("fsdp"):
+        return
+    if str(trainer.get("accelerator", "auto")) == "cpu" or not torch.cuda.is_available():
+        raise ConfigError(f"lightning.trainer.strategy: {strategy} needs CUDA GPUs (Lightning's FSDP does not run "
+                          "on CPU); use --strategy ddp here")
+    default = inspect.signature(get_obj_from_str(model.target, "model")).parameters.get("use_ema")
+    use_ema = (model.get("params") or {}).get("use_ema", default.default if default is not None else False)
+    if use_ema:
+        raise ConfigError("model.params.use_ema: the EMA keeps whole (unsharded) weights and is not supported "
+                          "with FSDP yet; set model.params.use_ema=false or use --strategy ddp")
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
