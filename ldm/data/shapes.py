@@ -437,7 +437,8 @@ def write_shards(out: str | os.PathLike, num: int, shard_size: int = 1000, size:
     return shards
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (shared by the shapes and eval command lines)."""
     try:
         value = int(text)
     except ValueError:
@@ -451,9 +452,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser = argparse.ArgumentParser(prog="python -m ldm.data.shapes",
                                      description="Write captioned-shapes webdataset shards.")
     parser.add_argument("--out", required=True, help="output folder for shapes-NNNNNN.tar")
-    parser.add_argument("--num", type=_positive_int, required=True, help="number of samples")
-    parser.add_argument("--shard-size", type=_positive_int, default=1000, help="samples per shard")
-    parser.add_argument("--size", type=_positive_int, default=64, help="image side in pixels (>= 32)")
+    parser.add_argument("--num", type=positive_int, required=True, help="number of samples")
+    parser.add_argument("--shard-size", type=positive_int, default=1000, help="samples per shard")
+    parser.add_argument("--size", type=positive_int, default=64, help="image side in pixels (>= 32)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", choices=("train", "eval"), default="train",
                         help="seed stream: train, or the held-out eval stream")

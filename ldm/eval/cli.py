@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ldm.data.shapes import ShapesDataset
+from ldm.data.shapes import ShapesDataset, positive_int
 from ldm.eval.geneval import evaluate, format_report, make_eval_prompts
 from ldm.eval.metrics import psnr, ssim
 
@@ -27,21 +27,11 @@ __all__ = ["main", "build_parser", "run_geneval", "run_recon"]
 log = logging.getLogger(__name__)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
-
-
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, help="model checkpoint (.safetensors or .ckpt)")
     p.add_argument("--config", default=None, help="model config YAML (default: the one stored with the model)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--size", type=_positive_int, default=64, help="image side in pixels")
+    p.add_argument("--size", type=positive_int, default=64, help="image side in pixels")
     p.add_argument("--seed", type=int, default=0, help="prompt / data seed (held-out stream)")
     p.add_argument("--out", default=None, help="where to write the report")
 
@@ -51,15 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("geneval", help="prompt faithfulness (GenEval-style) on held-out shapes prompts")
     _add_common(g)
-    g.add_argument("--n", type=_positive_int, default=8, help="prompts per category")
-    g.add_argument("--images-per-prompt", type=_positive_int, default=4)
-    g.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (pipeline default)")
+    g.add_argument("--n", type=positive_int, default=8, help="prompts per category")
+    g.add_argument("--images-per-prompt", type=positive_int, default=4)
+    g.add_argument("--steps", type=positive_int, default=None, help="sampling steps (pipeline default)")
     g.add_argument("--sampler", default=None, help='sampler name, e.g. "DDIM" (pipeline default)')
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     r = sub.add_parser("recon", help="autoencoder reconstruction PSNR / SSIM on held-out shapes pictures")
     _add_common(r)
-    r.add_argument("--num", type=_positive_int, default=64, help="number of pictures")
-    r.add_argument("--batch-size", type=_positive_int, default=16)
+    r.add_argument("--num", type=positive_int, default=64, help="number of pictures")
+    r.add_argument("--batch-size", type=positive_int, default=16)
     return parser
 
 
