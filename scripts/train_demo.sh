@@ -4,23 +4,25 @@
 #     scripts/train_demo.sh       # see docs/demo_model.md for how long each stage took
 #
 # 1. the kl-f4 autoencoder (configs/demo/shapes_autoencoder.yaml, 1500 batches)  -> $LOGDIR/shapes_autoencoder/
-#    then its decoder fine-tuned with the encoder frozen (scripts/finetune_decoder.py: MSE, 1500 steps): the
-#    latent space stays the same, the colors and PSNR get right (red had come out orange)
+#    then the whole autoencoder fine-tuned (scripts/finetune_decoder.py --train-encoder: MSE + L1 with the
+#    object pixels weighted 10x, 500 steps): with the mostly-gray pictures an unweighted loss let the encoder
+#    merge red, orange and yellow (all decoded orange); tests/test_demo_model.py checks all 8 colors
 # 2. the text-to-image UNet + text tower over its latents
 #    (configs/demo/shapes_demo.yaml, first_stage_ckpt = the fine-tuned autoencoder)  -> $LOGDIR/shapes_demo/
-#    1500 steps, then resumed at the final learning rate up to 2000 steps
+#    LDM_STEPS steps (the cosine schedule's total_steps set to the same)
 # 3. the fp16 export of 2 (EMA UNet, config stored in the file) copied to ldm/assets/demo/shapes.safetensors,
 #    the file `python sample.py` uses when no --ckpt is given; then the reconstruction check.
 #
-# Environment: LOGDIR (default logs/demo), SEED (default 0), OMP_NUM_THREADS (default 1: on a CPU shared with
-# other jobs one thread per process is several times faster than two; on an idle machine set it to the core
-# count). Extra arguments go to the second stage's train.py, e.g. lightning.trainer.max_steps=300.
+# Environment: LOGDIR (default logs/demo), SEED (default 0), LDM_STEPS (default 3000), OMP_NUM_THREADS (default
+# 1: on a CPU shared with other jobs one thread per process is several times faster than two; on an idle
+# machine set it to the core count). Extra arguments go to the second stage's train.py.
 # docs/demo_model.md has the timings and the evaluation of the shipped file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 LOGDIR="${LOGDIR:-logs/demo}"
 SEED="${SEED:-0}"
+LDM_STEPS="${LDM_STEPS:-3000}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts/finetune_decoder.py imports ldm
 AE_EXPORT="$LOGDIR/shapes_autoencoder/shapes_autoencoder.safetensors"
@@ -41,20 +43,18 @@ else
         --seed "$SEED" lightning.trainer.max_steps=1500
 fi
 if [[ -f "$AE_FT" ]]; then
-    stage "1/3 decoder fine-tuning: $AE_FT is there, kept"
+    stage "1/3 autoencoder fine-tuning: $AE_FT is there, kept"
 else
-    stage "1/3 decoder fine-tuning -> $AE_FT"
-    python scripts/finetune_decoder.py --ckpt "$AE_EXPORT" --out "$AE_FT" --steps 1500 --seed "$SEED"
+    stage "1/3 autoencoder fine-tuning (encoder too, object pixels weighted) -> $AE_FT"
+    python scripts/finetune_decoder.py --ckpt "$AE_EXPORT" --out "$AE_FT" --train-encoder --object-weight 10 \
+        --steps 500 --seed "$SEED"
 fi
 ae_seconds=$SECONDS
 
 stage "2/3 latent diffusion -> $LDM_EXPORT"
-if [[ ! -f "$LOGDIR/shapes_demo/checkpoints/last.ckpt" ]]; then
-    python train.py --base configs/demo/shapes_demo.yaml --name shapes_demo --logdir "$LOGDIR" --seed "$SEED" \
-        "model.params.first_stage_ckpt=$AE_FT" "$@"
-fi
-# 500 more steps at the final learning rate (the schedule state is resumed, so it stays at 10%)
-python train.py --resume "$LOGDIR/shapes_demo" --seed "$SEED" lightning.trainer.max_steps=2000
+python train.py --base configs/demo/shapes_demo.yaml --name shapes_demo --logdir "$LOGDIR" --seed "$SEED" \
+    "model.params.first_stage_ckpt=$AE_FT" "lightning.trainer.max_steps=$LDM_STEPS" \
+    "model.params.scheduler_config.params.total_steps=$LDM_STEPS" "$@"
 ldm_seconds=$((SECONDS - ae_seconds))
 
 stage "3/3 export -> $ASSET"

@@ -1,0 +1,91 @@
+"""The demo model's training scripts: weighted autoencoder fine-tuning and the warm-started diffusion stage."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import finetune_decoder  # noqa: E402
+import warm_start_train  # noqa: E402
+from ldm.ema import ema_name  # noqa: E402
+from ldm.data.shapes import BACKGROUND, Scene, ShapeObject, image_to_tensor, render  # noqa: E402
+from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
+
+TINY_DD = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1],
+               num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+
+
+def _picture() -> torch.Tensor:
+    return image_to_tensor(render(Scene("single", [ShapeObject("circle", "red", "large", (0.5, 0.5))])))[None]
+
+
+def test_pixel_weights_mark_the_object_only():
+    x = _picture()
+    w = finetune_decoder.pixel_weights(x, 10.0)
+    assert w.shape == (1, 1, 64, 64)
+    assert w[0, 0, 32, 32] == 10.0 and w[0, 0, 0, 0] == 1.0
+    bg = torch.tensor(BACKGROUND, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 64, 64) / 127.5 - 1
+    assert torch.equal(finetune_decoder.pixel_weights(bg, 10.0), torch.ones(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize("train_encoder", [False, True])
+def test_reconstruction_loss_trains_the_chosen_parts(train_encoder):
+    ae = AutoencoderKL(TINY_DD, embed_dim=4)
+    params = list(ae.parameters()) if train_encoder else finetune_decoder.decoder_parameters(ae)
+    ae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    loss = finetune_decoder.reconstruction_loss(ae, _picture(), torch.Generator().manual_seed(0), 10.0,
+                                                train_encoder)
+    loss.backward()
+    assert loss.item() > 0
+    assert (ae.encoder.conv_in.weight.grad is not None) == train_encoder
+    assert ae.decoder.conv_out.weight.grad is not None
+
+
+def test_finetune_rejects_object_weight_below_one(tmp_path):
+    with pytest.raises(SystemExit, match="object-weight"):
+        finetune_decoder.main(["--ckpt", "x", "--out", str(tmp_path / "y"), "--object-weight", "0.5"])
+
+
+def test_warm_start_usage_error():
+    with pytest.raises(SystemExit, match="usage"):
+        warm_start_train.main(["--base", "configs/demo/shapes_demo.yaml"])
+
+
+def test_warm_start_copies_unet_and_text_tower(tmp_path):
+    from ldm.checkpoint import save_checkpoint
+    from ldm.config import instantiate_from_config, load_config
+
+    cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
+    cfg.model.params.first_stage_ckpt = None
+    source = instantiate_from_config(cfg.model)
+    path = tmp_path / "src.safetensors"
+    save_checkpoint({k: v.half() for k, v in source.state_dict().items()
+                     if k.startswith(warm_start_train.PREFIXES)}, path)
+    target = instantiate_from_config(cfg.model)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert not torch.equal(target.state_dict()[key], source.state_dict()[key])
+    warm_start_train.warm_start(target, str(path))
+    for k in (key, "cond_stage_model.model.token_embedding.weight"):
+        assert torch.equal(target.state_dict()[k], source.state_dict()[k].half().float())
+    shadow = dict(target.model_ema.named_buffers())[ema_name(key.removeprefix("model."))]
+    assert torch.equal(shadow, target.state_dict()[key])  # the EMA restarts from the copied weights
+
+
+def test_warm_start_rejects_another_architecture(tmp_path):
+    from ldm.checkpoint import save_checkpoint
+    from ldm.config import instantiate_from_config, load_config
+
+    cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
+    cfg.model.params.first_stage_ckpt = None
+    target = instantiate_from_config(cfg.model)
+    path = tmp_path / "other.safetensors"
+    save_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="does not match the config"):
+        warm_start_train.warm_start(target, str(path))
