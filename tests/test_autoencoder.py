@@ -1,8 +1,6 @@
 """KL autoencoder: SD layout, posterior, attention numerics, tiling, checkpoint loading (tiny CPU models)."""
 import argparse
-import ast
 import logging
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,10 +8,7 @@ from safetensors.torch import save_file
 
 from ldm.models.autoencoder import (AttnBlock, AutoencoderKL, DiagonalGaussianDistribution, _axis_weights,
                                     _tile_starts, _tiled, load_state_dict_file)
-
-LAYOUT_DIR = Path(__file__).resolve().parents[2] / "shared" / "sd-layout"
-if not LAYOUT_DIR.is_dir():  # the checkout may live elsewhere than /work/main
-    LAYOUT_DIR = Path("/work/shared/sd-layout")
+from sd_layout import layout_shapes
 
 SD_DDCONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
                    ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[], dropout=0.0)
@@ -31,16 +26,6 @@ def psnr(a: torch.Tensor, ref: torch.Tensor) -> float:
     return (10 * torch.log10(peak ** 2 / (a - ref).pow(2).mean())).item()
 
 
-def sd_first_stage_layout(name: str) -> dict[str, tuple]:
-    prefix = "first_stage_model."
-    layout = {}
-    for line in (LAYOUT_DIR / name).read_text().splitlines():
-        key, shape, _dtype = line.split("\t")
-        if key.startswith(prefix):
-            layout[key[len(prefix):]] = tuple(ast.literal_eval(shape))
-    return layout
-
-
 # -- layout and shapes ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("tsv", ["sd-v1.tsv", "sd-v2.tsv"])
@@ -48,7 +33,7 @@ def test_sd_kl_f8_has_exact_checkpoint_layout(tsv):
     with torch.device("meta"):
         vae = AutoencoderKL(SD_DDCONFIG, embed_dim=4, lossconfig={"target": "torch.nn.Identity"})
     ours = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
-    expected = sd_first_stage_layout(tsv)
+    expected = layout_shapes(tsv, "first_stage_model.")
     assert len(expected) == 248
     assert sorted(set(expected) - set(ours)) == [] and sorted(set(ours) - set(expected)) == []
     assert ours == expected

@@ -1,13 +1,12 @@
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from ldm.diffusion import schedules as S
+from sd_layout import read_layout
 
-SD_LAYOUT = Path(__file__).resolve().parents[1].parent / "shared" / "sd-layout" / "sd-v1.tsv"
 
 
 def sd_betas():
@@ -85,7 +84,7 @@ def test_t_sigma_roundtrip_and_quantization():
 def test_schedule_buffers_match_the_original_formulas_and_names():
     betas = sd_betas().numpy()
     buffers = S.register_schedule_buffers(torch.from_numpy(betas))
-    keys = [line.split("\t")[0] for line in SD_LAYOUT.read_text().splitlines()[1:]]
+    keys = list(read_layout("sd-v1.tsv"))
     layout_names = [key for key in keys if "." not in key]
     assert sorted(buffers) == sorted(layout_names) and len(buffers) == 12
     alphas = 1.0 - betas

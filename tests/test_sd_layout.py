@@ -13,23 +13,16 @@ from ldm.checkpoint import (CheckpointError, build_model, check_state_dict, load
 from ldm.config import load_config
 from ldm.ema import EMA, ema_name
 from ldm.models.text_encoder import to_hf_clip_text_state_dict
+from sd_layout import read_layout
 from tiny_models import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYOUT = ROOT.parent / "shared" / "sd-layout"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 
 
 def _layout(name):
-    path = LAYOUT / name
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
-    sd = {}
-    for line in path.read_text().splitlines()[1:]:
-        key, shape, dtype = line.split("\t")
-        dims = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-        sd[key] = torch.empty(dims, dtype=_DTYPES[dtype], device="meta")
-    return sd
+    """The tsv as a state dict of meta tensors (names, shapes and dtypes, no memory)."""
+    return {k: torch.empty(shape, dtype=_DTYPES[dtype], device="meta") for k, (shape, dtype) in read_layout(name).items()}
 
 
 def _meta_model(config_name):

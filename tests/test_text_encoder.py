@@ -14,10 +14,8 @@ from ldm.models.text_encoder import (
     convert_hf_clip_text_state_dict,
     to_hf_clip_text_state_dict,
 )
+from sd_layout import read_layout
 
-LAYOUT = Path(__file__).resolve().parents[2] / "shared" / "sd-layout"
-if not LAYOUT.is_dir():  # checkouts that carry shared/ inside the repository
-    LAYOUT = Path(__file__).resolve().parents[1] / "shared" / "sd-layout"
 SOT, EOT = 49406, 49407
 SD1_OPTIONS = dict(layer="last", pad="eot", quick_gelu=True, projection=False)
 
@@ -29,19 +27,6 @@ def tiny(**kwargs) -> OpenCLIPTextEncoder:
 def same_weights(dst: OpenCLIPTextEncoder, src: OpenCLIPTextEncoder) -> OpenCLIPTextEncoder:
     dst.load_state_dict(src.state_dict())
     return dst
-
-
-def read_layout(name: str, prefix: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{relative key: (shape, dtype)} for the keys of an sd-layout tsv under ``prefix``."""
-    path = LAYOUT / name
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    rows = {}
-    for line in path.read_text().splitlines():
-        key, shape, dtype = line.split("\t")
-        if key.startswith(prefix):
-            rows[key[len(prefix):]] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype)
-    return rows
 
 
 def shapes(state: dict) -> dict[str, tuple[int, ...]]:

@@ -1,7 +1,6 @@
 """First-stage training: the LPIPS + PatchGAN loss, the Lightning module, its export and configs (CPU, tiny)."""
 from __future__ import annotations
 
-import ast
 import json
 import logging
 from pathlib import Path
@@ -18,6 +17,7 @@ from ldm.data.datamodule import ShapesDataModule
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.training.autoencoder import AutoencoderKLModule
 from ldm.training.losses import LPIPS, LPIPSWithDiscriminator, hinge_d_loss, vanilla_d_loss
+from sd_layout import layout_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 LPIPS_CHANNELS = (64, 128, 256, 512, 512)
@@ -305,16 +305,6 @@ def test_validation_logs_reconstruction_metrics_and_images():
 
 
 # ---- configs ------------------------------------------------------------------------------------------------------
-def _sd_first_stage_layout(version: str) -> dict[str, tuple[int, ...]]:
-    """first_stage_model.* keys and shapes of a real SD checkpoint (lines ``key<TAB>(d0, d1, ...)<TAB>dtype``)."""
-    out = {}
-    for line in (ROOT.parent / "shared" / "sd-layout" / f"sd-{version}.tsv").read_text().splitlines():
-        key, shape = line.split("\t")[:2]
-        if key.startswith("first_stage_model."):
-            out[key[len("first_stage_model."):]] = tuple(ast.literal_eval(shape))
-    return out
-
-
 def test_kl_f8_config_is_the_sd_first_stage():
     cfg = load_config(ROOT / "configs" / "autoencoder" / "kl_f8.yaml")
     check_config(cfg.model, "model")
@@ -323,7 +313,7 @@ def test_kl_f8_config_is_the_sd_first_stage():
         module = instantiate_from_config(cfg.model, "model")
     assert isinstance(module, AutoencoderKLModule) and module.loss.disc_start == 50001
     exported = {k: tuple(v.shape) for k, v in module.export_state_dict().items()}
-    assert exported == _sd_first_stage_layout("v1")
+    assert exported == layout_shapes("sd-v1.tsv", "first_stage_model.")
 
 
 def test_shapes_demo_config_matches_the_ldm_demo_first_stage():

@@ -1,5 +1,4 @@
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,8 +6,8 @@ import torch
 from ldm.config import ConfigError, instantiate_from_config
 from ldm.models.attention import CrossAttention, SpatialTransformer
 from ldm.models.unet import AttentionBlock, ResBlock, UNetModel, timestep_embedding
+from sd_layout import layout_shapes
 
-LAYOUT_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "sd-layout"
 PREFIX = "model.diffusion_model."
 
 SD_V1 = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
@@ -37,21 +36,9 @@ def inputs(batch=2, size=8, ctx_len=5, ctx_dim=16):
     return torch.randn(batch, 4, size, size), torch.tensor([3, 700][:batch]), torch.randn(batch, ctx_len, ctx_dim)
 
 
-def read_layout(name):
-    path = LAYOUT_DIR / name
-    if not path.is_file():
-        pytest.skip(f"{path} not found")
-    layout = {}
-    for line in path.read_text().splitlines():
-        key, shape, _ = line.split("\t")
-        if key.startswith(PREFIX):
-            layout[key[len(PREFIX):]] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    return layout
-
-
 @pytest.mark.parametrize("params,layout", [(SD_V1, "sd-v1.tsv"), (SD_V2, "sd-v2.tsv")], ids=["v1", "v2"])
 def test_full_size_names_and_shapes_match_sd(params, layout):
-    expected = read_layout(layout)
+    expected = layout_shapes(layout, "model.diffusion_model.")
     assert len(expected) == 686
     with torch.device("meta"):
         model = UNetModel(**params)

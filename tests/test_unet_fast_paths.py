@@ -1,15 +1,10 @@
 """The UNet's CPU fast paths (channels-last layout, bf16 GroupNorm under autocast) keep the reference numerics."""
 import torch
 
-from ldm.models.unet import GroupNorm32, UNetModel
+from ldm.models.unet import GroupNorm32
+from test_unet import tiny
 
 
-def tiny(**overrides):
-    params = dict(image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
-                  num_res_blocks=1, channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True,
-                  context_dim=16, legacy=False)
-    params.update(overrides)
-    return UNetModel(**params)
 
 
 def randomized_pair(**overrides):
