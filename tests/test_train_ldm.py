@@ -373,6 +373,25 @@ def test_learning_rate_scaling_and_warmup(tmp_path):
         LinearWarmup(-1)
 
 
+def test_fused_optimizer_takes_the_same_step_as_the_default():
+    modules = [tiny_module(fused_optimizer=fused, weight_decay=0.01) for fused in (True, False)]
+    modules[1].load_state_dict(modules[0].state_dict())
+    opts = [m.configure_optimizers()["optimizer"] for m in modules]
+    assert opts[0].defaults["fused"] is True and not opts[1].defaults.get("fused")
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(p.shape, generator=g) for p in modules[0].trainable_parameters()]
+    for module, opt in zip(modules, opts):
+        for _ in range(3):
+            for p, grad in zip(module.trainable_parameters(), grads):
+                p.grad = grad.clone()  # contiguous, also for the channels-last conv weights
+            module.on_before_optimizer_step(opt)  # what Lightning calls between backward and step
+            opt.step()
+    for a, b in zip(modules[0].trainable_parameters(), modules[1].trainable_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    meta = [torch.nn.Parameter(torch.empty(2, device="meta"))]
+    assert modules[0].adam_options(meta) == {}  # not a CPU/CUDA tensor: torch's default update
+
+
 def test_scheduler_config_is_used(tmp_path):
     sched = {"target": "ldm.training.lr.WarmupCosine", "params": {"warmup_steps": 1, "total_steps": 3}}
     module = tiny_module(scheduler_config=sched)

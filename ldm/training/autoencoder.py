@@ -47,6 +47,7 @@ class AutoencoderKLModule(AutoencoderKL, TrainingModuleMixin, pl.LightningModule
             batch_size * accumulate_grad_batches * devices * nodes (as the original main.py).
         learning_rate: if given, the learning rate as is (overrides base_learning_rate and scale_lr).
         adam_betas: betas of both Adam optimizers.
+        fused_optimizer: torch's fused Adam kernel where it applies (CPU/CUDA float parameters).
         learn_logvar: train the loss's ``logvar`` with the autoencoder (the original kept it fixed).
         ckpt_path, ignore_keys: initial autoencoder weights (a first-stage or full SD file).
         image_key: the batch entry holding images [B, 3, H, W] in [-1, 1].
@@ -56,7 +57,8 @@ class AutoencoderKLModule(AutoencoderKL, TrainingModuleMixin, pl.LightningModule
 
     def __init__(self, ddconfig: dict, embed_dim: int, lossconfig: Any, *, base_learning_rate: float = 4.5e-6,
                  learning_rate: float | None = None, scale_lr: bool = True,
-                 adam_betas: Sequence[float] = (0.5, 0.9), learn_logvar: bool = False,
+                 adam_betas: Sequence[float] = (0.5, 0.9), fused_optimizer: bool = True,
+                 learn_logvar: bool = False,
                  ckpt_path: str | os.PathLike | None = None, ignore_keys: Sequence[str] = (),
                  image_key: str = "image", monitor: str | None = "val/rec_loss", num_val_images: int = 8):
         hparams = to_plain({k: v for k, v in locals().items() if k not in ("self", "__class__")})
@@ -71,6 +73,7 @@ class AutoencoderKLModule(AutoencoderKL, TrainingModuleMixin, pl.LightningModule
         self.base_learning_rate = float(base_learning_rate)
         self.learning_rate = None if learning_rate is None else float(learning_rate)
         self.scale_lr, self.adam_betas, self.learn_logvar = scale_lr, tuple(adam_betas), learn_logvar
+        self.fused_optimizer = bool(fused_optimizer)
         self.num_val_images = num_val_images
         self.ae_step = 0  # autoencoder steps (= training batches) taken: the clock of disc_start
         self.run_config: dict | None = None  # the whole run's config (plain), set by train.py
@@ -159,8 +162,9 @@ class AutoencoderKLModule(AutoencoderKL, TrainingModuleMixin, pl.LightningModule
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         lr = self.effective_learning_rate()
-        opt_ae = torch.optim.Adam(self.autoencoder_parameters(), lr=lr, betas=self.adam_betas)
-        opt_disc = torch.optim.Adam(self.loss.discriminator.parameters(), lr=lr, betas=self.adam_betas)
+        ae, disc = list(self.autoencoder_parameters()), list(self.loss.discriminator.parameters())
+        opt_ae = torch.optim.Adam(ae, lr=lr, betas=self.adam_betas, **self.adam_options(ae))
+        opt_disc = torch.optim.Adam(disc, lr=lr, betas=self.adam_betas, **self.adam_options(disc))
         return [opt_ae, opt_disc]
 
     # ---- checkpoints and export -----------------------------------------------------------------------------

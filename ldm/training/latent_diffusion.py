@@ -66,6 +66,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             batch_size * accumulate_grad_batches * devices * nodes (as the original main.py does).
         learning_rate: if given, the learning rate as is (overrides base_learning_rate and scale_lr).
         weight_decay, adam_betas, adam_eps: AdamW settings.
+        fused_optimizer: torch's fused AdamW kernel where it applies (CPU/CUDA float parameters).
         warmup_steps: linear warm-up over this many optimizer steps (or ``scheduler_config``: a target
             whose instance maps optimizer step -> LR multiplier, e.g. ``ldm.training.lr.WarmupCosine``).
         ema_decay: EMA decay of the UNet weights (``use_ema``), updated once per optimizer step.
@@ -112,6 +113,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         weight_decay: float = 0.0,
         adam_betas: Sequence[float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        fused_optimizer: bool = True,
         warmup_steps: int = 0,
         ema_decay: float = 0.9999,
         cond_drop_rate: float = 0.1,
@@ -144,6 +146,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         self.learning_rate = None if learning_rate is None else float(learning_rate)
         self.scale_lr = scale_lr
         self.weight_decay, self.adam_betas, self.adam_eps = weight_decay, tuple(adam_betas), adam_eps
+        self.fused_optimizer = bool(fused_optimizer)
         self.lr_lambda = (instantiate_from_config(scheduler_config, "model.params.scheduler_config")
                           if scheduler_config is not None else LinearWarmup(warmup_steps))
         self.cond_drop_rate = float(cond_drop_rate)
@@ -332,8 +335,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         return params
 
     def configure_optimizers(self) -> dict:
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.effective_learning_rate(),
-                                betas=self.adam_betas, eps=self.adam_eps, weight_decay=self.weight_decay)
+        params = self.trainable_parameters()
+        opt = torch.optim.AdamW(params, lr=self.effective_learning_rate(), betas=self.adam_betas,
+                                eps=self.adam_eps, weight_decay=self.weight_decay, **self.adam_options(params))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
