@@ -208,6 +208,11 @@ class _Pipeline:
         device: "auto"/None (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
         precision: "fp32", "bf16", "fp16" (autocast for text encoder and UNet), "autocast" or "auto".
         vae_precision: "fp32" (default: decode in float32) or "same" (decode under the pipeline's autocast).
+        unet_weights: "fp32" (default here: the UNet keeps its float32 weights; autocast, or on a CPU the
+            UNet's cache, casts them) or "compute": with precision bf16/fp16 the UNet's conv and linear weights
+            are stored in that dtype in place (``UNetModel.store_weights_in_``): the same images with half the
+            UNet's memory and no cast copy, but the model's float32 weights are gone. ``from_checkpoint``,
+            whose pipeline owns its model, defaults to "compute".
         attention: UNet attention backend ("sdpa", "xformers", "math", "auto"); None keeps the model's.
         attention_slicing: query rows per attention chunk (lower peak memory, same result); None: off.
         vae_tiling: encode/decode large images tile by tile (``AutoencoderKL.enable_tiling``).
@@ -221,7 +226,8 @@ class _Pipeline:
     task = "txt2img"
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None, precision: str = "fp32", *,
-                 vae_precision: str = "fp32", attention: str | None = None, attention_slicing: int | None = None,
+                 vae_precision: str = "fp32", unet_weights: str = "fp32", attention: str | None = None,
+                 attention_slicing: int | None = None,
                  vae_tiling: bool = False, cpu_offload: bool = False, channels_last: bool = False,
                  compile: bool | str = False, model_name: str | None = None,
                  model_path: str | Path | None = None):
@@ -231,6 +237,13 @@ class _Pipeline:
         if vae_precision not in ("fp32", "same"):
             raise ValueError(f"vae_precision must be 'fp32' or 'same', got {vae_precision!r}")
         self.vae_precision = vae_precision
+        if unet_weights not in ("fp32", "compute"):
+            raise ValueError(f"unet_weights must be 'fp32' or 'compute', got {unet_weights!r}")
+        if unet_weights == "compute" and PRECISIONS[self.precision] != torch.float32:
+            if not hasattr(self.unet, "store_weights_in_"):
+                raise ValueError(f"unet_weights='compute' needs ldm's UNetModel, not {type(self.unet).__name__}; "
+                                 "pass unet_weights='fp32'")
+            self.unet.store_weights_in_(PRECISIONS[self.precision])
         self.cpu_offload = cpu_offload and self.device.type != "cpu"
         self.model_name = model_name
         self.model_path = Path(model_path) if model_path is not None else None
@@ -241,10 +254,12 @@ class _Pipeline:
     def from_checkpoint(cls, ckpt: str | Path | None, config: Any = None, *, use_ema: bool | None = None,
                         device: str | torch.device | None = None, precision: str = "fp32",
                         parameterization: str | None = None, **options: Any) -> "_Pipeline":
-        """Load ``ckpt`` (config from ``config``, else from the file's metadata or its tensor shapes)."""
+        """Load ``ckpt`` (config from ``config``, else from the file's metadata or its tensor shapes); the UNet's
+        weights are stored in the compute dtype unless ``unet_weights="fp32"``."""
         from ldm.checkpoint import load_model
 
         model = load_model(config, ckpt, use_ema=use_ema, parameterization=parameterization)
+        options.setdefault("unet_weights", "compute")  # the model is this pipeline's own
         options.setdefault("model_name", Path(ckpt).stem if ckpt is not None else None)
         options.setdefault("model_path", ckpt)
         return cls(model, device=device, precision=precision, **options)

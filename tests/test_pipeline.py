@@ -203,6 +203,24 @@ def test_half_precision_is_not_black_and_decodes_in_fp32(pipe, precision, monkey
     assert _pixels(image).std() > 1 and _pixels(image).max() > 0
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_unet_weights_in_the_compute_dtype_give_the_same_images(tiny_ckpt, precision):
+    kept = Text2Image.from_checkpoint(tiny_ckpt, device="cpu", precision=precision, unet_weights="fp32")
+    stored = Text2Image.from_checkpoint(tiny_ckpt, device="cpu", precision=precision)  # "compute" by default
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    unet = stored.unet
+    layers = [m for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    norms = [m for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    assert layers and all(p.dtype == dtype for m in layers for p in m.parameters())
+    assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+    assert all(p.dtype == torch.float32 for p in kept.unet.parameters())
+    assert stored.model.first_stage_model.decoder.conv_out.weight.dtype == torch.float32  # only the UNet
+    a, b = (p("a red circle", seeds=3, **FAST).images[0] for p in (kept, stored))
+    assert _max_diff(a, b) == 0
+    with pytest.raises(ValueError, match="unet_weights must be"):
+        Text2Image(kept.model, device="cpu", unet_weights="bf16")
+
+
 def test_memory_and_speed_options_keep_the_result(pipe, monkeypatch):
     reference = pipe("a red circle", seeds=4, **FAST).images[0]
     model = pipe.model

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_names("--precision"), default="auto",
                    choices=("auto", "fp32", "bf16", "fp16", "autocast", "full"),
                    help="auto: fp16 on CUDA, fp32 on CPU; the VAE always decodes in fp32")
+    g.add_argument(*_names("--unet-weights"), dest="unet_weights", default="compute", choices=("compute", "fp32"),
+                   help="compute (default): with bf16/fp16 store the UNet's conv/linear weights in that dtype "
+                        "(same images, half the UNet's memory); fp32: keep float32 weights, cast on the fly")
     g.add_argument(*_names("--attention"), default=None, choices=("sdpa", "xformers", "math", "auto"),
                    help="attention backend (default: the model's, sdpa)")
     g.add_argument(*_names("--attention-slicing"), dest="attention_slicing", type=int, nargs="?",
@@ -228,7 +231,8 @@ def load_pipeline(args: argparse.Namespace):
                                precision=args.precision, parameterization=args.parameterization,
                                attention=args.attention, attention_slicing=args.attention_slicing,
                                vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
-                               channels_last=args.channels_last, compile=args.compile)
+                               channels_last=args.channels_last, compile=args.compile,
+                               unet_weights=args.unet_weights)
     m = pipe.size_multiple
     for flag, value in (("--H", args.H), ("--W", args.W)):
         if value is not None and value % m:

@@ -500,6 +500,17 @@ class UNetModel(nn.Module):
         return self.out(h.type(x.dtype)).contiguous()
 
     # --------------------------------------------------------------------------------------- weight cache
+    def store_weights_in_(self, dtype: torch.dtype) -> "UNetModel":
+        """Keep the conv and linear weights (and biases) in ``dtype`` itself, for inference under autocast to
+        ``dtype``: they are what autocast would cast them to, so the outputs are the same, without a float32
+        copy beside them (half the UNet's memory in bf16/fp16, and no cast copy). Norms stay float32, as
+        autocast runs them. In place, and lossy: the float32 values are gone. Returns self."""
+        self._weight_cache = None
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                module.to(dtype)  # one module at a time: each float32 tensor is freed as it is replaced
+        return self
+
     def clear_weight_cache(self) -> None:
         """Free the cached low-precision copy of the weights (it is rebuilt on the next autocast inference)."""
         self._weight_cache = None
