@@ -26,7 +26,7 @@ def _randomize(module, std=0.2):
             p.copy_(torch.randn_like(p) * std)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "math", "auto"])
+@pytest.mark.parametrize("backend", ["sdpa", "math", "blocked", "auto"])
 @pytest.mark.parametrize("slice_size", [None, 1, 3, 100])
 def test_backends_match_reference(backend, slice_size):
     q, k, v = _qkv()
@@ -41,7 +41,7 @@ def test_bool_mask_sdpa_and_math_agree(slice_size):
     mask = torch.rand(2, 1, 10, 7) > 0.3
     mask[..., 0] = True  # every query row keeps a key
     expected = _reference(q, k, v, mask)
-    for backend in ("sdpa", "math"):
+    for backend in ("sdpa", "math", "blocked"):
         out = attention(q, k, v, backend=backend, slice_size=slice_size, mask=mask)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
@@ -81,10 +81,33 @@ def test_xformers_on_cpu_is_a_clear_error():
 
 def test_auto_falls_back_to_sdpa_on_cpu(monkeypatch):
     calls = []
-    monkeypatch.setitem(attn_mod._KERNELS, "sdpa", lambda *a: calls.append(1) or attn_mod._sdpa(*a))
+    for name in ("sdpa", "blocked"):
+        monkeypatch.setitem(attn_mod._KERNELS, name, lambda *a, n=name, f=attn_mod._KERNELS[name]: calls.append(n)
+                            or f(*a))
     q, k, v = _qkv()
     attention(q, k, v, backend="auto")
-    assert calls == [1]
+    assert calls == ["sdpa"]  # fp32
+    long = _qkv(nq=8, nk=attn_mod.BLOCKED_MIN_KEYS, d=16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        attention(*long, backend="auto")  # bf16 inference over a feature map: blocked
+        attention(*_qkv(nq=8, nk=77, d=16, dtype=torch.bfloat16), backend="auto")  # a text context: sdpa
+    attention(*long, backend="auto")  # autograd on: sdpa
+    assert calls == ["sdpa", "blocked", "sdpa", "sdpa"]
+
+
+def test_blocked_is_math_block_by_block_and_differentiable(monkeypatch):
+    monkeypatch.setattr(attn_mod, "_BLOCK_SCORES", 64 * 8)  # several row blocks per head
+    q, k, v = _qkv(nq=40, nk=64, d=16, dtype=torch.bfloat16)
+    mask = torch.rand(2, 1, 40, 64) > 0.2
+    mask[..., 0] = True
+    with torch.no_grad():
+        blocked = attention(q, k, v, backend="blocked", mask=mask)
+        math = attention(q, k, v, backend="math", mask=mask)
+    assert blocked.dtype == torch.bfloat16
+    torch.testing.assert_close(blocked.float(), math.float(), atol=1e-2, rtol=0)  # one bf16 rounding apart
+    qf = q.float().requires_grad_()
+    attention(qf, k.float(), v.float(), backend="blocked").sum().backward()
+    assert qf.grad is not None and qf.grad.abs().sum() > 0
 
 
 def test_cross_attention_names_and_hand_computed_output():

@@ -291,7 +291,7 @@ class UNetModel(nn.Module):
                  n_embed: Optional[int] = None, legacy: bool = True,
                  disable_self_attentions: Optional[Sequence[bool]] = None,
                  num_attention_blocks: Optional[Sequence[int]] = None, disable_middle_self_attn: bool = False,
-                 use_linear_in_transformer: bool = False, attention_backend: str = "sdpa",
+                 use_linear_in_transformer: bool = False, attention_backend: str = "auto",
                  attention_slice_size: Optional[int] = None, channels_last: bool = True):
         super().__init__()
         _check_dims(dims)
@@ -453,7 +453,8 @@ class UNetModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- forward
     def set_attention_backend(self, backend: str, slice_size: Optional[int] = None) -> None:
-        """Switch every attention layer to ``backend`` ("sdpa", "math", "xformers", "auto") and slicing."""
+        """Switch every attention layer to ``backend`` ("sdpa", "math", "blocked", "xformers", "auto") and
+        slicing."""
         set_attention_backend(self, backend, slice_size)
         self.attention_backend, self.attention_slice_size = backend, slice_size
 
