@@ -11,9 +11,10 @@ Reproducibility: every image has its own seed and ``torch.Generator`` (image i o
 seed s + i), so an image does not depend on the batch it was made in. Initial noise is drawn on the CPU, as
 the reference scripts do, so a seed gives the same image on every device.
 
-Precision: the weights stay float32; "bf16" / "fp16" run the text encoder and the UNet under
-``torch.autocast`` (which keeps normalisations and softmax in float32, as the reference does) and the VAE
-decodes in float32 unless ``vae_precision`` says otherwise (a float16 VAE makes black images).
+Precision: "bf16" / "fp16" run the text encoder and the UNet under ``torch.autocast`` (which keeps
+normalisations and softmax in float32, as the reference does). The VAE runs in float32 with fp16 (a float16
+VAE overflows into black images) and under the bf16 autocast with bf16 (bfloat16 has float32's range);
+``vae_precision`` chooses otherwise. ``unet_weights`` says whether the UNet keeps float32 weights.
 """
 from __future__ import annotations
 
@@ -207,7 +208,8 @@ class _Pipeline:
         model: a loaded ``LatentDiffusion`` (``ldm.checkpoint.load_model``).
         device: "auto"/None (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
         precision: "fp32", "bf16", "fp16" (autocast for text encoder and UNet), "autocast" or "auto".
-        vae_precision: "fp32" (default: decode in float32) or "same" (decode under the pipeline's autocast).
+        vae_precision: "auto" (default: "same" with bf16, "fp32" otherwise), "fp32" (encode and decode in
+            float32) or "same" (under the pipeline's autocast; fp16 may overflow into black images).
         unet_weights: "fp32" (default here: the UNet keeps its float32 weights; autocast, or on a CPU the
             UNet's cache, casts them) or "compute": with precision bf16/fp16 the UNet's conv and linear weights
             are stored in that dtype in place (``UNetModel.store_weights_in_``): the same images with half the
@@ -226,7 +228,7 @@ class _Pipeline:
     task = "txt2img"
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None, precision: str = "fp32", *,
-                 vae_precision: str = "fp32", unet_weights: str = "fp32", attention: str | None = None,
+                 vae_precision: str = "auto", unet_weights: str = "fp32", attention: str | None = None,
                  attention_slicing: int | None = None,
                  vae_tiling: bool = False, cpu_offload: bool = False, channels_last: bool = False,
                  compile: bool | str = False, model_name: str | None = None,
@@ -234,8 +236,10 @@ class _Pipeline:
         self.model = model.eval().requires_grad_(False)
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
-        if vae_precision not in ("fp32", "same"):
-            raise ValueError(f"vae_precision must be 'fp32' or 'same', got {vae_precision!r}")
+        if vae_precision not in ("auto", "fp32", "same"):
+            raise ValueError(f"vae_precision must be 'auto', 'fp32' or 'same', got {vae_precision!r}")
+        if vae_precision == "auto":
+            vae_precision = "same" if self.precision == "bf16" else "fp32"
         self.vae_precision = vae_precision
         if unet_weights not in ("fp32", "compute"):
             raise ValueError(f"unet_weights must be 'fp32' or 'compute', got {unet_weights!r}")

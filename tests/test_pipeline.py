@@ -191,16 +191,21 @@ def test_nine_channel_inpainting_model(tiny_inpaint_ckpt):
     assert txt.images[0].size == (32, 32)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_half_precision_is_not_black_and_decodes_in_fp32(pipe, precision, monkeypatch):
-    half = Text2Image(pipe.model, device="cpu", precision=precision)
+@pytest.mark.parametrize("precision, vae_precision, vae_autocast", [
+    ("fp16", "auto", False), ("bf16", "auto", True), ("bf16", "fp32", False), ("fp16", "same", True)])
+def test_half_precision_is_not_black_and_the_vae_precision(pipe, precision, vae_precision, vae_autocast,
+                                                            monkeypatch):
+    """fp16 decodes in fp32 (its range would overflow into black images); bf16 decodes under its autocast."""
+    half = Text2Image(pipe.model, device="cpu", precision=precision, vae_precision=vae_precision)
     dtypes = []
     decode = half.model.decode_first_stage
     monkeypatch.setattr(half.model, "decode_first_stage",
                         lambda z: dtypes.append((z.dtype, torch.is_autocast_enabled("cpu"))) or decode(z))
     image = half("a red circle", seeds=0, **FAST).images[0]
-    assert dtypes == [(torch.float32, False)]
+    assert dtypes == [(torch.float32, vae_autocast)]
     assert _pixels(image).std() > 1 and _pixels(image).max() > 0
+    with pytest.raises(ValueError, match="vae_precision must be"):
+        Text2Image(pipe.model, device="cpu", precision=precision, vae_precision="bf16")
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ldm.cli import common
@@ -224,3 +225,16 @@ def test_sample_py_in_a_subprocess(tmp_path, tiny_ckpt):
     assert (tmp_path / "samples" / "00000.png").is_file() and (tmp_path / "grid-0000.png").is_file()
     assert result.stdout.strip().splitlines()[-1].startswith("done: 1 images in")
     assert "images" in result.stderr  # the tqdm bar
+
+
+def test_precision_flags_reach_the_pipeline(tmp_path, tiny_ckpt):
+    def load(*flags):
+        return cli.load_pipeline(cli.build_parser().parse_args(
+            ["--ckpt", str(tiny_ckpt), "--prompt", "x", "--outdir", str(tmp_path), *FAST, *flags]))
+
+    pipe = load("--precision", "bf16")
+    assert pipe.vae_precision == "same"
+    assert pipe.unet.out[-1].weight.dtype == torch.bfloat16  # --unet-weights compute (the default)
+    pipe = load("--precision", "bf16", "--vae-precision", "fp32", "--unet-weights", "fp32")
+    assert pipe.vae_precision == "fp32" and pipe.unet.out[-1].weight.dtype == torch.float32
+    assert load("--precision", "fp16").vae_precision == "fp32"

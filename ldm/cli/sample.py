@@ -108,12 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(*_names("--device"), default="auto", help="auto (default: CUDA if present), cpu, cuda, cuda:N")
     g.add_argument(*_names("--precision"), default="auto",
                    choices=("auto", "fp32", "bf16", "fp16", "autocast", "full"),
-                   help="auto: fp16 on CUDA, fp32 on CPU; the VAE always decodes in fp32")
+                   help="auto: fp16 on CUDA, fp32 on CPU")
+    g.add_argument(*_names("--vae-precision"), dest="vae_precision", default="auto", choices=("auto", "fp32", "same"),
+                   help="the VAE's precision: auto (default: as --precision with bf16, fp32 with fp16, whose "
+                        "range would overflow into black images), fp32, or same (as --precision)")
     g.add_argument(*_names("--unet-weights"), dest="unet_weights", default="compute", choices=("compute", "fp32"),
                    help="compute (default): with bf16/fp16 store the UNet's conv/linear weights in that dtype "
                         "(same images, half the UNet's memory); fp32: keep float32 weights, cast on the fly")
-    g.add_argument(*_names("--attention"), default=None, choices=("sdpa", "xformers", "math", "auto"),
-                   help="attention backend (default: the model's, sdpa)")
+    g.add_argument(*_names("--attention"), default=None, choices=("sdpa", "xformers", "math", "blocked", "auto"),
+                   help="attention backend (default: the model's, auto: xformers on CUDA when installed, "
+                        "blocked for bf16 on a CPU, else sdpa)")
     g.add_argument(*_names("--attention-slicing"), dest="attention_slicing", type=int, nargs="?",
                    const=DEFAULT_SLICE_ROWS, default=None,
                    help=f"attention in chunks of N query rows (default N {DEFAULT_SLICE_ROWS})")
@@ -232,7 +236,7 @@ def load_pipeline(args: argparse.Namespace):
                                attention=args.attention, attention_slicing=args.attention_slicing,
                                vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
                                channels_last=args.channels_last, compile=args.compile,
-                               unet_weights=args.unet_weights)
+                               unet_weights=args.unet_weights, vae_precision=args.vae_precision)
     m = pipe.size_multiple
     for flag, value in (("--H", args.H), ("--W", args.W)):
         if value is not None and value % m:
