@@ -153,8 +153,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1, help="interleaved rounds (ours, diffusers) per setting")
     parser.add_argument("--unet-width", type=int, default=320, help="UNet model_channels (320 = SD1.5)")
     parser.add_argument("--vae-ch", type=int, default=128, help="VAE base width (128 = SD1.5)")
-    parser.add_argument("--ours-vae-precision", choices=("fp32", "same"), default="fp32",
-                        help="Text2Image's vae_precision: fp32 (our default) or same (the autocast, as diffusers)")
+    parser.add_argument("--ours-vae-precision", choices=("auto", "fp32", "same"), default="auto",
+                        help="Text2Image's vae_precision: auto (our default: the autocast with bf16, as diffusers "
+                             "here), fp32 or same")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(common.RESULTS / "txt2img.md"))
     parser.add_argument("--worker", choices=CANDIDATES, help=argparse.SUPPRESS)
@@ -187,7 +188,9 @@ def main() -> None:
         f"SD1 architecture, UNet width {args.unet_width}, VAE width {args.vae_ch}"
     notes = [f"{width}, random weights, one prompt, {STEPS} steps DPM++ 2M (diffusers: DPMSolverMultistep "
              f"dpmsolver++ order 2), CFG {GUIDANCE}, batch 1; each number from a fresh process after a 1-step warm-up",
-             f"ours decodes the VAE with vae_precision={args.ours_vae_precision!r} ('fp32' is our default); "
+             f"ours decodes the VAE with vae_precision={args.ours_vae_precision!r} ('auto', our default, is the "
+             "autocast with bf16); ours stores the UNet's conv/linear weights in bf16 (unet_weights='compute', "
+             "from_checkpoint's default: the same numbers as autocast's casts) and uses attention 'auto'; "
              "diffusers runs everything, VAE included, under the same autocast",
              "peak RSS: VmHWM of the worker process (loading included)"]
     common.write_report(args.out, "Text-to-image end to end: ours vs diffusers",

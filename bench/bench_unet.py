@@ -9,6 +9,7 @@ Sizes are ``w<model_channels>@<latent>`` (the SD v1 architecture at reduced widt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
 import re
@@ -68,10 +69,12 @@ def forward_fn(model, x, t, context, precision: str) -> Callable[[], None]:
     return run
 
 
-def train_fn(model, x, t, context, precision: str) -> Callable[[], None]:
-    """One optimisation step on an MSE loss to a fixed target; the model keeps training between calls."""
+def train_fn(model, x, t, context, precision: str, fused: bool = False) -> Callable[[], None]:
+    """One optimisation step on an MSE loss to a fixed target; the model keeps training between calls.
+    ``fused``: torch's fused AdamW (what our trainer uses, ``fused_optimizer``); else torch's default AdamW
+    (what diffusers' training scripts build)."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, **({"fused": True} if fused else {}))
     target = torch.randn_like(x)
 
     def run() -> None:
@@ -118,14 +121,21 @@ def bench_size(width: int, latent: int, args) -> list[list]:
             logger.warning("skipping the training step at w%d: two models with AdamW do not fit in memory", width)
             continue
         for precision in args.precisions:
-            make = forward_fn if mode == "forward" else train_fn
-            pair = {"ours": make(copy.deepcopy(ours) if mode == "train" else ours, x, t, context, precision),
-                    "diffusers": make(copy.deepcopy(theirs) if mode == "train" else theirs, x, t, context,
-                                      precision)}
+            if mode == "forward":
+                pair = {"ours": forward_fn(ours, x, t, context, precision),
+                        "diffusers": forward_fn(theirs, x, t, context, precision)}
+            else:
+                pair = {"ours": train_fn(copy.deepcopy(ours), x, t, context, precision, fused=True),
+                        "diffusers": train_fn(copy.deepcopy(theirs), x, t, context, precision,
+                                              fused=args.diffusers_fused_adam)}
             rates: list[float] = []
             if mode == "forward":  # the matmul peak, measured between the rounds, under the same machine load
                 pair["matmul peak"] = lambda: rates.append(common.matmul_peak_gflops(precision, reps=3))
-            times = common.interleaved(pair, args.reps, warmup=1)
+            # One autocast around all rounds: autocast keeps its bf16 copies of diffusers' weights (leaves that
+            # require grad) until the outermost autocast exits, as around a whole diffusers pipeline call; our
+            # UNet keeps its own copy (cache_cast_weights). Both then cast their weights once, not per forward.
+            with common.autocast(precision) if mode == "forward" else contextlib.nullcontext():
+                times = common.interleaved(pair, args.reps, warmup=1)
             a, b = median(times["ours"]), median(times["diffusers"])
             row = [label, mode, precision, a, b, f"{b / a:.2f}x", f"{diff:.1e}"]
             if mode == "forward":
@@ -146,6 +156,10 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", choices=common.PRECISIONS, default=list(common.PRECISIONS))
     parser.add_argument("--modes", nargs="+", choices=("forward", "train"), default=["forward", "train"])
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--diffusers-fused-adam", action="store_true",
+                        help="give diffusers' training step torch's fused AdamW too (default: torch's default "
+                             "AdamW, as diffusers' training scripts build it; ours always uses the fused one, as "
+                             "our trainer does)")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds per candidate (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(common.RESULTS / "unet.md"))
@@ -159,7 +173,12 @@ def main() -> None:
              "times are medians of interleaved rounds (ours, diffusers, ours, ...) after one warm-up round; "
              "speed-up = diffusers / ours",
              "util = counted forward FLOPs (torch.utils.flop_counter) / median time / matmul peak",
-             "train = forward + MSE loss + backward + AdamW step; both models train their own copy"]
+             "train = forward + MSE loss + backward + AdamW step; both models train their own copy; ours with "
+             "torch's fused AdamW (our trainer's default), diffusers with "
+             + ("the fused AdamW too" if args.diffusers_fused_adam else
+                "torch's default AdamW (as diffusers' training scripts)"),
+             "forward: one autocast around all rounds, so each model casts its weights to bf16 once (autocast's "
+             "weight cache for diffusers, our UNet's cast-weight cache for ours)"]
     common.write_report(args.out, "UNet forward and training step: ours vs diffusers",
                         common.machine_info(threads, "/".join(args.precisions)), common.markdown_table(headers, rows),
                         notes)
