@@ -215,7 +215,7 @@ class _Pipeline:
             are stored in that dtype in place (``UNetModel.store_weights_in_``): the same images with half the
             UNet's memory and no cast copy, but the model's float32 weights are gone. ``from_checkpoint``,
             whose pipeline owns its model, defaults to "compute".
-        attention: UNet attention backend ("sdpa", "xformers", "math", "auto"); None keeps the model's.
+        attention: UNet attention backend ("auto", "sdpa", "math", "blocked", "xformers"); None keeps the model's.
         attention_slicing: query rows per attention chunk (lower peak memory, same result); None: off.
         vae_tiling: encode/decode large images tile by tile (``AutoencoderKL.enable_tiling``).
         cpu_offload: keep the weights on the CPU and move each part (text encoder, UNet, VAE) to the
@@ -280,7 +280,7 @@ class _Pipeline:
         unet = self.unet
         if attention is not None or attention_slicing is not None:
             from ldm.models.attention import AttentionBackendMixin, set_attention_backend
-            current = next((m.backend for m in unet.modules() if isinstance(m, AttentionBackendMixin)), "sdpa")
+            current = next((m.backend for m in unet.modules() if isinstance(m, AttentionBackendMixin)), "auto")
             set_attention_backend(unet, attention or current, attention_slicing)
         if vae_tiling:
             self.model.first_stage_model.enable_tiling()
