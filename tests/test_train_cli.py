@@ -92,6 +92,19 @@ def test_train_py_end_to_end(tmp_path):
     assert type(model).__name__ == "LatentDiffusion"
 
 
+def test_resume_keeps_the_runs_seed(tmp_path, caplog):
+    base = tiny_run_config(tmp_path)
+    run = tmp_path / "logs" / "s"
+    assert main(["--base", str(base), "--logdir", str(tmp_path / "logs"), "--name", "s", "--seed", "7",
+                 "--max_steps", "1"] + FAST) == 0
+    assert main(["--resume", str(run), "--max_steps", "2"] + FAST) == 0  # no --seed: the run's own
+    assert last_step(run) == 2 and os.environ["PL_GLOBAL_SEED"] == "7"
+    assert OmegaConf.load(run / "config.yaml").seed == 7
+    with caplog.at_level(logging.WARNING):
+        assert main(["--resume", str(run), "--max_steps", "3", "--seed", "8"] + FAST) == 0
+    assert "differs from the resumed run's seed 7" in caplog.text and os.environ["PL_GLOBAL_SEED"] == "8"
+
+
 def test_resume_refuse_and_export_only(tmp_path, caplog):
     base = tiny_run_config(tmp_path)
     common = ["--base", str(base), "--logdir", str(tmp_path / "logs"), "--name", "r"] + FAST
@@ -105,6 +118,7 @@ def test_resume_refuse_and_export_only(tmp_path, caplog):
     assert last_step(run) == 2
     assert main(["--resume", str(run), "--max_steps", "3"] + FAST) == 0  # the run folder alone is enough
     assert last_step(run) == 3
+    assert OmegaConf.load(run / "config.yaml").seed == 23 and os.environ["PL_GLOBAL_SEED"] == "23"
     export = run / "r.safetensors"
     export.unlink()
     assert main(["--resume", str(run / "checkpoints" / "last.ckpt"), "--export-only"]) == 0

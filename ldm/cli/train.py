@@ -34,6 +34,7 @@ log = logging.getLogger("ldm.train")
 
 DEFAULT_BASE = CONFIG_DIR / "demo" / "shapes_ldm.yaml"
 DEFAULT_DATA = {"target": "ldm.data.datamodule.ShapesDataModule", "params": {"size": 64, "batch_size": 16}}
+DEFAULT_SEED = 23
 TRAINER_FLAGS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "max_steps",
                  "accumulate_grad_batches")
 CALLBACK_TARGETS = {
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"config files, merged left to right (default: {DEFAULT_BASE.relative_to(CONFIG_DIR.parent)})")
     p.add_argument("-n", "--name", default=None, help="run name (default: the last config file's stem)")
     p.add_argument("-l", "--logdir", default="logs", help="folder of run folders (default: logs)")
-    p.add_argument("-s", "--seed", type=int, default=23, help="global seed (default: 23)")
+    p.add_argument("-s", "--seed", type=int, default=None,
+                   help=f"global seed (default: a resumed run's own, else {DEFAULT_SEED}); kept in config.yaml")
     p.add_argument("-r", "--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
                    help="continue a run: its folder, a .ckpt, or 'auto' (the run's last.ckpt if there is one)")
     p.add_argument("--export-only", action="store_true",
@@ -271,7 +273,13 @@ def _run(args: argparse.Namespace) -> int:
 
     from ldm.training.callbacks import AtomicCheckpointIO, make_logger
 
-    pl.seed_everything(args.seed, workers=True)
+    saved = cfg.get("seed")
+    seed = args.seed if args.seed is not None else int(saved if saved is not None else DEFAULT_SEED)
+    if ckpt is not None and saved is not None and seed != int(saved):
+        log.warning("--seed %d differs from the resumed run's seed %s: the rest of the run draws other noise",
+                    seed, saved)
+    cfg.seed = seed  # recorded in config.yaml, so that --resume continues with the same random stream
+    pl.seed_everything(seed, workers=True)
     model = instantiate_from_config(cfg.model, "model")
     if not isinstance(model, pl.LightningModule):
         raise ConfigError(f"model.target: {cfg.model.target} is not a LightningModule; use a training module such "
