@@ -60,15 +60,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def mem_available_gb() -> float:
-    """MemAvailable from /proc/meminfo in GiB (inf where unknown)."""
+def _proc_kib_as_gb(path: str, key: str) -> float | None:
+    """The ``key:`` line of a /proc file (a size in KiB) in GiB; None where there is no such file or line."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 2**20
     except OSError:
         pass
-    return float("inf")
+    return None
+
+
+def mem_available_gb() -> float:
+    """MemAvailable from /proc/meminfo in GiB (inf where unknown)."""
+    gb = _proc_kib_as_gb("/proc/meminfo", "MemAvailable")
+    return float("inf") if gb is None else gb
 
 
 def peak_rss_gb() -> float:
@@ -77,12 +83,9 @@ def peak_rss_gb() -> float:
     VmHWM of /proc/self/status where there is one: unlike getrusage's ru_maxrss, which a child inherits from
     the parent that forked it, it starts afresh in every exec'd process.
     """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
+    gb = _proc_kib_as_gb("/proc/self/status", "VmHWM")
+    if gb is not None:
+        return gb
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
