@@ -6,7 +6,7 @@ Parameter names follow the original ``ldm/modules/attention.py`` (``to_q``, ``to
 
 The backend is chosen per module (argument or :func:`set_attention_backend`), never by an environment variable:
 
-- ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention` (default);
+- ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention` (a single layer's default);
 - ``"math"``: the reference computation: q and k in fp32, softmax in fp32, result cast back;
 - ``"blocked"``: the same numbers as ``"math"``, one head and a cache-sized block of query rows at a time
   (faster than torch's CPU flash kernel for bf16 inference);
