@@ -392,8 +392,8 @@ def test_image_folder_errors(tmp_path):
 # -- synthetic shapes ------------------------------------------------------------------------------
 
 class FakeShapes(Dataset):
-    def __init__(self, num_samples, size=64, seed=0):
-        self.num_samples, self.size, self.seed = num_samples, size, seed
+    def __init__(self, num_samples, size=64, seed=0, color_drop=0.15):
+        self.num_samples, self.size, self.seed, self.color_drop = num_samples, size, seed, color_drop
 
     def __len__(self):
         return self.num_samples
@@ -409,6 +409,11 @@ def test_shapes_datamodule_wiring(monkeypatch):
     assert batch["image"].shape == (2, 3, 8, 8) and batch["caption"][0].startswith("seed 3")
     assert next(iter(dm.val_dataloader()))["caption"] == ["seed 4 #0", "seed 4 #1"]
     assert ShapesDataModule(num_train=5, num_val=0, batch_size=2).val_dataloader() == []
+    dm = ShapesDataModule(num_train=5, num_val=2, batch_size=2, color_drop=0.4)
+    dm.setup()
+    assert dm.train_set.color_drop == 0.4 and dm.val_set.color_drop == 0.15  # validation keeps the default
+    with pytest.raises(ValueError, match="color_drop"):
+        ShapesDataModule(color_drop=-0.1)
 
 
 def test_shapes_datamodule_with_real_dataset():

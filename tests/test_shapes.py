@@ -102,6 +102,20 @@ def test_counting_captions_say_the_count():
     assert styles == {"digit", "word"}
 
 
+def test_color_drop_sets_the_share_of_color_free_captions():
+    def colorless_share(**kw):
+        ds = ShapesDataset(400, seed=5, **kw)
+        return sum(not any(re.search(rf"\b{c}\b", ds.scene(i)[1]) for c in COLORS) for i in range(400)) / 400
+
+    assert 0.08 < colorless_share() < 0.22  # the default, 15%
+    assert 0.33 < colorless_share(color_drop=0.4) < 0.47
+    assert colorless_share(color_drop=0.0) == 0.0 and colorless_share(color_drop=1.0) == 1.0
+    # the scenes (pictures) do not depend on it: only the wording does
+    assert ShapesDataset(20, seed=5).scene(7)[0] == ShapesDataset(20, seed=5, color_drop=0.9).scene(7)[0]
+    with pytest.raises(ValueError, match="color_drop"):
+        ShapesDataset(4, color_drop=1.5)
+
+
 def test_caption_examples():
     spec = {"objects": [{"shape": "circle", "color": "red", "size": "small", "count": 2},
                         {"shape": "square", "color": "blue", "size": None, "count": 1}],

@@ -327,11 +327,15 @@ def caption_spec(spec: dict[str, Any], rng: random.Random) -> str:
     return rng.choice(_FRAMES).format(body)
 
 
-def caption(scene: Scene, rng: random.Random) -> str:
-    """A natural caption of ``scene``; sizes are said half of the time and colors 85% of the time (so
-    color-free prompts such as "three circles" are in the training distribution too)."""
+SIZE_DROP = 0.5    # default share of captions that leave the sizes out
+COLOR_DROP = 0.15  # default share of captions that leave the colors out
+
+
+def caption(scene: Scene, rng: random.Random, color_drop: float = COLOR_DROP, size_drop: float = SIZE_DROP) -> str:
+    """A natural caption of ``scene``; sizes are left out with probability ``size_drop`` and colors with
+    ``color_drop`` (so color-free prompts such as "three circles" are in the training distribution too)."""
     spec = scene_to_prompt_spec(scene)
-    drop_size, drop_color = rng.random() < 0.5, rng.random() < 0.15
+    drop_size, drop_color = rng.random() < size_drop, rng.random() < color_drop
     for g in spec["objects"]:
         if drop_size:
             g["size"] = None
@@ -385,7 +389,7 @@ class ShapesDataset(Dataset):
     """
 
     def __init__(self, num_samples: int, size: int = 64, seed: int = 0, kinds: Sequence[str] | None = None,
-                 split: str = "train"):
+                 split: str = "train", color_drop: float = COLOR_DROP):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not isinstance(size, int) or size < 32:
@@ -394,8 +398,11 @@ class ShapesDataset(Dataset):
         bad = [k for k in kinds if k not in KINDS]
         if bad:
             raise ValueError(f"unknown scene kind {bad[0]!r} in kinds; use any of {', '.join(KINDS)}")
+        if not 0.0 <= color_drop <= 1.0:
+            raise ValueError(f"color_drop must be a probability in [0, 1], got {color_drop!r}")
         scene_rng(seed, 0, split)  # validates split
         self.num_samples, self.size, self.seed, self.kinds, self.split = num_samples, size, seed, kinds, split
+        self.color_drop = float(color_drop)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -406,7 +413,7 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for ShapesDataset of {self.num_samples} samples")
         rng = scene_rng(self.seed, index, self.split)
         scene = sample_scene(rng, rng.choice(self.kinds))
-        return scene, caption(scene, rng)
+        return scene, caption(scene, rng, color_drop=self.color_drop)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene, text = self.scene(index)
