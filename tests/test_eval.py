@@ -11,7 +11,7 @@ from ldm.data.shapes import (BACKGROUND, Scene, ShapeObject, render, sample_scen
                              scene_to_prompt_spec, spec_to_scene)
 from ldm.eval import cli
 from ldm.eval.analyzer import analyze, classify_shape
-from ldm.eval.geneval import CATEGORIES, evaluate, format_report, make_eval_prompts, score
+from ldm.eval.geneval import CATEGORIES, evaluate, failure_cause, format_report, make_eval_prompts, score
 from ldm.eval.metrics import psnr, ssim
 
 
@@ -146,6 +146,21 @@ def test_position_needs_a_clear_margin_and_both_objects():
     assert not score(spec, only)
 
 
+def test_failure_causes():
+    red_sq = _obj("square", "red", (0.25, 0.5))
+    blue_ci = _obj("circle", "blue", (0.75, 0.5))
+    dets = _detect(red_sq, blue_ci)
+    left = _spec(("square", None, 1), ("circle", None, 1), relation="left of", category="position")
+    assert failure_cause(left, dets) is None and score(left, dets)
+    assert failure_cause(_spec(("square", None, 1), ("circle", None, 1), relation="right of"), dets) == "wrong position"
+    assert failure_cause(_spec(("triangle", None, 1), category="single_object"), dets) == "missing object"
+    assert failure_cause(_spec(("square", "green", 1), category="colors"), dets) == "wrong attribute"
+    two = _detect(red_sq, _obj("square", "red", (0.75, 0.5)))
+    assert failure_cause(_spec(("square", None, 1), category="counting"), two) == "extra objects"
+    assert failure_cause(_spec(("square", None, 3), category="counting"), two) == "missing object"
+    assert failure_cause(_spec(("square", None, 1), category="single_object"), two) is None  # "at least one"
+
+
 def test_wrong_shape_fails():
     dets = _detect(_obj("triangle", "green", (0.5, 0.5)))
     assert score(_spec(("triangle", None, 1), category="single_object"), dets)
@@ -190,6 +205,11 @@ def test_evaluate_report():
     assert report["overall"] == pytest.approx(4 / 6)
     table = format_report(report)
     assert "| counting | 0.0% | 0 / 6 |" in table and "66.7%" in table and "36 images" in table
+    # the empty pictures drawn for counting and position fail for want of the objects
+    assert report["categories"]["counting"]["causes"] == {"missing object": 6}
+    assert report["categories"]["colors"]["causes"] == {}
+    assert "| counting | 6 | 0 | 0 | 0 |" in table
+    assert all(r["cause"] is None and r["found"] for r in report["records"] if r["correct"])
 
 
 def test_overall_is_the_mean_of_categories():

@@ -33,8 +33,8 @@ from PIL import Image
 from ldm.data.shapes import COLORS, RELATIONS, SHAPES, caption_spec, relation_holds, validate_spec
 from ldm.eval.analyzer import Detection, analyze
 
-__all__ = ["CATEGORIES", "POSITION_MARGIN", "EvalPrompt", "make_eval_prompts", "make_spec", "score",
-           "evaluate", "format_report"]
+__all__ = ["CATEGORIES", "POSITION_MARGIN", "FAILURE_CAUSES", "EvalPrompt", "make_eval_prompts", "make_spec",
+           "score", "failure_cause", "evaluate", "format_report"]
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +107,47 @@ def _relation_found(relation: dict[str, Any], groups: list, detections: Sequence
     return False
 
 
-def score(spec: dict[str, Any], detections: Sequence[Detection]) -> bool:
-    """Whether ``detections`` show what ``spec`` asks (rules in the module docstring). A spec with
-    ``category == "counting"`` needs exactly ``count`` objects of the shape, all with the asked attributes."""
+FAILURE_CAUSES = ("missing object", "extra objects", "wrong attribute", "wrong position")
+
+
+def failure_cause(spec: dict[str, Any], detections: Sequence[Detection]) -> str | None:
+    """Why ``detections`` do not show what ``spec`` asks, or None when they do (the rules of the module
+    docstring). The first failing check names the cause, one of :data:`FAILURE_CAUSES`:
+
+    - "missing object": fewer objects of an asked shape than asked, whatever their colors;
+    - "extra objects": a counting spec (``category == "counting"``) with more objects of the shape than asked;
+    - "wrong attribute": enough objects of the shape, but too few of the asked color (or size);
+    - "wrong position": every object found, but none stands in the asked relation.
+    """
     validate_spec(spec)
     groups = spec["objects"]
     exact = spec.get("category") == "counting"
+    causes = []
     for group in groups:
         same_shape = [d for d in detections if d.shape == group["shape"]]
-        found = sum(_matches(d, group) for d in same_shape)
-        if found < group["count"] or (exact and len(same_shape) != group["count"]):
-            return False
+        if len(same_shape) < group["count"]:
+            return "missing object"
+        if exact and len(same_shape) > group["count"]:
+            causes.append("extra objects")
+        elif sum(_matches(d, group) for d in same_shape) < group["count"]:
+            causes.append("wrong attribute")
+    if causes:
+        return causes[0]
     relation = spec.get("relation")
-    return relation is None or _relation_found(relation, groups, detections)
+    if relation is not None and not _relation_found(relation, groups, detections):
+        return "wrong position"
+    return None
+
+
+def score(spec: dict[str, Any], detections: Sequence[Detection]) -> bool:
+    """Whether ``detections`` show what ``spec`` asks (rules in the module docstring). A spec with
+    ``category == "counting"`` needs exactly ``count`` objects of the shape, all with the asked attributes."""
+    return failure_cause(spec, detections) is None
+
+
+def _describe(detections: Sequence[Detection]) -> list[str]:
+    """What the analyzer found, compactly: "red circle small (0.31, 0.42)"; "?" for a blob of no shape."""
+    return [f"{d.color} {d.shape or '?'} {d.size} ({d.center[0]:.2f}, {d.center[1]:.2f})" for d in detections]
 
 
 def evaluate(generate_fn: GenerateFn, prompts: Sequence[EvalPrompt], images_per_prompt: int = 4,
@@ -128,8 +156,9 @@ def evaluate(generate_fn: GenerateFn, prompts: Sequence[EvalPrompt], images_per_
 
     ``generate_fn(prompts: list[str], seeds: list[int]) -> list[PIL.Image]`` is called once per prompt;
     image ``k`` of prompt ``p`` gets seed ``seed + p * images_per_prompt + k``. The report holds
-    ``categories`` ({name: {accuracy, correct, total}}), ``overall`` (mean of category accuracies),
-    ``num_images``, ``num_prompts``, ``images_per_prompt`` and per-image ``records``.
+    ``categories`` ({name: {accuracy, correct, total, causes}}; ``causes`` counts the failed images by
+    :func:`failure_cause`), ``overall`` (mean of category accuracies), ``num_images``, ``num_prompts``,
+    ``images_per_prompt`` and per-image ``records`` (with the ``cause`` and what the analyzer ``found``).
     """
     if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be a positive int, got {images_per_prompt!r}")
@@ -143,8 +172,10 @@ def evaluate(generate_fn: GenerateFn, prompts: Sequence[EvalPrompt], images_per_
             raise ValueError(f"generate_fn returned {len(images)} images for {images_per_prompt} seeds; "
                              "it must return one image per seed")
         for s, image in zip(seeds, images):
-            records.append({"category": category, "prompt": prompt, "seed": s,
-                            "correct": bool(score(spec, analyze(image)))})
+            detections = analyze(image)
+            cause = failure_cause(spec, detections)
+            records.append({"category": category, "prompt": prompt, "seed": s, "correct": cause is None,
+                            "cause": cause, "found": _describe(detections)})
         log.info("[%d/%d] %s: %r", p + 1, len(prompts), category, prompt)
     return _summarize(records, len(prompts), images_per_prompt)
 
@@ -154,7 +185,9 @@ def _summarize(records: list[dict], num_prompts: int, images_per_prompt: int) ->
     for name in dict.fromkeys(r["category"] for r in records):  # in order of first appearance
         rows = [r for r in records if r["category"] == name]
         correct = sum(r["correct"] for r in rows)
-        categories[name] = {"accuracy": correct / len(rows), "correct": correct, "total": len(rows)}
+        causes = {c: sum(r.get("cause") == c for r in rows) for c in FAILURE_CAUSES}
+        categories[name] = {"accuracy": correct / len(rows), "correct": correct, "total": len(rows),
+                            "causes": {c: n for c, n in causes.items() if n}}
     overall = sum(c["accuracy"] for c in categories.values()) / len(categories)
     return {"categories": categories, "overall": overall, "num_images": len(records),
             "num_prompts": num_prompts, "images_per_prompt": images_per_prompt, "records": records}
@@ -167,4 +200,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {100 * c['accuracy']:.1f}% | {c['correct']} / {c['total']} |")
     lines.append(f"| **overall** (mean of categories) | **{100 * report['overall']:.1f}%** "
                  f"| {report['num_images']} images |")
+    lines += ["", "Failed images by cause (see ``failure_cause``):", "",
+              "| category | " + " | ".join(FAILURE_CAUSES) + " |", "|---|" + "---:|" * len(FAILURE_CAUSES)]
+    for name, c in report["categories"].items():
+        causes = c.get("causes", {})
+        lines.append(f"| {name} | " + " | ".join(str(causes.get(k, 0)) for k in FAILURE_CAUSES) + " |")
     return "\n".join(lines) + "\n"
