@@ -392,8 +392,8 @@ def test_image_folder_errors(tmp_path):
 # -- synthetic shapes ------------------------------------------------------------------------------
 
 class FakeShapes(Dataset):
-    def __init__(self, num_samples, size=64, seed=0, color_drop=0.15):
-        self.num_samples, self.size, self.seed, self.color_drop = num_samples, size, seed, color_drop
+    def __init__(self, num_samples, size=64, seed=0, color_drop=0.15, kinds=None):
+        self.num_samples, self.size, self.seed, self.color_drop, self.kinds = num_samples, size, seed, color_drop, kinds
 
     def __len__(self):
         return self.num_samples
@@ -409,9 +409,10 @@ def test_shapes_datamodule_wiring(monkeypatch):
     assert batch["image"].shape == (2, 3, 8, 8) and batch["caption"][0].startswith("seed 3")
     assert next(iter(dm.val_dataloader()))["caption"] == ["seed 4 #0", "seed 4 #1"]
     assert ShapesDataModule(num_train=5, num_val=0, batch_size=2).val_dataloader() == []
-    dm = ShapesDataModule(num_train=5, num_val=2, batch_size=2, color_drop=0.4)
+    dm = ShapesDataModule(num_train=5, num_val=2, batch_size=2, color_drop=0.4, kinds=["relation", "single"])
     dm.setup()
-    assert dm.train_set.color_drop == 0.4 and dm.val_set.color_drop == 0.15  # validation keeps the default
+    assert dm.train_set.color_drop == 0.4 and dm.val_set.color_drop == 0.15  # validation keeps the defaults
+    assert dm.train_set.kinds == ["relation", "single"] and dm.val_set.kinds is None
     with pytest.raises(ValueError, match="color_drop"):
         ShapesDataModule(color_drop=-0.1)
 
@@ -423,6 +424,12 @@ def test_shapes_datamodule_with_real_dataset():
     assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].min() >= -1 and batch["image"].max() <= 1
     assert all(isinstance(c, str) and c for c in batch["caption"])
     assert len(dm.val_set) == 2
+    dm = ShapesDataModule(num_train=40, num_val=0, batch_size=2, kinds=["relation", "relation", "single"])
+    dm.setup()
+    drawn = [dm.train_set.scene(i)[0].kind for i in range(40)]
+    assert set(drawn) == {"relation", "single"} and drawn.count("relation") > drawn.count("single")
+    with pytest.raises(ValueError, match="unknown scene kind"):
+        ShapesDataModule(num_train=4, num_val=0, batch_size=2, kinds=["spiral"]).setup()
 
 
 @pytest.mark.slow
