@@ -240,6 +240,38 @@ def test_equals_open_clip_encode_text_internals(tmp_path):
     torch.testing.assert_close(eot_rows @ last.model.text_projection, pooled, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fast_block_equals_open_clip_block_with_gradients(precision):
+    """The text blocks run through _plain_block_forward (contiguous projections, one sdpa call); outputs and
+    gradients equal open_clip's own block, and SD's archs take that path."""
+    torch.manual_seed(0)
+    enc = tiny(layer="last", freeze=False).train()
+    block = enc.model.transformer.resblocks[0]
+    assert all(te._is_plain_block(b) for b in enc.model.transformer.resblocks)
+    x = torch.randn(3, 7, enc.width, requires_grad=True)
+    mask = enc.model.attn_mask[:7, :7]
+    batch_first = getattr(enc.model.transformer, "batch_first", False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    outs, grads = [], []
+    for fn in (lambda t: te._plain_block_forward(block, t, mask),
+               lambda t: block(t, attn_mask=mask) if batch_first else block(t.transpose(0, 1), attn_mask=mask).transpose(0, 1)):
+        block.zero_grad()
+        x.grad = None
+        with torch.autocast("cpu", dtype=dtype, enabled=precision == "bf16"):
+            out = fn(x)
+        out.float().square().mean().backward()
+        outs.append(out.float())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in block.parameters()])
+    tol = dict(atol=2e-2, rtol=2e-2) if precision == "bf16" else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0], outs[1], **tol)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **tol)
+    with torch.device("meta"):
+        for arch in ("ViT-L-14", "ViT-H-14"):
+            big = OpenCLIPTextEncoder(arch, **(SD1_OPTIONS if arch == "ViT-L-14" else {}))
+            assert te._is_plain_block(big.model.transformer.resblocks[0]), arch
+
+
 def test_sd1_equivalence_with_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=128,

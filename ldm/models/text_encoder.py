@@ -27,6 +27,7 @@ from open_clip.model import CLIPTextCfg
 from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 from torch import nn
+from torch.nn import functional as F
 
 from ldm.checkpoint import read_state_dict
 
@@ -140,6 +141,33 @@ def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 # The encoder
 # ----------------------------------------------------------------------------------------------------------
+
+def _is_plain_block(block: nn.Module) -> bool:
+    """An open_clip ``ResidualAttentionBlock`` doing plain self-attention (what every CLIP text tower has)."""
+    attn = getattr(block, "attn", None)
+    return (isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim and attn.in_proj_weight is not None
+            and attn.bias_k is None and not attn.add_zero_attn and not hasattr(block, "ln_1_kv")
+            and all(hasattr(block, name) for name in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2")))
+
+
+def _plain_block_forward(block: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``block(x, attn_mask=mask)`` for batch-first ``x`` [N, L, D], with the block's own weights.
+
+    nn.MultiheadAttention transposes a batch-first input to [L, N, D] as a view; F.linear then cannot fold that
+    view into one matrix product and runs a batched product over a copy of the weight per token (SD's ViT-L/14:
+    3.3 s instead of 0.1 s for two 77-token prompts on one CPU thread). Here every projection sees a
+    contiguous [N, L, D] tensor and attention is one ``scaled_dot_product_attention`` call.
+    """
+    attn = block.attn
+    n, length, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # [N, H, L, d]
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=dropout)
+    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(n, length, width)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
 
 class OpenCLIPTextEncoder(nn.Module):
     """Prompts -> per-token context ``[B, max_length * k, width]`` for the UNet's cross-attention.
@@ -256,13 +284,16 @@ class OpenCLIPTextEncoder(nn.Module):
 
     def _encode_windows(self, tokens: torch.Tensor) -> torch.Tensor:
         model, length = self.model, tokens.shape[1]
-        x = model.token_embedding(tokens) + model.positional_embedding[:length]
+        x = model.token_embedding(tokens) + model.positional_embedding[:length]  # [N, L, D]
         mask = model.attn_mask[:length, :length]
         batch_first = getattr(model.transformer, "batch_first", False)
-        x = x if batch_first else x.transpose(0, 1)
         for block in model.transformer.resblocks[:self.layers_run]:
-            x = block(x, attn_mask=mask)
-        x = x if batch_first else x.transpose(0, 1)
+            if _is_plain_block(block):
+                x = _plain_block_forward(block, x, mask)
+            elif batch_first:
+                x = block(x, attn_mask=mask)
+            else:
+                x = block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
         return model.ln_final(x)
 
     # --- weights ---
