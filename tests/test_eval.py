@@ -270,6 +270,8 @@ def test_metric_errors():
     (["geneval", "--ckpt", "{ckpt}", "--config", "nope.yaml"], "--config nope.yaml"),
     (["recon", "--ckpt", "{ckpt}", "--size", "16"], "too small"),
     (["recon", "--ckpt", "{ckpt}", "--out", "{dir}"], "is a folder"),
+    (["relations", "--ckpt", "missing.safetensors"], "no such file"),
+    (["relations", "--ckpt", "{ckpt}", "--num", "0"], "must be >= 1"),
     (["score"], "invalid choice"),
 ])
 def test_cli_argument_errors(tmp_path, capsys, argv, message):
@@ -322,3 +324,86 @@ def test_cli_recon_of_an_identity_autoencoder(tmp_path, monkeypatch):
                        "--out", str(out)])
     assert report["psnr"] == float("inf") and report["ssim"] == pytest.approx(1.0)
     assert json.loads(out.read_text())["num_images"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ relation probe
+def test_relation_captions_swap_only_the_relation():
+    from ldm.eval.probe import relation_captions
+
+    spec = {"objects": [{"shape": "circle", "color": "red", "size": "small", "count": 1},
+                        {"shape": "square", "color": "blue", "size": None, "count": 1}],
+            "relation": {"type": "left of", "subject": 0, "reference": 1}}
+    seen = set()
+    for seed in range(40):
+        true, swapped = relation_captions(spec, seed)
+        assert true != swapped and true.split()[0] == swapped.split()[0]
+        seen.add(("left" in true) == ("right" in swapped))
+        bare, bare_swapped = relation_captions(spec, seed, colors=False)
+        assert "red" not in bare and "small" not in bare and "blue" not in bare_swapped
+    assert seen == {True}  # mirrored wordings ("a square right of a circle") swap consistently too
+
+
+class _ProbeStub(torch.nn.Module):
+    """A 'model' whose prediction is right (up to 0.1) for the true caption of scene i and zero otherwise, or,
+    with ``blind``, right for both captions (it does not read the relation)."""
+    num_timesteps = 1000
+
+    def __init__(self, num, colors, blind=False):
+        from ldm.data.shapes import ShapesDataset, scene_to_prompt_spec
+        from ldm.eval.probe import relation_captions
+
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        data = ShapesDataset(num, seed=0, kinds=["relation"], split="eval")
+        self.z = torch.stack([self.encode_first_stage(data[i]["image"][None])[0] for i in range(num)])
+        pairs = [relation_captions(scene_to_prompt_spec(data.scene(i)[0]), i, colors) for i in range(num)]
+        self.index = {caps[k]: i for i, caps in enumerate(pairs) for k in ((0, 1) if blind else (0,))}
+
+    def encode_first_stage(self, x, sample=False):
+        return torch.nn.functional.avg_pool2d(x, 4)
+
+    def get_learned_conditioning(self, captions):
+        return torch.tensor([self.index.get(c, -1) for c in captions]).view(-1, 1, 1)
+
+    def denoiser(self):
+        stub = self
+
+        class D:
+            def t_to_sigma(self, t):
+                return t / 100.0
+
+            def __call__(self, x, sigma, cond):
+                idx = cond["crossattn"].view(-1)
+                out = torch.zeros_like(x)
+                for row, i in enumerate(idx.tolist()):
+                    if i >= 0:
+                        out[row] = stub.z[i] + 0.1
+                return out
+        return D()
+
+
+@pytest.mark.parametrize("colors", [True, False])
+def test_relation_probe_tells_a_model_that_uses_relations_from_one_that_does_not(colors):
+    from ldm.eval.probe import format_probe, relation_probe
+
+    uses = relation_probe(_ProbeStub(6, colors), num=6, timesteps=[999, 500], colors=colors, batch_size=4)
+    assert [r["t"] for r in uses] == [999, 500]
+    assert all(r["true"] == pytest.approx(0.01) and r["ratio"] > 5 for r in uses)
+    assert all(r["no_signal"] == pytest.approx(r["true"]) for r in uses)  # the stub ignores its input
+    blind = relation_probe(_ProbeStub(6, colors, blind=True), num=6, timesteps=[999], colors=colors)
+    assert blind[0]["ratio"] == pytest.approx(1.0)
+    assert "| 999 |" in format_probe(uses, 6, colors)
+    with pytest.raises(ValueError, match="timesteps"):
+        relation_probe(_ProbeStub(2, colors), num=2, timesteps=[1000])
+
+
+def test_cli_relations_runs_the_probe(tmp_path, monkeypatch):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    monkeypatch.setattr(cli, "_load_pipeline", lambda args: SimpleNamespace(model=_ProbeStub(3, False)))
+    out = tmp_path / "probe.md"
+    rows = cli.main(["relations", "--ckpt", str(ckpt), "--num", "3", "--no-colors", "--timesteps", "999",
+                     "--out", str(out)])
+    assert len(rows) == 1 and rows[0]["ratio"] > 5 and "without colors" in out.read_text()
+    with pytest.raises(SystemExit, match="timesteps"):
+        cli.main(["relations", "--ckpt", str(ckpt), "--num", "3", "--timesteps", "5000"])

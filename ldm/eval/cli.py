@@ -2,11 +2,13 @@
 
     python -m ldm.eval geneval --ckpt model.safetensors [--config cfg.yaml] [--n 8] [--out report.md]
     python -m ldm.eval recon   --ckpt model.safetensors [--config cfg.yaml] [--num 64] [--out recon.json]
+    python -m ldm.eval relations --ckpt model.safetensors [--num 128] [--no-colors] [--out probe.md]
 
 ``geneval`` generates ``--images-per-prompt`` pictures for ``--n`` held-out prompts per category and prints
 the markdown table of :func:`ldm.eval.geneval.format_report` (and writes it, plus a ``.json`` with every
 record next to it, with ``--out``). ``recon`` encodes and decodes held-out shapes pictures with the first
-stage (``encode(x).mode()`` then ``decode``) and reports mean PSNR / SSIM.
+stage (``encode(x).mode()`` then ``decode``) and reports mean PSNR / SSIM. ``relations`` runs the loss-level
+probe of :mod:`ldm.eval.probe`: does the model predict worse when a caption's relation is swapped?
 """
 from __future__ import annotations
 
@@ -50,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(r)
     r.add_argument("--num", type=positive_int, default=64, help="number of pictures")
     r.add_argument("--batch-size", type=positive_int, default=16)
+    q = sub.add_parser("relations", help="do the relation words matter? x0 error with true vs swapped relations")
+    _add_common(q)
+    q.add_argument("--num", type=positive_int, default=128, help="held-out relation scenes")
+    q.add_argument("--timesteps", type=int, nargs="+", default=[999, 900, 800, 600])
+    q.add_argument("--no-colors", dest="colors", action="store_false",
+                   help="captions without colors and sizes (as the position category's prompts)")
     return parser
 
 
@@ -105,7 +113,24 @@ def run_recon(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def run_relations(args: argparse.Namespace) -> list[dict[str, float]]:
+    from ldm.eval.probe import format_probe, relation_probe
+
+    pipe = _load_pipeline(args)
+    try:
+        rows = relation_probe(pipe.model, num=args.num, timesteps=args.timesteps, size=args.size, seed=args.seed,
+                              colors=args.colors)
+    except ValueError as e:
+        raise SystemExit(f"relations: {e}")
+    table = format_probe(rows, args.num, args.colors)
+    log.info("relation probe of %s\n%s", args.ckpt, table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not os.path.isfile(args.ckpt):
@@ -117,4 +142,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.out and os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a folder; give a file name such as report.md")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return run_geneval(args) if args.command == "geneval" else run_recon(args)
+    run = {"geneval": run_geneval, "recon": run_recon, "relations": run_relations}[args.command]
+    return run(args)
