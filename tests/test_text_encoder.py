@@ -253,8 +253,10 @@ def test_fast_block_equals_open_clip_block_with_gradients(precision):
     batch_first = getattr(enc.model.transformer, "batch_first", False)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     outs, grads = [], []
-    for fn in (lambda t: te._plain_block_forward(block, t, mask),
-               lambda t: block(t, attn_mask=mask) if batch_first else block(t.transpose(0, 1), attn_mask=mask).transpose(0, 1)):
+    def open_clip_block(t):
+        return block(t, attn_mask=mask) if batch_first else block(t.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+
+    for fn in (lambda t: te._plain_block_forward(block, t, mask), open_clip_block):
         block.zero_grad()
         x.grad = None
         with torch.autocast("cpu", dtype=dtype, enabled=precision == "bf16"):

@@ -43,7 +43,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 __all__ = [
-    "COLORS", "SHAPES", "SIZES", "RELATIONS", "KINDS", "COUNT_WORDS", "BACKGROUND", "SIZE_RADIUS",
+    "COLORS", "SHAPES", "SIZES", "RELATIONS", "INVERSE_RELATION", "COLOR_DROP", "SIZE_DROP", "KINDS",
+    "COUNT_WORDS", "BACKGROUND", "SIZE_RADIUS",
     "ShapeObject", "Scene", "sample_scene", "render", "caption", "caption_spec",
     "scene_to_prompt_spec", "spec_to_scene", "spec_kind", "validate_spec", "relation_holds", "scene_rng",
     "image_to_tensor", "ShapesDataset", "write_shards", "main",
@@ -283,7 +284,8 @@ _RELATION_WORDS = {
     "above": ("above", "over"),
     "below": ("below", "under", "beneath"),
 }
-_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+INVERSE_RELATION = {  # the relation seen from the other object
+    "left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 _FRAMES = ("{}", "{}", "{}", "a picture of {}", "an image of {}", "{} on a gray background")
 
 
@@ -312,7 +314,7 @@ def caption_spec(spec: dict[str, Any], rng: random.Random) -> str:
         subj, ref = phrases[rel["subject"]], phrases[rel["reference"]]
         relation = rel["type"]
         if rng.random() < 0.3:  # mirrored: "a square below two circles"
-            subj, ref, relation = ref, subj, _INVERSE[relation]
+            subj, ref, relation = ref, subj, INVERSE_RELATION[relation]
             verb = "is"
         else:
             verb = "is" if spec["objects"][rel["subject"]]["count"] == 1 else "are"

@@ -24,11 +24,9 @@ from typing import Any, Sequence
 
 import torch
 
-from ldm.data.shapes import ShapesDataset, caption_spec, scene_to_prompt_spec
+from ldm.data.shapes import INVERSE_RELATION, ShapesDataset, caption_spec, scene_to_prompt_spec
 
-__all__ = ["INVERSE", "relation_captions", "relation_probe", "format_probe"]
-
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+__all__ = ["relation_captions", "relation_probe", "format_probe"]
 
 
 def relation_captions(spec: dict[str, Any], seed: int, colors: bool = True) -> tuple[str, str]:
@@ -38,7 +36,8 @@ def relation_captions(spec: dict[str, Any], seed: int, colors: bool = True) -> t
     if not colors:
         for g in spec["objects"]:
             g["color"] = g["size"] = None
-    swapped = {"objects": spec["objects"], "relation": dict(spec["relation"], type=INVERSE[spec["relation"]["type"]])}
+    inverse = INVERSE_RELATION[spec["relation"]["type"]]
+    swapped = {"objects": spec["objects"], "relation": dict(spec["relation"], type=inverse)}
     return caption_spec(spec, random.Random(seed)), caption_spec(swapped, random.Random(seed))
 
 
