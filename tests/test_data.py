@@ -403,7 +403,8 @@ class FakeShapes(Dataset):
 
 
 def test_shapes_datamodule_wiring(monkeypatch):
-    monkeypatch.setitem(sys.modules, "ldm.data.shapes", types.SimpleNamespace(ShapesDataset=FakeShapes))
+    fake = types.SimpleNamespace(ShapesDataset=FakeShapes, KINDS=("single", "relation"))
+    monkeypatch.setitem(sys.modules, "ldm.data.shapes", fake)
     dm = ShapesDataModule(num_train=5, num_val=2, size=8, batch_size=2, seed=3)
     batch = next(iter(dm.train_dataloader()))
     assert batch["image"].shape == (2, 3, 8, 8) and batch["caption"][0].startswith("seed 3")
@@ -428,8 +429,8 @@ def test_shapes_datamodule_with_real_dataset():
     dm.setup()
     drawn = [dm.train_set.scene(i)[0].kind for i in range(40)]
     assert set(drawn) == {"relation", "single"} and drawn.count("relation") > drawn.count("single")
-    with pytest.raises(ValueError, match="unknown scene kind"):
-        ShapesDataModule(num_train=4, num_val=0, batch_size=2, kinds=["spiral"]).setup()
+    with pytest.raises(ValueError, match="data.params.kinds has unknown scene kind 'spiral'"):
+        ShapesDataModule(num_train=4, num_val=0, batch_size=2, kinds=["spiral"])  # at once, not at setup
 
 
 @pytest.mark.slow

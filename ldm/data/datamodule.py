@@ -390,6 +390,11 @@ class ShapesDataModule(MapDataModule):
             raise ValueError(f"num_train={num_train} num_val={num_val}: need num_train >= 1 and num_val >= 0")
         if not 0.0 <= color_drop <= 1.0:
             raise ValueError(f"data.params.color_drop={color_drop!r} must be a probability in [0, 1]")
+        from ldm.data.shapes import KINDS
+
+        unknown = [k for k in (kinds or ()) if k not in KINDS]
+        if unknown:
+            raise ValueError(f"data.params.kinds has unknown scene kind {unknown[0]!r}; use any of {', '.join(KINDS)}")
         self.color_drop = float(color_drop)
         self.kinds = list(kinds) if kinds else None
         self.num_train, self.num_val, self.size = num_train, num_val, size
