@@ -252,3 +252,39 @@ def test_spatial_transformer_uses_checkpoint_flag():
                for b in m.transformer_blocks)
     assert not any(b.checkpoint for m in tiny(use_checkpoint=False).modules() if isinstance(m, SpatialTransformer)
                    for b in m.transformer_blocks)
+
+
+def test_coordinate_features_hand_computed():
+    from ldm.models.unet import coordinate_features
+
+    f = coordinate_features(2, 4)
+    assert f.shape == (1, 16, 2, 4)
+    u = torch.tensor([-0.75, -0.25, 0.25, 0.75])  # pixel centres of 4 columns in (-1, 1)
+    assert torch.allclose(f[0, 0, 1], torch.sin(math.pi * 0.5 * u))        # x, sin, f = 0.5: along the row
+    assert torch.allclose(f[0, 4 + 3, 0], torch.cos(math.pi * 4.0 * u))    # x, cos, f = 4
+    assert torch.allclose(f[0, 8, :, 0], torch.sin(math.pi * 0.5 * torch.tensor([-0.5, 0.5])))  # y: down a column
+    assert torch.equal(f[0, :8, 0], f[0, :8, 1]) and torch.equal(f[0, 8:, :, 0], f[0, 8:, :, 3])
+
+
+def test_position_embedding_is_an_optional_zero_initialised_addition():
+    torch.manual_seed(0)
+    plain = randomize(tiny())
+    with_pos = tiny(position_embedding=True)
+    assert "pos_embed.weight" not in plain.state_dict()        # SD layouts are unchanged (test above)
+    missing = with_pos.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["pos_embed.bias", "pos_embed.weight"]
+    x, t, ctx = inputs(size=16)
+    assert torch.equal(with_pos(x, t, ctx), plain(x, t, ctx))  # zero-initialised: same output
+
+    # Trained, it adds a position-dependent term (not a constant one).
+    with torch.no_grad():
+        with_pos.pos_embed.weight.normal_(std=0.5)
+    diff = with_pos(x, t, ctx) - plain(x, t, ctx)
+    assert diff.abs().amax() > 1e-2
+    assert (diff - diff.mean(dim=(2, 3), keepdim=True)).abs().amax() > 1e-2
+    # Any latent size, and the same under channels_last or not.
+    contiguous = tiny(position_embedding=True, channels_last=False)
+    contiguous.load_state_dict(with_pos.state_dict())
+    for size in (8, 24):
+        x = torch.randn(2, 4, size, size)
+        assert torch.allclose(contiguous(x, t, ctx), with_pos(x, t, ctx), atol=1e-5)

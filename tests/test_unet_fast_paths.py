@@ -1,6 +1,10 @@
-"""The UNet's CPU fast paths (channels-last layout, bf16 GroupNorm under autocast) keep the reference numerics."""
+"""The UNet's CPU fast paths (channels-last layout, bf16 GroupNorm under autocast, cached bf16 weights, packed
+oneDNN convolutions) keep the reference numerics."""
+import pytest
 import torch
+import torch.nn.functional as F
 
+from ldm.models import onednn
 from ldm.models.unet import GroupNorm32
 from test_unet import tiny
 
@@ -105,3 +109,48 @@ def test_weight_cache_follows_weight_changes_and_is_skipped_when_training():
     assert fast._weight_cache is None  # grad enabled: autocast's own casts, gradients reach the fp32 weights
     out.float().sum().backward()
     assert fast.out[2].weight.grad is not None and fast.out[2].weight.grad.dtype == torch.float32
+
+
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="no oneDNN bf16 convolution in this build")
+
+
+@needs_onednn
+def test_packed_conv_matches_conv2d_and_repacks_when_needed():
+    conv = onednn.Conv2d(8, 16, 3, padding=1).to(torch.bfloat16)
+    packs = onednn.ConvPacks()
+    x = torch.randn(2, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = conv(x.bfloat16())
+        assert len(packs) == 0                             # no context: nn.Conv2d's own path
+        with onednn.packed_convolutions(packs):
+            packed = conv(x)                               # float32 input is cast, as autocast would
+            assert len(packs) == 1 and torch.equal(packed, plain)
+            first = packs._packs[id(conv)][1]
+            conv(x)
+            assert packs._packs[id(conv)][1] is first      # packed once per shape
+            other = torch.randn(1, 8, 12, 12).bfloat16()
+            torch.testing.assert_close(conv(other), F.conv2d(other, conv.weight, conv.bias, padding=1), atol=0, rtol=0)
+            conv.weight.mul_(2)                            # an in-place change makes a new pack
+            torch.testing.assert_close(conv(x), 2 * plain - conv.bias.view(1, -1, 1, 1), atol=0.05, rtol=0.02)
+            assert len(packs) == 1
+    with onednn.packed_convolutions(packs):                # grad enabled or a float32 weight: not packed
+        conv.float()
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+@needs_onednn
+def test_unet_bf16_inference_packs_every_conv_once_with_the_same_output():
+    fast, _ = randomized_pair(position_embedding=True)
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16)
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in fast.modules())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast.pack_conv_weights = False
+        plain = fast(x, t, ctx)
+        assert len(fast._weight_cache[2]) == 0
+        fast.pack_conv_weights = True
+        packed = fast(x, t, ctx)
+        assert len(fast._weight_cache[2]) == convs
+        fast.out[2].bias.add_(1.0)                         # the weights change: a new cache, new packs
+        shifted = fast(x, t, ctx)
+    assert torch.equal(packed, plain)
+    torch.testing.assert_close(shifted.float() - packed.float(), torch.ones_like(plain.float()), atol=0.02, rtol=0)

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
+from .onednn import Conv2d
+
 __all__ = [
     "BACKENDS",
     "attention",
@@ -300,8 +302,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Linear(in_channels, inner_dim)
             self.proj_out = nn.Linear(inner_dim, in_channels)
         else:
-            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
-            self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
+            self.proj_in = Conv2d(in_channels, inner_dim, kernel_size=1)
+            self.proj_out = Conv2d(inner_dim, in_channels, kernel_size=1)
         for p in self.proj_out.parameters():
             nn.init.zeros_(p)
         self.transformer_blocks = nn.ModuleList([

@@ -5,7 +5,8 @@ Module and parameter names, block indices and numerics follow the original ``ope
 ``time_embed``, ``input_blocks.N.M``, ``middle_block.M``, ``output_blocks.N.M``, ``out``.
 
 Constructor parameters keep their original names and meanings (a ldm/SD ``unet_config`` works unchanged);
-``attention_backend`` / ``attention_slice_size`` are additions (see :mod:`ldm.models.attention`).
+``attention_backend`` / ``attention_slice_size`` are additions (see :mod:`ldm.models.attention`), and so is
+``position_embedding`` (off by default, see :func:`coordinate_features`).
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from torch import nn
 
 from .attention import (AttentionBackendMixin, SpatialTransformer, attention, maybe_checkpoint,
                         set_attention_backend)
+from .onednn import Conv2d, ConvPacks, packed_convolutions
 
 __all__ = [
     "timestep_embedding",
+    "coordinate_features",
     "GroupNorm32",
     "TimestepBlock",
     "TimestepEmbedSequential",
@@ -47,6 +50,22 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+COORDINATE_FREQUENCIES = (0.5, 1.0, 2.0, 4.0)  # half-periods per image side, in units of the side
+
+
+def coordinate_features(height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """Fourier features of each pixel's position, [1, 4 * len(COORDINATE_FREQUENCIES), height, width]:
+    sin and cos of pi * f * u for the pixel-center coordinate u in (-1, 1) of each axis (x channels first).
+    They depend on the relative position only, so the same model runs at any latent size."""
+    def axis(n: int) -> torch.Tensor:
+        u = (torch.arange(n, device=device, dtype=torch.float32) + 0.5) / n * 2 - 1
+        arg = math.pi * u[None, :] * torch.tensor(COORDINATE_FREQUENCIES, device=device)[:, None]
+        return torch.cat([arg.sin(), arg.cos()])  # [2F, n]
+    fx = axis(width)[:, None, :].expand(-1, height, width)
+    fy = axis(height)[:, :, None].expand(-1, height, width)
+    return torch.cat([fx, fy])[None].to(dtype)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -110,7 +129,7 @@ class Upsample(nn.Module):
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         if use_conv:
-            self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=padding)
+            self.conv = Conv2d(channels, self.out_channels, 3, padding=padding)
         elif self.out_channels != channels:
             raise ValueError(f"Upsample without conv cannot change channels {channels} -> {self.out_channels}: "
                              "set use_conv=True")
@@ -130,7 +149,7 @@ class Downsample(nn.Module):
         self.channels = channels
         self.out_channels = out_channels or channels
         if use_conv:
-            self.op = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=padding)
+            self.op = Conv2d(channels, self.out_channels, 3, stride=2, padding=padding)
         elif self.out_channels != channels:
             raise ValueError(f"Downsample without conv cannot change channels {channels} -> {self.out_channels}: "
                              "set use_conv=True")
@@ -157,7 +176,7 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
         self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
-                                       nn.Conv2d(channels, self.out_channels, 3, padding=1))
+                                       Conv2d(channels, self.out_channels, 3, padding=1))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -168,11 +187,11 @@ class ResBlock(TimestepBlock):
         emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(normalization(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
-                                        zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)))
+                                        zero_module(Conv2d(self.out_channels, self.out_channels, 3, padding=1)))
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         else:
-            self.skip_connection = nn.Conv2d(channels, self.out_channels, 3 if use_conv else 1,
+            self.skip_connection = Conv2d(channels, self.out_channels, 3 if use_conv else 1,
                                              padding=1 if use_conv else 0)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -273,11 +292,20 @@ class UNetModel(nn.Module):
     pixel <-> token reshapes become free views. Only strides change: names, shapes, values and the output's
     layout are as the reference's.
 
+    ``position_embedding`` (an addition, default off; SD checkpoints have none): add a learned function of each
+    pixel's position (a 1x1 conv of :func:`coordinate_features`, zero-initialised, weights ``pos_embed.*``) to
+    the first conv's output. SD's UNet sees position only through the convolutions' zero padding, which makes
+    words such as "left of" hard to learn for a small model; with it, a cross-attention query can tell where it
+    is. Zero-initialised, it leaves a warm-started model's output unchanged until it is trained.
+
     Inference under CPU bf16 autocast (no grad) runs on a cached bf16 copy of the conv and linear weights instead
     of letting autocast cast them again in every call (5 GB of memory traffic per SD1.5 forward; autocast's own
     cache only covers weights that require grad, and only within one autocast region). Norms keep their fp32
     weights, as under autocast. The copy is remade when a weight changes (in-place update, load, move) and is
-    freed by :meth:`clear_weight_cache`; set ``cache_cast_weights = False`` to never keep one.
+    freed by :meth:`clear_weight_cache`; set ``cache_cast_weights = False`` to never keep one. In that call the
+    convolutions also run on weights packed once into oneDNN's layout (:mod:`ldm.models.onednn`) instead of
+    being reordered in every call (``pack_conv_weights = False`` to not keep these packs, which take as much
+    memory as the bf16 conv weights); the packs live and go with the cached copy.
     """
 
     def __init__(self, image_size: Optional[int], in_channels: int, model_channels: int, out_channels: int,
@@ -292,7 +320,8 @@ class UNetModel(nn.Module):
                  disable_self_attentions: Optional[Sequence[bool]] = None,
                  num_attention_blocks: Optional[Sequence[int]] = None, disable_middle_self_attn: bool = False,
                  use_linear_in_transformer: bool = False, attention_backend: str = "auto",
-                 attention_slice_size: Optional[int] = None, channels_last: bool = True):
+                 attention_slice_size: Optional[int] = None, channels_last: bool = True,
+                 position_embedding: bool = False):
         super().__init__()
         _check_dims(dims)
         if num_classes is not None:
@@ -329,7 +358,8 @@ class UNetModel(nn.Module):
         self.attention_slice_size = attention_slice_size
         self.channels_last = channels_last
         self.cache_cast_weights = True
-        self._weight_cache: Optional[tuple[tuple, dict[str, torch.Tensor]]] = None
+        self.pack_conv_weights = True
+        self._weight_cache: Optional[tuple[tuple, dict[str, torch.Tensor], ConvPacks]] = None
         self._in_cached_call = False
         self.disable_self_attentions = (
             [False] * levels if disable_self_attentions is None
@@ -342,6 +372,8 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
                                         nn.Linear(time_embed_dim, time_embed_dim))
         skip_chans = self._build_input_blocks(time_embed_dim)
+        self.pos_embed = (zero_module(Conv2d(4 * len(COORDINATE_FREQUENCIES), model_channels, 1))
+                          if position_embedding else None)
         ch = model_channels * self.channel_mult[-1]
         self.middle_block = TimestepEmbedSequential(
             self._resblock(ch, time_embed_dim),
@@ -350,7 +382,7 @@ class UNetModel(nn.Module):
         )
         self._build_output_blocks(time_embed_dim, skip_chans)
         self.out = nn.Sequential(normalization(model_channels), nn.SiLU(),
-                                 zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
+                                 zero_module(Conv2d(model_channels, out_channels, 3, padding=1)))
         set_attention_backend(self, attention_backend, attention_slice_size)
         if channels_last:
             self.to(memory_format=torch.channels_last)  # 4-D conv weights only; loading copies into them
@@ -416,7 +448,7 @@ class UNetModel(nn.Module):
     def _build_input_blocks(self, emb_dim: int) -> list[int]:
         """Fill ``input_blocks``; returns the channel count of every skip connection, in order."""
         ch = self.model_channels
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(self.in_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(self.in_channels, ch, 3, padding=1))])
         skip_chans, ds = [ch], 1
         for level, mult in enumerate(self.channel_mult):
             for index in range(self.num_res_blocks[level]):
@@ -485,15 +517,22 @@ class UNetModel(nn.Module):
         if dtype is not None:
             self._in_cached_call = True
             try:
-                return torch.func.functional_call(self, self._cast_weights(dtype), (x, timesteps, context))
+                weights = self._cast_weights(dtype)
+                with packed_convolutions(self._weight_cache[2] if self.pack_conv_weights else None):
+                    return torch.func.functional_call(self, weights, (x, timesteps, context))
             finally:
                 self._in_cached_call = False
         t_emb = timestep_embedding(self._timesteps(timesteps, x), self.model_channels)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         skips = []
         h = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
+            if i == 0 and self.pos_embed is not None:
+                pos = coordinate_features(*h.shape[2:], device=h.device, dtype=h.dtype)
+                if self.channels_last:
+                    pos = pos.contiguous(memory_format=torch.channels_last)
+                h = h + self.pos_embed(pos)
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
@@ -534,6 +573,6 @@ class UNetModel(nn.Module):
         key = (dtype, tuple((p.data_ptr(), p._version) for _, p in params))
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = None  # drop the stale copy before making the new one
-            self._weight_cache = (key, {name: p.detach().to(dtype) for name, p in params})
+            self._weight_cache = (key, {name: p.detach().to(dtype) for name, p in params}, ConvPacks())
             logger.debug("cached %s copies of %d UNet weights", dtype, len(params))
         return self._weight_cache[1]
