@@ -1,13 +1,17 @@
 """Run ``train.py`` with the UNet and text tower initialised from an existing LDM file (a warm start).
 
-    python scripts/warm_start_train.py --init ldm/assets/demo/shapes.safetensors --base CONFIG [train.py args]
+    python scripts/warm_start_train.py --init ldm/assets/demo/shapes.safetensors [--keep-new] --base CONFIG [train.py args]
 
-Everything after ``--init PATH`` goes to ``train.py`` unchanged. ``model.diffusion_model.*`` and
+Everything after ``--init PATH`` (and ``--keep-new``) goes to ``train.py`` unchanged. ``model.diffusion_model.*`` and
 ``cond_stage_model.*`` are copied from PATH (fp16 is fine) after the module is built, and the UNet's EMA restarts
 from them; the autoencoder comes from the config (``first_stage_ckpt``), the noise schedule and
 ``scale_factor`` are the config's (``scale_by_std`` estimates it again). The config stored in the export is
 the plain training config, so the result loads like any other run's export. Used to retrain the demo model
 on a fine-tuned autoencoder without starting the diffusion stage from scratch (docs/demo_model.md).
+
+``--keep-new``: tensors that the config's model has and PATH lacks keep their fresh initialisation instead of
+failing (they are listed), e.g. a UNet with ``position_embedding: true`` (zero-initialised) warm-started from a
+file without one. Tensors of another shape are still an error.
 """
 from __future__ import annotations
 
@@ -25,33 +29,40 @@ log = logging.getLogger("warm_start_train")
 PREFIXES = ("model.diffusion_model.", "cond_stage_model.")
 
 
-def warm_start(module: LatentDiffusionModule, path: str) -> None:
-    """Copy the UNet and text tower of ``path`` into ``module`` (all of their tensors, shapes checked)."""
+def warm_start(module: LatentDiffusionModule, path: str, keep_new: bool = False) -> None:
+    """Copy the UNet and text tower of ``path`` into ``module`` (all of their tensors, shapes checked);
+    ``keep_new``: tensors ``path`` lacks keep their initialisation."""
     source, _ = read_state_dict(path)
     own = {k: v for k, v in module.state_dict().items() if k.startswith(PREFIXES)}
     missing = sorted(k for k in own if k not in source)
     bad = sorted(k for k in own if k in source and tuple(source[k].shape) != tuple(own[k].shape))
+    if keep_new and missing:
+        log.info("warm start: %d tensors not in %s keep their initialisation: %s", len(missing), path,
+                 ", ".join(missing))
+        missing = []
     if missing or bad:
         raise ValueError(f"--init {path} does not match the config: {len(missing)} tensors missing "
                          f"(e.g. {missing[:1]}), {len(bad)} of another shape (e.g. {bad[:1]}); "
-                         "give a file of the same architecture")
-    module.load_state_dict({k: source[k].to(own[k].dtype) for k in own}, strict=False)
+                         "give a file of the same architecture (or --keep-new for added tensors)")
+    module.load_state_dict({k: source[k].to(own[k].dtype) for k in own if k in source}, strict=False)
     if module.model_ema is not None:
         module.model_ema = EMA(module.model, decay=float(module.model_ema.decay))
-    log.info("warm start: %d tensors of the UNet and text tower from %s", len(own), path)
+    log.info("warm start: %d tensors of the UNet and text tower from %s", sum(k in source for k in own), path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 2 or argv[0] != "--init":
-        raise SystemExit("usage: warm_start_train.py --init MODEL.safetensors [train.py arguments]")
+        raise SystemExit("usage: warm_start_train.py --init MODEL.safetensors [--keep-new] [train.py arguments]")
     path, rest = argv[1], argv[2:]
+    keep_new = bool(rest) and rest[0] == "--keep-new"
+    rest = rest[1:] if keep_new else rest
     original = train.instantiate_from_config
 
     def instantiate_then_load(node, *args, **kwargs):
         obj = original(node, *args, **kwargs)
         if isinstance(obj, LatentDiffusionModule):
-            warm_start(obj, path)
+            warm_start(obj, path, keep_new)
         return obj
 
     train.instantiate_from_config = instantiate_then_load  # train.py builds its model with this name

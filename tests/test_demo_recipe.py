@@ -89,3 +89,22 @@ def test_warm_start_rejects_another_architecture(tmp_path):
     save_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="does not match the config"):
         warm_start_train.warm_start(target, str(path))
+
+
+def test_warm_start_keep_new_leaves_added_tensors_at_their_init(tmp_path):
+    from ldm.checkpoint import save_checkpoint
+    from ldm.config import instantiate_from_config, load_config
+
+    cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
+    cfg.model.params.first_stage_ckpt = None
+    source = instantiate_from_config(cfg.model)
+    path = tmp_path / "src.safetensors"
+    save_checkpoint({k: v for k, v in source.state_dict().items() if k.startswith(warm_start_train.PREFIXES)}, path)
+    cfg.model.params.unet_config.params.position_embedding = True
+    target = instantiate_from_config(cfg.model)
+    with pytest.raises(ValueError, match="2 tensors missing.*--keep-new"):
+        warm_start_train.warm_start(target, str(path))
+    warm_start_train.warm_start(target, str(path), keep_new=True)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(target.state_dict()[key], source.state_dict()[key])
+    assert not target.model.diffusion_model.pos_embed.weight.any()  # zero-initialised, kept
