@@ -69,12 +69,16 @@ def forward_fn(model, x, t, context, precision: str) -> Callable[[], None]:
     return run
 
 
-def train_fn(model, x, t, context, precision: str, fused: bool = False) -> Callable[[], None]:
+def train_fn(model, x, t, context, precision: str, optimizer: str = "torch") -> Callable[[], None]:
     """One optimisation step on an MSE loss to a fixed target; the model keeps training between calls.
-    ``fused``: torch's fused AdamW (what our trainer uses, ``fused_optimizer``); else torch's default AdamW
-    (what diffusers' training scripts build)."""
+    ``optimizer``: "ours" (our trainer's AdamW, ``ldm.training.common.AdamW``, fused as ``fused_optimizer``
+    makes it), "torch-fused" (torch's fused AdamW) or "torch" (torch's default AdamW, what diffusers' training
+    scripts build)."""
+    from ldm.training.common import AdamW
+
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, **({"fused": True} if fused else {}))
+    cls = AdamW if optimizer == "ours" else torch.optim.AdamW
+    opt = cls(model.parameters(), lr=1e-6, **({} if optimizer == "torch" else {"fused": True}))
     target = torch.randn_like(x)
 
     def run() -> None:
@@ -125,9 +129,9 @@ def bench_size(width: int, latent: int, args) -> list[list]:
                 pair = {"ours": forward_fn(ours, x, t, context, precision),
                         "diffusers": forward_fn(theirs, x, t, context, precision)}
             else:
-                pair = {"ours": train_fn(copy.deepcopy(ours), x, t, context, precision, fused=True),
+                pair = {"ours": train_fn(copy.deepcopy(ours), x, t, context, precision, optimizer="ours"),
                         "diffusers": train_fn(copy.deepcopy(theirs), x, t, context, precision,
-                                              fused=args.diffusers_fused_adam)}
+                                              "torch-fused" if args.diffusers_fused_adam else "torch")}
             rates: list[float] = []
             if mode == "forward":  # the matmul peak, measured between the rounds, under the same machine load
                 pair["matmul peak"] = lambda: rates.append(common.matmul_peak_gflops(precision, reps=3))
@@ -158,8 +162,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--diffusers-fused-adam", action="store_true",
                         help="give diffusers' training step torch's fused AdamW too (default: torch's default "
-                             "AdamW, as diffusers' training scripts build it; ours always uses the fused one, as "
-                             "our trainer does)")
+                             "AdamW, as diffusers' training scripts build it; ours always uses our trainer's fused "
+                             "AdamW)")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds per candidate (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(common.RESULTS / "unet.md"))
@@ -174,7 +178,7 @@ def main() -> None:
              "speed-up = diffusers / ours",
              "util = counted forward FLOPs (torch.utils.flop_counter) / median time / matmul peak",
              "train = forward + MSE loss + backward + AdamW step; both models train their own copy; ours with "
-             "torch's fused AdamW (our trainer's default), diffusers with "
+             "our trainer's AdamW (torch's fused kernel, channels-last weights passed as NHWC views), diffusers with "
              + ("the fused AdamW too" if args.diffusers_fused_adam else
                 "torch's default AdamW (as diffusers' training scripts)"),
              "forward: one autocast around all rounds, so each model casts its weights to bf16 once (autocast's "

@@ -384,7 +384,6 @@ def test_fused_optimizer_takes_the_same_step_as_the_default():
         for _ in range(3):
             for p, grad in zip(module.trainable_parameters(), grads):
                 p.grad = grad.clone()  # contiguous, also for the channels-last conv weights
-            module.on_before_optimizer_step(opt)  # what Lightning calls between backward and step
             opt.step()
     for a, b in zip(modules[0].trainable_parameters(), modules[1].trainable_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -458,3 +457,45 @@ def test_sample_images_is_deterministic():
     assert 0.0 <= float(a.min()) and float(a.max()) <= 1.0
     with pytest.raises(ValueError, match="validation_prompts"):
         tiny_module(validation_prompts=None).sample_images()
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_fused_adam_on_channels_last_weights_matches_torch_default(amsgrad):
+    from ldm.training.common import Adam, AdamW
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 4, 3, 3), (5,), (3, 4, 1, 1)]
+    for cls, ref_cls in ((AdamW, torch.optim.AdamW), (Adam, torch.optim.Adam)):
+        ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+        ours[0].data = ours[0].data.contiguous(memory_format=torch.channels_last)
+        opt = cls(ours, lr=0.1, weight_decay=0.1, amsgrad=amsgrad, fused=True)
+        ref_opt = ref_cls(ref, lr=0.1, weight_decay=0.1, amsgrad=amsgrad)
+        for step in range(4):
+            grads = [torch.randn(s, generator=g) for s in shapes]
+            for p, q, grad in zip(ours, ref, grads):
+                # the parameter's layout, as autograd gives it; at step 1 a contiguous one (set by other code)
+                p.grad = grad.clone() if step == 1 else torch.empty_like(p).copy_(grad)
+                q.grad = grad.clone()
+            if step == 2:  # a state of another layout, e.g. resumed from a run without channels-last weights
+                state = opt.state[ours[0]]
+                state["exp_avg"] = state["exp_avg"].contiguous()  # torch's own fused step mispairs this
+            opt.step()
+            ref_opt.step()
+            for p, q in zip(ours, ref):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=f"{cls.__name__} step {step}")
+        assert ours[0].is_contiguous(memory_format=torch.channels_last)
+        assert opt.state[ours[0]]["exp_avg"].stride() == ours[0].stride()
+
+
+def test_fused_adam_hands_channels_last_tensors_to_the_kernel_as_views(monkeypatch):
+    from ldm.training.common import AdamW
+
+    seen = []
+    real = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda params, grads, *a, **k: (
+        seen.append([(t.is_contiguous(), t.data_ptr()) for t in params + grads]), real(params, grads, *a, **k)))
+    w = torch.nn.Parameter(torch.randn(6, 4, 3, 3).contiguous(memory_format=torch.channels_last))
+    w.grad = torch.randn_like(w)
+    AdamW([w], lr=0.1, fused=True).step()
+    assert seen == [[(True, w.data_ptr()), (True, w.grad.data_ptr())]]  # contiguous views of the same memory

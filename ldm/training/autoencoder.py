@@ -27,7 +27,7 @@ import torch
 
 from ldm.config import instantiate_from_config, to_plain
 from ldm.models.autoencoder import AutoencoderKL
-from ldm.training.common import TrainingModuleMixin
+from ldm.training.common import Adam, TrainingModuleMixin
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +163,8 @@ class AutoencoderKLModule(AutoencoderKL, TrainingModuleMixin, pl.LightningModule
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         lr = self.effective_learning_rate()
         ae, disc = list(self.autoencoder_parameters()), list(self.loss.discriminator.parameters())
-        opt_ae = torch.optim.Adam(ae, lr=lr, betas=self.adam_betas, **self.adam_options(ae))
-        opt_disc = torch.optim.Adam(disc, lr=lr, betas=self.adam_betas, **self.adam_options(disc))
+        opt_ae = Adam(ae, lr=lr, betas=self.adam_betas, **self.adam_options(ae))
+        opt_disc = Adam(disc, lr=lr, betas=self.adam_betas, **self.adam_options(disc))
         return [opt_ae, opt_disc]
 
     # ---- checkpoints and export -----------------------------------------------------------------------------

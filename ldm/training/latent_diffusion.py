@@ -33,7 +33,7 @@ import torch
 from ldm.config import instantiate_from_config, to_plain
 from ldm.ema import EMA, ema_name
 from ldm.model import LatentDiffusion
-from ldm.training.common import TrainingModuleMixin
+from ldm.training.common import AdamW, TrainingModuleMixin
 from ldm.training.lr import LinearWarmup
 
 log = logging.getLogger(__name__)
@@ -336,7 +336,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
 
     def configure_optimizers(self) -> dict:
         params = self.trainable_parameters()
-        opt = torch.optim.AdamW(params, lr=self.effective_learning_rate(), betas=self.adam_betas,
+        opt = AdamW(params, lr=self.effective_learning_rate(), betas=self.adam_betas,
                                 eps=self.adam_eps, weight_decay=self.weight_decay, **self.adam_options(params))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
