@@ -397,6 +397,16 @@ def test_relation_probe_tells_a_model_that_uses_relations_from_one_that_does_not
         relation_probe(_ProbeStub(2, colors), num=2, timesteps=[1000])
 
 
+@pytest.mark.parametrize("colors", [True, False])
+def test_text_change_tells_a_tower_that_codes_relations_from_one_that_merged_them(colors):
+    from ldm.eval.probe import text_change
+
+    reads = text_change(_ProbeStub(5, colors), num=5, colors=colors)  # swapped / exchanged captions: index -1
+    assert reads["relation"] > 0.5 and reads["shapes"] > 0.5
+    merged = text_change(_ProbeStub(5, colors, blind=True), num=5, colors=colors)
+    assert merged["relation"] == 0.0 and merged["shapes"] > 0.5
+
+
 def test_cli_relations_runs_the_probe(tmp_path, monkeypatch):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"x")
@@ -405,5 +415,6 @@ def test_cli_relations_runs_the_probe(tmp_path, monkeypatch):
     rows = cli.main(["relations", "--ckpt", str(ckpt), "--num", "3", "--no-colors", "--timesteps", "999",
                      "--out", str(out)])
     assert len(rows) == 1 and rows[0]["ratio"] > 5 and "without colors" in out.read_text()
+    assert "text encoder output, relative change: relation inverted" in out.read_text()
     with pytest.raises(SystemExit, match="timesteps"):
         cli.main(["relations", "--ckpt", str(ckpt), "--num", "3", "--timesteps", "5000"])

@@ -114,7 +114,7 @@ def run_recon(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_relations(args: argparse.Namespace) -> list[dict[str, float]]:
-    from ldm.eval.probe import format_probe, relation_probe
+    from ldm.eval.probe import format_probe, relation_probe, text_change
 
     pipe = _load_pipeline(args)
     try:
@@ -122,7 +122,8 @@ def run_relations(args: argparse.Namespace) -> list[dict[str, float]]:
                               colors=args.colors)
     except ValueError as e:
         raise SystemExit(f"relations: {e}")
-    table = format_probe(rows, args.num, args.colors)
+    text = text_change(pipe.model, num=args.num, seed=args.seed, colors=args.colors)
+    table = format_probe(rows, args.num, args.colors, text)
     log.info("relation probe of %s\n%s", args.ckpt, table)
     if args.out:
         with open(args.out, "w") as f:

@@ -15,6 +15,10 @@ shows how much a prediction at that timestep leans on what is left of the pictur
 timestep of a schedule whose terminal SNR is not zero (SD's), a model can read the layout from that leftover
 instead of from the prompt, and at sampling time, when the start is pure noise, it then follows the noise.
 
+It also reports how much the text encoder's output changes when only the relation is inverted, against when
+only the two objects' shapes are exchanged (:func:`text_change`): a tower that has merged the relation words
+("left" and "right" coded alike) gives the UNet nothing to place objects by.
+
     python -m ldm.eval relations --ckpt model.safetensors [--num 128] [--no-colors]
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from ldm.data.shapes import INVERSE_RELATION, ShapesDataset, caption_spec, scene_to_prompt_spec
 
-__all__ = ["relation_captions", "relation_probe", "format_probe"]
+__all__ = ["relation_captions", "relation_probe", "text_change", "format_probe"]
 
 
 def relation_captions(spec: dict[str, Any], seed: int, colors: bool = True) -> tuple[str, str]:
@@ -39,6 +43,29 @@ def relation_captions(spec: dict[str, Any], seed: int, colors: bool = True) -> t
     inverse = INVERSE_RELATION[spec["relation"]["type"]]
     swapped = {"objects": spec["objects"], "relation": dict(spec["relation"], type=inverse)}
     return caption_spec(spec, random.Random(seed)), caption_spec(swapped, random.Random(seed))
+
+
+def _shapes_exchanged(spec: dict[str, Any]) -> dict[str, Any]:
+    objects = [dict(g) for g in spec["objects"]]
+    objects[0]["shape"], objects[1]["shape"] = objects[1]["shape"], objects[0]["shape"]
+    return {"objects": objects, "relation": dict(spec["relation"])}
+
+
+@torch.no_grad()
+def text_change(model: Any, num: int = 128, seed: int = 0, colors: bool = True) -> dict[str, float]:
+    """Mean relative change ``|E(a) - E(b)| / |E(a)|`` of the text encoder's output (``get_learned_conditioning``,
+    all tokens) over ``num`` held-out relation captions ``a`` when ``b`` is ``a`` with the relation inverted
+    (``"relation"``) or with the two objects' shapes exchanged (``"shapes"``), every other word kept."""
+    data = ShapesDataset(num, seed=seed, kinds=["relation"], split="eval")
+    sums = {"relation": 0.0, "shapes": 0.0}
+    for i in range(num):
+        spec = scene_to_prompt_spec(data.scene(i)[0])
+        true, swapped = relation_captions(spec, seed=i, colors=colors)
+        exchanged, _ = relation_captions(_shapes_exchanged(spec), seed=i, colors=colors)
+        e = model.get_learned_conditioning([true, swapped, exchanged]).float()
+        for name, other in (("relation", e[1]), ("shapes", e[2])):
+            sums[name] += ((e[0] - other).norm() / e[0].norm().clamp_min(1e-12)).item()
+    return {k: v / num for k, v in sums.items()}
 
 
 @torch.no_grad()
@@ -81,11 +108,15 @@ def relation_probe(model: Any, num: int = 128, timesteps: Sequence[int] = (999, 
     return rows
 
 
-def format_probe(rows: Sequence[dict[str, float]], num: int, colors: bool) -> str:
-    """A markdown table of :func:`relation_probe` rows."""
+def format_probe(rows: Sequence[dict[str, float]], num: int, colors: bool,
+                 text: dict[str, float] | None = None) -> str:
+    """A markdown table of :func:`relation_probe` rows (and the :func:`text_change` numbers, if given)."""
     lines = [f"x0 error of {num} held-out relation scenes ({'with' if colors else 'without'} colors in the "
              "captions): true caption, relation swapped, and from pure noise", "",
              "| t | true | swapped | swapped / true | no signal |", "|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['t']} | {r['true']:.4f} | {r['swapped']:.4f} | {r['ratio']:.3f} | {r['no_signal']:.4f} |")
+    if text is not None:
+        lines += ["", f"text encoder output, relative change: relation inverted {text['relation']:.3f}, "
+                      f"the two shapes exchanged {text['shapes']:.3f}"]
     return "\n".join(lines) + "\n"
