@@ -154,3 +154,12 @@ def test_unet_bf16_inference_packs_every_conv_once_with_the_same_output():
         shifted = fast(x, t, ctx)
     assert torch.equal(packed, plain)
     torch.testing.assert_close(shifted.float() - packed.float(), torch.ones_like(plain.float()), atol=0.02, rtol=0)
+
+    # The packs are a cache: a copy (or a pickle) of the model starts without them and makes its own.
+    import copy
+    import pickle
+
+    twin = copy.deepcopy(fast)
+    assert len(twin._weight_cache[2]) == 0 and len(pickle.loads(pickle.dumps(fast._weight_cache[2]))) == 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(twin(x, t, ctx), shifted)

@@ -46,6 +46,9 @@ class ConvPacks:
     def __len__(self) -> int:
         return len(self._packs)
 
+    def __reduce__(self):  # a cache: copies and pickles start empty (packed tensors have no storage to copy)
+        return (ConvPacks, ())
+
     def usable(self, conv: nn.Conv2d, x: torch.Tensor) -> bool:
         w = conv.weight
         return (x.device.type == "cpu" and w.dtype == torch.bfloat16 and x.dim() == 4
