@@ -79,20 +79,25 @@ def test_xformers_on_cpu_is_a_clear_error():
         attention(q, k, v, backend="xformers")
 
 
-def test_auto_falls_back_to_sdpa_on_cpu(monkeypatch):
+def test_auto_picks_by_dtype_size_and_autograd_on_cpu(monkeypatch):
     calls = []
-    for name in ("sdpa", "blocked"):
+    for name in ("sdpa", "blocked", "math"):
         monkeypatch.setitem(attn_mod._KERNELS, name, lambda *a, n=name, f=attn_mod._KERNELS[name]: calls.append(n)
                             or f(*a))
     q, k, v = _qkv()
     attention(q, k, v, backend="auto")
     assert calls == ["sdpa"]  # fp32
     long = _qkv(nq=8, nk=attn_mod.BLOCKED_MIN_KEYS, d=16, dtype=torch.bfloat16)
+    text = _qkv(nq=8, nk=77, d=16, dtype=torch.bfloat16)
+    many = _qkv(nq=attn_mod.BLOCKED_MIN_SCORES // 77 + 1, nk=77, d=8, dtype=torch.bfloat16)
+    big = _qkv(nq=attn_mod.MATH_MAX_SCORES // 256 + 1, nk=256, d=8, dtype=torch.bfloat16)
     with torch.no_grad():
         attention(*long, backend="auto")  # bf16 inference over a feature map: blocked
-        attention(*_qkv(nq=8, nk=77, d=16, dtype=torch.bfloat16), backend="auto")  # a text context: sdpa
-    attention(*long, backend="auto")  # autograd on: sdpa
-    assert calls == ["sdpa", "blocked", "sdpa", "sdpa"]
+        attention(*text, backend="auto")  # a text context: math
+        attention(*many, backend="auto")  # a text context at many pixels: blocked
+    attention(*long, backend="auto")  # autograd on, small: math
+    attention(*big, backend="auto")   # autograd on, large: sdpa
+    assert calls == ["sdpa", "blocked", "math", "blocked", "math", "sdpa"]
 
 
 def test_blocked_is_math_block_by_block_and_differentiable(monkeypatch):

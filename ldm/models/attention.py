@@ -11,8 +11,11 @@ The backend is chosen per module (argument or :func:`set_attention_backend`), ne
 - ``"blocked"``: the same numbers as ``"math"``, one head and a cache-sized block of query rows at a time
   (faster than torch's CPU flash kernel for bf16 inference);
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (needs xformers and CUDA tensors);
-- ``"auto"`` (the UNet's default): xformers when it is installed and the tensors are on CUDA; blocked for bf16
-  inference on a CPU with at least ``BLOCKED_MIN_KEYS`` keys (self-attention over a feature map); else sdpa.
+- ``"auto"`` (the UNet's default): xformers when it is installed and the tensors are on CUDA. With bf16 on a
+  CPU, where torch's flash kernel has a high fixed cost: for inference, blocked with at least
+  ``BLOCKED_MIN_KEYS`` keys or ``BLOCKED_MIN_SCORES`` scores per head (self-attention over a feature map, text
+  attention at 4096 pixels), math below that; in training, math up to ``MATH_MAX_SCORES`` scores per head.
+  Else sdpa. (Measured per layer shape in bench/README.md.)
 
 ``slice_size`` splits the query rows into chunks of that many rows (attention slicing): the result is the
 same, the peak memory of the attention matrix is ``batch * heads * slice_size * keys``.
@@ -47,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("sdpa", "math", "blocked", "xformers", "auto")
 BLOCKED_MIN_KEYS = 256
+BLOCKED_MIN_SCORES = 1 << 18  # queries x keys per head
+MATH_MAX_SCORES = 1 << 16
 
 
 def _check_backend(backend: str, slice_size: Optional[int]) -> None:
@@ -130,9 +135,12 @@ def _resolve(backend: str, q: torch.Tensor, k: torch.Tensor, mask: Optional[torc
     if backend == "auto":
         if q.is_cuda:
             return "xformers" if mask is None and _xformers_ops() is not None else "sdpa"
-        if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.shape[2] >= BLOCKED_MIN_KEYS
-                and not torch.is_grad_enabled()):
-            return "blocked"
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            queries, keys = q.shape[2], k.shape[2]
+            if not torch.is_grad_enabled():
+                return "blocked" if keys >= BLOCKED_MIN_KEYS or queries * keys >= BLOCKED_MIN_SCORES else "math"
+            if queries * keys <= MATH_MAX_SCORES:
+                return "math"
         return "sdpa"
     if backend == "xformers":
         if _xformers_ops() is None:
