@@ -20,7 +20,7 @@ class _FusedLayouts:
       of another layout than its parameter (e.g. optimizer state resumed from a run without channels-last
       weights) would be applied to the wrong elements. Such tensors are copied into the parameter's layout first.
     - It wants default-contiguous tensors and clones and copies back every channels-last conv weight (the UNet's
-      layout): on SD's 512-channel conv weights the step took 2.7x as long (bench/README.md).
+      layout): on the conv weights of SD1 at width 128 the step took 2.5x as long (bench/results/levers.md).
       ``permute(0, 2, 3, 1)`` of a channels-last tensor is contiguous and shares its storage, so the kernel
       updates the same memory in place.
 
