@@ -1,6 +1,7 @@
 """Run ``train.py`` with the UNet and text tower initialised from an existing LDM file (a warm start).
 
-    python scripts/warm_start_train.py --init ldm/assets/demo/shapes.safetensors [--keep-new] --base CONFIG [train.py args]
+    python scripts/warm_start_train.py --init ldm/assets/demo/shapes.safetensors [--keep-new] \
+        --base CONFIG [train.py args]
 
 Everything after ``--init PATH`` (and ``--keep-new``) goes to ``train.py`` unchanged. ``model.diffusion_model.*`` and
 ``cond_stage_model.*`` are copied from PATH (fp16 is fine) after the module is built, and the UNet's EMA restarts
