@@ -220,7 +220,9 @@ class _Pipeline:
         vae_tiling: encode/decode large images tile by tile (``AutoencoderKL.enable_tiling``).
         cpu_offload: keep the weights on the CPU and move each part (text encoder, UNet, VAE) to the
             device only while it runs.
-        channels_last: channels-last memory format for the UNet and VAE (faster convolutions on GPUs).
+        channels_last: channels-last memory format for the UNet and VAE (faster convolutions on GPUs). None
+            (default): the VAE on a CPU (its bf16 decode is ~1.2x faster: 256 px 1.63 -> 1.38 s, 512 px 9.1 ->
+            7.2 s, same error against fp32); our UNet is channels-last already. False: the layouts as built.
         compile: ``torch.compile`` the UNet (True, or the name of a compile backend).
         model_name, model_path: recorded in the parameters ("Model", "Model hash" = sha256 of the file).
     """
@@ -230,7 +232,7 @@ class _Pipeline:
     def __init__(self, model: nn.Module, device: str | torch.device | None = None, precision: str = "fp32", *,
                  vae_precision: str = "auto", unet_weights: str = "fp32", attention: str | None = None,
                  attention_slicing: int | None = None,
-                 vae_tiling: bool = False, cpu_offload: bool = False, channels_last: bool = False,
+                 vae_tiling: bool = False, cpu_offload: bool = False, channels_last: bool | None = None,
                  compile: bool | str = False, model_name: str | None = None,
                  model_path: str | Path | None = None):
         self.model = model.eval().requires_grad_(False)
@@ -286,6 +288,7 @@ class _Pipeline:
             self.model.first_stage_model.enable_tiling()
         if channels_last:
             unet.to(memory_format=torch.channels_last)
+        if channels_last or (channels_last is None and self.device.type == "cpu"):
             self.model.first_stage_model.to(memory_format=torch.channels_last)
         if compile:
             unet.compile(**({"backend": compile} if isinstance(compile, str) else {}))

@@ -288,3 +288,16 @@ def test_device_and_precision_names():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_vae_runs_channels_last_on_a_cpu_by_default(pipe):
+    model = pipe.model
+    conv = model.first_stage_model.decoder.conv_in.weight
+    try:
+        model.first_stage_model.to(memory_format=torch.contiguous_format)
+        Text2Image(model, device="cpu", channels_last=False)  # the layouts as built
+        assert conv.is_contiguous()
+        Text2Image(model, device="cpu")  # default: the VAE channels-last on a CPU (faster bf16 decode)
+        assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    finally:
+        model.first_stage_model.to(memory_format=torch.contiguous_format)

@@ -125,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode large images tile by tile")
     g.add_argument(*_names("--cpu-offload"), dest="cpu_offload", action="store_true",
                    help="keep weights on the CPU, move each part to the device only while it runs")
-    g.add_argument(*_names("--channels-last"), dest="channels_last", action="store_true",
-                   help="channels-last memory format")
+    g.add_argument(*_names("--channels-last"), dest="channels_last", action="store_true", default=None,
+                   help="channels-last memory format for the UNet and VAE (default: the VAE on a CPU)")
     g.add_argument(*_names("--compile"), action="store_true", help="torch.compile the UNet")
     return p
 
