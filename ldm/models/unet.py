@@ -195,7 +195,7 @@ class ResBlock(TimestepBlock):
             self.skip_connection = nn.Identity()
         else:
             self.skip_connection = Conv2d(channels, self.out_channels, 3 if use_conv else 1,
-                                             padding=1 if use_conv else 0)
+                                          padding=1 if use_conv else 0)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return maybe_checkpoint(self._forward, x, emb, enabled=self.use_checkpoint)
@@ -297,9 +297,10 @@ class UNetModel(nn.Module):
 
     ``position_embedding`` (an addition, default off; SD checkpoints have none): add a learned function of each
     pixel's position (a 1x1 conv of :func:`coordinate_features`, zero-initialised, weights ``pos_embed.*``) to
-    the first conv's output. SD's UNet sees position only through the convolutions' zero padding, which makes
-    words such as "left of" hard to learn for a small model; with it, a cross-attention query can tell where it
-    is. Zero-initialised, it leaves a warm-started model's output unchanged until it is trained.
+    the first conv's output. SD's UNet sees position only through the convolutions' zero padding; with it, a
+    cross-attention query can tell where it is, which words such as "left of" need. (Added for the demo model's
+    position category; 1000 warm-started steps with it did not yet teach relations: docs/demo_model.md.)
+    Zero-initialised, it leaves a warm-started model's output unchanged until it is trained.
 
     Inference under CPU bf16 autocast (no grad) runs on a cached bf16 copy of the conv and linear weights instead
     of letting autocast cast them again in every call (5 GB of memory traffic per SD1.5 forward; autocast's own
