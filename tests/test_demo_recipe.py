@@ -1,4 +1,5 @@
-"""The demo model's training scripts: weighted autoencoder fine-tuning and the warm-started diffusion stage."""
+"""The demo model's training scripts: weighted autoencoder fine-tuning, the warm-started diffusion stage and the
+contrastive text-tower pretraining."""
 from __future__ import annotations
 
 import sys
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import finetune_decoder  # noqa: E402
+import pretrain_text_tower  # noqa: E402
 import warm_start_train  # noqa: E402
 from ldm.ema import ema_name  # noqa: E402
 from ldm.data.shapes import BACKGROUND, Scene, ShapeObject, image_to_tensor, render  # noqa: E402
@@ -108,3 +110,25 @@ def test_warm_start_keep_new_leaves_added_tensors_at_their_init(tmp_path):
     key = "model.diffusion_model.input_blocks.0.0.weight"
     assert torch.equal(target.state_dict()[key], source.state_dict()[key])
     assert not target.model.diffusion_model.pos_embed.weight.any()  # zero-initialised, kept
+
+
+def test_contrastive_loss_prefers_the_matching_caption_over_the_inverted_one():
+    img = torch.eye(3, 8)
+    txt = torch.eye(3, 8)
+    neg = torch.eye(3, 8)[:1] * -1  # image 0's inverted caption: pointing away
+    good = pretrain_text_tower.contrastive_loss(img, txt, neg, torch.tensor([0]), torch.tensor(10.0))
+    bad = pretrain_text_tower.contrastive_loss(img, txt, img[:1], torch.tensor([0]), torch.tensor(10.0))
+    assert good < bad  # an inverted caption coded like the true one costs
+
+
+def test_pretrain_text_tower_runs_and_writes_the_tower(tmp_path, monkeypatch):
+    from ldm.checkpoint import read_state_dict
+
+    out = tmp_path / "tower.safetensors"
+    report = pretrain_text_tower.main(["--steps", "2", "--batch-size", "4", "--num-train", "16", "--out", str(out)])
+    assert set(report) == {"relation_accuracy", "text_change_relation", "text_change_shapes"}
+    assert 0.0 <= report["relation_accuracy"] <= 1.0 and report["text_change_shapes"] > 0
+    state, _ = read_state_dict(out)
+    assert "cond_stage_model.model.token_embedding.weight" in state
+    with pytest.raises(SystemExit, match="--steps"):
+        pretrain_text_tower.main(["--steps", "0", "--out", str(out)])
