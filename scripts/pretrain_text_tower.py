@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.checkpoint import read_state_dict, save_checkpoint
-from ldm.data.shapes import ShapesDataset, scene_to_prompt_spec
+from ldm.data.shapes import ShapesDataset, image_to_tensor, render, scene_to_prompt_spec
 from ldm.eval.probe import relation_captions, text_change
 from ldm.models.text_encoder import OpenCLIPTextEncoder
 from ldm.training.lr import WarmupCosine
@@ -60,7 +60,7 @@ def batch(data: ShapesDataset, indices: Sequence[int], rng: random.Random) -> tu
     images, captions, inverted = [], [], []
     for i in indices:
         scene, caption = data.scene(i)
-        images.append(data[i]["image"])
+        images.append(image_to_tensor(render(scene, data.size)))  # data[i] would draw the scene a second time
         if scene.relation is not None:
             caption, swapped = relation_captions(scene_to_prompt_spec(scene), seed=rng.randrange(1 << 30),
                                                  colors=rng.random() > 0.4)

@@ -132,3 +132,11 @@ def test_pretrain_text_tower_runs_and_writes_the_tower(tmp_path, monkeypatch):
     assert "cond_stage_model.model.token_embedding.weight" in state
     with pytest.raises(SystemExit, match="--steps"):
         pretrain_text_tower.main(["--steps", "0", "--out", str(out)])
+    from ldm.checkpoint import save_checkpoint
+
+    other = tmp_path / "no_tower.safetensors"
+    save_checkpoint({"first_stage_model.x": torch.zeros(1)}, other)
+    with pytest.raises(SystemExit, match="no cond_stage_model"):  # a file without a text tower
+        pretrain_text_tower.main(["--steps", "1", "--init", str(other), "--out", str(out)])
+    with pytest.raises((SystemExit, FileNotFoundError, ValueError), match="missing.safetensors"):
+        pretrain_text_tower.main(["--steps", "1", "--init", str(tmp_path / "missing.safetensors"), "--out", str(out)])
