@@ -80,6 +80,16 @@ def test_bf16_autocast_forward_close_to_fp32():
     assert (low.float() - high).abs().mean() < 0.02 * high.abs().mean()
 
 
+def test_cached_bf16_call_is_skipped_under_torch_compile(monkeypatch):
+    """dynamo would guard on the Python-side cache and packs (recompiling per conv); traced code runs plain."""
+    fast, _ = randomized_pair()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast._cached_weights_dtype(x) == torch.bfloat16
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert fast._cached_weights_dtype(x) is None
+
+
 def test_bf16_inference_runs_on_cached_weights_and_matches_autocast():
     fast, _ = randomized_pair()
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16)

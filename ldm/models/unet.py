@@ -560,8 +560,11 @@ class UNetModel(nn.Module):
         self._weight_cache = None
 
     def _cached_weights_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
-        """bf16 when this call may run on cached bf16 weights: CPU bf16 autocast, no grad, not already inside."""
+        """bf16 when this call may run on cached bf16 weights: CPU bf16 autocast, no grad, not already inside,
+        not being traced by torch.compile (the cache and the packed conv weights are Python-side state that
+        dynamo would guard on and recompile for; compiled code fuses the casts itself)."""
         if (not self.cache_cast_weights or self._in_cached_call or torch.is_grad_enabled()
+                or torch.compiler.is_compiling()
                 or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
                 or torch.get_autocast_dtype("cpu") != torch.bfloat16):
             if not self.cache_cast_weights:
