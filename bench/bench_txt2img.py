@@ -6,6 +6,9 @@ as a diffusers folder (converted with diffusers' single-file functions), then ru
 fresh process, ours and diffusers in turn: seconds per image (after a 1-step warm-up) and peak RSS.
 
     python bench/bench_txt2img.py --sizes 256 512 --precisions bf16 --reps 1
+
+With ``--device cuda`` the peak is the GPU memory allocated (torch.cuda.max_memory_allocated), and diffusers'
+pipeline holds its weights in the precision (``torch_dtype``, how it is used on GPUs) instead of autocast.
 """
 from __future__ import annotations
 
@@ -99,46 +102,59 @@ def prepare(folder: Path, unet_width: int, vae_ch: int) -> None:
     pipe.save_pretrained(folder / "diffusers")
 
 
-def generate_ours(folder: Path, size: int, precision: str, vae_precision: str) -> tuple[float, float]:
+def _timed(run, device: torch.device) -> float:
+    """Seconds of ``run(STEPS)`` after a 1-step warm-up, the device's queued work included."""
+    sync = common.synchronizer(device)
+    run(1)
+    sync()
+    start = time.perf_counter()
+    run(STEPS)
+    sync()
+    return time.perf_counter() - start
+
+
+def generate_ours(folder: Path, size: int, precision: str, vae_precision: str, device: torch.device
+                  ) -> tuple[float, float]:
     from ldm.pipeline import Text2Image
 
-    pipe = Text2Image.from_checkpoint(folder / "ours.safetensors", device="cpu", precision=precision,
+    pipe = Text2Image.from_checkpoint(folder / "ours.safetensors", device=device, precision=precision,
                                       vae_precision=vae_precision)
-    loaded = common.peak_rss_gb()
+    loaded = common.peak_memory_gb(device)
     run = lambda steps: pipe(PROMPT, height=size, width=size, steps=steps, sampler="DPM++ 2M",  # noqa: E731
                              guidance_scale=GUIDANCE, seeds=0)
-    run(1)
-    start = time.perf_counter()
-    run(STEPS)
-    return time.perf_counter() - start, loaded
+    return _timed(run, device), loaded
 
 
-def generate_diffusers(folder: Path, size: int, precision: str, vae_precision: str) -> tuple[float, float]:
+def generate_diffusers(folder: Path, size: int, precision: str, vae_precision: str, device: torch.device
+                       ) -> tuple[float, float]:
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder / "diffusers", local_files_only=True)
+    cuda = device.type == "cuda"
+    pipe = StableDiffusionPipeline.from_pretrained(folder / "diffusers", local_files_only=True,
+                                                   torch_dtype=common.DTYPES[precision] if cuda else None)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    loaded = common.peak_rss_gb()
+    loaded = common.peak_memory_gb(device)
 
     def run(steps: int) -> None:
-        with common.autocast(precision):
+        with common.autocast("fp32" if cuda else precision, device):
             pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=GUIDANCE,
                  generator=torch.Generator().manual_seed(0))
-    run(1)
-    start = time.perf_counter()
-    run(STEPS)
-    return time.perf_counter() - start, loaded
+    return _timed(run, device), loaded
 
 
 def worker(args) -> None:
     fn = generate_ours if args.worker == "ours" else generate_diffusers
-    seconds, loaded = fn(Path(args.folder), args.sizes[0], args.precisions[0], args.ours_vae_precision)
-    print(json.dumps({"seconds": seconds, "rss_after_load_gb": loaded, "peak_rss_gb": common.peak_rss_gb()}))
+    seconds, loaded = fn(Path(args.folder), args.sizes[0], args.precisions[0], args.ours_vae_precision,
+                         args.device)
+    print(json.dumps({"seconds": seconds, "rss_after_load_gb": loaded,
+                      "peak_rss_gb": common.peak_memory_gb(args.device)}))
 
 
 def run_worker(name: str, folder: Path, size: int, precision: str, args, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--folder", str(folder), "--sizes", str(size),
-           "--precisions", precision, "--threads", str(threads), "--ours-vae-precision", args.ours_vae_precision]
+           "--precisions", precision, "--threads", str(threads), "--ours-vae-precision", args.ours_vae_precision,
+           "--device", str(args.device)]
     logger.info("running %s", " ".join(cmd))
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode:
@@ -149,7 +165,9 @@ def run_worker(name: str, folder: Path, size: int, precision: str, args, threads
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=int, default=[256, 512])
-    parser.add_argument("--precisions", nargs="+", choices=common.PRECISIONS, default=["bf16"])
+    parser.add_argument("--precisions", nargs="+", choices=common.PRECISIONS, default=["bf16"],
+                        help="fp32, bf16 or (on a GPU) fp16")
+    parser.add_argument("--device", type=common.device_arg, default=torch.device("cpu"), help="cpu or cuda[:N]")
     parser.add_argument("--reps", type=int, default=1, help="interleaved rounds (ours, diffusers) per setting")
     parser.add_argument("--unet-width", type=int, default=320, help="UNet model_channels (320 = SD1.5)")
     parser.add_argument("--vae-ch", type=int, default=128, help="VAE base width (128 = SD1.5)")
@@ -162,6 +180,7 @@ def main() -> None:
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     threads = common.setup(args.threads)
+    common.check_precisions(args.precisions, args.device)
     if args.worker:
         worker(args)
         return
@@ -182,8 +201,9 @@ def main() -> None:
                              f"{peak['ours']:.2f} ({loaded['ours']:.2f})",
                              f"{peak['diffusers']:.2f} ({loaded['diffusers']:.2f})"])
                 logger.info("%s", rows[-1])
+    mem = "peak GPU memory" if args.device.type == "cuda" else "peak RSS"
     headers = ["image", "precision", "ours s/image", "diffusers s/image", "speed-up",
-               "ours peak RSS GiB (after load)", "diffusers peak RSS GiB (after load)"]
+               f"ours {mem} GiB (after load)", f"diffusers {mem} GiB (after load)"]
     width = "SD1.5 size" if (args.unet_width, args.vae_ch) == (320, 128) else \
         f"SD1 architecture, UNet width {args.unet_width}, VAE width {args.vae_ch}"
     notes = [f"{width}, random weights, one prompt, {STEPS} steps DPM++ 2M (diffusers: DPMSolverMultistep "
@@ -192,10 +212,13 @@ def main() -> None:
              "autocast with bf16); ours stores the UNet's conv/linear weights in bf16 (unet_weights='compute', "
              "from_checkpoint's default: the same numbers as autocast's casts) and uses attention 'auto'; "
              "diffusers runs everything, VAE included, under the same autocast",
-             "peak RSS: VmHWM of the worker process (loading included)"]
+             "peak RSS: VmHWM of the worker process (loading included)" if args.device.type != "cuda" else
+             "on CUDA: peak of torch.cuda.max_memory_allocated in the worker (loading included); diffusers' "
+             "pipeline holds all its weights in the precision (torch_dtype) and runs without autocast, ours "
+             "keeps the VAE as vae_precision says"]
     common.write_report(args.out, "Text-to-image end to end: ours vs diffusers",
-                        common.machine_info(threads, "/".join(args.precisions)), common.markdown_table(headers, rows),
-                        notes)
+                        common.machine_info(threads, "/".join(args.precisions), args.device),
+                        common.markdown_table(headers, rows), notes)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ Sizes are ``w<model_channels>@<latent>`` (the SD v1 architecture at reduced widt
 (SD v1.5 size, model_channels 320). Example (a few minutes on 2 cores):
 
     python bench/bench_unet.py --sizes w128@32 full@32 --precisions fp32 bf16 --modes forward train --reps 3
+
+On a GPU (``--device cuda``, precisions fp32, bf16 and fp16 autocast) each timed round runs ``--inner`` calls.
 """
 from __future__ import annotations
 
@@ -38,23 +40,24 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, int(match.group(2))
 
 
-def build_pair(width: int) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
-    """Our UNet with random weights and diffusers' UNet converted from its state dict."""
+def build_pair(width: int, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """Our UNet with random weights and diffusers' UNet converted from its state dict, both on ``device``."""
     from diffusers_port import diffusers_unet
     from ldm.models.unet import UNetModel
 
     params = dict(common.SD_V1_UNET, model_channels=width)
     ours = common.randomize_(UNetModel(**params)).eval()
     theirs = diffusers_unet(params, ours.state_dict()).eval()
-    return ours, theirs, params
+    return ours.to(device), theirs.to(device), params
 
 
-def inputs(batch: int, latent: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def inputs(batch: int, latent: int, seed: int = 0, device: str | torch.device = "cpu"
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, latent, latent, generator=gen)
     t = torch.randint(0, 1000, (batch,), generator=gen)
     context = torch.randn(batch, CONTEXT_TOKENS, common.SD_V1_UNET["context_dim"], generator=gen)
-    return x, t, context
+    return x.to(device), t.to(device), context.to(device)
 
 
 def call(model: torch.nn.Module, x, t, context) -> torch.Tensor:
@@ -62,14 +65,15 @@ def call(model: torch.nn.Module, x, t, context) -> torch.Tensor:
     return out.sample if hasattr(out, "sample") else out
 
 
-def forward_fn(model, x, t, context, precision: str) -> Callable[[], None]:
+def forward_fn(model, x, t, context, precision: str, inner: int = 1) -> Callable[[], None]:
     def run() -> None:
-        with torch.no_grad(), autocast(precision):
-            call(model, x, t, context)
+        with torch.no_grad(), autocast(precision, x.device):
+            for _ in range(inner):
+                call(model, x, t, context)
     return run
 
 
-def train_fn(model, x, t, context, precision: str, optimizer: str = "torch") -> Callable[[], None]:
+def train_fn(model, x, t, context, precision: str, optimizer: str = "torch", inner: int = 1) -> Callable[[], None]:
     """One optimisation step on an MSE loss to a fixed target; the model keeps training between calls.
     ``optimizer``: "ours" (our trainer's AdamW, ``ldm.training.common.AdamW``, fused as ``fused_optimizer``
     makes it), "torch-fused" (torch's fused AdamW) or "torch" (torch's default AdamW, what diffusers' training
@@ -82,11 +86,12 @@ def train_fn(model, x, t, context, precision: str, optimizer: str = "torch") -> 
     target = torch.randn_like(x)
 
     def run() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast(precision):
-            loss = F.mse_loss(call(model, x, t, context).float(), target)
-        loss.backward()
-        opt.step()
+        for _ in range(inner):
+            opt.zero_grad(set_to_none=True)
+            with autocast(precision, x.device):
+                loss = F.mse_loss(call(model, x, t, context).float(), target)
+            loss.backward()
+            opt.step()
     return run
 
 
@@ -105,6 +110,13 @@ def max_difference(ours, theirs, x, t, context) -> float:
         return (call(ours, x, t, context) - call(theirs, x, t, context)).abs().max().item()
 
 
+def memory_budget_gb(device: torch.device) -> float:
+    """Free memory where the models live: the GPU's free memory, or the machine's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**30
+    return common.mem_available_gb()
+
+
 def fits_training(width: int, budget_gb: float) -> bool:
     """Two models training side by side need about 2 x 16 bytes per parameter (weights, grads, AdamW)."""
     params = 860e6 * (width / 320) ** 2
@@ -112,8 +124,9 @@ def fits_training(width: int, budget_gb: float) -> bool:
 
 
 def bench_size(width: int, latent: int, args) -> list[list]:
-    ours, theirs, _ = build_pair(width)
-    x, t, context = inputs(args.batch, latent)
+    ours, theirs, _ = build_pair(width, args.device)
+    x, t, context = inputs(args.batch, latent, device=args.device)
+    sync, inner = common.synchronizer(args.device), args.inner
     diff = max_difference(ours, theirs, x, t, context)
     flops = count_flops(ours, x, t, context)
     logger.info("w%d@%d: %.1f GFLOP per forward, max |ours - diffusers| fp32 = %.2e", width, latent, flops / 1e9,
@@ -121,26 +134,29 @@ def bench_size(width: int, latent: int, args) -> list[list]:
     rows = []
     label = f"{'SD1.5' if width == 320 else f'SD1 w{width}'} {latent}x{latent} b{args.batch}"
     for mode in args.modes:
-        if mode == "train" and not fits_training(width, common.mem_available_gb()):
+        if mode == "train" and not fits_training(width, memory_budget_gb(args.device)):
             logger.warning("skipping the training step at w%d: two models with AdamW do not fit in memory", width)
             continue
         for precision in args.precisions:
             if mode == "forward":
-                pair = {"ours": forward_fn(ours, x, t, context, precision),
-                        "diffusers": forward_fn(theirs, x, t, context, precision)}
+                pair = {"ours": forward_fn(ours, x, t, context, precision, inner),
+                        "diffusers": forward_fn(theirs, x, t, context, precision, inner)}
             else:
-                pair = {"ours": train_fn(copy.deepcopy(ours), x, t, context, precision, optimizer="ours"),
+                pair = {"ours": train_fn(copy.deepcopy(ours), x, t, context, precision, "ours", inner),
                         "diffusers": train_fn(copy.deepcopy(theirs), x, t, context, precision,
-                                              "torch-fused" if args.diffusers_fused_adam else "torch")}
+                                              "torch-fused" if args.diffusers_fused_adam else "torch", inner)}
             rates: list[float] = []
             if mode == "forward":  # the matmul peak, measured between the rounds, under the same machine load
-                pair["matmul peak"] = lambda: rates.append(common.matmul_peak_gflops(precision, reps=3))
+                pair["matmul peak"] = lambda: rates.append(
+                    common.matmul_peak_gflops(precision, reps=3, device=args.device))
             # One autocast around all rounds: autocast keeps its bf16 copies of diffusers' weights (leaves that
             # require grad) until the outermost autocast exits, as around a whole diffusers pipeline call; our
             # UNet keeps its own copy (cache_cast_weights). Both then cast their weights once, not per forward.
-            with common.autocast(precision) if mode == "forward" else contextlib.nullcontext():
-                times = common.interleaved(pair, args.reps, warmup=1)
-            a, b = median(times["ours"]), median(times["diffusers"])
+            with common.autocast(precision, args.device) if mode == "forward" else contextlib.nullcontext():
+                times = common.interleaved(pair, args.reps, warmup=1, sync=sync)
+            a, b = median(times["ours"]) / inner, median(times["diffusers"]) / inner
+            if mode == "train":  # free both training copies (weights, grads, AdamW state) before the next row
+                pair.clear()
             row = [label, mode, precision, a, b, f"{b / a:.2f}x", f"{diff:.1e}"]
             if mode == "forward":
                 peak = median(rates)
@@ -157,7 +173,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=[parse_size("w128@32")],
                         help="w<model_channels>@<latent> or full@<latent> (default: w128@32)")
-    parser.add_argument("--precisions", nargs="+", choices=common.PRECISIONS, default=list(common.PRECISIONS))
+    parser.add_argument("--precisions", nargs="+", choices=common.PRECISIONS, default=["fp32", "bf16"],
+                        help="fp32, bf16 (autocast) and, on a GPU, fp16 (autocast); default: fp32 bf16")
+    parser.add_argument("--device", type=common.device_arg, default=torch.device("cpu"),
+                        help="cpu (default) or cuda[:N]")
+    parser.add_argument("--inner", type=int, default=None,
+                        help="calls per timed round (default: 1 on a CPU, 10 on a GPU)")
     parser.add_argument("--modes", nargs="+", choices=("forward", "train"), default=["forward", "train"])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--diffusers-fused-adam", action="store_true",
@@ -169,11 +190,17 @@ def main() -> None:
     parser.add_argument("--out", default=str(common.RESULTS / "unet.md"))
     args = parser.parse_args()
     threads = common.setup(args.threads)
+    common.check_precisions(args.precisions, args.device)
+    args.inner = args.inner or (10 if args.device.type == "cuda" else 1)
+    if args.inner < 1:
+        raise SystemExit(f"--inner must be at least 1, got {args.inner}")
     rows = [row for width, latent in args.sizes for row in bench_size(width, latent, args)]
     headers = ["UNet", "step", "precision", "ours s", "diffusers s", "speed-up", "max abs diff fp32",
                "GFLOP", "matmul peak GFLOP/s", "ours util", "diffusers util"]
-    notes = ["matmul peak: dense 2048^3 matmul in the row's precision (best of 3), measured once per round "
-             "between the UNet runs; the table gives the median over the rounds",
+    notes = [f"matmul peak: dense {'8192' if args.device.type == 'cuda' else '2048'}^3 matmul in the row's "
+             "precision (best of 3), measured once per round between the UNet runs; the table gives the median "
+             "over the rounds",
+             f"device: {args.device}; {args.inner} call(s) per timed round, times per call",
              "times are medians of interleaved rounds (ours, diffusers, ours, ...) after one warm-up round; "
              "speed-up = diffusers / ours",
              "util = counted forward FLOPs (torch.utils.flop_counter) / median time / matmul peak",
@@ -184,7 +211,8 @@ def main() -> None:
              "forward: one autocast around all rounds, so each model casts its weights to bf16 once (autocast's "
              "weight cache for diffusers, our UNet's cast-weight cache for ours)"]
     common.write_report(args.out, "UNet forward and training step: ours vs diffusers",
-                        common.machine_info(threads, "/".join(args.precisions)), common.markdown_table(headers, rows),
+                        common.machine_info(threads, "/".join(args.precisions), args.device),
+                        common.markdown_table(headers, rows),
                         notes)
 
 

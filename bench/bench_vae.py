@@ -26,25 +26,34 @@ def sd_ddconfig(ch: int) -> dict:
                 num_res_blocks=2, attn_resolutions=[], dropout=0.0)
 
 
-def measure(size: int, tiled: bool, ch: int, tile: int) -> dict:
-    """Decode one random latent of a ``size`` x ``size`` image in this process; seconds and peak RSS (GiB)."""
+def measure(size: int, tiled: bool, ch: int, tile: int, device: torch.device = torch.device("cpu")) -> dict:
+    """Decode one random latent of a ``size`` x ``size`` image in this process; seconds and peak memory (GiB:
+    the process's peak RSS, or on CUDA the peak GPU memory allocated). On CUDA after one warm-up decode."""
     from ldm.models.autoencoder import AutoencoderKL
 
-    vae = common.randomize_(AutoencoderKL(sd_ddconfig(ch), embed_dim=4)).eval()
+    vae = common.randomize_(AutoencoderKL(sd_ddconfig(ch), embed_dim=4)).eval().to(device)
     if tiled:
         vae.enable_tiling(tile_size=tile)
-    z = torch.randn(1, 4, size // vae.downsample_factor, size // vae.downsample_factor)
-    before = common.peak_rss_gb()
+    z = torch.randn(1, 4, size // vae.downsample_factor, size // vae.downsample_factor).to(device)
+    sync = common.synchronizer(device)
+    if device.type == "cuda":
+        with torch.no_grad():
+            vae.decode(z)
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
+    before = common.peak_memory_gb(device)
     start = time.perf_counter()
     with torch.no_grad():
         image = vae.decode(z)
+    sync()
     seconds = time.perf_counter() - start
     assert image.shape[-1] == size and torch.isfinite(image).all()
-    return {"seconds": seconds, "peak_rss_gb": common.peak_rss_gb(), "rss_before_gb": before}
+    return {"seconds": seconds, "peak_rss_gb": common.peak_memory_gb(device), "rss_before_gb": before}
 
 
 def run_worker(size: int, tiled: bool, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", "--sizes", str(size), "--ch", str(args.ch), "--tile", str(args.tile)]
+    cmd = [sys.executable, __file__, "--worker", "--sizes", str(size), "--ch", str(args.ch), "--tile", str(args.tile),
+           "--device", str(args.device)]
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     if tiled:
@@ -63,6 +72,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=512, help="tile size in pixels when tiled")
     parser.add_argument("--max-untiled", type=int, default=1024, help="skip untiled decodes above this size")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", type=common.device_arg, default=torch.device("cpu"),
+                        help="cpu or cuda[:N] (then the peak is GPU memory allocated, the weights included)")
     parser.add_argument("--out", default=str(common.RESULTS / "vae.md"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tiled", action="store_true", help=argparse.SUPPRESS)
@@ -71,7 +82,7 @@ def main() -> None:
         raise SystemExit(f"--sizes must be multiples of 8 (the VAE's downsampling), got {args.sizes}")
     threads = common.setup(args.threads)
     if args.worker:
-        print(json.dumps(measure(args.sizes[0], args.tiled, args.ch, args.tile)))
+        print(json.dumps(measure(args.sizes[0], args.tiled, args.ch, args.tile, args.device)))
         return
     rows = []
     for size in args.sizes:
@@ -86,11 +97,13 @@ def main() -> None:
                 rows.append([f"{size}x{size}", "yes" if tiled else "no", r["seconds"], r["peak_rss_gb"],
                              "yes" if r["peak_rss_gb"] < 4 else "no"])
             logger.info("%s", rows[-1])
-    headers = ["image", "tiled", "decode s", "peak RSS GiB (whole process)", "< 4 GiB"]
+    mem = "peak GPU memory GiB (allocated)" if args.device.type == "cuda" else "peak RSS GiB (whole process)"
+    headers = ["image", "tiled", "decode s", mem, "< 4 GiB"]
     notes = [f"decoder width ch={args.ch} (SD's VAE: 128), ch_mult 1,2,4,4, fp32, random weights, batch 1",
              f"tiles of {args.tile} px with 25% overlap, blended; one fresh process per row (peak RSS includes "
              "Python, torch and the weights)"]
-    common.write_report(args.out, "VAE decode with and without tiling", common.machine_info(threads, "fp32"),
+    common.write_report(args.out, "VAE decode with and without tiling",
+                        common.machine_info(threads, "fp32", args.device),
                         common.markdown_table(headers, rows), notes)
 
 

@@ -23,7 +23,8 @@ logger = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")  # fp16 on CUDA only
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The SD v1.x UNet (v1-inference.yaml); "model_channels" is what the reduced-width sizes change.
 SD_V1_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
@@ -43,11 +44,38 @@ def setup(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """CPU autocast for "bf16", nothing for "fp32"."""
+def device_arg(text: str) -> torch.device:
+    """``--device``: "cpu", "cuda" or "cuda:N"; CUDA only where torch sees a GPU (one-line error otherwise)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise SystemExit(f"--device {text!r} is not a device name ({e}): use cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {text}: torch sees no CUDA GPU here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {text}: the benchmarks run on cpu or cuda")
+    return device
+
+
+def check_precisions(precisions: Sequence[str], device: torch.device) -> None:
+    """fp16 autocast is a GPU precision (CPUs have no fast fp16 matmul)."""
+    if "fp16" in precisions and device.type != "cuda":
+        raise SystemExit("--precisions fp16 needs --device cuda; on a CPU use fp32 or bf16")
+
+
+def autocast(precision: str, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager:
+    """Autocast to bf16/fp16 on ``device``'s type; nothing for "fp32"."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[precision], enabled=precision != "fp32")
+
+
+def synchronizer(device: str | torch.device) -> Callable[[], None]:
+    """What makes a wall-clock reading include the device's queued work: cuda.synchronize, or nothing."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def cpu_model() -> str:
@@ -89,7 +117,8 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def machine_info(threads: int, precision: str) -> dict[str, str]:
+def machine_info(threads: int, precision: str, device: str | torch.device = "cpu") -> dict[str, str]:
+    device = torch.device(device)
     info = {
         "machine": f"{cpu_model()}, {os.cpu_count()} logical CPUs",
         "torch": torch.__version__,
@@ -98,6 +127,9 @@ def machine_info(threads: int, precision: str) -> dict[str, str]:
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "load average at start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
+    if device.type == "cuda":
+        info["GPU"] = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+        info["threads"] += " (CPU side)"
     try:
         import diffusers
         info["diffusers"] = diffusers.__version__
@@ -117,20 +149,24 @@ def timer(out: list[float]) -> Iterator[None]:
     out.append(time.perf_counter() - start)
 
 
-def interleaved(candidates: Mapping[str, Callable[[], object]], reps: int, warmup: int = 1
-                ) -> dict[str, list[float]]:
+def interleaved(candidates: Mapping[str, Callable[[], object]], reps: int, warmup: int = 1,
+                sync: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Wall-clock seconds of each candidate, run in turn A B A B ... ``reps`` times after ``warmup`` rounds.
 
     Interleaving spreads the machine's noise (other processes on a shared CPU) evenly over the candidates, so
-    their ratio is meaningful even when the absolute times are not.
+    their ratio is meaningful even when the absolute times are not. ``sync`` (``synchronizer(device)``) runs
+    before the clock starts and before it stops, so a GPU's queued work is timed too.
     """
+    sync = sync or (lambda: None)
     if reps < 1:
         raise ValueError(f"reps must be at least 1, got {reps}")
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_ in range(warmup + reps):
         for name, fn in candidates.items():
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             elapsed = time.perf_counter() - start
             if round_ >= warmup:
                 times[name].append(elapsed)
@@ -163,17 +199,34 @@ def write_report(path: str | os.PathLike, title: str, info: Mapping[str, str], t
     return path
 
 
-def matmul_peak_gflops(precision: str, n: int = 2048, reps: int = 5) -> float:
-    """Best dense n x n x n matmul rate (GFLOP/s) in this precision, on this process's threads."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)  # warm-up (oneDNN / BLAS set-up)
+def matmul_peak_gflops(precision: str, n: int | None = None, reps: int = 5,
+                       device: str | torch.device = "cpu") -> float:
+    """Best dense n x n x n matmul rate (GFLOP/s) in this precision, on this process's threads or on the GPU
+    (n: 2048 on a CPU, 8192 on a GPU, where one product is timed as the mean of 10)."""
+    device = torch.device(device)
+    dtype, sync = DTYPES[precision], synchronizer(device)
+    n = n or (8192 if device.type == "cuda" else 2048)
+    inner = 10 if device.type == "cuda" else 1
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3 if device.type == "cuda" else 1):  # warm-up (oneDNN / BLAS / cuBLAS set-up, GPU clocks)
+        torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+        for _ in range(inner):
+            torch.mm(a, b)
+        sync()
+        best = min(best, (time.perf_counter() - start) / inner)
     return 2 * n**3 / best / 1e9
+
+
+def peak_memory_gb(device: str | torch.device) -> float:
+    """Peak memory of this process so far: allocated GPU memory on CUDA, else the peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return peak_rss_gb()
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:

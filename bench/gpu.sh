@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU benchmarks as one prepared run, for a session that is lent the GPU machine (the `device` tool:
+# ~15 minutes of device time per task, one run of at most 10 minutes; the machine has torch with CUDA but no
+# package registry). Two steps:
+#
+#   bash bench/gpu.sh fetch      # here, with the registry: wheels of what the GPU machine lacks into .whl/
+#                                 # (git-ignored via .git/info/exclude), for Python 3.12 / x86-64
+#   bash bench/gpu.sh run DIR    # there (device `run`, carry [".whl"], DIR = $OUT): install them, run the
+#                                 # benches, write markdown tables and logs into DIR
+#
+# `run` orders the benches by what they settle and bounds each with `timeout`, so a slow one costs only itself:
+# levers + utilization (fp16, bf16), compiled configurations (bf16), text-to-image 512 px, the UNet forward and
+# training step, the VAE decode. About 7-8 minutes on an H200 when nothing is cached.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 omegaconf==2.4.0 ftfy wcwidth lazy-importer
+        importlib_metadata xformers==0.0.35)
+
+case "${1:-}" in
+fetch)
+    grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
+    mkdir -p .whl
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "${WHEELS[@]}" || exit 1
+    du -sh .whl
+    ;;
+run)
+    out=${2:?usage: bash bench/gpu.sh run OUT_DIR}
+    mkdir -p "$out"
+    export PYTHONUNBUFFERED=1
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site:$PWD
+    else
+        export PYTHONPATH=$PWD
+    fi
+    {
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+        python3 -c "import torch, sys; print(sys.version.split()[0], torch.__version__, torch.version.cuda)"
+        python3 -c "import xformers.ops; print('xformers', xformers.__version__)" 2>&1 | tail -1
+    } > "$out/machine.txt" 2>&1
+    step() {  # step NAME SECONDS COMMAND...
+        local name=$1 limit=$2; shift 2
+        echo "== $name (limit ${limit}s): $*"
+        local start=$SECONDS
+        timeout "$limit" "$@" > "$out/$name.log" 2>&1
+        echo "   exit $? after $((SECONDS - start)) s"
+        tail -n 3 "$out/$name.log"
+    }
+    step gpu_levers 150 python3 bench/bench_gpu.py --device cuda --precisions fp16 bf16 --reps 5 \
+        --out "$out/gpu_levers.md"
+    step gpu_compiled 300 python3 bench/bench_gpu.py --device cuda --precisions bf16 --compile --reps 5 \
+        --out "$out/gpu_compiled.md"
+    step gpu_txt2img 150 python3 bench/bench_txt2img.py --device cuda --sizes 512 --precisions fp16 --reps 2 \
+        --out "$out/gpu_txt2img.md"
+    step gpu_unet 120 python3 bench/bench_unet.py --device cuda --sizes full@64 --precisions bf16 fp16 \
+        --modes forward train --reps 5 --out "$out/gpu_unet.md"
+    step gpu_vae 90 python3 bench/bench_vae.py --device cuda --sizes 512 1024 2048 --ch 128 --max-untiled 2048 \
+        --out "$out/gpu_vae.md"
+    ;;
+*)
+    echo "usage: bash bench/gpu.sh fetch | bash bench/gpu.sh run OUT_DIR" >&2
+    exit 2
+    ;;
+esac
