@@ -49,6 +49,33 @@ def test_analyzer_centers_and_sizes():
     assert 0.7 < by_color["red"].fill < 0.86 and by_color["white"].fill > 0.95
 
 
+def _painted(*rects):
+    """A gray 64x64 picture with solid rectangles (x0, y0, x1, y1 exclusive, color name) painted in order."""
+    from ldm.data.shapes import COLORS
+
+    arr = np.full((64, 64, 3), BACKGROUND, dtype=np.uint8)
+    for x0, y0, x1, y1, color in rects:
+        arr[y0:y1, x0:x1] = COLORS[color]
+    return arr
+
+
+@pytest.mark.parametrize("split", [0.7, 0.5], ids=["mostly-yellow", "half-half"])
+def test_two_tone_object_is_one_object(split):
+    """A generated square whose color drifts from yellow to orange across it is one square, not two blobs."""
+    cut = 10 + round(20 * split)
+    dets = analyze(_painted((10, 10, 30, 30, "yellow"), (cut, 10, 30, 30, "orange")))
+    assert [(d.shape, d.size) for d in dets] == [("square", "large")]
+    assert dets[0].color == "yellow" or split == 0.5
+    assert dets[0].center == pytest.approx((0.31, 0.31), abs=0.02)
+
+
+def test_touching_objects_of_different_colors_stay_two():
+    img = render(Scene("t", [_obj("circle", "red", (0.3, 0.5)), _obj("square", "blue", (0.62, 0.5))]))
+    arr = np.asarray(img).copy()
+    assert not (arr[32, 28:44] == BACKGROUND).all(axis=-1).any()  # they do touch along the middle row
+    assert sorted((d.shape, d.color) for d in analyze(arr)) == [("circle", "red"), ("square", "blue")]
+
+
 def test_analyzer_accepts_tensors_and_rejects_bad_input():
     img = render(Scene("t", [_obj("triangle", "green", (0.5, 0.5))]))
     t = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 127.5 - 1

@@ -2,8 +2,13 @@
 
 1. Every pixel takes the nearest color of the palette (the shape colors plus the gray background); pixels
    farther than ``threshold`` from every palette color (antialiased edges, noise) are ignored.
-2. Pixels of one color are split into 8-connected components; components smaller than ``min_area`` (a
-   fraction of the image) are specks and dropped.
+2. The object pixels (any shape color) are split into 8-connected components. A component is one object of
+   its majority color when that color holds at least 60% of its pixels, or when it is a known shape as a
+   whole made of solid single-color chunks (a two-tone object: a yellow square whose edge came out orange;
+   counting its parts would invent objects). Its single-color parts are the objects instead when it is no
+   known shape as a whole while some of them are (objects of different colors that touch, or a shape with a
+   fringe of another color), and when it is a speckle of many colors.
+   Components (and parts) smaller than ``min_area`` (a fraction of the image) are specks and dropped.
 3. Each component is described by simple features of its bounding box — fill ratio (circle pi/4 ~ 0.785,
    square 1.0, triangle 0.5), corner fill (pixels in the four corner patches of 1/5 of the side: square
    1.0, circle 0.14, triangle 0.375) and the ratio of the top half's pixels to the bottom half's (1/3 for
@@ -41,6 +46,7 @@ _PROTOTYPES = {
 _MAX_FEATURE_DISTANCE = 0.4  # beyond this from every prototype the blob is no known shape
 _MAX_ASPECT = 1.6             # our shapes have square bounding boxes; allow some slack for generated images
 _SIZE_THRESHOLD = math.sqrt(SIZE_RADIUS["small"] * SIZE_RADIUS["large"])
+_MIN_MAJORITY = 0.6           # share of a component's pixels its color must hold for it to be one object
 
 
 @dataclass(frozen=True)
@@ -134,18 +140,38 @@ def analyze(image: ImageLike, threshold: float = 60.0, min_area: float = 0.003) 
     nearest = dist.argmin(-1)
     valid = dist.min(-1) < threshold
     min_pixels = max(1, int(min_area * h * w))
+    labels = np.where(valid, nearest, len(names))  # len(names): the background or no palette color
+
+    def detection(ys: np.ndarray, xs: np.ndarray, color: str) -> Detection:
+        x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
+        blob = np.zeros((y1 - y0 + 1, x1 - x0 + 1), dtype=bool)
+        blob[ys - y0, xs - x0] = True
+        half_extent = max(blob.shape[0] / h, blob.shape[1] / w) / 2
+        return Detection(shape=classify_shape(blob), color=color,
+                         size="large" if half_extent > _SIZE_THRESHOLD else "small",
+                         center=(float((xs.mean() + 0.5) / w), float((ys.mean() + 0.5) / h)),
+                         area=len(ys) / (h * w), bbox=(x0, y0, x1, y1), fill=float(blob.mean()))
+
     found = []
-    for ci, color in enumerate(names):
-        for ys, xs in _components(valid & (nearest == ci)):
-            if len(ys) < min_pixels:
-                continue
-            x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
-            blob = np.zeros((y1 - y0 + 1, x1 - x0 + 1), dtype=bool)
-            blob[ys - y0, xs - x0] = True
-            half_extent = max(blob.shape[0] / h, blob.shape[1] / w) / 2
-            found.append(Detection(
-                shape=classify_shape(blob), color=color,
-                size="large" if half_extent > _SIZE_THRESHOLD else "small",
-                center=(float((xs.mean() + 0.5) / w), float((ys.mean() + 0.5) / h)),
-                area=len(ys) / (h * w), bbox=(x0, y0, x1, y1), fill=float(blob.mean())))
+    for ys, xs in _components(labels < len(names)):
+        if len(ys) < min_pixels:
+            continue
+        counts = np.bincount(labels[ys, xs], minlength=len(names))
+        whole = detection(ys, xs, names[int(counts.argmax())])
+        if np.count_nonzero(counts) == 1:
+            found.append(whole)
+            continue
+        parts = []
+        for ci in np.nonzero(counts)[0]:
+            mask = np.zeros((h, w), dtype=bool)
+            mask[ys[labels[ys, xs] == ci], xs[labels[ys, xs] == ci]] = True
+            parts += [detection(py, px, names[ci]) for py, px in _components(mask) if len(py) >= min_pixels]
+        if whole.shape is None and any(p.shape is not None for p in parts):
+            found += parts  # objects of different colors that touch, or a shape with a fringe of another color
+        elif counts.max() >= _MIN_MAJORITY * len(ys):
+            found.append(whole)  # one color holds most of it
+        elif whole.shape is not None and sum(p.area for p in parts) >= _MIN_MAJORITY * whole.area:
+            found.append(whole)  # a known shape made of solid chunks of two colors (a two-tone object)
+        else:
+            found += parts  # a speckle of many colors: only its solid single-color parts count
     return sorted(found, key=lambda d: -d.area)
