@@ -6,11 +6,13 @@
 #   bash bench/gpu.sh fetch      # here, with the registry: wheels of what the GPU machine lacks into .whl/
 #                                 # (git-ignored via .git/info/exclude), for Python 3.12 / x86-64
 #   bash bench/gpu.sh run DIR    # there (device `run`, carry [".whl"], DIR = $OUT): install them, run the
-#                                 # benches, write markdown tables and logs into DIR
+#                                 # eager benches, write markdown tables and logs into DIR (at most 8 minutes)
+#   bash bench/gpu.sh compiled DIR   # a second call if device time is left: the torch.compile rows (bf16;
+#                                     # at most 6 minutes, three compilations of the SD1.5 UNet)
 #
-# `run` orders the benches by what they settle and bounds each with `timeout`, so a slow one costs only itself:
-# levers + utilization (fp16, bf16), compiled configurations (bf16), text-to-image 512 px, the UNet forward and
-# training step, the VAE decode. About 7-8 minutes on an H200 when nothing is cached.
+# Each bench runs under its own `timeout`, so a slow one costs only itself, ordered by what it settles: levers +
+# utilization (fp16, bf16), text-to-image 512 px, the UNet forward and training step, the VAE decode. One
+# device call may last 10 minutes, a task has ~15 minutes of device time in all (the machine's start included).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +28,8 @@ fetch)
         -d .whl "${WHEELS[@]}" || exit 1
     du -sh .whl
     ;;
-run)
-    out=${2:?usage: bash bench/gpu.sh run OUT_DIR}
+run|compiled)
+    out=${2:?usage: bash bench/gpu.sh run|compiled OUT_DIR}
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1
     if ls .whl/*.whl >/dev/null 2>&1; then
@@ -50,10 +52,13 @@ run)
         echo "   exit $? after $((SECONDS - start)) s"
         tail -n 3 "$out/$name.log"
     }
+    if [[ $1 == compiled ]]; then
+        step gpu_compiled 360 python3 bench/bench_gpu.py --device cuda --precisions bf16 --compile --reps 5 \
+            --out "$out/gpu_compiled.md"
+        exit 0
+    fi
     step gpu_levers 150 python3 bench/bench_gpu.py --device cuda --precisions fp16 bf16 --reps 5 \
         --out "$out/gpu_levers.md"
-    step gpu_compiled 300 python3 bench/bench_gpu.py --device cuda --precisions bf16 --compile --reps 5 \
-        --out "$out/gpu_compiled.md"
     step gpu_txt2img 150 python3 bench/bench_txt2img.py --device cuda --sizes 512 --precisions fp16 --reps 2 \
         --out "$out/gpu_txt2img.md"
     step gpu_unet 120 python3 bench/bench_unet.py --device cuda --sizes full@64 --precisions bf16 fp16 \
@@ -62,7 +67,7 @@ run)
         --out "$out/gpu_vae.md"
     ;;
 *)
-    echo "usage: bash bench/gpu.sh fetch | bash bench/gpu.sh run OUT_DIR" >&2
+    echo "usage: bash bench/gpu.sh fetch | bash bench/gpu.sh run OUT_DIR | bash bench/gpu.sh compiled OUT_DIR" >&2
     exit 2
     ;;
 esac
