@@ -112,6 +112,34 @@ def test_warm_start_keep_new_leaves_added_tensors_at_their_init(tmp_path):
     assert not target.model.diffusion_model.pos_embed.weight.any()  # zero-initialised, kept
 
 
+def test_warm_start_text_tower_from_another_file(tmp_path):
+    from ldm.checkpoint import save_checkpoint
+    from ldm.config import instantiate_from_config, load_config
+
+    cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
+    cfg.model.params.first_stage_ckpt = None
+    source, other = instantiate_from_config(cfg.model), instantiate_from_config(cfg.model)
+    path, tower = tmp_path / "src.safetensors", tmp_path / "tower.safetensors"
+    save_checkpoint({k: v for k, v in source.state_dict().items() if k.startswith(warm_start_train.PREFIXES)}, path)
+    save_checkpoint({k: v for k, v in other.state_dict().items() if k.startswith("cond_stage_model.")}, tower)
+    target = instantiate_from_config(cfg.model)
+    warm_start_train.warm_start(target, str(path), text_tower=str(tower))
+    unet_key, text_key = "model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.model.token_embedding.weight"
+    assert torch.equal(target.state_dict()[unet_key], source.state_dict()[unet_key])
+    assert torch.equal(target.state_dict()[text_key], other.state_dict()[text_key])
+    assert not torch.equal(target.state_dict()[text_key], source.state_dict()[text_key])
+    unet_only = tmp_path / "unet_only.safetensors"
+    save_checkpoint({k: v for k, v in source.state_dict().items() if k.startswith("model.diffusion_model.")},
+                    unet_only)
+    with pytest.raises(ValueError, match="no cond_stage_model"):
+        warm_start_train.warm_start(target, str(path), text_tower=str(unet_only))
+
+
+def test_warm_start_text_tower_needs_a_file():
+    with pytest.raises(SystemExit, match="--text-tower needs a file"):
+        warm_start_train.main(["--init", "x.safetensors", "--text-tower", "--base", "c.yaml"])
+
+
 def test_contrastive_loss_prefers_the_matching_caption_over_the_inverted_one():
     img = torch.eye(3, 8)
     txt = torch.eye(3, 8)
