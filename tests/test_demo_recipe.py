@@ -168,3 +168,18 @@ def test_pretrain_text_tower_runs_and_writes_the_tower(tmp_path, monkeypatch):
         pretrain_text_tower.main(["--steps", "1", "--init", str(other), "--out", str(out)])
     with pytest.raises((SystemExit, FileNotFoundError, ValueError), match="missing.safetensors"):
         pretrain_text_tower.main(["--steps", "1", "--init", str(tmp_path / "missing.safetensors"), "--out", str(out)])
+
+
+def test_color_swapped_captions_exchange_only_the_colors():
+    spec = {"objects": [{"shape": "circle", "color": "red", "size": None, "count": 1},
+                        {"shape": "square", "color": "blue", "size": None, "count": 1}], "relation": None}
+    true, swapped = pretrain_text_tower.color_swapped_captions(spec, seed=3)
+    assert "red circle" in true and "blue square" in true
+    assert "blue circle" in swapped and "red square" in swapped
+    assert true.replace("red", "X").replace("blue", "red").replace("X", "blue") == swapped
+
+
+def test_pretrain_text_tower_with_color_swaps_reports_them(tmp_path):
+    report = pretrain_text_tower.main(["--steps", "2", "--batch-size", "8", "--num-train", "16", "--color-swaps",
+                                       "--out", str(tmp_path / "tower.safetensors")])
+    assert 0.0 <= report["color_accuracy"] <= 1.0
