@@ -32,6 +32,8 @@ AE_EXPORT="$LOGDIR/shapes_autoencoder/shapes_autoencoder.safetensors"
 AE_FT="$LOGDIR/shapes_autoencoder/shapes_autoencoder_ft.safetensors"
 BASE_EXPORT="$LOGDIR/shapes_demo/shapes_demo.safetensors"
 LDM_EXPORT="$LOGDIR/shapes_demo_cf/shapes_demo_cf.safetensors"
+TOWER="$LOGDIR/text_tower.safetensors"
+V5_EXPORT="$LOGDIR/v5_joint_b/v5_joint_b.safetensors"
 ASSET="ldm/assets/demo/shapes.safetensors"
 
 stage() { echo "[train_demo] $(date +%H:%M:%S) $*"; }
@@ -40,37 +42,70 @@ SECONDS=0
 # 1500 batches of L1 + KL only: the PatchGAN of configs/demo/shapes_autoencoder.yaml (disc_start 1501) never
 # starts; on these flat-colored pictures it cost PSNR (27.3 -> 26.3 dB over its 250 batches) and time.
 if [[ -f "$AE_EXPORT" ]]; then
-    stage "1/3 autoencoder: $AE_EXPORT is there, kept"
+    stage "1/5 autoencoder: $AE_EXPORT is there, kept"
 else
-    stage "1/3 autoencoder -> $AE_EXPORT"
+    stage "1/5 autoencoder -> $AE_EXPORT"
     python train.py --base configs/demo/shapes_autoencoder.yaml --name shapes_autoencoder --logdir "$LOGDIR" \
         --seed "$SEED" lightning.trainer.max_steps=1500
 fi
 if [[ -f "$AE_FT" ]]; then
-    stage "1/3 autoencoder fine-tuning: $AE_FT is there, kept"
+    stage "1/5 autoencoder fine-tuning: $AE_FT is there, kept"
 else
-    stage "1/3 autoencoder fine-tuning (encoder too, object pixels weighted) -> $AE_FT"
+    stage "1/5 autoencoder fine-tuning (encoder too, object pixels weighted) -> $AE_FT"
     python scripts/finetune_decoder.py --ckpt "$AE_EXPORT" --out "$AE_FT" --train-encoder --object-weight 10 \
         --steps 500 --seed "$SEED"
 fi
 ae_seconds=$SECONDS
 
-stage "2/3 latent diffusion -> $BASE_EXPORT"
+stage "2/5 latent diffusion -> $BASE_EXPORT"
 python train.py --base configs/demo/shapes_demo.yaml --name shapes_demo --logdir "$LOGDIR" --seed "$SEED" \
     "model.params.first_stage_ckpt=$AE_FT" "lightning.trainer.max_steps=$LDM_STEPS" \
     "model.params.scheduler_config.params.total_steps=$LDM_STEPS" "$@"
 # then 1000 steps with 40% of the captions color-free (the eval's single object, two objects, counting and
 # position prompts name no colors): learning rate 1e-4 on a 3000-step cosine schedule, stopped at step 1000
 # (the shipped file is that step's EMA export; the later steps lost color attribution, docs/demo_model.md)
-stage "2/3 latent diffusion, color-free captions -> $LDM_EXPORT"
+stage "2/5 latent diffusion, color-free captions -> $LDM_EXPORT"
 python scripts/warm_start_train.py --init "$BASE_EXPORT" --base configs/demo/shapes_demo.yaml --name shapes_demo_cf \
     --logdir "$LOGDIR" --seed "$SEED" "model.params.first_stage_ckpt=$AE_FT" data.params.color_drop=0.4 \
     model.params.learning_rate=1.0e-4 lightning.trainer.max_steps=1000 \
     model.params.scheduler_config.params.total_steps=3000 "$@"
+
+# 3. the text tower pretrained contrastively with relation-inverted captions as hard negatives (the jointly
+#    trained tower coded "left of" and "right of" almost alike), then the UNet taught to read it: four warm
+#    starts, each from the previous export (docs/demo_model.md, "v5"): the tower frozen while the UNet learns the
+#    relations (1500 + 5000 steps, half of the scenes relations, uniform v-loss, a position embedding), then
+#    trained again with the UNet (2000 steps, kinds balanced; 1500 steps, color attribution twice as often)
+stage "3/5 text tower, contrastive -> $TOWER"
+python scripts/pretrain_text_tower.py --steps 4000 --pair-weight 4 --init "$LDM_EXPORT" --out "$TOWER" \
+    --seed "$SEED"
+warm() {  # warm NAME INIT STEPS [overrides...]: a warm start with the settings every v5 stage shares,
+    local name=$1 init=$2 steps=$3 scale; shift 3  # the latent scale kept from INIT (not estimated again)
+    scale=$(python -c "import json, sys; from ldm.checkpoint import read_state_dict as r
+print(json.loads(r(sys.argv[1])[1]['config'])['model']['params']['scale_factor'])" "$init")
+    python scripts/warm_start_train.py --init "$init" "${WARM_ARGS[@]}" --base configs/demo/shapes_demo.yaml \
+        --name "$name" --logdir "$LOGDIR" --seed "$SEED" "model.params.first_stage_ckpt=$AE_FT" \
+        model.params.scale_by_std=false "model.params.scale_factor=$scale" \
+        data.params.color_drop=0.4 model.params.loss_weighting=uniform \
+        model.params.unet_config.params.position_embedding=true \
+        model.params.scheduler_config.params.warmup_steps=20 "lightning.trainer.max_steps=$steps" \
+        "model.params.scheduler_config.params.total_steps=$steps" "$@"
+}
+FROZEN=(model.params.cond_stage_trainable=false model.params.cond_stage_config.params.freeze=true
+        model.params.learning_rate=2.0e-4 "data.params.kinds=[single,relation,relation,relation,counting,color_attribution]")
+JOINT=(model.params.cond_stage_trainable=true model.params.cond_stage_config.params.freeze=false
+       model.params.learning_rate=1.0e-4)
+stage "4/5 UNet on the frozen tower, then both -> $V5_EXPORT"
+WARM_ARGS=(--keep-new --text-tower "$TOWER")  # the position embedding starts at zero, the tower from 3
+warm v5_relations_a "$LDM_EXPORT" 1500 "${FROZEN[@]}" "$@"
+WARM_ARGS=()
+warm v5_relations_b "$LOGDIR/v5_relations_a/v5_relations_a.safetensors" 5000 "${FROZEN[@]}" "$@"
+warm v5_joint_a "$LOGDIR/v5_relations_b/v5_relations_b.safetensors" 2000 "${JOINT[@]}" "$@"
+warm v5_joint_b "$LOGDIR/v5_joint_a/v5_joint_a.safetensors" 1500 "${JOINT[@]}" \
+    "data.params.kinds=[single,relation,counting,color_attribution,color_attribution]" "$@"
 ldm_seconds=$((SECONDS - ae_seconds))
 
-stage "3/3 export -> $ASSET"
+stage "5/5 export -> $ASSET"
 mkdir -p "$(dirname "$ASSET")"
-cp "$LDM_EXPORT" "$ASSET"
+cp "$V5_EXPORT" "$ASSET"
 python -m ldm.eval recon --ckpt "$ASSET" --num 64
 stage "done: autoencoder ${ae_seconds}s, latent diffusion ${ldm_seconds}s, $(du -h "$ASSET" | cut -f1) in $ASSET"
