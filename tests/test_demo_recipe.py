@@ -124,7 +124,8 @@ def test_warm_start_text_tower_from_another_file(tmp_path):
     save_checkpoint({k: v for k, v in other.state_dict().items() if k.startswith("cond_stage_model.")}, tower)
     target = instantiate_from_config(cfg.model)
     warm_start_train.warm_start(target, str(path), text_tower=str(tower))
-    unet_key, text_key = "model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.model.token_embedding.weight"
+    unet_key = "model.diffusion_model.input_blocks.0.0.weight"
+    text_key = "cond_stage_model.model.token_embedding.weight"
     assert torch.equal(target.state_dict()[unet_key], source.state_dict()[unet_key])
     assert torch.equal(target.state_dict()[text_key], other.state_dict()[text_key])
     assert not torch.equal(target.state_dict()[text_key], source.state_dict()[text_key])
