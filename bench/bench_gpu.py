@@ -175,6 +175,8 @@ def main() -> None:
     args = parser.parse_args()
     threads = common.setup(args.threads)
     common.check_precisions(args.precisions, args.device)
+    if args.inner is not None and args.inner < 1:
+        raise SystemExit(f"--inner must be at least 1, got {args.inner}")
     args.inner = args.inner or (20 if args.device.type == "cuda" else 1)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True

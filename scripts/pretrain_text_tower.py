@@ -2,7 +2,7 @@
 
     python scripts/pretrain_text_tower.py --steps 1500 --out text_tower.safetensors [--init MODEL.safetensors]
 
-The demo model's jointly trained text tower codes the relation words 5x weaker than the shapes (``python -m
+The demo model v4's jointly trained text tower codes the relation words 5x weaker than the shapes (``python -m
 ldm.eval relations``: relative output change 0.11 for an inverted relation, 0.55 for exchanged shapes), so its
 UNet has nothing to place objects by. Here the same tower (``ldm-small-text``, 20 tokens; ``--init`` starts from
 a model file's ``cond_stage_model.*``) learns against a small image encoder with a symmetric InfoNCE loss, and
@@ -110,8 +110,8 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, ne
 
 
 @torch.no_grad()
-def relation_accuracy(tower: OpenCLIPTextEncoder, images: ImageEncoder, num: int = 128,
-                      kind: str = "relation") -> float:
+def hard_negative_accuracy(tower: OpenCLIPTextEncoder, images: ImageEncoder, num: int = 128,
+                           kind: str = "relation") -> float:
     """Share of held-out relation pictures whose true caption scores above the relation-inverted one (``kind``
     "color_attribution": color-attribution pictures against their colors-exchanged caption)."""
     data = ShapesDataset(num, kinds=[kind], split="eval")
@@ -172,9 +172,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             log.info("step %d loss %.4f", step, loss.item())
     tower.eval()
     images.eval()
-    report = {"relation_accuracy": relation_accuracy(tower, images)}
+    report = {"relation_accuracy": hard_negative_accuracy(tower, images)}
     if args.color_swaps:
-        report["color_accuracy"] = relation_accuracy(tower, images, kind="color_attribution")
+        report["color_accuracy"] = hard_negative_accuracy(tower, images, kind="color_attribution")
         log.info("held-out color-attribution pictures whose caption beats the colors-exchanged one: %.1f%%",
                  100 * report["color_accuracy"])
     shim = type("M", (), {"get_learned_conditioning": staticmethod(lambda caps: tower.encode(list(caps)))})()

@@ -11,14 +11,16 @@
 #    (configs/demo/shapes_demo.yaml, first_stage_ckpt = the fine-tuned autoencoder)  -> $LOGDIR/shapes_demo/
 #    LDM_STEPS steps (the cosine schedule's total_steps set to the same), then 1000 steps more with 40% of the
 #    captions color-free (scripts/warm_start_train.py, data.params.color_drop=0.4) -> $LOGDIR/shapes_demo_cf/
-# 3. the fp16 export of 2 (EMA UNet, config stored in the file) copied to ldm/assets/demo/shapes.safetensors,
+# 3. the text tower pretrained contrastively (scripts/pretrain_text_tower.py)          -> $LOGDIR/text_tower.safetensors
+# 4. four warm starts on it (UNet on the frozen tower, then tower and UNet together)     -> $LOGDIR/v5_joint_b/
+# 5. the fp16 export of 4 (EMA UNet, config stored in the file) copied to ldm/assets/demo/shapes.safetensors,
 #    the file `python sample.py` uses when no --ckpt is given; then the reconstruction check.
 #
 # Environment: LOGDIR (default logs/demo), SEED (default 0), LDM_STEPS (default 12000: about what the shipped
 # model's diffusion stage saw over its first three rounds, ~2.4 h at 1.4 steps/s; the color-free stage adds 1000
-# steps, ~12 min), OMP_NUM_THREADS (default
-# 1: on a CPU shared with other jobs one thread per process is several times faster than two; on an idle
-# machine set it to the core count). Extra arguments go to both latent diffusion runs.
+# steps, ~12 min; stages 3-4 add ~18 min and 10000 steps, ~2 h), OMP_NUM_THREADS (default 1: on a CPU shared
+# with other jobs one thread per process is several times faster than two; on an idle machine set it to the core
+# count). Extra arguments go to every latent diffusion run.
 # docs/demo_model.md has the timings and the evaluation of the shipped file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,7 +93,8 @@ print(json.loads(r(sys.argv[1])[1]['config'])['model']['params']['scale_factor']
         "model.params.scheduler_config.params.total_steps=$steps" "$@"
 }
 FROZEN=(model.params.cond_stage_trainable=false model.params.cond_stage_config.params.freeze=true
-        model.params.learning_rate=2.0e-4 "data.params.kinds=[single,relation,relation,relation,counting,color_attribution]")
+        model.params.learning_rate=2.0e-4
+        "data.params.kinds=[single,relation,relation,relation,counting,color_attribution]")
 JOINT=(model.params.cond_stage_trainable=true model.params.cond_stage_config.params.freeze=false
        model.params.learning_rate=1.0e-4)
 stage "4/5 UNet on the frozen tower, then both -> $V5_EXPORT"

@@ -6,7 +6,8 @@
 Everything after ``--init PATH`` (and ``--keep-new``, ``--text-tower FILE``) goes to ``train.py`` unchanged.
 ``model.diffusion_model.*`` and ``cond_stage_model.*`` are copied from PATH (fp16 is fine) after the module is
 built, and the UNet's EMA restarts from them; the autoencoder comes from the config (``first_stage_ckpt``), the
-noise schedule and ``scale_factor`` are the config's (``scale_by_std`` estimates it again). The config stored in the export is
+noise schedule and ``scale_factor`` are the config's (``scale_by_std`` estimates it again). The config stored
+in the export is
 the plain training config, so the result loads like any other run's export. Used to retrain the demo model
 on a fine-tuned autoencoder without starting the diffusion stage from scratch (docs/demo_model.md).
 

@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import finetune_decoder  # noqa: E402
 import pretrain_text_tower  # noqa: E402
 import warm_start_train  # noqa: E402
+from ldm.checkpoint import CheckpointError  # noqa: E402
 from ldm.ema import ema_name  # noqa: E402
 from ldm.data.shapes import BACKGROUND, Scene, ShapeObject, image_to_tensor, render  # noqa: E402
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
@@ -134,6 +135,8 @@ def test_warm_start_text_tower_from_another_file(tmp_path):
                     unet_only)
     with pytest.raises(ValueError, match="no cond_stage_model"):
         warm_start_train.warm_start(target, str(path), text_tower=str(unet_only))
+    with pytest.raises(CheckpointError, match="nope.safetensors"):  # a missing file is named
+        warm_start_train.warm_start(target, str(path), text_tower=str(tmp_path / "nope.safetensors"))
 
 
 def test_warm_start_text_tower_needs_a_file():
@@ -150,7 +153,7 @@ def test_contrastive_loss_prefers_the_matching_caption_over_the_inverted_one():
     assert good < bad  # an inverted caption coded like the true one costs
 
 
-def test_pretrain_text_tower_runs_and_writes_the_tower(tmp_path, monkeypatch):
+def test_pretrain_text_tower_runs_and_writes_the_tower(tmp_path):
     from ldm.checkpoint import read_state_dict
 
     out = tmp_path / "tower.safetensors"

@@ -156,7 +156,8 @@ def analyze(image: ImageLike, threshold: float = 60.0, min_area: float = 0.003) 
     for ys, xs in _components(labels < len(names)):
         if len(ys) < min_pixels:
             continue
-        counts = np.bincount(labels[ys, xs], minlength=len(names))
+        own = labels[ys, xs]
+        counts = np.bincount(own, minlength=len(names))
         whole = detection(ys, xs, names[int(counts.argmax())])
         if np.count_nonzero(counts) == 1:
             found.append(whole)
@@ -164,7 +165,7 @@ def analyze(image: ImageLike, threshold: float = 60.0, min_area: float = 0.003) 
         parts = []
         for ci in np.nonzero(counts)[0]:
             mask = np.zeros((h, w), dtype=bool)
-            mask[ys[labels[ys, xs] == ci], xs[labels[ys, xs] == ci]] = True
+            mask[ys[own == ci], xs[own == ci]] = True
             parts += [detection(py, px, names[ci]) for py, px in _components(mask) if len(py) >= min_pixels]
         if whole.shape is None and any(p.shape is not None for p in parts):
             found += parts  # objects of different colors that touch, or a shape with a fringe of another color

@@ -299,7 +299,7 @@ class UNetModel(nn.Module):
     pixel's position (a 1x1 conv of :func:`coordinate_features`, zero-initialised, weights ``pos_embed.*``) to
     the first conv's output. SD's UNet sees position only through the convolutions' zero padding; with it, a
     cross-attention query can tell where it is, which words such as "left of" need. (Added for the demo model's
-    position category; 1000 warm-started steps with it did not yet teach relations: docs/demo_model.md.)
+    position category; the shipped demo model v5 has it: docs/demo_model.md.)
     Zero-initialised, it leaves a warm-started model's output unchanged until it is trained.
 
     Inference under CPU bf16 autocast (no grad) runs on a cached bf16 copy of the conv and linear weights instead
