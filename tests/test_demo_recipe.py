@@ -51,9 +51,54 @@ def test_reconstruction_loss_trains_the_chosen_parts(train_encoder):
     assert ae.decoder.conv_out.weight.grad is not None
 
 
+def test_worst_pixels_error_is_the_mean_of_each_pictures_worst_pixels():
+    per_pixel = torch.zeros(2, 1, 10, 10)
+    per_pixel[0, 0, 3, 4] = 5.0  # one bad pixel: the worst 1% of 100
+    per_pixel[1, 0, :2] = 1.0  # 20 bad pixels: the worst 10% all at 1
+    assert finetune_decoder.worst_pixels_error(per_pixel).item() == pytest.approx((5.0 + 1.0) / 2)
+    assert finetune_decoder.worst_pixels_error(per_pixel, 0.1).item() == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_worst_weight_adds_the_worst_pixels_to_the_loss():
+    ae, x = AutoencoderKL(TINY_DD, embed_dim=4), _picture()
+    plain = finetune_decoder.reconstruction_loss(ae, x, torch.Generator().manual_seed(0), 1.0, False)
+    worst = finetune_decoder.reconstruction_loss(ae, x, torch.Generator().manual_seed(0), 1.0, False, 0.5)
+    with torch.no_grad():
+        err = ae.decode(ae.encode(x).sample(torch.Generator().manual_seed(0))) - x
+    per_pixel = (err.square() + err.abs()).mean(dim=1, keepdim=True)
+    assert plain.item() == pytest.approx(per_pixel.mean().item(), rel=1e-5)
+    expected = per_pixel.mean() + 0.5 * per_pixel.flatten().topk(41).values.mean()  # 1% of 4096 pixels
+    assert worst.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_finetune_of_a_whole_model_replaces_its_decoder_only(tmp_path):
+    from ldm.checkpoint import read_state_dict, save_checkpoint
+    from ldm.config import instantiate_from_config, load_config
+
+    cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
+    cfg.model.params.first_stage_ckpt = None
+    model = instantiate_from_config(cfg.model)
+    src, out = tmp_path / "model.safetensors", tmp_path / "model_ft.safetensors"
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("model_ema.")}
+    save_checkpoint(sd, src, metadata={"config": "{\"x\": 1}"}, dtype=torch.float16)
+    args = ["--ckpt", str(src), "--steps", "1", "--batch-size", "2", "--num-train", "4", "--num-val", "2"]
+    finetune_decoder.main(args + ["--out", str(out), "--worst-weight", "0.5"])
+    before, _ = read_state_dict(src)
+    after, meta = read_state_dict(out)
+    assert meta == {"config": '{"x": 1}'} and set(after) == set(before)
+    assert all(v.dtype == before[k].dtype for k, v in after.items())
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("first_stage_model.decoder.", "first_stage_model.post_quant_conv."))
+                           for k in changed)
+    with pytest.raises(SystemExit, match="latent space"):
+        finetune_decoder.main(args + ["--out", str(out), "--train-encoder"])
+
+
 def test_finetune_rejects_object_weight_below_one(tmp_path):
     with pytest.raises(SystemExit, match="object-weight"):
         finetune_decoder.main(["--ckpt", "x", "--out", str(tmp_path / "y"), "--object-weight", "0.5"])
+    with pytest.raises(SystemExit, match="worst-weight"):
+        finetune_decoder.main(["--ckpt", "x", "--out", str(tmp_path / "y"), "--worst-weight", "-1"])
 
 
 def test_warm_start_usage_error():
