@@ -12,13 +12,16 @@
 #    LDM_STEPS steps (the cosine schedule's total_steps set to the same), then 1000 steps more with 40% of the
 #    captions color-free (scripts/warm_start_train.py, data.params.color_drop=0.4) -> $LOGDIR/shapes_demo_cf/
 # 3. the text tower pretrained contrastively (scripts/pretrain_text_tower.py)          -> $LOGDIR/text_tower.safetensors
-# 4. four warm starts on it (UNet on the frozen tower, then tower and UNet together)     -> $LOGDIR/v5_joint_b/
-# 5. the fp16 export of 4 (EMA UNet, config stored in the file) copied to ldm/assets/demo/shapes.safetensors,
-#    the file `python sample.py` uses when no --ckpt is given; then the reconstruction check.
+# 4. warm starts on it (UNet on the frozen tower, then tower and UNet together), the tower pretrained again
+#    with colors-exchanged negatives, the UNet adapted to it, both trained together     -> $LOGDIR/v6_counting/
+# 5. the decoder of 4's fp16 export (EMA UNet, config stored in the file) fine-tuned, written to
+#    ldm/assets/demo/shapes.safetensors, the file `python sample.py` uses when no --ckpt is given; then the
+#    reconstruction check.
 #
 # Environment: LOGDIR (default logs/demo), SEED (default 0), LDM_STEPS (default 12000: about what the shipped
 # model's diffusion stage saw over its first three rounds, ~2.4 h at 1.4 steps/s; the color-free stage adds 1000
-# steps, ~12 min; stages 3-4 add ~18 min and 10000 steps, ~2 h), OMP_NUM_THREADS (default 1: on a CPU shared
+# steps, ~12 min; stages 3-4 add ~27 min of tower pretraining and 17000 steps, ~3.4 h; stage 5 ~16 min),
+# OMP_NUM_THREADS (default 1: on a CPU shared
 # with other jobs one thread per process is several times faster than two; on an idle machine set it to the core
 # count). Extra arguments go to every latent diffusion run.
 # docs/demo_model.md has the timings and the evaluation of the shipped file.
@@ -35,7 +38,8 @@ AE_FT="$LOGDIR/shapes_autoencoder/shapes_autoencoder_ft.safetensors"
 BASE_EXPORT="$LOGDIR/shapes_demo/shapes_demo.safetensors"
 LDM_EXPORT="$LOGDIR/shapes_demo_cf/shapes_demo_cf.safetensors"
 TOWER="$LOGDIR/text_tower.safetensors"
-V5_EXPORT="$LOGDIR/v5_joint_b/v5_joint_b.safetensors"
+TOWER_CS="$LOGDIR/text_tower_color_swaps.safetensors"
+V6_EXPORT="$LOGDIR/v6_counting/v6_counting.safetensors"
 ASSET="ldm/assets/demo/shapes.safetensors"
 
 stage() { echo "[train_demo] $(date +%H:%M:%S) $*"; }
@@ -73,10 +77,10 @@ python scripts/warm_start_train.py --init "$BASE_EXPORT" --base configs/demo/sha
     model.params.scheduler_config.params.total_steps=3000 "$@"
 
 # 3. the text tower pretrained contrastively with relation-inverted captions as hard negatives (the jointly
-#    trained tower coded "left of" and "right of" almost alike), then the UNet taught to read it: four warm
-#    starts, each from the previous export (docs/demo_model.md, "v5"): the tower frozen while the UNet learns the
-#    relations (1500 + 5000 steps, half of the scenes relations, uniform v-loss, a position embedding), then
-#    trained again with the UNet (2000 steps, kinds balanced; 1500 steps, color attribution twice as often)
+#    trained tower coded "left of" and "right of" almost alike), then the UNet taught to read it: warm starts,
+#    each from the previous export (docs/demo_model.md, "v5" and "v6"): the tower frozen while the UNet learns
+#    the relations (1500 + 5000 steps, half of the scenes relations, uniform v-loss, a position embedding), then
+#    trained again with the UNet (2000 steps, kinds balanced), then v6's rounds (below)
 stage "3/5 text tower, contrastive -> $TOWER"
 python scripts/pretrain_text_tower.py --steps 4000 --pair-weight 4 --init "$LDM_EXPORT" --out "$TOWER" \
     --seed "$SEED"
@@ -97,18 +101,35 @@ FROZEN=(model.params.cond_stage_trainable=false model.params.cond_stage_config.p
         "data.params.kinds=[single,relation,relation,relation,counting,color_attribution]")
 JOINT=(model.params.cond_stage_trainable=true model.params.cond_stage_config.params.freeze=false
        model.params.learning_rate=1.0e-4)
-stage "4/5 UNet on the frozen tower, then both -> $V5_EXPORT"
+stage "4/5 UNet on the frozen tower, then both -> $V6_EXPORT"
 WARM_ARGS=(--keep-new --text-tower "$TOWER")  # the position embedding starts at zero, the tower from 3
 warm v5_relations_a "$LDM_EXPORT" 1500 "${FROZEN[@]}" "$@"
 WARM_ARGS=()
 warm v5_relations_b "$LOGDIR/v5_relations_a/v5_relations_a.safetensors" 5000 "${FROZEN[@]}" "$@"
 warm v5_joint_a "$LOGDIR/v5_relations_b/v5_relations_b.safetensors" 2000 "${JOINT[@]}" "$@"
-warm v5_joint_b "$LOGDIR/v5_joint_a/v5_joint_a.safetensors" 1500 "${JOINT[@]}" \
+# v6: that tower pretrained again with colors-exchanged captions as hard negatives too, the UNet adapted to it
+# while it stays frozen (1500 steps; then a 2500-step schedule stopped at step 2000), then both trained together
+# with color attribution twice as often (3000 steps), then counting twice as often too (2000 steps)
+python scripts/pretrain_text_tower.py --steps 2000 --pair-weight 4 --color-swaps \
+    --init "$LOGDIR/v5_joint_a/v5_joint_a.safetensors" --out "$TOWER_CS" --seed "$SEED"
+BALANCED=(model.params.cond_stage_trainable=false model.params.cond_stage_config.params.freeze=true
+          model.params.learning_rate=2.0e-4)
+WARM_ARGS=(--text-tower "$TOWER_CS")
+warm v6_swaps_a "$LOGDIR/v5_joint_a/v5_joint_a.safetensors" 1500 "${BALANCED[@]}" "$@"
+WARM_ARGS=()
+warm v6_swaps_b "$LOGDIR/v6_swaps_a/v6_swaps_a.safetensors" 2500 "${BALANCED[@]}" lightning.trainer.max_steps=2000 "$@"
+warm v6_joint "$LOGDIR/v6_swaps_b/v6_swaps_b.safetensors" 3000 "${JOINT[@]}" \
     "data.params.kinds=[single,relation,counting,color_attribution,color_attribution]" "$@"
+warm v6_counting "$LOGDIR/v6_joint/v6_joint.safetensors" 2000 "${JOINT[@]}" \
+    "data.params.kinds=[single,relation,counting,counting,color_attribution,color_attribution]" "$@"
 ldm_seconds=$((SECONDS - ae_seconds))
 
-stage "5/5 export -> $ASSET"
+# 5. the decoder fine-tuned with the encoder frozen (the latent space, so the UNet, unchanged), the error of each
+#    picture's worst 1% of pixels added to the loss: the autoencoder drew a speck near the bottom-right corner
+#    of every picture; the result is the fp16 model with that decoder, the file sample.py uses by default
+stage "5/5 decoder fine-tuning -> $ASSET"
 mkdir -p "$(dirname "$ASSET")"
-cp "$V5_EXPORT" "$ASSET"
+python scripts/finetune_decoder.py --ckpt "$V6_EXPORT" --out "$ASSET" --steps 1200 --lr 1e-3 --object-weight 4 \
+    --worst-weight 0.6 --seed "$SEED"
 python -m ldm.eval recon --ckpt "$ASSET" --num 64
 stage "done: autoencoder ${ae_seconds}s, latent diffusion ${ldm_seconds}s, $(du -h "$ASSET" | cut -f1) in $ASSET"
