@@ -4,7 +4,7 @@ or, with ``--train-encoder``, the whole autoencoder.
     python scripts/finetune_decoder.py --ckpt AE.safetensors --out AE_ft.safetensors [--steps 1500]
     python scripts/finetune_decoder.py --ckpt AE.safetensors --out AE_ft.safetensors --train-encoder \
         --object-weight 10
-    python scripts/finetune_decoder.py --ckpt MODEL.safetensors --out MODEL_ft.safetensors --worst-weight 0.2
+    python scripts/finetune_decoder.py --ckpt MODEL.safetensors --out MODEL_ft.safetensors --worst-weight 0.6
 
 ``--ckpt`` may be a whole latent diffusion model (an export with ``model.diffusion_model.*``): ``--out`` is then
 the same model, every other tensor, the dtype and the stored config kept, with the fine-tuned decoder in it.
@@ -150,7 +150,8 @@ def write_into_model(ae: AutoencoderKL, model_path: str, out: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", required=True, help="the trained autoencoder (its export, safetensors)")
+    p.add_argument("--ckpt", required=True,
+                   help="the trained autoencoder (its export, safetensors), or a whole diffusion model")
     p.add_argument("--out", required=True, help="where to write the fine-tuned autoencoder (.safetensors)")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="its training config (default %(default)s)")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps (default %(default)s)")

@@ -21,9 +21,8 @@
 # Environment: LOGDIR (default logs/demo), SEED (default 0), LDM_STEPS (default 12000: about what the shipped
 # model's diffusion stage saw over its first three rounds, ~2.4 h at 1.4 steps/s; the color-free stage adds 1000
 # steps, ~12 min; stages 3-4 add ~27 min of tower pretraining and 17000 steps, ~3.4 h; stage 5 ~16 min),
-# OMP_NUM_THREADS (default 1: on a CPU shared
-# with other jobs one thread per process is several times faster than two; on an idle machine set it to the core
-# count). Extra arguments go to every latent diffusion run.
+# OMP_NUM_THREADS (default 1: on a CPU shared with other jobs one thread per process is several times faster
+# than two; on an idle machine set it to the core count). Extra arguments go to every latent diffusion run.
 # docs/demo_model.md has the timings and the evaluation of the shipped file.
 set -euo pipefail
 cd "$(dirname "$0")/.."

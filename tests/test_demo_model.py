@@ -84,8 +84,8 @@ def test_autoencoder_keeps_all_colors_apart(pipe, size, shape):
 
 
 def test_autoencoder_draws_no_speck_in_the_corner(pipe):
-    """The background of a reconstruction stays gray near the bottom-right corner (v5's first decoder drew a
-    speck there in 56 of 64 held-out pictures: its encoder writes a pattern there that the decoder rendered)."""
+    """The background of a reconstruction stays gray near the bottom-right corner (the decoder of v2-v5 drew a
+    speck there in 56 of 64 held-out pictures: the encoder writes a pattern there that the decoder rendered)."""
     import torch
 
     from ldm.data.shapes import ShapesDataset
