@@ -7,9 +7,9 @@ Everything after ``--init PATH`` (and ``--keep-new``, ``--text-tower FILE``) goe
 ``model.diffusion_model.*`` and ``cond_stage_model.*`` are copied from PATH (fp16 is fine) after the module is
 built, and the UNet's EMA restarts from them; the autoencoder comes from the config (``first_stage_ckpt``), the
 noise schedule and ``scale_factor`` are the config's (``scale_by_std`` estimates it again). The config stored
-in the export is
-the plain training config, so the result loads like any other run's export. Used to retrain the demo model
-on a fine-tuned autoencoder without starting the diffusion stage from scratch (docs/demo_model.md).
+in the export is the plain training config, so the result loads like any other run's export. Used to retrain
+the demo model on a fine-tuned autoencoder without starting the diffusion stage from scratch
+(docs/demo_model.md).
 
 ``--keep-new``: tensors that the config's model has and PATH lacks keep their fresh initialisation instead of
 failing (they are listed), e.g. a UNet with ``position_embedding: true`` (zero-initialised) warm-started from a

@@ -99,6 +99,8 @@ def test_finetune_rejects_object_weight_below_one(tmp_path):
         finetune_decoder.main(["--ckpt", "x", "--out", str(tmp_path / "y"), "--object-weight", "0.5"])
     with pytest.raises(SystemExit, match="worst-weight"):
         finetune_decoder.main(["--ckpt", "x", "--out", str(tmp_path / "y"), "--worst-weight", "-1"])
+    with pytest.raises(SystemExit, match="checkpoint not found: .*nope.safetensors"):  # one line, the path named
+        finetune_decoder.main(["--ckpt", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "y")])
 
 
 def test_warm_start_usage_error():
