@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import copy
 import logging
+import math
 import re
 from typing import Callable
 
@@ -95,10 +96,25 @@ def train_fn(model, x, t, context, precision: str, optimizer: str = "torch", inn
     return run
 
 
+def _count_onednn_linear() -> None:
+    """Teach FlopCounterMode oneDNN's linear op, which our fp32 ``Linear`` layers call (``ldm.models.onednn``):
+    unknown ops count as 0 FLOPs. Registered once per process."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if op is None or op in flop_registry or op.default in flop_registry:
+        return
+
+    @register_flop_formula(op)
+    def _linear_flops(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
+
+
 def count_flops(model, x, t, context) -> float:
     """FLOPs of one forward, counted once by torch's FlopCounterMode (matmuls, convs, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    _count_onednn_linear()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         call(model, x, t, context)

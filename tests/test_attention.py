@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.models import attention as attn_mod
+from ldm.models import onednn
 from ldm.models.attention import (BasicTransformerBlock, CrossAttention, FeedForward, SpatialTransformer, attention,
                                   maybe_checkpoint, set_attention_backend)
 
@@ -113,6 +114,19 @@ def test_blocked_is_math_block_by_block_and_differentiable(monkeypatch):
     qf = q.float().requires_grad_()
     attention(qf, k.float(), v.float(), backend="blocked").sum().backward()
     assert qf.grad is not None and qf.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not onednn.linear_available(), reason="no oneDNN linear op in this build")
+def test_blocked_scores_are_fp32_products_on_onednn(monkeypatch):
+    calls = []
+    real = onednn._onednn_linear
+    monkeypatch.setattr(onednn, "_onednn_linear", lambda *a: calls.append(a[0].dtype) or real(*a))
+    monkeypatch.setattr(attn_mod, "_BLOCK_SCORES", 64 * 8)
+    q, k, v = _qkv(nq=40, nk=64, d=16)
+    with torch.no_grad():
+        out = attention(q * 3, k * 3, v, backend="blocked")
+    assert calls and set(calls) == {torch.float32}
+    torch.testing.assert_close(out, _reference(q * 3, k * 3, v), atol=1e-5, rtol=1e-5)
 
 
 def test_cross_attention_names_and_hand_computed_output():

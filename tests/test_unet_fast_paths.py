@@ -176,3 +176,47 @@ def test_unet_bf16_inference_packs_every_conv_once_with_the_same_output():
     assert len(twin._weight_cache[2]) == 0 and len(pickle.loads(pickle.dumps(fast._weight_cache[2]))) == 0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(twin(x, t, ctx), shifted)
+
+
+needs_onednn_linear = pytest.mark.skipif(not onednn.linear_available(), reason="no oneDNN linear op in this build")
+
+
+@needs_onednn_linear
+@pytest.mark.parametrize("shape, bias", [((2, 33, 24), True), ((5, 24), False)])
+def test_onednn_linear_matches_nn_linear_forward_and_backward(monkeypatch, shape, bias):
+    calls = []
+    real = onednn._onednn_linear
+    monkeypatch.setattr(onednn, "_onednn_linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    fast = onednn.Linear(24, 40, bias=bias)
+    plain = torch.nn.Linear(24, 40, bias=bias)
+    plain.load_state_dict(fast.state_dict())
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(*shape)
+    xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = fast(xf)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    plain(xp).backward(grad)
+    assert len(calls) == 3                                 # forward, input gradient, weight gradient
+    torch.testing.assert_close(out, plain(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xf.grad, xp.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.weight.grad, plain.weight.grad, atol=1e-4, rtol=1e-5)
+    if bias:
+        torch.testing.assert_close(fast.bias.grad, plain.bias.grad, atol=1e-5, rtol=1e-5)
+    fast.weight.grad = None
+    fast.weight.requires_grad_(False)                      # a frozen weight: no weight-gradient product
+    fast(xf).sum().backward()
+    assert len(calls) == 5 and fast.weight.grad is None
+
+
+@needs_onednn_linear
+def test_onednn_linear_leaves_bf16_and_autocast_to_f_linear(monkeypatch):
+    calls = []
+    monkeypatch.setattr(onednn, "_onednn_linear", lambda *a: calls.append(1))
+    fast = onednn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(x).dtype == torch.bfloat16
+    assert fast.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
+    assert fast.double()(x.double()).dtype == torch.float64
+    assert calls == []

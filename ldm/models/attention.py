@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
-from .onednn import Conv2d
+from . import onednn
+from .onednn import Conv2d, Linear
 
 __all__ = [
     "BACKENDS",
@@ -100,14 +101,14 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
     rows = max(16, _BLOCK_SCORES // max(k.shape[2], 1))
     with torch.autocast(device_type=q.device.type, enabled=False):
         qf = (q.float() * d ** -0.5).reshape(b * h, n, d)
-        kt = k.float().expand(b, h, -1, -1).reshape(b * h, -1, d).transpose(1, 2).contiguous()
+        kf = k.float().expand(b, h, -1, -1).reshape(b * h, -1, d)
         vv = v.expand(b, h, -1, -1).reshape(b * h, -1, v.shape[-1])
         if mask is not None:
             mask = mask.expand(b, h, n, k.shape[2]).reshape(b * h, n, k.shape[2])
         out = torch.empty(b * h, n, v.shape[-1], dtype=v.dtype, device=v.device)
         for i in range(b * h):
             for start in range(0, n, rows):
-                scores = torch.mm(qf[i, start:start + rows], kt[i])
+                scores = onednn.linear(qf[i, start:start + rows], kf[i])  # q @ k^T, on oneDNN on a CPU
                 if mask is not None:
                     m = mask[i, start:start + rows]
                     scores = scores.masked_fill(~m, -torch.finfo(scores.dtype).max) if m.dtype == torch.bool \
@@ -208,10 +209,10 @@ class CrossAttention(AttentionBackendMixin, nn.Module):
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
         self.dim_head = dim_head
-        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
-        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.to_q = Linear(query_dim, inner_dim, bias=False)
+        self.to_k = Linear(context_dim, inner_dim, bias=False)
+        self.to_v = Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(Linear(inner_dim, query_dim), nn.Dropout(dropout))
         self.set_backend(backend, slice_size)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -235,7 +236,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -249,8 +250,8 @@ class FeedForward(nn.Module):
                  dropout: float = 0.0):
         super().__init__()
         inner_dim = int(dim * mult)
-        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
-        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out or dim))
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(Linear(dim, inner_dim), nn.GELU())
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), Linear(inner_dim, dim_out or dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -307,8 +308,8 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6, affine=True)
         if use_linear:
-            self.proj_in = nn.Linear(in_channels, inner_dim)
-            self.proj_out = nn.Linear(inner_dim, in_channels)
+            self.proj_in = Linear(in_channels, inner_dim)
+            self.proj_out = Linear(inner_dim, in_channels)
         else:
             self.proj_in = Conv2d(in_channels, inner_dim, kernel_size=1)
             self.proj_out = Conv2d(inner_dim, in_channels, kernel_size=1)

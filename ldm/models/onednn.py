@@ -1,4 +1,5 @@
-"""Convolutions on pre-packed oneDNN weights, for the UNet's bf16 inference on a CPU.
+"""oneDNN kernels for the UNet on a CPU: convolutions on pre-packed weights for bf16 inference, and fp32 linear
+layers (forward and backward) on oneDNN's matmul.
 
 PyTorch's CPU convolution hands oneDNN the weight in PyTorch's layout, and oneDNN reorders it into its blocked
 layout in every call: for SD1.5's UNet at 32x32 latents (batch 2, bf16), 98 weight reorders take ~17% of a
@@ -9,6 +10,13 @@ much as the convolution. Inference calls the same weights with the same input sh
 
 :class:`Conv2d` is ``nn.Conv2d`` (same parameters, state dict and numerics) outside that context; the UNet
 uses it and activates the context only inside its cached bf16 inference call (``UNetModel.forward``).
+
+:class:`Linear` is ``nn.Linear`` (same parameters, state dict and numbers up to fp32 summation order) whose fp32
+products on a CPU, in its forward and in both products of its backward, run on oneDNN's matmul
+(``torch.ops.mkldnn._linear_pointwise``) instead of the BLAS that ``F.linear`` calls: on the AMD EPYC of
+bench/README.md that BLAS's fp32 GEMM ran at half of oneDNN's rate at 2048^3 and at 0.4x at SD's shapes, and an
+fp32 training step of the width-128 UNet took 14% less time. bf16/fp16 (and autocast, which casts to them) keep
+``F.linear``, which already reaches oneDNN.
 """
 from __future__ import annotations
 
@@ -18,9 +26,10 @@ import functools
 from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["available", "ConvPacks", "Conv2d", "packed_convolutions"]
+__all__ = ["available", "linear_available", "linear", "ConvPacks", "Conv2d", "Linear", "packed_convolutions"]
 
 _ACTIVE: contextvars.ContextVar[Optional["ConvPacks"]] = contextvars.ContextVar("ldm_conv_packs", default=None)
 
@@ -86,4 +95,64 @@ class Conv2d(nn.Conv2d):
         packs = _ACTIVE.get()
         if packs is not None and not torch.is_grad_enabled() and packs.usable(self, x):
             return packs.conv2d(self, x)
+        return super().forward(x)
+
+
+@functools.lru_cache(maxsize=None)
+def linear_available() -> bool:
+    """Whether this PyTorch build has oneDNN's linear op (used for fp32 :class:`Linear` on a CPU)."""
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x @ weight.T + bias`` for 2-D ``x`` on oneDNN (strided operands are fine: transposes are views)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for 2-D ``x`` without autograd; fp32 on a CPU runs on oneDNN's matmul
+    (blocked attention's q @ k^T: 2x the BLAS's speed at 128 x 4096 x 40 here, bench/README.md)."""
+    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2 and x.numel() > 0
+            and not torch.compiler.is_compiling() and linear_available()):
+        return _onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class _LinearFunction(torch.autograd.Function):
+    """fp32 linear whose three products (forward, input gradient, weight gradient) run on oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        return _onednn_linear(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _onednn_linear(g2, weight.t(), None).view(ctx.x_shape)  # grad @ weight
+        if ctx.needs_input_grad[1]:
+            grad_w = _onednn_linear(g2.t(), x2.t(), None)  # grad^T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+class Linear(nn.Linear):
+    """``nn.Linear``; with fp32 input and weight on a CPU (autocast off) its products run on oneDNN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and x.dim() >= 2
+                and x.shape[-1] > 0 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling() and linear_available()):
+            return _LinearFunction.apply(x, w, self.bias)
         return super().forward(x)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .attention import (AttentionBackendMixin, SpatialTransformer, attention, maybe_checkpoint,
                         set_attention_backend)
-from .onednn import Conv2d, ConvPacks, packed_convolutions
+from .onednn import Conv2d, ConvPacks, Linear, packed_convolutions
 
 __all__ = [
     "timestep_embedding",
@@ -188,7 +188,7 @@ class ResBlock(TimestepBlock):
         else:
             self.h_upd = self.x_upd = nn.Identity()
         emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
+        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(normalization(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
                                         zero_module(Conv2d(self.out_channels, self.out_channels, 3, padding=1)))
         if self.out_channels == channels:
@@ -373,8 +373,8 @@ class UNetModel(nn.Module):
         self._validate()
 
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
-                                        nn.Linear(time_embed_dim, time_embed_dim))
+        self.time_embed = nn.Sequential(Linear(model_channels, time_embed_dim), nn.SiLU(),
+                                        Linear(time_embed_dim, time_embed_dim))
         skip_chans = self._build_input_blocks(time_embed_dim)
         self.pos_embed = (zero_module(Conv2d(4 * len(COORDINATE_FREQUENCIES), model_channels, 1))
                           if position_embedding else None)
