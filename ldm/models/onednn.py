@@ -14,7 +14,7 @@ uses it and activates the context only inside its cached bf16 inference call (``
 :class:`Linear` is ``nn.Linear`` (same parameters, state dict and numbers up to fp32 summation order) whose fp32
 products on a CPU, in its forward and in both products of its backward, run on oneDNN's matmul
 (``torch.ops.mkldnn._linear_pointwise``) instead of the BLAS that ``F.linear`` calls: on the AMD EPYC of
-bench/README.md that BLAS's fp32 GEMM ran at half of oneDNN's rate at 2048^3 and at 0.4x at SD's shapes, and an
+bench/README.md that BLAS's fp32 GEMM ran at half of oneDNN's rate at 2048^3 and at 0.4-0.5x at SD's shapes, and an
 fp32 training step of the width-128 UNet took 14% less time. bf16/fp16 (and autocast, which casts to them) keep
 ``F.linear``, which already reaches oneDNN.
 """
