@@ -220,3 +220,31 @@ def test_onednn_linear_leaves_bf16_and_autocast_to_f_linear(monkeypatch):
     assert fast.to(torch.bfloat16)(x.bfloat16()).dtype == torch.bfloat16
     assert fast.double()(x.double()).dtype == torch.float64
     assert calls == []
+
+
+@needs_onednn_linear
+def test_pointwise_conv_runs_as_onednn_linear_on_channels_last_fp32(monkeypatch):
+    calls = []
+    real = onednn._onednn_linear
+    monkeypatch.setattr(onednn, "_onednn_linear", lambda *a: calls.append(1) or real(*a))
+    conv = onednn.Conv2d(12, 20, 1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 12, 5, 7).contiguous(memory_format=torch.channels_last)
+    xf, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = conv(xf)
+    assert calls == [1] and out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected = F.conv2d(xp, conv.weight.detach().requires_grad_(), conv.bias)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    weight = conv.weight.detach().clone().requires_grad_()
+    bias = conv.bias.detach().clone().requires_grad_()
+    F.conv2d(xp, weight, bias).backward(grad)
+    assert len(calls) == 3                                 # forward, input gradient, weight gradient
+    torch.testing.assert_close(xf.grad, xp.grad, atol=1e-5, rtol=1e-5)
+    assert conv.weight.grad.shape == (20, 12, 1, 1)
+    torch.testing.assert_close(conv.weight.grad, weight.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(conv.bias.grad, bias.grad, atol=1e-5, rtol=1e-5)
+    conv(x.contiguous())                                   # NCHW input, a 3x3 or a strided 1x1: torch's conv
+    onednn.Conv2d(12, 20, 3, padding=1)(x)
+    onednn.Conv2d(12, 20, 1, stride=2)(x)
+    assert len(calls) == 3

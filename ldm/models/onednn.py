@@ -16,7 +16,8 @@ products on a CPU, in its forward and in both products of its backward, run on o
 (``torch.ops.mkldnn._linear_pointwise``) instead of the BLAS that ``F.linear`` calls: on the AMD EPYC of
 bench/README.md that BLAS's fp32 GEMM ran at half of oneDNN's rate at 2048^3 and at 0.4-0.5x at SD's shapes, and an
 fp32 training step of the width-128 UNet took 14% less time. bf16/fp16 (and autocast, which casts to them) keep
-``F.linear``, which already reaches oneDNN.
+``F.linear``, which already reaches oneDNN. :class:`Conv2d`'s 1x1 convolutions of channels-last fp32 input run the
+same way (a linear layer over the channels of the NHWC view).
 """
 from __future__ import annotations
 
@@ -89,12 +90,20 @@ def packed_convolutions(packs: Optional[ConvPacks]) -> Iterator[None]:
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d``; inside :func:`packed_convolutions` it runs on a packed copy of its bf16 weight."""
+    """``nn.Conv2d``; inside :func:`packed_convolutions` it runs on a packed copy of its bf16 weight. A 1x1
+    convolution (stride 1, no padding, one group) of a channels-last fp32 input on a CPU is a linear layer over
+    the channels of the NHWC view: it runs as :class:`Linear` does, on oneDNN's matmul (the output is the same
+    channels-last tensor ``nn.Conv2d`` gives; torch's fp32 1x1 convolution takes its slow im2col + BLAS path)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packs = _ACTIVE.get()
         if packs is not None and not torch.is_grad_enabled() and packs.usable(self, x):
             return packs.conv2d(self, x)
+        if (self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0) and self.groups == 1
+                and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                and _onednn_fp32(x, self.weight)):
+            weight = self.weight.reshape(self.out_channels, self.in_channels)  # a view for either layout
+            return _LinearFunction.apply(x.permute(0, 2, 3, 1), weight, self.bias).permute(0, 3, 1, 2)
         return super().forward(x)
 
 
@@ -107,6 +116,14 @@ def linear_available() -> bool:
         return False
 
 
+def _onednn_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` goes to oneDNN: fp32 input and weight on a CPU, autocast off (it would cast them),
+    not inside torch.compile (which picks its own kernels), and the op in this build."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and x.numel() > 0 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and linear_available())
+
+
 def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``x @ weight.T + bias`` for 2-D ``x`` on oneDNN (strided operands are fine: transposes are views)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -115,8 +132,7 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for 2-D ``x`` without autograd; fp32 on a CPU runs on oneDNN's matmul
     (blocked attention's q @ k^T: 2x the BLAS's speed at 128 x 4096 x 40 here, bench/README.md)."""
-    if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.dim() == 2 and x.numel() > 0
-            and not torch.compiler.is_compiling() and linear_available()):
+    if x.dim() == 2 and _onednn_fp32(x, weight):
         return _onednn_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
@@ -150,9 +166,6 @@ class Linear(nn.Linear):
     """``nn.Linear``; with fp32 input and weight on a CPU (autocast off) its products run on oneDNN."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32 and x.dim() >= 2
-                and x.shape[-1] > 0 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling() and linear_available()):
-            return _LinearFunction.apply(x, w, self.bias)
+        if x.dim() >= 2 and _onednn_fp32(x, self.weight):
+            return _LinearFunction.apply(x, self.weight, self.bias)
         return super().forward(x)
