@@ -102,7 +102,7 @@ def _count_onednn_linear() -> None:
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if op is None or op in flop_registry or op.default in flop_registry:
+    if op is None or op in flop_registry:
         return
 
     @register_flop_formula(op)

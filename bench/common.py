@@ -214,7 +214,7 @@ def matmul_peak_gflops(precision: str, n: int | None = None, reps: int = 5,
         from ldm.models import onednn
 
         if onednn.linear_available():
-            products.append(lambda x, y: onednn._onednn_linear(x, y, None))  # x @ y.T: the same work
+            products.append(onednn.linear)  # x @ y.T: the same work
     best = float("inf")
     for product in products:
         for _ in range(3 if device.type == "cuda" else 1):  # warm-up (oneDNN / BLAS / cuBLAS set-up, clocks)
