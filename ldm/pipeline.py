@@ -36,6 +36,7 @@ from torch import nn
 from ldm.diffusion import samplers as _samplers
 from ldm.diffusion.guidance import CFGDenoiser
 from ldm.diffusion.inpaint import InpaintDenoiser, inpaint_concat_cond
+from ldm.diffusion.schedules import is_zero_terminal_snr
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +459,7 @@ class _Pipeline:
         """The sampler's sigma schedule for this model; a zero-terminal-SNR model gets "trailing" spacing
         in place of the default one (Lin et al. 2023), so that sampling starts from pure noise."""
         spec = _samplers.get_sampler(sampler) if isinstance(sampler, str) else sampler
-        zero_snr = float(self.model.alphas_cumprod[-1]) < 1e-6
+        zero_snr = is_zero_terminal_snr(self.model.alphas_cumprod)
         schedule = "trailing" if zero_snr and spec.schedule == "default" else None
         return _samplers.build_sigmas(spec, self.model.alphas_cumprod, steps, schedule=schedule)
 

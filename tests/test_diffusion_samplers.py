@@ -302,6 +302,22 @@ def test_sampler_rejects_bad_sigmas():
         SM.sample_euler(GAUSS.denoise, torch.zeros(1, 1), torch.tensor([1.0]))
 
 
+@pytest.mark.parametrize("schedule", ["karras", "exponential"])
+def test_zero_terminal_snr_ramps_start_with_one_step_from_pure_noise(schedule):
+    from ldm.diffusion.schedules import alphas_cumprod, make_betas, rescale_zero_terminal_snr
+
+    ac = alphas_cumprod(rescale_zero_terminal_snr(make_betas("scaled_linear"))).float()
+    sigmas = SM.build_sigmas("Euler", ac, 20, schedule=schedule)
+    trailing = SM.build_sigmas("Euler", ac, 20, schedule="trailing")
+    assert len(sigmas) == 21 and float(sigmas[-1]) == 0
+    assert float(sigmas[0]) == pytest.approx(4096.0, rel=1e-3) and float(sigmas[1]) == float(trailing[1])
+    assert (sigmas[1:-1] > 14.6).sum() <= 4  # a ramp from the clamp would put 13 of 20 steps there
+    assert float(sigmas[-2]) == pytest.approx(float(((1 - ac[0]) / ac[0]).sqrt()), rel=1e-6)  # to sigma_min
+    # a schedule that is not zero-SNR keeps its plain ramp from sigma_max
+    plain = SM.build_sigmas("Euler", sd_alphas_cumprod(), 20, schedule=schedule)
+    assert float(plain[0]) == pytest.approx(14.6146, rel=1e-4) and len(plain) == 21
+
+
 def test_zero_terminal_snr_v_model_with_trailing_schedule():
     from ldm.diffusion.denoisers import VDenoiser
     from ldm.diffusion.schedules import alphas_cumprod, make_betas, rescale_zero_terminal_snr
@@ -309,9 +325,10 @@ def test_zero_terminal_snr_v_model_with_trailing_schedule():
     ac = alphas_cumprod(rescale_zero_terminal_snr(make_betas("scaled_linear")))
     assert float(ac[-1]) == 0.0
     denoiser = VDenoiser(discrete_net(GAUSS, ac, "v"), ac)
-    sigmas = SM.build_sigmas("DPM++ 2M", denoiser, 25, schedule="trailing").double()
-    assert float(sigmas[0]) == pytest.approx(4096.0, rel=1e-3)  # alpha_bar clamped to 2**-24
-    noise = torch.randn(1000, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-    out = SM.sample("DPM++ 2M", denoiser, noise, sigmas)
-    assert abs(float(out.mean()) - GAUSS.mu) < 0.03
-    assert abs(float(out.std()) / GAUSS.std - 1) < 0.05
+    for schedule in ("trailing", "karras"):
+        sigmas = SM.build_sigmas("DPM++ 2M", denoiser, 25, schedule=schedule).double()
+        assert float(sigmas[0]) == pytest.approx(4096.0, rel=1e-3)  # alpha_bar clamped to 2**-24
+        noise = torch.randn(1000, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        out = SM.sample("DPM++ 2M", denoiser, noise, sigmas)
+        assert abs(float(out.mean()) - GAUSS.mu) < 0.03
+        assert abs(float(out.std()) / GAUSS.std - 1) < 0.05

@@ -267,8 +267,10 @@ def test_zero_terminal_snr_models_get_trailing_spacing(pipe, monkeypatch):
     zero_snr = schedules.alphas_cumprod(schedules.rescale_zero_terminal_snr(schedules.make_betas())).float()
     monkeypatch.setattr(pipe.model, "alphas_cumprod", zero_snr)
     assert torch.equal(pipe.sigmas("Euler", 4), schedules.get_sigmas_trailing(zero_snr, 4))
-    karras = pipe.sigmas("Euler Karras", 4)  # keeps its own spacing, from the clamped sigma_max
-    assert torch.equal(karras, schedules.get_sigmas_karras(4, float(karras[-2]), float(karras[0])))
+    karras = pipe.sigmas("Euler Karras", 4)  # one step from pure noise, then its own spacing
+    trailing = schedules.get_sigmas_trailing(zero_snr, 4)
+    assert torch.equal(karras[:2], trailing[:2])
+    assert torch.equal(karras[1:], schedules.get_sigmas_karras(3, float(karras[-2]), float(karras[1])))
 
 
 def test_pipeline_does_not_import_lightning():

@@ -41,6 +41,7 @@ from ldm.diffusion.schedules import (
     get_sigmas_exponential,
     get_sigmas_karras,
     get_sigmas_trailing,
+    is_zero_terminal_snr,
     sigmas_from_alphas_cumprod,
 )
 
@@ -557,6 +558,9 @@ def build_sigmas(spec: SamplerSpec | str, model: Any, steps: int, schedule: str 
         spec: a :class:`SamplerSpec` or a sampler name.
         model: a denoiser with ``.alphas_cumprod`` or the alphas_cumprod tensor itself.
         schedule: override the spec's schedule: one of :data:`SCHEDULES` ("trailing" for zero-SNR models).
+
+    For a zero-terminal-SNR schedule, "karras" and "exponential" take their first step from pure noise
+    (the clamped sigma_max) to the "trailing" schedule's second sigma and ramp from there to sigma_min.
     """
     spec = get_sampler(spec) if isinstance(spec, str) else spec
     schedule = schedule or spec.schedule
@@ -565,10 +569,15 @@ def build_sigmas(spec: SamplerSpec | str, model: Any, steps: int, schedule: str 
     sigma_min, sigma_max = float(discrete[0]), float(discrete[-1])
     if schedule == "default":
         return get_sigmas_default(alphas_cumprod, steps)
-    if schedule == "karras":
-        return get_sigmas_karras(steps, sigma_min, sigma_max)
-    if schedule == "exponential":
-        return get_sigmas_exponential(steps, sigma_min, sigma_max)
+    if schedule in ("karras", "exponential"):
+        ramp = get_sigmas_karras if schedule == "karras" else get_sigmas_exponential
+        if steps > 1 and is_zero_terminal_snr(alphas_cumprod):
+            # sigma_max is the clamp (~4096): a ramp from it would spend most steps on pure noise (13 of 20
+            # Karras steps above SD's 14.6). One step from pure noise to the trailing schedule's second
+            # sigma, then the ramp from there.
+            top = float(get_sigmas_trailing(alphas_cumprod, steps)[1])
+            return torch.cat([torch.tensor([sigma_max], dtype=torch.float32), ramp(steps - 1, sigma_min, top)])
+        return ramp(steps, sigma_min, sigma_max)
     if schedule == "trailing":
         return get_sigmas_trailing(alphas_cumprod, steps)
     if schedule == "ddim":

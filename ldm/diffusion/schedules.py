@@ -95,6 +95,11 @@ def log_snr_to_sigma(log_snr: Tensor) -> Tensor:
     return (-0.5 * log_snr).exp()
 
 
+def is_zero_terminal_snr(alphas_cumprod: Tensor) -> bool:
+    """Whether a schedule ends at zero SNR (``alpha_bar[T-1]`` below the sigma clamp, e.g. rescaled betas)."""
+    return float(alphas_cumprod[-1]) < ZERO_SNR_ALPHA_BAR
+
+
 def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
     """The discrete sigma[t] of a schedule; a zero terminal alpha_bar is clamped to 2**-24 (sigma ~ 4096)."""
     return alpha_bar_to_sigma(alphas_cumprod.clamp(min=ZERO_SNR_ALPHA_BAR))
