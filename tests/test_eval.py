@@ -297,6 +297,8 @@ def test_metric_errors():
     (["geneval", "--ckpt", "{ckpt}", "--config", "nope.yaml"], "--config nope.yaml"),
     (["recon", "--ckpt", "{ckpt}", "--size", "16"], "too small"),
     (["recon", "--ckpt", "{ckpt}", "--out", "{dir}"], "is a folder"),
+    (["geneval", "--ckpt", "{ckpt}", "--sampler", "Eulr"], "unknown sampler 'Eulr'"),
+    (["geneval", "--ckpt", "{ckpt}", "--guidance-rescale", "1.5"], "outside [0, 1]"),
     (["relations", "--ckpt", "missing.safetensors"], "no such file"),
     (["relations", "--ckpt", "{ckpt}", "--num", "0"], "must be >= 1"),
     (["score"], "invalid choice"),
@@ -335,9 +337,10 @@ def test_cli_geneval_runs_the_pipeline(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_load_pipeline", lambda args: fake)
     out = tmp_path / "report.md"
     report = cli.main(["geneval", "--ckpt", str(ckpt), "--n", "1", "--seed", "5", "--images-per-prompt", "2",
-                       "--steps", "3", "--sampler", "DDIM", "--out", str(out)])
+                       "--steps", "3", "--sampler", "DDIM", "--guidance-rescale", "0.7", "--out", str(out)])
     assert report["overall"] == 1.0 and report["num_images"] == 12
-    assert fake.calls[0] == {"seeds": [5, 6], "height": 64, "width": 64, "steps": 3, "sampler": "DDIM"}
+    assert fake.calls[0] == {"seeds": [5, 6], "height": 64, "width": 64, "steps": 3, "sampler": "DDIM",
+                             "guidance_rescale": 0.7}
     assert "| **overall** (mean of categories) | **100.0%** |" in out.read_text()
     assert json.loads((tmp_path / "report.json").read_text())["num_images"] == 12
 

@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=positive_int, default=None, help="sampling steps (pipeline default)")
     g.add_argument("--sampler", default=None, help='sampler name, e.g. "DDIM" (pipeline default)')
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    g.add_argument("--guidance-rescale", type=float, default=None,
+                   help="guidance rescale in [0, 1] (Lin et al. 2023; pipeline default 0)")
     r = sub.add_parser("recon", help="autoencoder reconstruction PSNR / SSIM on held-out shapes pictures")
     _add_common(r)
     r.add_argument("--num", type=positive_int, default=64, help="number of pictures")
@@ -72,7 +74,7 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
 def run_geneval(args: argparse.Namespace) -> dict[str, Any]:
     pipe = _load_pipeline(args)
     options = {"height": args.size, "width": args.size}
-    for name in ("steps", "sampler", "guidance_scale"):
+    for name in ("steps", "sampler", "guidance_scale", "guidance_rescale"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
 
@@ -142,6 +144,16 @@ def main(argv: Sequence[str] | None = None) -> Any:
         parser.error(f"--size {args.size} is too small; shapes pictures are at least 32 pixels")
     if args.out and os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a folder; give a file name such as report.md")
+    if args.command == "geneval":
+        from ldm.diffusion.samplers import get_sampler
+
+        if args.sampler is not None:
+            try:
+                get_sampler(args.sampler)
+            except ValueError as e:
+                parser.error(f"--sampler: {e}")
+        if args.guidance_rescale is not None and not 0.0 <= args.guidance_rescale <= 1.0:
+            parser.error(f"--guidance-rescale {args.guidance_rescale} is outside [0, 1]; 0.7 is the paper's choice")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run = {"geneval": run_geneval, "recon": run_recon, "relations": run_relations}[args.command]
     return run(args)
