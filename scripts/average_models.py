@@ -3,8 +3,9 @@
     python scripts/average_models.py --out SOUP.safetensors A.safetensors B.safetensors [...]
 
 Every floating-point tensor of the output is the mean of the inputs' (computed in fp32, stored in the first
-file's dtype); other tensors must be equal in all inputs. The inputs must hold the same tensor names and shapes
-(runs warm-started from one model); the metadata (the stored config) is the first file's. Written atomically.
+file's dtype); other tensors, and the noise schedule's buffers, must be equal in all inputs. The inputs must
+hold the same tensor names and shapes (runs warm-started from one model); the metadata (the stored config) is
+the first file's. Written atomically.
 """
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from typing import Sequence
 import torch
 
 from ldm.checkpoint import read_state_dict, save_checkpoint
+from ldm.diffusion.schedules import make_betas, register_schedule_buffers
+
+# the noise schedule's buffers (alphas_cumprod, betas, ...): fixed by the config, not learned, so never averaged
+SCHEDULE_BUFFERS = frozenset(register_schedule_buffers(make_betas(n=2)))
 
 
 def average(paths: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -33,6 +38,9 @@ def average(paths: Sequence[str]) -> tuple[dict[str, torch.Tensor], dict[str, st
             if v.shape != first[k].shape:
                 raise ValueError(f"{k} is {tuple(v.shape)} in {path} but {tuple(first[k].shape)} in {paths[0]}: "
                                  "average only runs of one architecture")
+            if k in SCHEDULE_BUFFERS and not torch.equal(v.float(), first[k].float()):
+                raise ValueError(f"{k} differs between {path} and {paths[0]}: their noise schedules differ "
+                                 "(e.g. zero terminal SNR in one); average only runs of one schedule")
             if v.is_floating_point():
                 sums[k] += v.float()
             elif not torch.equal(v, first[k]):

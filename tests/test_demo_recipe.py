@@ -271,4 +271,8 @@ def test_average_models_rejects_files_that_do_not_match(tmp_path):
         run("d.safetensors", "e.safetensors")
     with pytest.raises(SystemExit, match="nope.safetensors"):
         run("a.safetensors", "nope.safetensors")
+    save_checkpoint({"w": torch.zeros(2), "alphas_cumprod": torch.tensor([0.9, 0.0047])}, tmp_path / "f.safetensors")
+    save_checkpoint({"w": torch.zeros(2), "alphas_cumprod": torch.tensor([0.9, 0.0])}, tmp_path / "g.safetensors")
+    with pytest.raises(SystemExit, match="alphas_cumprod differs .* noise schedules differ"):
+        run("f.safetensors", "g.safetensors")
     assert not (tmp_path / "o.safetensors").exists()
