@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from ldm.data.shapes import ShapesDataset, positive_int
+from ldm.diffusion.samplers import get_sampler
 from ldm.eval.geneval import evaluate, format_report, make_eval_prompts
 from ldm.eval.metrics import psnr, ssim
 
@@ -145,8 +146,6 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if args.out and os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a folder; give a file name such as report.md")
     if args.command == "geneval":
-        from ldm.diffusion.samplers import get_sampler
-
         if args.sampler is not None:
             try:
                 get_sampler(args.sampler)
