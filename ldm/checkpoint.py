@@ -20,12 +20,11 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import ConfigError, check_config, instantiate_from_config, load_config, to_plain
+from ldm.config import CONFIG_DIR, ConfigError, check_config, instantiate_from_config, load_config, to_plain
 from ldm.ema import ema_name
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 UNET_PREFIX = "model.diffusion_model."

@@ -13,12 +13,14 @@ import contextvars
 import importlib
 import inspect
 import os
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
+    "CONFIG_DIR",
     "ConfigError",
     "load_config",
     "instantiate_from_config",
@@ -26,6 +28,10 @@ __all__ = [
     "get_obj_from_str",
     "to_plain",
 ]
+
+
+# The configs the code needs (the SD architectures, the embedded default).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
