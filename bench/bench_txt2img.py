@@ -61,7 +61,7 @@ def clip_text_model(text_state_dict: dict):
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ldm.models.text_encoder import to_hf_clip_text_state_dict
+    from ldm.convert import to_hf_clip_text_state_dict
 
     sd1 = {"cond_stage_model.transformer." + k: v for k, v in to_hf_clip_text_state_dict(text_state_dict).items()}
     config = CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -82,8 +82,9 @@ def prepare(folder: Path, unet_width: int, vae_ch: int) -> None:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from diffusers_port import diffusers_unet, diffusers_vae
-    from ldm.checkpoint import build_model, save_checkpoint
     from ldm.config import to_plain
+    from ldm.convert import build_model
+    from ldm.io import save_checkpoint
 
     config = sd_config(unet_width, vae_ch)
     model = common.randomize_(build_model(config)).eval()

@@ -206,7 +206,7 @@ class _Pipeline:
     per-image noise, the sampler loop and decoding.
 
     Args:
-        model: a loaded ``LatentDiffusion`` (``ldm.checkpoint.load_model``).
+        model: a loaded ``LatentDiffusion`` (``ldm.convert.load_model``).
         device: "auto"/None (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
         precision: "fp32", "bf16", "fp16" (autocast for text encoder and UNet), "autocast" or "auto".
         vae_precision: "auto" (default: "same" with bf16, "fp32" otherwise), "fp32" (encode and decode in
@@ -263,7 +263,7 @@ class _Pipeline:
                         parameterization: str | None = None, **options: Any) -> "_Pipeline":
         """Load ``ckpt`` (config from ``config``, else from the file's metadata or its tensor shapes); the UNet's
         weights are stored in the compute dtype unless ``unet_weights="fp32"``."""
-        from ldm.checkpoint import load_model
+        from ldm.convert import load_model
 
         model = load_model(config, ckpt, use_ema=use_ema, parameterization=parameterization)
         options.setdefault("unet_weights", "compute")  # the model is this pipeline's own
@@ -354,7 +354,7 @@ class _Pipeline:
         """First 10 hex digits of the checkpoint file's sha256 (what the UIs show), None without a file."""
         if self.model_path is None or not self.model_path.is_file():
             return None
-        from ldm.cli.common import model_hash
+        from ldm.io import model_hash
         return model_hash(self.model_path)
 
     def check_size(self, height: int, width: int) -> None:

@@ -15,8 +15,8 @@ from typing import Sequence
 
 import torch
 
-from ldm.checkpoint import read_state_dict, save_checkpoint
 from ldm.diffusion.schedules import make_betas, register_schedule_buffers
+from ldm.io import read_state_dict, save_checkpoint
 
 # the noise schedule's buffers (alphas_cumprod, betas, ...): fixed by the config, not learned, so never averaged
 SCHEDULE_BUFFERS = frozenset(register_schedule_buffers(make_betas(n=2)))

@@ -34,10 +34,10 @@ from typing import Sequence
 
 import torch
 
-from ldm.checkpoint import CheckpointError, read_state_dict, save_checkpoint
 from ldm.config import load_config, to_plain
 from ldm.data.shapes import BACKGROUND, ShapesDataset
-from ldm.eval.metrics import psnr
+from ldm.io import CheckpointError, read_state_dict, save_checkpoint
+from ldm.metrics import psnr
 from ldm.models.autoencoder import AutoencoderKL
 
 log = logging.getLogger("finetune_decoder")

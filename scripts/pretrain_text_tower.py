@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import read_state_dict, save_checkpoint
 from ldm.data.shapes import ShapesDataset, caption_spec, image_to_tensor, render, scene_to_prompt_spec
 from ldm.eval.probe import relation_captions, text_change
+from ldm.io import read_state_dict, save_checkpoint
 from ldm.models.text_encoder import OpenCLIPTextEncoder
 from ldm.training.lr import WarmupCosine
 

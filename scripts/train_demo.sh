@@ -85,7 +85,7 @@ python scripts/pretrain_text_tower.py --steps 4000 --pair-weight 4 --init "$LDM_
     --seed "$SEED"
 warm() {  # warm NAME INIT STEPS [overrides...]: a warm start with the settings every v5 stage shares,
     local name=$1 init=$2 steps=$3 scale; shift 3  # the latent scale kept from INIT (not estimated again)
-    scale=$(python -c "import json, sys; from ldm.checkpoint import read_state_dict as r
+    scale=$(python -c "import json, sys; from ldm.io import read_state_dict as r
 print(json.loads(r(sys.argv[1])[1]['config'])['model']['params']['scale_factor'])" "$init")
     python scripts/warm_start_train.py --init "$init" "${WARM_ARGS[@]}" --base configs/demo/shapes_demo.yaml \
         --name "$name" --logdir "$LOGDIR" --seed "$SEED" "model.params.first_stage_ckpt=$AE_FT" \

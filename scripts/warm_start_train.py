@@ -23,9 +23,9 @@ import logging
 import sys
 from typing import Sequence
 
-from ldm.checkpoint import read_state_dict
 from ldm.cli import train
 from ldm.ema import EMA
+from ldm.io import read_state_dict
 from ldm.training.latent_diffusion import LatentDiffusionModule
 
 log = logging.getLogger("warm_start_train")

@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from ldm.checkpoint import CheckpointError, detect_format, read_state_dict, save_checkpoint
+from ldm.io import CheckpointError, detect_format, read_state_dict, save_checkpoint
 
 
 def _sd():
@@ -96,7 +96,7 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pic
 
 
 def test_lazy_read_equals_eager_and_catches_truncation(tmp_path):
-    from ldm.checkpoint import LazyTensor, materialize
+    from ldm.io import LazyTensor, materialize
 
     sd = dict(_sd(), bf=torch.randn(2, 3).to(torch.bfloat16), empty=torch.zeros(0, 4))
     path = save_checkpoint(sd, tmp_path / "m.safetensors", config={"a": 1})

@@ -15,9 +15,9 @@ import average_models  # noqa: E402
 import finetune_decoder  # noqa: E402
 import pretrain_text_tower  # noqa: E402
 import warm_start_train  # noqa: E402
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.ema import ema_name  # noqa: E402
 from ldm.data.shapes import BACKGROUND, Scene, ShapeObject, image_to_tensor, render  # noqa: E402
+from ldm.ema import ema_name  # noqa: E402
+from ldm.io import CheckpointError  # noqa: E402
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 
 TINY_DD = dict(double_z=True, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1],
@@ -73,8 +73,8 @@ def test_worst_weight_adds_the_worst_pixels_to_the_loss():
 
 
 def test_finetune_of_a_whole_model_replaces_its_decoder_only(tmp_path):
-    from ldm.checkpoint import read_state_dict, save_checkpoint
     from ldm.config import instantiate_from_config, load_config
+    from ldm.io import read_state_dict, save_checkpoint
 
     cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
     cfg.model.params.first_stage_ckpt = None
@@ -110,8 +110,8 @@ def test_warm_start_usage_error():
 
 
 def test_warm_start_copies_unet_and_text_tower(tmp_path):
-    from ldm.checkpoint import save_checkpoint
     from ldm.config import instantiate_from_config, load_config
+    from ldm.io import save_checkpoint
 
     cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
     cfg.model.params.first_stage_ckpt = None
@@ -130,8 +130,8 @@ def test_warm_start_copies_unet_and_text_tower(tmp_path):
 
 
 def test_warm_start_rejects_another_architecture(tmp_path):
-    from ldm.checkpoint import save_checkpoint
     from ldm.config import instantiate_from_config, load_config
+    from ldm.io import save_checkpoint
 
     cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
     cfg.model.params.first_stage_ckpt = None
@@ -143,8 +143,8 @@ def test_warm_start_rejects_another_architecture(tmp_path):
 
 
 def test_warm_start_keep_new_leaves_added_tensors_at_their_init(tmp_path):
-    from ldm.checkpoint import save_checkpoint
     from ldm.config import instantiate_from_config, load_config
+    from ldm.io import save_checkpoint
 
     cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
     cfg.model.params.first_stage_ckpt = None
@@ -162,8 +162,8 @@ def test_warm_start_keep_new_leaves_added_tensors_at_their_init(tmp_path):
 
 
 def test_warm_start_text_tower_from_another_file(tmp_path):
-    from ldm.checkpoint import save_checkpoint
     from ldm.config import instantiate_from_config, load_config
+    from ldm.io import save_checkpoint
 
     cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
     cfg.model.params.first_stage_ckpt = None
@@ -202,7 +202,7 @@ def test_contrastive_loss_prefers_the_matching_caption_over_the_inverted_one():
 
 
 def test_pretrain_text_tower_runs_and_writes_the_tower(tmp_path):
-    from ldm.checkpoint import read_state_dict
+    from ldm.io import read_state_dict
 
     out = tmp_path / "tower.safetensors"
     report = pretrain_text_tower.main(["--steps", "2", "--batch-size", "4", "--num-train", "16", "--out", str(out)])
@@ -212,7 +212,7 @@ def test_pretrain_text_tower_runs_and_writes_the_tower(tmp_path):
     assert "cond_stage_model.model.token_embedding.weight" in state
     with pytest.raises(SystemExit, match="--steps"):
         pretrain_text_tower.main(["--steps", "0", "--out", str(out)])
-    from ldm.checkpoint import save_checkpoint
+    from ldm.io import save_checkpoint
 
     other = tmp_path / "no_tower.safetensors"
     save_checkpoint({"first_stage_model.x": torch.zeros(1)}, other)
@@ -238,7 +238,7 @@ def test_pretrain_text_tower_with_color_swaps_reports_them(tmp_path):
 
 
 def test_average_models_writes_the_mean_in_the_first_files_dtype(tmp_path):
-    from ldm.checkpoint import read_state_dict, save_checkpoint
+    from ldm.io import read_state_dict, save_checkpoint
 
     a = {"w": torch.tensor([1.0, 2.0], dtype=torch.float16), "step": torch.tensor([3])}
     b = {"w": torch.tensor([3.0, 5.0], dtype=torch.float16), "step": torch.tensor([3])}
@@ -252,7 +252,7 @@ def test_average_models_writes_the_mean_in_the_first_files_dtype(tmp_path):
 
 
 def test_average_models_rejects_files_that_do_not_match(tmp_path):
-    from ldm.checkpoint import save_checkpoint
+    from ldm.io import save_checkpoint
 
     save_checkpoint({"w": torch.zeros(2)}, tmp_path / "a.safetensors")
     save_checkpoint({"w": torch.zeros(3)}, tmp_path / "b.safetensors")

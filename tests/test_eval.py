@@ -12,7 +12,7 @@ from ldm.data.shapes import (BACKGROUND, Scene, ShapeObject, render, sample_scen
 from ldm.eval import cli
 from ldm.eval.analyzer import analyze, classify_shape
 from ldm.eval.geneval import CATEGORIES, evaluate, failure_cause, format_report, make_eval_prompts, score
-from ldm.eval.metrics import psnr, ssim
+from ldm.metrics import psnr, ssim
 
 
 def _obj(shape, color, center, size="large"):

@@ -20,9 +20,10 @@ import open_clip
 import pytest
 import torch
 
-from ldm.checkpoint import build_model, load_weights, normalize_state_dict
 from ldm.config import instantiate_from_config, load_config, to_plain
-from ldm.models.text_encoder import OpenCLIPTextEncoder, to_hf_clip_text_state_dict
+from ldm.convert import build_model, load_weights, normalize_state_dict
+from ldm.convert import to_hf_clip_text_state_dict
+from ldm.models.text_encoder import OpenCLIPTextEncoder
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -406,7 +407,7 @@ def sd_file_layout(model) -> dict:
 
 @pytest.mark.parametrize("name", ["v1-inference.yaml", "v2-inference.yaml"])
 def test_small_full_model_from_sd_layout_matches_references(name, hf_tokenizer):
-    """A random SD-layout checkpoint at reduced width, loaded by ldm.checkpoint and by diffusers' functions."""
+    """A random SD-layout checkpoint at reduced width, loaded by ldm.convert and by diffusers' functions."""
     cfg = sd_config(name, unet=SMALL_UNET, vae=SMALL_VAE, text=SMALL_TEXT)
     ckpt = sd_file_layout(randomize_(build_model(cfg)))
     model = build_model(cfg)

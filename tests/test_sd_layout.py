@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm.checkpoint import (CheckpointError, build_model, check_state_dict, load_model, load_weights,
-                            normalize_state_dict, read_state_dict, save_checkpoint)
 from ldm.config import load_config
+from ldm.convert import build_model, load_model, load_weights, normalize_state_dict, to_hf_clip_text_state_dict
 from ldm.ema import EMA, ema_name
-from ldm.models.text_encoder import to_hf_clip_text_state_dict
+from ldm.io import CheckpointError, check_state_dict, read_state_dict, save_checkpoint
 from sd_layout import read_layout
 from tiny_models import tiny_config
 

@@ -8,12 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ldm.convert import convert_hf_clip_text_state_dict, load_text_encoder_weights, to_hf_clip_text_state_dict
+from ldm.io import CheckpointError
 from ldm.models import text_encoder as te
-from ldm.models.text_encoder import (
-    OpenCLIPTextEncoder,
-    convert_hf_clip_text_state_dict,
-    to_hf_clip_text_state_dict,
-)
+from ldm.models.text_encoder import OpenCLIPTextEncoder
 from sd_layout import read_layout
 
 SOT, EOT = 49406, 49407
@@ -297,6 +295,10 @@ def test_sd1_equivalence_with_transformers(tmp_path):
     for key, value in hf_state.items():
         torch.testing.assert_close(round_trip[key], value)
 
-    path = tmp_path / "clip_text.safetensors"  # a transformers-named file loads through ckpt_path too
+    path = tmp_path / "clip_text.safetensors"  # a transformers-named file loads through ldm.convert
     save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path))
-    torch.testing.assert_close(tiny(**SD1_OPTIONS, ckpt_path=path)(prompts), expected, atol=1e-5, rtol=1e-5)
+    enc = tiny(**SD1_OPTIONS)
+    load_text_encoder_weights(enc, path)
+    torch.testing.assert_close(enc(prompts), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(CheckpointError, match="transformers CLIP names .*load_text_encoder_weights"):
+        tiny(**SD1_OPTIONS, ckpt_path=path)  # the model layer reads its own and open_clip's names only

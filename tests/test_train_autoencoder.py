@@ -11,9 +11,9 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from ldm.checkpoint import read_state_dict
 from ldm.config import ConfigError, check_config, instantiate_from_config, load_config, to_plain
 from ldm.data.datamodule import ShapesDataModule
+from ldm.io import read_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.training.autoencoder import AutoencoderKLModule
 from ldm.training.losses import LPIPS, LPIPSWithDiscriminator, hinge_d_loss, vanilla_d_loss
@@ -169,7 +169,7 @@ def test_lpips_file_errors_and_missing_heads(lpips_files, caplog, tmp_path):
     assert all(torch.equal(lin.model[1].weight, torch.ones_like(lin.model[1].weight)) for lin in uniform.lins)
     bad = tmp_path / "bad.safetensors"
     save_file({"features.0.weight": torch.zeros(64, 3, 5, 5)}, bad)
-    with pytest.raises(ValueError, match="wrong shapes"):
+    with pytest.raises(ValueError, match=r"shape mismatch \(net\.0\.weight \(64, 3, 5, 5\) vs model \(64, 3, 3, 3\)"):
         LPIPS([vgg_path, lin_path, bad])
 
 

@@ -16,8 +16,9 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import load_model, read_state_dict
 from ldm.cli.train import main
+from ldm.convert import load_model
+from ldm.io import read_state_dict
 from test_train_ldm import TINY_DATA, tiny_model_node
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,9 +14,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ldm.checkpoint import build_model, load_model, read_state_dict, save_checkpoint
 from ldm.config import ConfigError, instantiate_from_config
+from ldm.convert import build_model, load_model
 from ldm.ema import ema_name
+from ldm.io import read_state_dict, save_checkpoint
 from ldm.training.callbacks import AtomicCheckpointIO, export_from_checkpoint, export_model, make_checkpoint_callback
 from ldm.training.latent_diffusion import LatentDiffusionModule
 from ldm.training.lr import LinearWarmup, WarmupCosine

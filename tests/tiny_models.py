@@ -82,7 +82,7 @@ def tiny_config(parameterization: str = "eps", inpainting: bool = False) -> dict
 
 def tiny_model(seed: int = 0, **kwargs):
     """A tiny LatentDiffusion with random weights (deterministic for a seed), in eval mode."""
-    from ldm.checkpoint import build_model
+    from ldm.convert import build_model
 
     torch.manual_seed(seed)
     model = build_model(tiny_config(**kwargs))
@@ -100,7 +100,7 @@ def _liven_output(model) -> None:
 
 def tiny_checkpoint(path: str | Path, seed: int = 0, **kwargs) -> Path:
     """Save a tiny random model as safetensors with its config in the metadata (loads with no --config)."""
-    from ldm.checkpoint import save_checkpoint
+    from ldm.io import save_checkpoint
 
     model = tiny_model(seed, **kwargs)
     return save_checkpoint(model.state_dict(), path, config=tiny_config(**kwargs))

@@ -9,7 +9,6 @@ The ``parameters`` text is what the popular UIs write and read back::
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from PIL import Image, PngImagePlugin
+
+from ldm.io import model_hash
 
 __all__ = [
     "format_parameters",
@@ -175,12 +176,3 @@ def make_grid(images: Sequence[Image.Image], rows: int) -> Image.Image:
     for i, image in enumerate(images):
         grid.paste(image, ((i % cols) * w, (i // cols) * h))
     return grid
-
-
-def model_hash(path: str | os.PathLike, length: int = 10) -> str:
-    """The first ``length`` hex digits of the file's sha256 (the UIs' "Model hash")."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:length]

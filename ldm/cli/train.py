@@ -27,8 +27,8 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import CheckpointError, atomic_write
 from ldm.config import CONFIG_DIR, ConfigError, check_config, get_obj_from_str, instantiate_from_config, load_config, to_plain
+from ldm.io import CheckpointError, atomic_write
 
 log = logging.getLogger("ldm.train")
 

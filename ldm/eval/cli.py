@@ -23,7 +23,7 @@ import torch
 from ldm.data.shapes import ShapesDataset, positive_int
 from ldm.diffusion.samplers import get_sampler
 from ldm.eval.geneval import evaluate, format_report, make_eval_prompts
-from ldm.eval.metrics import psnr, ssim
+from ldm.metrics import psnr, ssim
 
 __all__ = ["main", "build_parser", "run_geneval", "run_recon"]
 
@@ -69,7 +69,11 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
         from ldm.pipeline import Text2Image  # lazy: the pipeline pulls in the whole model stack
     except ImportError as e:
         raise SystemExit(f"cannot import the generation pipeline ldm.pipeline ({e}); check the installation")
-    return Text2Image.from_checkpoint(args.ckpt, config=args.config, device=args.device)
+    try:
+        return Text2Image.from_checkpoint(args.ckpt, config=args.config, device=args.device)
+    except (ValueError, OSError) as e:  # CheckpointError, ConfigError, unreadable files: one line
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"python -m ldm.eval: error: {message}")
 
 
 def run_geneval(args: argparse.Namespace) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.checkpoint import read_state_dict
+from ldm.io import check_state_dict, read_state_dict
 
 __all__ = [
     "Encoder",
@@ -33,7 +33,6 @@ __all__ = [
     "Upsample",
     "DiagonalGaussianDistribution",
     "AutoencoderKL",
-    "load_state_dict_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -319,15 +318,7 @@ class DiagonalGaussianDistribution:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoint files: read by ldm.checkpoint (format from the bytes, weights_only pickles), checked here
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors / ``.ckpt`` file on the CPU (a ``{"state_dict": ...}`` wrapper unwrapped).
-
-    Raises :class:`ldm.checkpoint.CheckpointError` (a ValueError) for a missing, unknown or unsafe file.
-    """
-    return read_state_dict(path)[0]
-
+# Checkpoint files: read and checked by ldm.io (format from the bytes, weights_only pickles, strict names)
 
 def _select_first_stage(sd: dict[str, torch.Tensor], ignore_keys: Iterable[str]) -> dict[str, torch.Tensor]:
     """Keep the autoencoder's entries: strip ``first_stage_model.`` (full LDM files), drop ``loss.*`` and
@@ -342,14 +333,10 @@ def _select_first_stage(sd: dict[str, torch.Tensor], ignore_keys: Iterable[str])
     ignore_keys = tuple(ignore_keys)
     dropped = [k for k in sd if ignore_keys and k.startswith(ignore_keys)]
     if dropped:
-        logger.info("ignore_keys drops %d entries: %s", len(dropped), _describe(dropped))
+        logger.info("ignore_keys drops %d entries: %s%s", len(dropped), ", ".join(dropped[:3]),
+                    f" (+{len(dropped) - 3} more)" if len(dropped) > 3 else "")
     drop = set(dropped) | set(loss_keys)
     return {k: v for k, v in sd.items() if k not in drop}
-
-
-def _describe(keys: list[str]) -> str:
-    more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-    return ", ".join(keys[:3]) + more
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -449,18 +436,9 @@ class AutoencoderKL(nn.Module):
 
     def init_from_ckpt(self, path: str | os.PathLike, ignore_keys: Iterable[str] = ()) -> None:
         """Load weights strictly from a VAE or full LDM file; missing, unexpected or mis-shaped keys raise."""
-        sd = _select_first_stage(load_state_dict_file(path), ignore_keys)
-        own = self.state_dict()
-        missing = [k for k in own if k not in sd]
-        unexpected = [k for k in sd if k not in own]
-        if missing or unexpected:
-            parts = [f"missing {_describe(missing)}" if missing else "",
-                     f"unexpected {_describe(unexpected)}" if unexpected else ""]
-            raise ValueError(f"{path} does not match the autoencoder: {'; '.join(p for p in parts if p)}; "
-                             "check ddconfig/embed_dim or pass ignore_keys")
-        bad = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if sd[k].shape != v.shape]
-        if bad:
-            raise ValueError(f"{path} has wrong shapes (file vs model): {_describe(bad)}; check ddconfig/embed_dim")
+        sd = _select_first_stage(read_state_dict(path)[0], ignore_keys)
+        check_state_dict(self.state_dict(), sd, str(path), target="the autoencoder",
+                         fix="check ddconfig/embed_dim or pass ignore_keys")
         self.load_state_dict(sd, strict=True)
         logger.info("loaded autoencoder weights from %s", path)
 

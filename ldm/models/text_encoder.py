@@ -6,8 +6,8 @@
 
 Only the text tower is built (never the vision tower, never a download). Its state dict is
 ``model.<open_clip CLIP text names>``, i.e. exactly SD2's ``cond_stage_model.model.*`` entries; SD1's
-transformers-named weights are mapped onto it by :func:`convert_hf_clip_text_state_dict` (and back by
-:func:`to_hf_clip_text_state_dict`). Tiny architectures for tests and the demo model live in
+transformers-named weights are mapped onto it by :mod:`ldm.convert` (``convert_hf_clip_text_state_dict``,
+and back by ``to_hf_clip_text_state_dict``). Tiny architectures for tests and the demo model live in
 ``text_archs/*.json`` (open_clip's own config format) and are registered with ``open_clip.add_model_config``.
 """
 from __future__ import annotations
@@ -16,8 +16,6 @@ import functools
 import logging
 import math
 import os
-import re
-from collections import defaultdict
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -29,14 +27,12 @@ from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 from torch import nn
 from torch.nn import functional as F
 
-from ldm.checkpoint import read_state_dict
+from ldm.io import CheckpointError, check_state_dict, read_state_dict
 
 __all__ = [
     "OpenCLIPTextEncoder",
     "register_text_archs",
     "text_arch_config",
-    "convert_hf_clip_text_state_dict",
-    "to_hf_clip_text_state_dict",
 ]
 
 logger = logging.getLogger(__name__)
@@ -183,8 +179,9 @@ class OpenCLIPTextEncoder(nn.Module):
         freeze: eval mode and no gradients, kept by ``train()``. With ``freeze=False`` everything the forward
             uses is trainable; the skipped blocks, ``text_projection`` and ``logit_scale`` stay frozen so
             that DDP sees no unused parameters.
-        ckpt_path: local weights file (safetensors or torch pickle) in this module's names, open_clip CLIP
-            names (``visual.*`` ignored) or transformers CLIP text names.
+        ckpt_path: local weights file (safetensors or torch pickle) in this module's names or open_clip CLIP
+            names (``visual.*`` ignored); a transformers CLIP file loads with
+            ``ldm.convert.load_text_encoder_weights``.
         long_prompts: "truncate" cuts prompts longer than ``max_length`` (with a warning); "chunk" encodes
             them as several ``max_length`` windows of ``max_length - 2`` tokens each, concatenated along the
             sequence axis (all prompts of a batch padded with empty windows to the same count).
@@ -298,126 +295,28 @@ class OpenCLIPTextEncoder(nn.Module):
 
     # --- weights ---
 
-    def load_weights(self, path: str | os.PathLike) -> None:
-        """Load text weights from ``path`` strictly; a one-line ValueError lists what does not fit.
+    def load_weights(self, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
+        """Load text weights strictly from a file or a state dict; a one-line CheckpointError lists what does
+        not fit.
 
-        The file is read by :func:`ldm.checkpoint.read_state_dict` (format from its bytes, pickles only with
-        ``weights_only``); its names may be this module's, open_clip CLIP's or transformers CLIP text's.
+        A file is read by :func:`ldm.io.read_state_dict` (format from its bytes, pickles only with
+        ``weights_only``); its names may be this module's (``model.*``) or open_clip CLIP's (``visual.*`` is left
+        out). transformers CLIP names are converted by ``ldm.convert.load_text_encoder_weights``.
         """
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"text encoder weights not found: {path} (check ckpt_path)")
-        state = _to_encoder_names(read_state_dict(path)[0])
-        expected = {k: v.shape for k, v in self.state_dict().items()}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(shape)}" for k, shape in expected.items()
-                      if k in state and state[k].shape != shape]
-        if missing or unexpected or mismatched:
-            problems = [f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-                        for label, keys in (("missing", missing), ("unexpected", unexpected),
-                                            ("shape mismatch file vs model", mismatched)) if keys]
-            raise ValueError(f"{path} does not fit text encoder {self.arch} (width {self.width}, "
-                             f"{self.num_layers} blocks, projection={'model.text_projection' in expected}): "
-                             f"{'; '.join(problems)}; pick the arch/projection the file was made for")
+        if isinstance(source, Mapping):
+            state, name = dict(source), "state dict"
+        else:
+            if not os.path.isfile(source):
+                raise FileNotFoundError(f"text encoder weights not found: {source} (check ckpt_path)")
+            state, name = read_state_dict(source)[0], str(source)
+        if any(k.endswith("embeddings.token_embedding.weight") for k in state):
+            raise CheckpointError(f"{name} holds transformers CLIP names (text_model.*): load it with "
+                                  "ldm.convert.load_text_encoder_weights(encoder, path)")
+        if not any(k.startswith("model.") for k in state):  # open_clip CLIP names
+            state = {f"model.{k}": v for k, v in state.items() if not k.startswith("visual.")}
+        check_state_dict(self.state_dict(), state, name,
+                         target=f"text encoder {self.arch} (width {self.width}, {self.num_layers} blocks, "
+                                f"projection={'model.text_projection' in self.state_dict()})",
+                         fix="pick the arch/projection the file was made for")
         self.load_state_dict(state, strict=True)
-        logger.info("loaded %d text encoder tensors from %s", len(state), path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# State dicts: open_clip and transformers names
-# ----------------------------------------------------------------------------------------------------------
-
-def _to_encoder_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Own names (``model.*``) pass; open_clip CLIP names gain ``model.``; transformers names are converted."""
-    if any(k.startswith("model.") for k in state):
-        return dict(state)
-    if any(k.endswith("embeddings.token_embedding.weight") for k in state):
-        text = {k: v for k, v in state.items() if k.startswith(("text_model.", "embeddings.", "encoder.",
-                                                                 "final_layer_norm."))}
-        return convert_hf_clip_text_state_dict(text)
-    return {f"model.{k}": v for k, v in state.items() if not k.startswith("visual.")}
-
-
-_HF_TOP = {
-    "embeddings.token_embedding.weight": "token_embedding.weight",
-    "embeddings.position_embedding.weight": "positional_embedding",
-    "final_layer_norm.weight": "ln_final.weight",
-    "final_layer_norm.bias": "ln_final.bias",
-}
-_HF_BLOCK = {
-    "self_attn.out_proj": "attn.out_proj",
-    "layer_norm1": "ln_1",
-    "layer_norm2": "ln_2",
-    "mlp.fc1": "mlp.c_fc",
-    "mlp.fc2": "mlp.c_proj",
-}
-_HF_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
-_HF_LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
-_OWN_BLOCK_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)")
-_OWN_IN_PROJ_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)")
-
-
-def convert_hf_clip_text_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers ``CLIPTextModel`` weights -> this encoder's names (``model.*``).
-
-    Keys are relative to the text model: ``text_model.encoder.layers.0.mlp.fc1.weight`` or
-    ``encoder.layers.0.mlp.fc1.weight`` (strip SD1's ``cond_stage_model.transformer.`` prefix first).
-    ``embeddings.position_ids`` is dropped; q/k/v projections are concatenated into ``in_proj_*`` [q; k; v].
-    """
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, value in sd.items():
-        name = key.removeprefix("text_model.")
-        if name == "embeddings.position_ids":
-            continue
-        if name in _HF_TOP:
-            out[f"model.{_HF_TOP[name]}"] = value
-            continue
-        match = _HF_LAYER_KEY.fullmatch(name)
-        module = match and match.group(2)
-        if module in _HF_QKV:
-            qkv[(match.group(1), match.group(3))][_HF_QKV[module]] = value
-        elif module in _HF_BLOCK:
-            out[f"model.transformer.resblocks.{match.group(1)}.{_HF_BLOCK[module]}.{match.group(3)}"] = value
-        else:
-            raise ValueError(f"unexpected transformers CLIP text key {key!r}: pass text_model.* keys without "
-                             f"the 'cond_stage_model.transformer.' prefix")
-    for (layer, kind), parts in sorted(qkv.items()):
-        if len(parts) != 3:
-            raise ValueError(f"layer {layer} {kind}: only {sorted(parts)} of q/k/v projections given: "
-                             f"pass all three")
-        out[f"model.transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
-            [parts["q"], parts["k"], parts["v"]])
-    return out
-
-
-def to_hf_clip_text_state_dict(sd: Mapping[str, torch.Tensor],
-                               position_ids: bool = True) -> dict[str, torch.Tensor]:
-    """This encoder's weights -> transformers ``CLIPTextModel`` names (``text_model.*``).
-
-    Input keys are this module's (``model.*``) or open_clip's CLIP text names. Output keys are relative: prefix
-    them with ``cond_stage_model.transformer.`` for an SD1 file. With ``position_ids`` the
-    ``embeddings.position_ids`` buffer [1, context] (int64) that SD1 files carry is added.
-    """
-    top = {ours: hf for hf, ours in _HF_TOP.items()}
-    block = {ours: hf for hf, ours in _HF_BLOCK.items()}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        name = key.removeprefix("model.")
-        in_proj = _OWN_IN_PROJ_KEY.fullmatch(name)
-        other = _OWN_BLOCK_KEY.fullmatch(name)
-        if name in top:
-            out[f"text_model.{top[name]}"] = value
-        elif in_proj:
-            prefix = f"text_model.encoder.layers.{in_proj.group(1)}.self_attn"
-            for proj, part in zip("qkv", value.chunk(3, dim=0)):
-                out[f"{prefix}.{proj}_proj.{in_proj.group(2)}"] = part.clone()  # no shared storage
-        elif other and other.group(2) in block:
-            out[f"text_model.encoder.layers.{other.group(1)}.{block[other.group(2)]}.{other.group(3)}"] = value
-        else:
-            raise ValueError(f"{key!r} has no place in the transformers CLIPTextModel layout: export an "
-                             f"encoder built with projection=False (SD1) and pass its state_dict()")
-    if position_ids and "text_model.embeddings.position_embedding.weight" in out:
-        count = out["text_model.embeddings.position_embedding.weight"].shape[0]
-        out["text_model.embeddings.position_ids"] = torch.arange(count, dtype=torch.long).unsqueeze(0)
-    return out
+        logger.info("loaded %d text encoder tensors from %s", len(state), name)

@@ -122,7 +122,7 @@ class AutoencoderKLModule(AutoencoderKL, TrainingModuleMixin, pl.LightningModule
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """Reconstructions from the posterior mode: deterministic val/rec_loss, val/psnr, ..."""
-        from ldm.eval.metrics import psnr
+        from ldm.metrics import psnr
 
         x = self.get_input(batch)
         reconstructions, posterior = self(x, sample_posterior=False)
@@ -203,7 +203,7 @@ class AutoencoderKLModule(AutoencoderKL, TrainingModuleMixin, pl.LightningModule
 
     def export(self, path: str | os.PathLike, dtype: torch.dtype | None = None) -> str:
         """Write :meth:`export_state_dict` with :meth:`inference_config` (safetensors unless .ckpt/.pt)."""
-        from ldm.checkpoint import save_checkpoint
+        from ldm.io import save_checkpoint
 
         out = save_checkpoint(self.export_state_dict(), path, config=self.inference_config(), dtype=dtype)
         log.info("exported the autoencoder to %s", out)

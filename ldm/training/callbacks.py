@@ -25,8 +25,9 @@ from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelChec
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
-from ldm.checkpoint import atomic_write, read_state_dict, save_checkpoint
 from ldm.config import get_obj_from_str
+from ldm.convert import check_stored_config
+from ldm.io import atomic_write, read_state_dict, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ def export_from_checkpoint(ckpt: str | os.PathLike, path: str | os.PathLike, *, 
         raise ValueError(f"{ckpt} stores no config (ldm_config); was it written by train.py?")
     config = json.loads(meta["config"])
     node = config.get("model", config)
+    check_stored_config(node, str(ckpt))  # the file's config is data: only the project's own classes
     cls = get_obj_from_str(node["target"], "model")
     out = cls.export_weights(sd, use_ema=use_ema, include_ema=include_ema)
     return _write_export(out, path, cls.export_config(node), fp16, {k: v for k, v in meta.items() if k != "config"})

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.io import check_state_dict, read_state_dict
+
 __all__ = ["LPIPS", "NLayerDiscriminator", "ActNorm", "LPIPSWithDiscriminator", "adopt_weight",
            "hinge_d_loss", "vanilla_d_loss"]
 
@@ -117,20 +119,18 @@ class LPIPS(nn.Module):
             log.warning("perceptual_ckpt %s has no LPIPS linear heads (lin0..lin4): using uniform channel "
                         "weights; add lpips' weights/v0.1/vgg.pth to perceptual_ckpt for real LPIPS", paths)
             found.update({k: torch.ones_like(own[k]) for k in lin_keys})
-        bad = [f"{k} {tuple(found[k].shape)} vs {tuple(own[k].shape)}" for k in own if found[k].shape != own[k].shape]
-        if bad:
-            raise ValueError(f"perceptual_ckpt {paths} has wrong shapes (file vs VGG16/LPIPS): {bad[0]}")
-        self.load_state_dict({k: found[k] for k in own}, strict=True)
+        state = {k: found[k] for k in own}
+        check_state_dict(own, state, f"perceptual_ckpt {paths}", target="VGG16/LPIPS",
+                         fix="give torchvision's vgg16 state dict and lpips' weights/v0.1/vgg.pth")
+        self.load_state_dict(state, strict=True)
         log.info("LPIPS weights loaded from %s", paths)
 
     @staticmethod
     def _collect(paths: list) -> dict[str, torch.Tensor]:
         """Keys of all files mapped to this module's names (``net.N.*``, ``lins.K.model.1.weight``)."""
-        from ldm.models.autoencoder import load_state_dict_file
-
         found: dict[str, torch.Tensor] = {}
         for path in paths:
-            for key, value in load_state_dict_file(path).items():
+            for key, value in read_state_dict(path)[0].items():
                 if m := _VGG_KEY.search(key):
                     found[f"net.{m.group(1)}.{m.group(2)}"] = value
                 elif m := _LIN_KEY.search(key):

@@ -1,4 +1,4 @@
-"""Reconstruction metrics: PSNR and SSIM, in plain torch.
+"""Image metrics: PSNR and SSIM, in plain torch (the autoencoder's validation and :mod:`ldm.eval` use them).
 
 Inputs are image tensors ``[B, C, H, W]`` (or one image ``[C, H, W]``) in ``value_range``, by default
 ``(-1, 1)`` — the model's pixel convention; pass ``value_range=(0, 1)`` for [0, 1] images. Both are

@@ -1,0 +1,116 @@
+"""What model a checkpoint holds: its stored config (data, checked against an allow-list), else SD v1 / v2 from
+the tensors' shapes.
+
+A config stored in a file someone else made is data, never code: every ``target`` in it must name one of the
+project's own model classes (:data:`STORED_TARGET_MODULES`), checked for the whole tree before anything is built.
+A YAML config the user passes (``--config``) is code and is not checked here.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from typing import Any, Mapping
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+
+from ldm.config import CONFIG_DIR, load_config
+from ldm.convert.layouts import SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, UNET_PREFIX
+from ldm.io import CheckpointError
+
+__all__ = ["STORED_TARGET_MODULES", "STORED_TARGETS", "check_stored_config", "infer_config"]
+
+log = logging.getLogger(__name__)
+
+# module -> the base class a stored target there must subclass (and be defined in that module)
+STORED_TARGET_MODULES: dict[str, type] = {
+    "ldm.model": nn.Module,
+    "ldm.models.unet": nn.Module,
+    "ldm.models.autoencoder": nn.Module,
+    "ldm.models.text_encoder": nn.Module,
+    "ldm.models.conditioner": nn.Module,
+    # training run configs (Lightning .ckpt files): built as the plain model at inference
+    "ldm.training.latent_diffusion": nn.Module,
+    "ldm.training.autoencoder": nn.Module,
+    "ldm.training.losses": nn.Module,
+    "ldm.training.lr": object,
+}
+# single classes allowed from elsewhere (the original configs' placeholder loss)
+STORED_TARGETS = frozenset({"torch.nn.Identity"})
+
+
+def _target_nodes(node: Any, path: str):
+    """Every (key path, target) in a config tree, depth first."""
+    if isinstance(node, (Mapping, DictConfig)):
+        if "target" in node:
+            yield f"{path}.target", node["target"]
+        for key, value in node.items():
+            if key != "target":
+                yield from _target_nodes(value, f"{path}.{key}")
+    elif isinstance(node, (list, tuple, ListConfig)):
+        for i, value in enumerate(node):
+            yield from _target_nodes(value, f"{path}.{i}")
+
+
+def _refuse(source: str, key: str, target: Any, why: str) -> CheckpointError:
+    return CheckpointError(f"{source}: stored config {key} = {str(target)[:120]!r} is refused ({why}); a stored "
+                           "config may only name the project's own model classes: pass a trusted --config")
+
+
+def check_stored_config(node: Any, source: str = "checkpoint", path: str = "model") -> None:
+    """Refuse a stored config unless every ``target`` in it is one of the project's model classes.
+
+    All names are checked as strings before any module is imported; only then are the (allowed) modules
+    imported to check that the name is a class defined there (an ``nn.Module`` for the model modules).
+    """
+    targets = list(_target_nodes(node, path))
+    for key, target in targets:
+        if not isinstance(target, str) or target.count(".") < 1:
+            raise _refuse(source, key, target, "not a dotted class name")
+        module, _, name = target.rpartition(".")
+        if target not in STORED_TARGETS and (module not in STORED_TARGET_MODULES or not name.isidentifier()
+                                             or name.startswith("_")):
+            raise _refuse(source, key, target, "not one of the project's model classes")
+    for key, target in targets:
+        if target in STORED_TARGETS:
+            continue
+        module, _, name = target.rpartition(".")
+        obj = getattr(importlib.import_module(module), name, None)
+        base = STORED_TARGET_MODULES[module]
+        if not (isinstance(obj, type) and issubclass(obj, base) and obj.__module__ == module):
+            raise _refuse(source, key, target, f"not a {base.__name__} class defined in {module}")
+
+
+def infer_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None = None,
+                 parameterization: str | None = None, source: str = "checkpoint") -> DictConfig:
+    """The config of a checkpoint: its stored JSON config (checked by :func:`check_stored_config`), else SD v1 / v2
+    from the tensors' shapes."""
+    if meta and meta.get("config"):
+        try:
+            stored = json.loads(meta["config"])
+        except ValueError as e:
+            raise CheckpointError(f"{source}: the stored config is not valid JSON ({e})") from e
+        if not isinstance(stored, dict):
+            raise CheckpointError(f"{source}: the stored config is not a mapping; pass --config")
+        check_stored_config(stored.get("model", stored), source, "model" if "model" in stored else "config")
+        cfg = OmegaConf.create(stored)
+    else:
+        if any(k.startswith(SD1_TEXT_PREFIX) for k in sd):
+            name = "v1-inference.yaml"
+        elif any(k.startswith(SD2_TEXT_PREFIX) for k in sd):
+            name = "v2-inference-v.yaml" if parameterization == "v" else "v2-inference.yaml"
+        else:
+            raise CheckpointError(f"cannot tell the architecture of {source} (no text encoder weights and no "
+                                  "stored config); pass --config")
+        cfg = load_config(CONFIG_DIR / "sd" / name)
+        w = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
+        if w is not None and w.shape[1] != cfg.model.params.unet_config.params.in_channels:
+            # an inpainting (9-channel) UNet: mask + masked-image latents are concatenated to the input
+            cfg.model.params.unet_config.params.in_channels = int(w.shape[1])
+            cfg.model.params.conditioning_key = "hybrid"
+        log.info("architecture inferred from the checkpoint: configs/sd/%s", name)
+    if parameterization is not None:
+        cfg.model.params.parameterization = parameterization
+    return cfg

@@ -1,0 +1,190 @@
+"""State-dict layouts: the names a file uses -> the names of this project's modules, and back.
+
+- :func:`normalize_state_dict`: a full SD-layout file (v1 or v2, with or without ``model_ema.*``) onto
+  ``LatentDiffusion``'s names.
+- :func:`convert_hf_clip_text_state_dict` / :func:`to_hf_clip_text_state_dict`: SD1's OpenAI CLIP text model in
+  transformers naming (``cond_stage_model.transformer.text_model.*``) <-> the OpenCLIP text tower of
+  :class:`ldm.models.text_encoder.OpenCLIPTextEncoder` (``model.*``).
+- :func:`text_encoder_state_dict`: any text-encoder file (this encoder's, open_clip CLIP's or transformers CLIP's
+  names) onto the encoder's names.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from typing import Mapping
+
+import torch
+
+from ldm.ema import ema_name
+from ldm.io import CheckpointError, materialize
+
+__all__ = [
+    "SD1_TEXT_PREFIX",
+    "SD2_TEXT_PREFIX",
+    "UNET_PREFIX",
+    "EMA_PREFIX",
+    "normalize_state_dict",
+    "convert_hf_clip_text_state_dict",
+    "to_hf_clip_text_state_dict",
+    "text_encoder_state_dict",
+]
+
+log = logging.getLogger(__name__)
+
+SD1_TEXT_PREFIX = "cond_stage_model.transformer."
+SD2_TEXT_PREFIX = "cond_stage_model.model."
+UNET_PREFIX = "model.diffusion_model."
+EMA_PREFIX = "model_ema."
+_IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",
+                 "cond_stage_model.transformer.embeddings.position_ids")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the full model
+# ---------------------------------------------------------------------------------------------------------
+
+def normalize_state_dict(sd: Mapping[str, torch.Tensor], *, use_ema: bool = False,
+                         has_ema_module: bool = False) -> dict[str, torch.Tensor]:
+    """Map a full SD-layout state dict onto ``LatentDiffusion``'s names.
+
+    - SD1 text encoder keys (transformers naming, with or without ``text_model.``) become the OpenCLIP tower's.
+    - ``model_ema.*``: with ``use_ema`` the EMA weights replace ``model.diffusion_model.*``; kept as they are when
+      the model has an EMA module (training); otherwise dropped.
+    """
+    out: dict[str, torch.Tensor] = {}
+    sd1_text: dict[str, torch.Tensor] = {}
+    ema: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if k in _IGNORED_KEYS:
+            continue
+        if k.startswith(SD1_TEXT_PREFIX):
+            sd1_text[k[len(SD1_TEXT_PREFIX):]] = v
+        elif k.startswith(EMA_PREFIX):
+            ema[k[len(EMA_PREFIX):]] = v
+        else:
+            out[k] = v
+    if sd1_text:
+        sd1_text = {k: materialize(v) for k, v in sd1_text.items()}
+        for k, v in convert_hf_clip_text_state_dict(sd1_text).items():
+            out["cond_stage_model." + k] = v
+    if ema:
+        if has_ema_module:
+            out.update({EMA_PREFIX + k: v for k, v in ema.items()})
+        elif use_ema:
+            unet_keys = [k for k in out if k.startswith(UNET_PREFIX)]
+            missing = []
+            for k in unet_keys:
+                s_name = ema_name(k[len("model."):])
+                if s_name in ema:
+                    out[k] = ema[s_name]
+                else:
+                    missing.append(k)
+            if missing:
+                raise CheckpointError(f"EMA weights are incomplete ({len(missing)} UNet tensors have none, e.g. "
+                                      f"{missing[0]}); load without EMA (--no-ema)")
+    elif use_ema and has_ema_module is False:
+        log.info("checkpoint has no separate EMA weights; using the weights it has")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the text encoder: open_clip and transformers names
+# ---------------------------------------------------------------------------------------------------------
+
+def text_encoder_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Own names (``model.*``) pass; open_clip CLIP names gain ``model.``; transformers names are converted
+    (``vision_model.*`` / ``visual.*`` of a full CLIP file are left out)."""
+    if any(k.startswith("model.") for k in state):
+        return dict(state)
+    if any(k.endswith("embeddings.token_embedding.weight") for k in state):
+        text = {k: v for k, v in state.items() if k.startswith(("text_model.", "embeddings.", "encoder.",
+                                                                 "final_layer_norm."))}
+        return convert_hf_clip_text_state_dict(text)
+    return {f"model.{k}": v for k, v in state.items() if not k.startswith("visual.")}
+
+
+_HF_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_HF_BLOCK = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+_HF_QKV = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v"}
+_HF_LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_OWN_BLOCK_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)")
+_OWN_IN_PROJ_KEY = re.compile(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)")
+
+
+def convert_hf_clip_text_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers ``CLIPTextModel`` weights -> this encoder's names (``model.*``).
+
+    Keys are relative to the text model: ``text_model.encoder.layers.0.mlp.fc1.weight`` or
+    ``encoder.layers.0.mlp.fc1.weight`` (strip SD1's ``cond_stage_model.transformer.`` prefix first).
+    ``embeddings.position_ids`` is dropped; q/k/v projections are concatenated into ``in_proj_*`` [q; k; v].
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in sd.items():
+        name = key.removeprefix("text_model.")
+        if name == "embeddings.position_ids":
+            continue
+        if name in _HF_TOP:
+            out[f"model.{_HF_TOP[name]}"] = value
+            continue
+        match = _HF_LAYER_KEY.fullmatch(name)
+        module = match and match.group(2)
+        if module in _HF_QKV:
+            qkv[(match.group(1), match.group(3))][_HF_QKV[module]] = value
+        elif module in _HF_BLOCK:
+            out[f"model.transformer.resblocks.{match.group(1)}.{_HF_BLOCK[module]}.{match.group(3)}"] = value
+        else:
+            raise ValueError(f"unexpected transformers CLIP text key {key!r}: pass text_model.* keys without "
+                             f"the 'cond_stage_model.transformer.' prefix")
+    for (layer, kind), parts in sorted(qkv.items()):
+        if len(parts) != 3:
+            raise ValueError(f"layer {layer} {kind}: only {sorted(parts)} of q/k/v projections given: "
+                             f"pass all three")
+        out[f"model.transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
+            [parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def to_hf_clip_text_state_dict(sd: Mapping[str, torch.Tensor],
+                               position_ids: bool = True) -> dict[str, torch.Tensor]:
+    """This encoder's weights -> transformers ``CLIPTextModel`` names (``text_model.*``).
+
+    Input keys are this module's (``model.*``) or open_clip's CLIP text names. Output keys are relative: prefix
+    them with ``cond_stage_model.transformer.`` for an SD1 file. With ``position_ids`` the
+    ``embeddings.position_ids`` buffer [1, context] (int64) that SD1 files carry is added.
+    """
+    top = {ours: hf for hf, ours in _HF_TOP.items()}
+    block = {ours: hf for hf, ours in _HF_BLOCK.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        name = key.removeprefix("model.")
+        in_proj = _OWN_IN_PROJ_KEY.fullmatch(name)
+        other = _OWN_BLOCK_KEY.fullmatch(name)
+        if name in top:
+            out[f"text_model.{top[name]}"] = value
+        elif in_proj:
+            prefix = f"text_model.encoder.layers.{in_proj.group(1)}.self_attn"
+            for proj, part in zip("qkv", value.chunk(3, dim=0)):
+                out[f"{prefix}.{proj}_proj.{in_proj.group(2)}"] = part.clone()  # no shared storage
+        elif other and other.group(2) in block:
+            out[f"text_model.encoder.layers.{other.group(1)}.{block[other.group(2)]}.{other.group(3)}"] = value
+        else:
+            raise ValueError(f"{key!r} has no place in the transformers CLIPTextModel layout: export an "
+                             f"encoder built with projection=False (SD1) and pass its state_dict()")
+    if position_ids and "text_model.embeddings.position_embedding.weight" in out:
+        count = out["text_model.embeddings.position_embedding.weight"].shape[0]
+        out["text_model.embeddings.position_ids"] = torch.arange(count, dtype=torch.long).unsqueeze(0)
+    return out

@@ -1,0 +1,275 @@
+"""Weights I/O that knows no model: read and write ``.safetensors`` / ``.ckpt`` files safely.
+
+- The format is decided from the file's first bytes, never its name.
+- ``.safetensors`` files are read by the ``safetensors`` library (every check of the format: offsets, byte counts,
+  dtypes), lazily when asked: one tensor at a time.
+- ``.ckpt`` (pickle) files are read with ``torch.load(weights_only=True)`` only: a pickle that tries to run code
+  is refused and nothing of it runs.
+- :func:`check_state_dict` is the one strict check every loader runs: anything missing, unexpected or of the wrong
+  shape is listed in one line.
+- Files are written atomically (temporary file + rename), safetensors by default, with the config stored as plain
+  JSON metadata. A stored config is data: :mod:`ldm.convert` builds it only from the project's own classes.
+
+The models may import this module; layouts, architecture inference and model building live in :mod:`ldm.convert`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ldm.config import to_plain
+
+__all__ = [
+    "CheckpointError",
+    "LazyTensor",
+    "atomic_write",
+    "check_state_dict",
+    "detect_format",
+    "materialize",
+    "model_hash",
+    "read_state_dict",
+    "save_checkpoint",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint problem: one line that names the file, what is wrong and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------------------
+
+def detect_format(path: str | os.PathLike) -> str:
+    """'safetensors', 'zip' (torch.save) or 'pickle' (legacy torch.save), from the file's first bytes."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path} (check the --ckpt path)")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 9:  # before the pickle test: a header length of 128 + 256 k also starts with 0x80
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and 0 < n <= size - 8:
+            return "safetensors"
+    if head[:1] == b"\x80":
+        return "pickle"
+    if size < 16:
+        raise CheckpointError(f"{path} is empty or truncated ({size} bytes); re-download or re-export it")
+    raise CheckpointError(f"{path} is neither a safetensors nor a PyTorch checkpoint (unrecognised first bytes)")
+
+
+def _safe_globals() -> list:
+    """Harmless types that real SD .ckpt files carry besides tensors (numpy scalars in callback states)."""
+    allowed = []
+    try:
+        import numpy as np
+        allowed += [np.dtype, np.ndarray]
+        try:
+            allowed.append(np._core.multiarray.scalar)  # numpy >= 2
+        except AttributeError:  # pragma: no cover - numpy 1.x
+            allowed.append(np.core.multiarray.scalar)
+        allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32")]
+    except ImportError:  # pragma: no cover
+        pass
+    import codecs
+    allowed.append(codecs.encode)
+    return allowed
+
+
+class LazyTensor:
+    """One tensor of a safetensors file: its shape now, its values on :meth:`load`.
+
+    All tensors of one file share one ``safe_open`` handle (the file is checked once, when it is opened);
+    ``load`` copies one tensor out of the memory-mapped file, so loading a model tensor by tensor never holds a
+    second copy of the weights beside the model (the mapped pages are the file's cache, not a copy).
+    """
+
+    __slots__ = ("path", "key", "shape", "_handle")
+
+    def __init__(self, path: Path, key: str, handle: Any):
+        self.path, self.key, self._handle = path, key, handle
+        self.shape = torch.Size(handle.get_slice(key).get_shape())
+
+    def load(self) -> torch.Tensor:
+        try:
+            return self._handle.get_tensor(self.key)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {self.key} ({_first_line(e)}); "
+                                  "re-download or re-export the file") from e
+
+
+def materialize(value: torch.Tensor | LazyTensor) -> torch.Tensor:
+    return value.load() if isinstance(value, LazyTensor) else value
+
+
+def _read_safetensors(path: Path, lazy: bool) -> tuple[dict, dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        meta = dict(handle.metadata() or {})
+        keys = list(handle.keys())
+        if lazy:
+            return {k: LazyTensor(path, k, handle) for k in keys}, meta
+        with handle:
+            return {k: handle.get_tensor(k) for k in keys}, meta
+    except Exception as e:  # SafetensorError: bad header, offsets, byte counts, truncation
+        raise CheckpointError(f"{path} is a corrupt or truncated safetensors file ({_first_line(e)}); "
+                              "re-download or re-export it") from e
+
+
+def read_state_dict(path: str | os.PathLike, *, lazy: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a checkpoint's tensors (``state_dict`` level unwrapped) and its string metadata.
+
+    With ``lazy`` a safetensors file's values are :class:`LazyTensor` s, read one at a time when loaded (so a
+    model loads with the memory of one tensor beside it, not of a second copy of the weights), and a torch zip
+    file is memory-mapped. A ``.ckpt``'s ``ldm_config`` becomes ``meta["config"]`` (JSON), as in safetensors.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        return _read_safetensors(path, lazy)
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            if lazy and fmt == "zip" and path.suffix != ".safetensors":
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            else:
+                # a file object, not the name: torch.load must not pick a reader from the file's extension
+                with open(path, "rb") as f:
+                    obj = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg, full = _first_line(e), str(e).lower()
+        if any(s in full for s in ("weights only", "weights_only", "unsupported global", "unpickl")):
+            raise CheckpointError(
+                f"refusing to load {path}: the pickle asks to run code or build objects that are not plain tensors "
+                f"({msg[:200]}); convert it to .safetensors from a trusted source") from e
+        raise CheckpointError(f"{path} is a corrupt or truncated checkpoint ({msg[:200]})") from e
+    meta: dict[str, str] = {}
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        for k in ("global_step", "epoch"):
+            if k in obj:
+                meta[k] = str(obj[k])
+        if isinstance(obj.get("ldm_config"), Mapping):
+            meta["config"] = json.dumps(obj["ldm_config"])
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors; is it a model checkpoint?")
+    return dict(obj), meta
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the one strict check
+# ---------------------------------------------------------------------------------------------------------
+
+def _listed(keys: list[str]) -> str:
+    return f"{', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+
+
+def check_state_dict(model_sd: Mapping[str, Any], ckpt_sd: Mapping[str, Any], source: str = "checkpoint", *,
+                     target: str = "the model",
+                     fix: str = "pass the matching --config (or strict=False to load what fits)") -> None:
+    """Raise CheckpointError unless ``ckpt_sd`` has exactly ``model_sd``'s names and shapes.
+
+    The one line lists the missing, unexpected and mis-shaped keys (first three of each, with counts) and ends
+    with ``fix``. Values may be tensors or :class:`LazyTensor` s (only shapes are read).
+    """
+    missing = [k for k in model_sd if k not in ckpt_sd]
+    unexpected = [k for k in ckpt_sd if k not in model_sd]
+    shapes = [f"{k} {tuple(ckpt_sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
+              for k in model_sd if k in ckpt_sd and tuple(ckpt_sd[k].shape) != tuple(model_sd[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+    parts = [f"{len(items)} {label} ({_listed(items)})"
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+             if items]
+    raise CheckpointError(f"{source} does not fit {target}: {'; '.join(parts)}; {fix}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing and hashing
+# ---------------------------------------------------------------------------------------------------------
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], Any]) -> None:
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``: a crash never leaves a half-written file.
+
+    The file gets the mode a plain ``open(path, "w")`` would give (0666 less the umask), not mkstemp's 0600.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, *, config: Any = None,
+                    metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write an SD-layout state dict. ``.safetensors`` unless the name ends in ``.ckpt``/``.pt``/``.pth``.
+
+    ``config`` (plain dict or DictConfig) is stored as JSON so the file loads without --config; ``dtype``
+    (e.g. torch.float16) casts floating-point tensors.
+    """
+    path = Path(path)
+    tensors = {}
+    for k, v in state_dict.items():
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        tensors[k] = v.contiguous().clone()
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    if config is not None:
+        meta["config"] = json.dumps(to_plain(config))
+    if path.suffix in (".ckpt", ".pt", ".pth"):
+        obj = {"state_dict": tensors}
+        if config is not None:
+            obj["ldm_config"] = to_plain(config)
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    else:
+        from safetensors.torch import save_file
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return path
+
+
+def model_hash(path: str | os.PathLike, length: int = 10) -> str:
+    """The first ``length`` hex digits of the file's sha256 (the UIs' "Model hash")."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
