@@ -1,11 +1,14 @@
 """Checkpoint file handling that needs no model: formats, safety, corruption, atomic writes."""
+import json
 import os
 import pickle
+import stat
+import struct
 
 import pytest
 import torch
 
-from ldm.io import CheckpointError, detect_format, read_state_dict, save_checkpoint
+from ldm.io import CheckpointError, detect_format, materialize, read_state_dict, save_checkpoint
 
 
 def _sd():
@@ -96,7 +99,7 @@ def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pic
 
 
 def test_lazy_read_equals_eager_and_catches_truncation(tmp_path):
-    from ldm.io import LazyTensor, materialize
+    from ldm.io import LazyTensor
 
     sd = dict(_sd(), bf=torch.randn(2, 3).to(torch.bfloat16), empty=torch.zeros(0, 4))
     path = save_checkpoint(sd, tmp_path / "m.safetensors", config={"a": 1})
@@ -111,3 +114,88 @@ def test_lazy_read_equals_eager_and_catches_truncation(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[:-8])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         read_state_dict(tmp_path / "cut.safetensors", lazy=True)
+
+
+# ---- malformed safetensors: every check of the format, one line each ---------------------------------------
+
+def _raw_safetensors(path, header: dict, data: bytes):
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+_TWO_FLOATS = struct.pack("<2f", 1.0, 2.0)
+
+
+@pytest.mark.parametrize("name,header,data", [
+    ("overlap", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, _TWO_FLOATS),
+    ("byte_count", {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, _TWO_FLOATS),
+    ("reversed", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, _TWO_FLOATS),
+    ("past_end", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, _TWO_FLOATS),
+    ("gap", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, _TWO_FLOATS),
+    ("dtype", {"a": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, _TWO_FLOATS),
+    ("shape", {"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, _TWO_FLOATS),
+])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_malformed_safetensors_give_one_line(tmp_path, name, header, data, lazy):
+    path = _raw_safetensors(tmp_path / f"{name}.safetensors", header, data)
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(path, lazy=lazy)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+
+
+def test_fuzzed_checkpoints_never_load_silently_or_crash(tmp_path):
+    """Random header edits, truncations and byte flips: each read gives a state dict or one CheckpointError line."""
+    import random
+
+    rng = random.Random(0)
+    good = save_checkpoint(_sd(), tmp_path / "good.safetensors", config={"a": 1})
+    data = good.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    torch.save({"state_dict": _sd()}, tmp_path / "good.ckpt")
+    pickled = (tmp_path / "good.ckpt").read_bytes()
+    for i in range(60):
+        kind = i % 4
+        if kind == 0:  # a plausible header with one field changed
+            h = json.loads(json.dumps(header))
+            entry = h[rng.choice([k for k in h if k != "__metadata__"])]
+            field = rng.choice(["dtype", "shape", "data_offsets"])
+            entry[field] = rng.choice([[rng.randint(-4, 200) for _ in range(rng.randint(0, 3))], "F16", "X", 7])
+            blob = _raw_safetensors(tmp_path / "f.safetensors", h, data[8 + n:]).read_bytes()
+        elif kind == 1:  # truncated anywhere
+            blob = data[:rng.randrange(len(data))]
+        elif kind == 2:  # bytes flipped in the header
+            blob = bytearray(data)
+            for _ in range(3):
+                blob[rng.randrange(8, 8 + n)] = rng.randrange(256)
+            blob = bytes(blob)
+        else:  # a pickle truncated or flipped
+            blob = bytearray(pickled[:rng.randrange(len(pickled))] if rng.random() < 0.5 else pickled)
+            if rng.random() < 0.5 and blob:
+                blob[rng.randrange(len(blob))] = rng.randrange(256)
+            blob = bytes(blob)
+        path = tmp_path / f"fuzz{i}.bin"
+        path.write_bytes(blob)
+        for lazy in (False, True):
+            try:
+                sd, _ = read_state_dict(path, lazy=lazy)
+                for v in sd.values():
+                    materialize(v)
+            except CheckpointError as e:
+                assert "\n" not in str(e)
+
+
+def test_atomic_write_gives_the_umask_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = save_checkpoint(_sd(), tmp_path / "m.safetensors")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        os.umask(0o022)
+        path = save_checkpoint(_sd(), tmp_path / "m.ckpt")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    finally:
+        os.umask(old)
