@@ -34,7 +34,7 @@ from PIL import Image
 from torch import nn
 
 from ldm.diffusion import samplers as _samplers
-from ldm.diffusion.guidance import CFGDenoiser
+from ldm.diffusion.guidance import CFGDenoiser, check_guidance_rescale
 from ldm.diffusion.inpaint import InpaintDenoiser, inpaint_concat_cond
 from ldm.diffusion.schedules import is_zero_terminal_snr
 
@@ -374,12 +374,9 @@ class _Pipeline:
             raise ValueError("no prompts given: pass a prompt string or a list of prompts")
         n = len(prompts)
         negatives = ["" if p is None else str(p) for p in _as_list(negative_prompts, n, "negative prompts")]
-        if not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"steps is {steps!r}: use at least 1 sampling step")
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance rescale {guidance_rescale} is outside [0, 1]: 0.7 is the paper's choice")
-        if eta is not None and eta < 0:
-            raise ValueError(f"eta {eta} is negative: use 0 (deterministic DDIM) to 1 (DDPM-like)")
+        steps = _samplers.check_steps(steps)
+        guidance_rescale = check_guidance_rescale(guidance_rescale)
+        eta = _samplers.check_eta(eta)
         batch_size = n if batch_size is None else int(batch_size)
         if batch_size < 1:
             raise ValueError(f"batch_size {batch_size} must be at least 1")
@@ -569,8 +566,7 @@ class Image2Image(_Pipeline):
         images = [_load_if_path(img) for img in _as_list(init_images, n, "init images")]
         if any(img is None for img in images):
             raise ValueError("init_images is missing: pass the image(s) to start from")
-        if not 0.0 < float(strength) <= 1.0:
-            raise ValueError(f"strength {strength} is outside (0, 1]: use e.g. 0.75 (1 = ignore the init image)")
+        strength = _samplers.check_strength(strength)
         width, height = self._size_from_image(images[0], height, width)
         mask_list = None if masks is None else [_load_if_path(m, "L") for m in _as_list(masks, n, "masks")]
         return self._request(prompts, negative_prompts, height, width, *rest, init_images=images,

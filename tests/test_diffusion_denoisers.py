@@ -135,7 +135,7 @@ def test_cfg_errors_are_clear():
             x, sigma, {"crossattn": torch.zeros(2, 1), "concat": torch.zeros(2, 1)})
     with pytest.raises(ValueError, match="uncond has batch 3 but x has batch 2"):
         CFGDenoiser(CountingDenoiser(), 2.0, torch.zeros(3, 1))(x, sigma, torch.zeros(2, 1))
-    with pytest.raises(ValueError, match="guidance rescale is 1.5"):
+    with pytest.raises(ValueError, match=r"guidance rescale 1.5 is outside \[0, 1\]"):
         CFGDenoiser(CountingDenoiser(), 2.0, None, rescale=1.5)
 
 

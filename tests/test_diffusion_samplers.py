@@ -1,5 +1,6 @@
 """Samplers against closed-form denoisers: ODE convergence order, sampling moments, seeds, registry."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -279,7 +280,7 @@ def test_img2img_schedule_and_noising():
     tail = SM.img2img_sigmas(sigmas, 0.5)
     torch.testing.assert_close(tail, sigmas[5:])
     assert len(SM.img2img_sigmas(sigmas, 0.01)) == 2  # at least one step
-    with pytest.raises(ValueError, match=r"strength is 0.0; use a value in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"strength 0.0 is outside \(0, 1\]"):
         SM.img2img_sigmas(sigmas, 0.0)
     x0 = torch.zeros(2, 3)
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
@@ -332,3 +333,16 @@ def test_zero_terminal_snr_v_model_with_trailing_schedule():
         out = SM.sample("DPM++ 2M", denoiser, noise, sigmas)
         assert abs(float(out.mean()) - GAUSS.mu) < 0.03
         assert abs(float(out.std()) / GAUSS.std - 1) < 0.05
+
+
+def test_range_checks_live_here_and_name_the_caller_s_flag():
+    assert SM.check_steps(np.int64(3)) == 3 and SM.check_eta(None) is None and SM.check_strength(1) == 1.0
+    for check, value, message in ((SM.check_steps, 0, "--steps is 0: use at least 1"),
+                                  (SM.check_steps, 2.5, "--steps is 2.5"),
+                                  (SM.check_eta, float("nan"), "--eta nan is not a number >= 0"),
+                                  (SM.check_strength, float("nan"), "--strength nan is outside (0, 1]")):
+        with pytest.raises(ValueError) as info:
+            check(value, message.split()[0])
+        assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="steps is 0"):
+        SM.build_sigmas("Euler", torch.linspace(0.99, 0.01, 1000), 0)

@@ -181,6 +181,10 @@ def _bad_inputs(tmp_path, ckpt):
         (["--steps", "0"], "--steps is 0: use at least 1"),
         (["--ddim_steps", "-3"], "--steps is -3"),
         (["--n_samples", "0"], "--n_samples is 0"),
+        (["--guidance-rescale", "1.5"], "--guidance-rescale 1.5 is outside [0, 1]"),
+        (["--guidance-rescale", "nan"], "--guidance-rescale nan is outside [0, 1]"),
+        (["--eta", "-1"], "--eta -1.0 is not a number >= 0"),
+        (["--eta", "inf"], "--eta inf is not a number >= 0"),
         (["--init-img", ckpt], "is not a readable image"),
     ]
 

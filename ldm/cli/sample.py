@@ -174,26 +174,36 @@ def _check_sampler(name: str) -> None:
                          "(--list-samplers shows the aliases)") from e
 
 
+def _owner_check(check, value, flag: str) -> None:
+    """The range check of the layer that owns the value (the sampler, the guidance), its error named by flag."""
+    try:
+        check(value, flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Every check that needs no model; raises UsageError (one line)."""
     if args.from_file is not None and args.prompt is not None:
         raise UsageError("--prompt and --from-file both given: use one of them")
-    for flag, value in (("--n_samples", args.n_samples), ("--n_iter", args.n_iter), ("--steps", args.steps)):
+    from ldm.diffusion.guidance import check_guidance_rescale
+    from ldm.diffusion.samplers import check_eta, check_steps, check_strength
+
+    for flag, value in (("--n_samples", args.n_samples), ("--n_iter", args.n_iter)):
         if value < 1:
             raise UsageError(f"{flag} is {value}: use at least 1")
+    _owner_check(check_steps, args.steps, "--steps")
     for flag, value in (("--H", args.H), ("--W", args.W)):
         if value is not None and (value < 8 or value % 8):
             raise UsageError(f"{flag} {value} is not a positive multiple of 8: use e.g. {max(8, value // 8 * 8)}")
-    if args.strength is not None and not 0.0 < args.strength <= 1.0:
-        raise UsageError(f"--strength {args.strength} is outside (0, 1]: use e.g. 0.75")
+    if args.strength is not None:
+        _owner_check(check_strength, args.strength, "--strength")
     if args.strength is not None and args.init_img is None:
         raise UsageError("--strength needs --init-img (the image to start from)")
     if args.mask is not None and args.init_img is None:
         raise UsageError("--mask needs --init-img (the image to repaint)")
-    if not 0.0 <= args.guidance_rescale <= 1.0:
-        raise UsageError(f"--guidance-rescale {args.guidance_rescale} is outside [0, 1]: use e.g. 0.7")
-    if args.eta is not None and args.eta < 0:
-        raise UsageError(f"--eta {args.eta} is negative: use a value in [0, 1]")
+    _owner_check(check_guidance_rescale, args.guidance_rescale, "--guidance-rescale")
+    _owner_check(check_eta, args.eta, "--eta")
     _check_sampler(args.sampler)
     _require_file(args.ckpt, "checkpoint", "--ckpt")
     _require_file(args.config, "config", "--config")

@@ -46,6 +46,13 @@ def concat_cond(uncond: Any, cond: Any, batch: int) -> Any:
     raise TypeError(f"cond must be a tensor or a dict of tensors, got {type(cond).__name__}")
 
 
+def check_guidance_rescale(phi: float, name: str = "guidance rescale") -> float:
+    """``phi`` as a float if it is in [0, 1], else a one-line ValueError that calls it ``name`` (e.g. a flag)."""
+    if not 0.0 <= phi <= 1.0:  # NaN fails too
+        raise ValueError(f"{name} {phi} is outside [0, 1]: use e.g. 0.7 (the paper's choice; 0 = plain CFG)")
+    return float(phi)
+
+
 def rescale_guidance(guided: Tensor, cond_out: Tensor, phi: float) -> Tensor:
     """Blend ``guided`` with its std-matched version (std over all but the batch dimension)."""
     dims = tuple(range(1, guided.ndim))
@@ -65,8 +72,7 @@ class CFGDenoiser:
     """
 
     def __init__(self, denoiser: Denoiser, scale: float, uncond: Any, rescale: float = 0.0):
-        if not 0.0 <= rescale <= 1.0:
-            raise ValueError(f"guidance rescale is {rescale}; use a value in [0, 1] (0.7 is the paper's choice)")
+        check_guidance_rescale(rescale)
         self.denoiser = denoiser
         self.scale = scale
         self.uncond = uncond

@@ -26,6 +26,7 @@ noise of std ``sigma_up`` (``sigma_down^2 + sigma_up^2 = sigma'^2``).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, Union
@@ -551,6 +552,27 @@ def _alphas_cumprod_of(model: Any) -> Tensor:
     return alphas_cumprod.detach().cpu()
 
 
+def check_steps(steps: int, name: str = "steps") -> int:
+    """``steps`` if it is an int >= 1, else a one-line ValueError that calls it ``name`` (e.g. a flag)."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"{name} is {steps!r}: use at least 1 sampling step")
+    return int(steps)
+
+
+def check_eta(eta: float | None, name: str = "eta") -> float | None:
+    """``eta`` (None: the sampler's default) if it is a finite number >= 0, else a one-line ValueError."""
+    if eta is not None and not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"{name} {eta} is not a number >= 0: use 0 (deterministic DDIM) to 1 (DDPM-like)")
+    return None if eta is None else float(eta)
+
+
+def check_strength(strength: float, name: str = "strength") -> float:
+    """img2img ``strength`` if it is in (0, 1], else a one-line ValueError that calls it ``name``."""
+    if not 0.0 < strength <= 1.0:  # NaN fails too
+        raise ValueError(f"{name} {strength} is outside (0, 1]: use e.g. 0.75 (1 = ignore the init image)")
+    return float(strength)
+
+
 def build_sigmas(spec: SamplerSpec | str, model: Any, steps: int, schedule: str | None = None) -> Tensor:
     """The sigma schedule for ``steps`` steps of a sampler.
 
@@ -563,6 +585,7 @@ def build_sigmas(spec: SamplerSpec | str, model: Any, steps: int, schedule: str 
     (the clamped sigma_max) to the "trailing" schedule's second sigma and ramp from there to sigma_min.
     """
     spec = get_sampler(spec) if isinstance(spec, str) else spec
+    steps = check_steps(steps)
     schedule = schedule or spec.schedule
     alphas_cumprod = _alphas_cumprod_of(model)
     discrete = sigmas_from_alphas_cumprod(alphas_cumprod.double())
@@ -596,8 +619,7 @@ def img2img_sigmas(sigmas: Tensor, strength: float) -> Tensor:
 
     ``strength`` in (0, 1]; 1 runs the whole schedule (pure noise start), small values change the image little.
     """
-    if not 0.0 < strength <= 1.0:
-        raise ValueError(f"img2img strength is {strength}; use a value in (0, 1]")
+    check_strength(strength)
     steps = len(sigmas) - 1
     run = max(1, int(strength * steps))
     return sigmas[steps - run:]
