@@ -86,26 +86,45 @@ def _safe_globals() -> list:
     return allowed
 
 
-class LazyTensor:
-    """One tensor of a safetensors file: its shape now, its values on :meth:`load`.
+class _SafetensorsReader:
+    """A safetensors file opened by the ``safetensors`` library (which checks the header when it opens it).
 
-    All tensors of one file share one ``safe_open`` handle (the file is checked once, when it is opened);
-    ``load`` copies one tensor out of the memory-mapped file, so loading a model tensor by tensor never holds a
-    second copy of the weights beside the model (the mapped pages are the file's cache, not a copy).
+    Tensors are copied out of the library's memory map; the map is reopened after every :attr:`WINDOW` bytes
+    read, so the pages it has touched are let go and reading a whole file tensor by tensor never keeps more
+    than one window of it in memory beside the copies.
     """
 
-    __slots__ = ("path", "key", "shape", "_handle")
+    WINDOW = 64 << 20
 
-    def __init__(self, path: Path, key: str, handle: Any):
-        self.path, self.key, self._handle = path, key, handle
-        self.shape = torch.Size(handle.get_slice(key).get_shape())
+    def __init__(self, path: Path, handle: Any):
+        self.path, self._handle, self._read = path, handle, 0
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        try:
+            if self._read > self.WINDOW:
+                self._handle, self._read = None, 0  # unmapped before the next one maps
+                self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            tensor = self._handle.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {key} ({_first_line(e)}); "
+                                  "re-download or re-export the file") from e
+        self._read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+class LazyTensor:
+    """One tensor of a safetensors file: its shape now, its values on :meth:`load` (see
+    :class:`_SafetensorsReader`: loading a model tensor by tensor never holds a second copy of the weights)."""
+
+    __slots__ = ("key", "shape", "_reader")
+
+    def __init__(self, reader: _SafetensorsReader, key: str, shape: list[int]):
+        self.key, self.shape, self._reader = key, torch.Size(shape), reader
 
     def load(self) -> torch.Tensor:
-        try:
-            return self._handle.get_tensor(self.key)
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot read tensor {self.key} ({_first_line(e)}); "
-                                  "re-download or re-export the file") from e
+        return self._reader.get(self.key)
 
 
 def materialize(value: torch.Tensor | LazyTensor) -> torch.Tensor:
@@ -118,11 +137,11 @@ def _read_safetensors(path: Path, lazy: bool) -> tuple[dict, dict[str, str]]:
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
         meta = dict(handle.metadata() or {})
-        keys = list(handle.keys())
         if lazy:
-            return {k: LazyTensor(path, k, handle) for k in keys}, meta
+            reader = _SafetensorsReader(path, handle)
+            return {k: LazyTensor(reader, k, handle.get_slice(k).get_shape()) for k in handle.keys()}, meta
         with handle:
-            return {k: handle.get_tensor(k) for k in keys}, meta
+            return {k: handle.get_tensor(k) for k in handle.keys()}, meta
     except Exception as e:  # SafetensorError: bad header, offsets, byte counts, truncation
         raise CheckpointError(f"{path} is a corrupt or truncated safetensors file ({_first_line(e)}); "
                               "re-download or re-export it") from e
