@@ -101,6 +101,8 @@ def test_eval_geneval_refuses(evil):
     ({"model": {"target": "ldm.model.LatentDiffusion", "params": {"extra": [{"target": "subprocess.Popen"}]}}},
      "model.params.extra.0.target", "not one of"),
     ({"model": {"target": 3}}, "model.target", "not a dotted class name"),
+    ({"model": {"target": "ldm.model.LatentDiffusion", "params": {"image_size": "${oc.env:HOME}"}}},
+     "model.params.image_size", "an interpolation"),
 ])
 def test_nested_and_disguised_targets_are_refused_before_import(tmp_path, config, key, why):
     path = _write(tmp_path / "m.safetensors", config)

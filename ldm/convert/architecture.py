@@ -54,6 +54,18 @@ def _target_nodes(node: Any, path: str):
             yield from _target_nodes(value, f"{path}.{i}")
 
 
+def _leaves(node: Any, path: str):
+    """Every (key path, value) of a config tree that is not a mapping or a list, depth first."""
+    if isinstance(node, (Mapping, DictConfig)):
+        for key, value in node.items():
+            yield from _leaves(value, f"{path}.{key}")
+    elif isinstance(node, (list, tuple, ListConfig)):
+        for i, value in enumerate(node):
+            yield from _leaves(value, f"{path}.{i}")
+    else:
+        yield path, node
+
+
 def _refuse(source: str, key: str, target: Any, why: str) -> CheckpointError:
     return CheckpointError(f"{source}: stored config {key} = {str(target)[:120]!r} is refused ({why}); a stored "
                            "config may only name the project's own model classes: pass a trusted --config")
@@ -65,6 +77,9 @@ def check_stored_config(node: Any, source: str = "checkpoint", path: str = "mode
     All names are checked as strings before any module is imported; only then are the (allowed) modules
     imported to check that the name is a class defined there (an ``nn.Module`` for the model modules).
     """
+    for key, value in _leaves(node, path):  # OmegaConf would resolve "${...}" (environment variables, ...)
+        if isinstance(value, str) and "${" in value:
+            raise _refuse(source, key, value, "an interpolation")
     targets = list(_target_nodes(node, path))
     for key, target in targets:
         if not isinstance(target, str) or target.count(".") < 1:
@@ -94,6 +109,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None 
             raise CheckpointError(f"{source}: the stored config is not valid JSON ({e})") from e
         if not isinstance(stored, dict):
             raise CheckpointError(f"{source}: the stored config is not a mapping; pass --config")
+        # only the model section is used (a training run's file also holds its data and trainer settings)
+        stored = {"model": stored["model"]} if "model" in stored else stored
         check_stored_config(stored.get("model", stored), source, "model" if "model" in stored else "config")
         cfg = OmegaConf.create(stored)
     else:
