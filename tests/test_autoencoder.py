@@ -283,7 +283,7 @@ def test_ckpt_path_errors(tmp_path, caplog):
     assert "ignore_keys drops 1" in caplog.text
 
     save_file(tiny_vae(z_channels=8).state_dict(), tmp_path / "wide.safetensors")
-    with pytest.raises(ValueError, match=r"shape mismatch .*decoder\.conv_in\.weight \(64, 8, 3, 3\) vs model \(64, 4, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"shape mismatch .*conv_in\.weight \(64, 8, 3, 3\) vs model \(64, 4, 3, 3\)"):
         AutoencoderKL(TINY, 4, ckpt_path=tmp_path / "wide.safetensors")
 
     torch.save({"state_dict": sd, "hparams": argparse.Namespace(lr=1.0)}, tmp_path / "pickled.ckpt")

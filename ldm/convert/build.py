@@ -101,4 +101,4 @@ def load_text_encoder_weights(encoder: torch.nn.Module, path: str | os.PathLike)
     into an :class:`ldm.models.text_encoder.OpenCLIPTextEncoder`, strictly."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"text encoder weights not found: {path} (check the path)")
-    encoder.load_weights(text_encoder_state_dict(read_state_dict(path)[0]))
+    encoder.load_weights(text_encoder_state_dict(read_state_dict(path)[0]), str(path))

@@ -5,8 +5,7 @@
 - :func:`convert_hf_clip_text_state_dict` / :func:`to_hf_clip_text_state_dict`: SD1's OpenAI CLIP text model in
   transformers naming (``cond_stage_model.transformer.text_model.*``) <-> the OpenCLIP text tower of
   :class:`ldm.models.text_encoder.OpenCLIPTextEncoder` (``model.*``).
-- :func:`text_encoder_state_dict`: any text-encoder file (this encoder's, open_clip CLIP's or transformers CLIP's
-  names) onto the encoder's names.
+- :func:`text_encoder_state_dict`: a transformers CLIP text-encoder file onto the encoder's names.
 """
 from __future__ import annotations
 
@@ -94,15 +93,13 @@ def normalize_state_dict(sd: Mapping[str, torch.Tensor], *, use_ema: bool = Fals
 # ---------------------------------------------------------------------------------------------------------
 
 def text_encoder_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Own names (``model.*``) pass; open_clip CLIP names gain ``model.``; transformers names are converted
-    (``vision_model.*`` / ``visual.*`` of a full CLIP file are left out)."""
-    if any(k.startswith("model.") for k in state):
-        return dict(state)
+    """A transformers CLIP file's text weights converted to the encoder's names (``vision_model.*`` of a full
+    CLIP file left out); any other state dict as it is (the encoder reads its own and open_clip's names)."""
     if any(k.endswith("embeddings.token_embedding.weight") for k in state):
         text = {k: v for k, v in state.items() if k.startswith(("text_model.", "embeddings.", "encoder.",
                                                                  "final_layer_norm."))}
         return convert_hf_clip_text_state_dict(text)
-    return {f"model.{k}": v for k, v in state.items() if not k.startswith("visual.")}
+    return dict(state)
 
 
 _HF_TOP = {

@@ -295,20 +295,20 @@ class OpenCLIPTextEncoder(nn.Module):
 
     # --- weights ---
 
-    def load_weights(self, source: str | os.PathLike | Mapping[str, torch.Tensor]) -> None:
-        """Load text weights strictly from a file or a state dict; a one-line CheckpointError lists what does
-        not fit.
+    def load_weights(self, source: str | os.PathLike | Mapping[str, torch.Tensor], name: str | None = None) -> None:
+        """Load text weights strictly from a file or a state dict (``name``: where it came from, for messages);
+        a one-line CheckpointError lists what does not fit.
 
         A file is read by :func:`ldm.io.read_state_dict` (format from its bytes, pickles only with
         ``weights_only``); its names may be this module's (``model.*``) or open_clip CLIP's (``visual.*`` is left
         out). transformers CLIP names are converted by ``ldm.convert.load_text_encoder_weights``.
         """
         if isinstance(source, Mapping):
-            state, name = dict(source), "state dict"
+            state, name = dict(source), name or "state dict"
         else:
             if not os.path.isfile(source):
                 raise FileNotFoundError(f"text encoder weights not found: {source} (check ckpt_path)")
-            state, name = read_state_dict(source)[0], str(source)
+            state, name = read_state_dict(source)[0], name or str(source)
         if any(k.endswith("embeddings.token_embedding.weight") for k in state):
             raise CheckpointError(f"{name} holds transformers CLIP names (text_model.*): load it with "
                                   "ldm.convert.load_text_encoder_weights(encoder, path)")
