@@ -1,7 +1,7 @@
 """Conversion above the models: file layouts, architecture inference, building and loading the full model.
 
     model = load_model(None, "sd-v1-5.safetensors")          # config inferred (or read from the file), strict
-    sd = normalize_state_dict(read_state_dict(path)[0])       # SD layout -> this project's names
+    sd = normalize_state_dict(ldm.io.read_state_dict(path)[0])  # SD layout -> this project's names
 
 Files are read and written by :mod:`ldm.io` (below the models); this package maps their names and architectures
 onto :mod:`ldm.models`. A config stored in a file is data: :func:`check_stored_config` allows only the project's
