@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ldm"
 
 # bottom to top; a module may import its own layer and the layers below it
 LAYERS = [
-    {"ldm", "ldm.config", "ldm.io", "ldm.metrics", "ldm.ema", "ldm.assets"},  # weights I/O, configs, helpers
+    {"ldm", "ldm.config", "ldm.configs", "ldm.io", "ldm.metrics", "ldm.ema", "ldm.assets"},  # I/O, configs
     {"ldm.diffusion"},                          # pure math, no parameters
     {"ldm.models"},                             # plain nn.Modules
     {"ldm.model"},                              # LatentDiffusion: the models and the diffusion schedule together
@@ -18,7 +18,7 @@ LAYERS = [
     {"ldm.data"},                               # LightningDataModules
     {"ldm.training"},                           # LightningModules, callbacks, losses
     {"ldm.pipeline"},                           # prompt -> images
-    {"ldm.cli", "ldm.serve", "ldm.eval", "ldm.sample", "ldm.train"},  # what the command lines run
+    {"ldm.cli", "ldm.serve", "ldm.eval", "ldm.sample", "ldm.train", "ldm.__main__", "ldm.recipes"},  # commands
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # further rules inside the order: the models know nothing of diffusion (DESIGN.md)
