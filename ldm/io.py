@@ -98,13 +98,17 @@ class _SafetensorsReader:
 
     def __init__(self, path: Path, handle: Any):
         self.path, self._handle, self._read = path, handle, 0
+        self._identity = _identity(path)
 
     def get(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
+        if self._read > self.WINDOW:
+            self._handle, self._read = None, 0  # unmapped before the next one maps
+            if _identity(self.path) != self._identity:
+                raise CheckpointError(f"{self.path} was replaced while it was being read; load it again")
         try:
-            if self._read > self.WINDOW:
-                self._handle, self._read = None, 0  # unmapped before the next one maps
+            if self._handle is None:
                 self._handle = safe_open(str(self.path), framework="pt", device="cpu")
             tensor = self._handle.get_tensor(key)
         except Exception as e:
@@ -112,6 +116,11 @@ class _SafetensorsReader:
                                   "re-download or re-export the file") from e
         self._read += tensor.numel() * tensor.element_size()
         return tensor
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 class LazyTensor:

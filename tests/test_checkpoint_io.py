@@ -201,3 +201,15 @@ def test_atomic_write_gives_the_umask_mode(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644
     finally:
         os.umask(old)
+
+
+def test_lazy_read_refuses_a_file_replaced_while_loading(tmp_path, monkeypatch):
+    from ldm.io import _SafetensorsReader
+
+    monkeypatch.setattr(_SafetensorsReader, "WINDOW", 0)  # reopen before every tensor
+    path = save_checkpoint({"a": torch.zeros(4), "b": torch.zeros(4)}, tmp_path / "m.safetensors")
+    lazy, _ = read_state_dict(path, lazy=True)
+    materialize(lazy["a"])
+    save_checkpoint({"a": torch.ones(4), "b": torch.ones(4)}, path)  # e.g. a training run exports again
+    with pytest.raises(CheckpointError, match="replaced while it was being read"):
+        materialize(lazy["b"])
