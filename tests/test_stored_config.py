@@ -98,6 +98,7 @@ def test_eval_geneval_refuses(evil):
      "model.params.first_stage_config.target", "not a Module class defined in ldm.model"),
     ({"model": {"target": "ldm.models.unet.torch"}}, "model.target", "not a Module class"),
     ({"model": {"target": "ldm.models.unet._private"}}, "model.target", "not one of"),
+    ({"model": {"target": "ldm.training.lr.math"}}, "model.target", "not a class defined in ldm.training.lr"),
     ({"model": {"target": "ldm.model.LatentDiffusion", "params": {"extra": [{"target": "subprocess.Popen"}]}}},
      "model.params.extra.0.target", "not one of"),
     ({"model": {"target": 3}}, "model.target", "not a dotted class name"),

@@ -92,10 +92,14 @@ def check_stored_config(node: Any, source: str = "checkpoint", path: str = "mode
         if target in STORED_TARGETS:
             continue
         module, _, name = target.rpartition(".")
-        obj = getattr(importlib.import_module(module), name, None)
+        try:
+            obj = getattr(importlib.import_module(module), name, None)
+        except ImportError as e:  # an allowed module this installation does not have
+            raise _refuse(source, key, target, f"cannot import {module}: {e}") from e
         base = STORED_TARGET_MODULES[module]
         if not (isinstance(obj, type) and issubclass(obj, base) and obj.__module__ == module):
-            raise _refuse(source, key, target, f"not a {base.__name__} class defined in {module}")
+            kind = "class" if base is object else f"{base.__name__} class"
+            raise _refuse(source, key, target, f"not a {kind} defined in {module}")
 
 
 def infer_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None = None,
