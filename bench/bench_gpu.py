@@ -10,7 +10,7 @@ Configurations (each a row; one that fails is reported as failed and the rest go
   used on GPUs), torch's SDPA (the peer every ratio is against); ``diffusers compiled``: the same under
   ``torch.compile`` (with ``--compile``).
 - ``ours``: our UNet as ``ldm.pipeline.Text2Image`` runs it: conv/linear weights stored in the precision
-  (``store_weights_in_``), autocast, channels-last, attention ``auto`` (xformers when it imports, else SDPA).
+  (``ldm.accel.store_weights_in_``), autocast, channels-last, attention ``auto`` (xformers when it imports, else SDPA).
 - ``ours, attention <backend>``: the same with attention forced to SDPA with only the flash / memory-efficient /
   math kernel allowed (``torch.nn.attention.sdpa_kernel``), or xformers.
 - ``ours, NCHW``: the same without channels-last.
@@ -47,11 +47,12 @@ def _sdpa_only(kernel: str) -> Callable[[], contextlib.AbstractContextManager]:
 
 def _prepare_ours(unet: torch.nn.Module, dtype: torch.dtype, *, attention: str = "auto",
                   channels_last: bool = True) -> torch.nn.Module:
+    import ldm.accel
     from ldm.models.attention import set_attention_backend
 
-    unet = copy.deepcopy(unet)
+    unet = ldm.accel.optimize(copy.deepcopy(unet))  # for the device its weights are on, as the pipeline does
     if dtype != torch.float32:
-        unet.store_weights_in_(dtype)
+        ldm.accel.store_weights_in_(unet, dtype)
     set_attention_backend(unet, attention)
     unet.channels_last = channels_last
     unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -3,7 +3,7 @@
     python bench/bench_levers.py --levers pack adam --threads 1 --out bench/results/levers.md
 
 - ``pack``: SD1.5 UNet forward, bf16, batch 2 (a CFG step), at each ``--latents`` size: convolutions on weights
-  packed once into oneDNN's layout (``UNetModel.pack_conv_weights``, the default) against a weight reorder in
+  packed once into oneDNN's layout (``ldm.accel.unet.UNetModel.pack_conv_weights``, the default) against a weight reorder in
   every call. Also the largest output difference (expected 0: the same kernel runs).
 - ``adam``: one fused AdamW step on the conv weights of the SD v1 UNet at width ``--adam-width`` (channels-last,
   as the UNet keeps them) with their gradients: our trainer's AdamW (``ldm.training.common.AdamW``: NHWC views)
@@ -19,10 +19,11 @@ import common
 
 
 def bench_pack(latents: list[int], reps: int) -> list[list]:
+    import ldm.accel
     from ldm.models.unet import UNetModel
 
-    unet = common.randomize_(UNetModel(**common.SD_V1_UNET)).eval()
-    unet.store_weights_in_(torch.bfloat16)  # as the pipeline holds it (unet_weights="compute")
+    unet = ldm.accel.optimize(common.randomize_(UNetModel(**common.SD_V1_UNET)).eval(), "cpu", "bf16")
+    ldm.accel.store_weights_in_(unet, torch.bfloat16)  # as the pipeline holds it (unet_weights="compute")
     rows = []
     for latent in latents:
         gen = torch.Generator().manual_seed(0)

@@ -7,6 +7,8 @@ Sizes are ``w<model_channels>@<latent>`` (the SD v1 architecture at reduced widt
     python bench/bench_unet.py --sizes w128@32 full@32 --precisions fp32 bf16 --modes forward train --reps 3
 
 On a GPU (``--device cuda``, precisions fp32, bf16 and fp16 autocast) each timed round runs ``--inner`` calls.
+``--peer plain`` times our UNet against itself without ``ldm.accel.optimize`` (the plain model) instead of
+against diffusers': what the acceleration pass gives.
 """
 from __future__ import annotations
 
@@ -41,14 +43,23 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, int(match.group(2))
 
 
-def build_pair(width: int, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, torch.nn.Module, dict]:
-    """Our UNet with random weights and diffusers' UNet converted from its state dict, both on ``device``."""
-    from diffusers_port import diffusers_unet
+def build_pair(width: int, device: str | torch.device = "cpu", peer: str = "diffusers"
+               ) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """Our UNet with random weights, accelerated for ``device`` (``ldm.accel.optimize``, as the pipeline and the
+    trainer run it), and the peer with the same weights: diffusers' UNet converted from its state dict, or
+    (``peer="plain"``) our plain UNet; both on ``device``."""
+    import ldm.accel
     from ldm.models.unet import UNetModel
 
     params = dict(common.SD_V1_UNET, model_channels=width)
     ours = common.randomize_(UNetModel(**params)).eval()
-    theirs = diffusers_unet(params, ours.state_dict()).eval()
+    if peer == "plain":
+        theirs = copy.deepcopy(ours)
+    else:
+        from diffusers_port import diffusers_unet
+
+        theirs = diffusers_unet(params, ours.state_dict()).eval()
+    ldm.accel.optimize(ours, device)
     return ours.to(device), theirs.to(device), params
 
 
@@ -97,7 +108,7 @@ def train_fn(model, x, t, context, precision: str, optimizer: str = "torch", inn
 
 
 def _count_onednn_linear() -> None:
-    """Teach FlopCounterMode oneDNN's linear op, which our fp32 ``Linear`` layers call (``ldm.models.onednn``):
+    """Teach FlopCounterMode oneDNN's linear op, which our fp32 ``Linear`` layers call (``ldm.accel.onednn``):
     unknown ops count as 0 FLOPs. Registered once per process."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
@@ -140,12 +151,13 @@ def fits_training(width: int, budget_gb: float) -> bool:
 
 
 def bench_size(width: int, latent: int, args) -> list[list]:
-    ours, theirs, _ = build_pair(width, args.device)
+    ours, theirs, _ = build_pair(width, args.device, args.peer)
+    peer = args.peer
     x, t, context = inputs(args.batch, latent, device=args.device)
     sync, inner = common.synchronizer(args.device), args.inner
     diff = max_difference(ours, theirs, x, t, context)
     flops = count_flops(ours, x, t, context)
-    logger.info("w%d@%d: %.1f GFLOP per forward, max |ours - diffusers| fp32 = %.2e", width, latent, flops / 1e9,
+    logger.info("w%d@%d: %.1f GFLOP per forward, max |ours - %s| fp32 = %.2e", width, latent, flops / 1e9, peer,
                 diff)
     rows = []
     label = f"{'SD1.5' if width == 320 else f'SD1 w{width}'} {latent}x{latent} b{args.batch}"
@@ -156,11 +168,12 @@ def bench_size(width: int, latent: int, args) -> list[list]:
         for precision in args.precisions:
             if mode == "forward":
                 pair = {"ours": forward_fn(ours, x, t, context, precision, inner),
-                        "diffusers": forward_fn(theirs, x, t, context, precision, inner)}
+                        peer: forward_fn(theirs, x, t, context, precision, inner)}
             else:
                 pair = {"ours": train_fn(copy.deepcopy(ours), x, t, context, precision, "ours", inner),
-                        "diffusers": train_fn(copy.deepcopy(theirs), x, t, context, precision,
-                                              "torch-fused" if args.diffusers_fused_adam else "torch", inner)}
+                        peer: train_fn(copy.deepcopy(theirs), x, t, context, precision,
+                                       "ours" if peer == "plain" else
+                                       "torch-fused" if args.diffusers_fused_adam else "torch", inner)}
             rates: list[float] = []
             if mode == "forward":  # the matmul peak, measured between the rounds, under the same machine load
                 pair["matmul peak"] = lambda: rates.append(
@@ -170,7 +183,7 @@ def bench_size(width: int, latent: int, args) -> list[list]:
             # UNet keeps its own copy (cache_cast_weights). Both then cast their weights once, not per forward.
             with common.autocast(precision, args.device) if mode == "forward" else contextlib.nullcontext():
                 times = common.interleaved(pair, args.reps, warmup=1, sync=sync)
-            a, b = median(times["ours"]) / inner, median(times["diffusers"]) / inner
+            a, b = median(times["ours"]) / inner, median(times[peer]) / inner
             if mode == "train":  # free both training copies (weights, grads, AdamW state) before the next row
                 pair.clear()
             row = [label, mode, precision, a, b, f"{b / a:.2f}x", f"{diff:.1e}"]
@@ -197,6 +210,9 @@ def main() -> None:
                         help="calls per timed round (default: 1 on a CPU, 10 on a GPU)")
     parser.add_argument("--modes", nargs="+", choices=("forward", "train"), default=["forward", "train"])
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--peer", choices=("diffusers", "plain"), default="diffusers",
+                        help="what ours (accelerated by ldm.accel.optimize) is timed against: diffusers' UNet "
+                             "(default) or our plain UNet without ldm.accel")
     parser.add_argument("--diffusers-fused-adam", action="store_true",
                         help="give diffusers' training step torch's fused AdamW too (default: torch's default "
                              "AdamW, as diffusers' training scripts build it; ours always uses our trainer's fused "
@@ -211,18 +227,19 @@ def main() -> None:
         raise SystemExit(f"--inner must be at least 1, got {args.inner}")
     args.inner = args.inner or (10 if args.device.type == "cuda" else 1)
     rows = [row for width, latent in args.sizes for row in bench_size(width, latent, args)]
-    headers = ["UNet", "step", "precision", "ours s", "diffusers s", "speed-up", "max abs diff fp32",
-               "GFLOP", "matmul peak GFLOP/s", "ours util", "diffusers util"]
+    headers = ["UNet", "step", "precision", "ours s", f"{args.peer} s", "speed-up", "max abs diff fp32",
+               "GFLOP", "matmul peak GFLOP/s", "ours util", f"{args.peer} util"]
     notes = [f"matmul peak: dense {'8192' if args.device.type == 'cuda' else '2048'}^3 matmul in the row's "
              "precision (best of 3), measured once per round between the UNet runs; the table gives the median "
              "over the rounds",
              f"device: {args.device}; {args.inner} call(s) per timed round, times per call",
-             "times are medians of interleaved rounds (ours, diffusers, ours, ...) after one warm-up round; "
-             "speed-up = diffusers / ours",
+             f"times are medians of interleaved rounds (ours, {args.peer}, ours, ...) after one warm-up round; "
+             f"speed-up = {args.peer} / ours; ours = our UNet after ldm.accel.optimize"
+             + (", plain = the same UNet without it" if args.peer == "plain" else ""),
              "util = counted forward FLOPs (torch.utils.flop_counter) / median time / matmul peak",
              "train = forward + MSE loss + backward + AdamW step; both models train their own copy; ours with "
-             "our trainer's AdamW (torch's fused kernel, channels-last weights passed as NHWC views), diffusers with "
-             + ("the fused AdamW too" if args.diffusers_fused_adam else
+             f"our trainer's AdamW (torch's fused kernel, channels-last weights passed as NHWC views), {args.peer} with "
+             + ("the same" if args.peer == "plain" else "the fused AdamW too" if args.diffusers_fused_adam else
                 "torch's default AdamW (as diffusers' training scripts)"),
              "forward: one autocast around all rounds, so each model casts its weights to bf16 once (autocast's "
              "weight cache for diffusers, our UNet's cast-weight cache for ours)"]

@@ -203,7 +203,7 @@ def matmul_peak_gflops(precision: str, n: int | None = None, reps: int = 5,
                        device: str | torch.device = "cpu") -> float:
     """Best dense n x n x n matmul rate (GFLOP/s) in this precision, on this process's threads or on the GPU
     (n: 2048 on a CPU, 8192 on a GPU, where one product is timed as the mean of 10). On a CPU in fp32 the best
-    of torch.mm (the BLAS) and oneDNN's matmul, which our fp32 linear layers use (``ldm.models.onednn``)."""
+    of torch.mm (the BLAS) and oneDNN's matmul, which our fp32 linear layers use (``ldm.accel.onednn``)."""
     device = torch.device(device)
     dtype, sync = DTYPES[precision], synchronizer(device)
     n = n or (8192 if device.type == "cuda" else 2048)
@@ -211,7 +211,7 @@ def matmul_peak_gflops(precision: str, n: int | None = None, reps: int = 5,
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     products = [torch.mm]
     if device.type == "cpu" and dtype == torch.float32:
-        from ldm.models import onednn
+        from ldm.accel import onednn
 
         if onednn.linear_available():
             products.append(onednn.linear)  # x @ y.T: the same work

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ldm import accel
 from ldm.diffusion import samplers as _samplers
 from ldm.diffusion.guidance import CFGDenoiser, check_guidance_rescale
 from ldm.diffusion.inpaint import InpaintDenoiser, inpaint_concat_cond
@@ -213,10 +214,11 @@ class _Pipeline:
             float32) or "same" (under the pipeline's autocast; fp16 may overflow into black images).
         unet_weights: "fp32" (default here: the UNet keeps its float32 weights; autocast, or on a CPU the
             UNet's cache, casts them) or "compute": with precision bf16/fp16 the UNet's conv and linear weights
-            are stored in that dtype in place (``UNetModel.store_weights_in_``): the same images with half the
+            are stored in that dtype in place (``ldm.accel.store_weights_in_``): the same images with half the
             UNet's memory and no cast copy, but the model's float32 weights are gone. ``from_checkpoint``,
             whose pipeline owns its model, defaults to "compute".
-        attention: UNet attention backend ("auto", "sdpa", "math", "blocked", "xformers"); None keeps the model's.
+        attention: UNet attention backend ("auto", "sdpa", "math", "blocked": ldm.accel's CPU kernel, "xformers");
+            None keeps the model's.
         attention_slicing: query rows per attention chunk (lower peak memory, same result); None: off.
         vae_tiling: encode/decode large images tile by tile (``AutoencoderKL.enable_tiling``).
         cpu_offload: keep the weights on the CPU and move each part (text encoder, UNet, VAE) to the
@@ -225,6 +227,9 @@ class _Pipeline:
             (default): the VAE on a CPU (its bf16 decode is ~1.2x faster: 256 px 1.63 -> 1.38 s, 512 px 9.1 ->
             7.2 s, same error against fp32); our UNet is channels-last already. False: the layouts as built.
         compile: ``torch.compile`` the UNet (True, or the name of a compile backend).
+
+    The pipeline puts :func:`ldm.accel.optimize`'s fast paths for its device and precision onto the model (in
+    place; the state dict is unchanged; ``ldm.accel.restore(pipe.model)`` takes them off).
         model_name, model_path: recorded in the parameters ("Model", "Model hash" = sha256 of the file).
     """
 
@@ -247,10 +252,10 @@ class _Pipeline:
         if unet_weights not in ("fp32", "compute"):
             raise ValueError(f"unet_weights must be 'fp32' or 'compute', got {unet_weights!r}")
         if unet_weights == "compute" and PRECISIONS[self.precision] != torch.float32:
-            if not hasattr(self.unet, "store_weights_in_"):
+            if not accel.unets(self.unet):
                 raise ValueError(f"unet_weights='compute' needs ldm's UNetModel, not {type(self.unet).__name__}; "
                                  "pass unet_weights='fp32'")
-            self.unet.store_weights_in_(PRECISIONS[self.precision])
+            accel.store_weights_in_(self.unet, PRECISIONS[self.precision])
         self.cpu_offload = cpu_offload and self.device.type != "cpu"
         self.model_name = model_name
         self.model_path = Path(model_path) if model_path is not None else None
@@ -281,6 +286,7 @@ class _Pipeline:
     # ---- set-up ---------------------------------------------------------------------------------------------
     def _configure(self, attention, attention_slicing, vae_tiling, channels_last, compile) -> None:
         unet = self.unet
+        accel.optimize(self.model, device=self.device, precision=self.precision)
         if attention is not None or attention_slicing is not None:
             from ldm.models.attention import AttentionBackendMixin, set_attention_backend
             current = next((m.backend for m in unet.modules() if isinstance(m, AttentionBackendMixin)), "auto")

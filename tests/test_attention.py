@@ -1,10 +1,13 @@
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.accel import attention as accel_attn
+from ldm.accel import onednn
 from ldm.models import attention as attn_mod
-from ldm.models import onednn
 from ldm.models.attention import (BasicTransformerBlock, CrossAttention, FeedForward, SpatialTransformer, attention,
                                   maybe_checkpoint, set_attention_backend)
 
@@ -30,10 +33,12 @@ def _randomize(module, std=0.2):
 @pytest.mark.parametrize("backend", ["sdpa", "math", "blocked", "auto"])
 @pytest.mark.parametrize("slice_size", [None, 1, 3, 100])
 def test_backends_match_reference(backend, slice_size):
+    """The model's attention function and ldm.accel's (which adds "blocked" and the CPU "auto")."""
     q, k, v = _qkv()
-    out = attention(q, k, v, backend=backend, slice_size=slice_size)
-    assert out.shape == q.shape
-    torch.testing.assert_close(out, _reference(q, k, v), atol=1e-5, rtol=1e-5)
+    for fn in (accel_attn.attention,) if backend == "blocked" else (attention, accel_attn.attention):
+        out = fn(q, k, v, backend=backend, slice_size=slice_size)
+        assert out.shape == q.shape
+        torch.testing.assert_close(out, _reference(q, k, v), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("slice_size", [None, 4])
@@ -43,7 +48,7 @@ def test_bool_mask_sdpa_and_math_agree(slice_size):
     mask[..., 0] = True  # every query row keeps a key
     expected = _reference(q, k, v, mask)
     for backend in ("sdpa", "math", "blocked"):
-        out = attention(q, k, v, backend=backend, slice_size=slice_size, mask=mask)
+        out = accel_attn.attention(q, k, v, backend=backend, slice_size=slice_size, mask=mask)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -80,39 +85,59 @@ def test_xformers_on_cpu_is_a_clear_error():
         attention(q, k, v, backend="xformers")
 
 
-def test_auto_picks_by_dtype_size_and_autograd_on_cpu(monkeypatch):
+def _record_kernels(monkeypatch) -> list:
     calls = []
-    for name in ("sdpa", "blocked", "math"):
-        monkeypatch.setitem(attn_mod._KERNELS, name, lambda *a, n=name, f=attn_mod._KERNELS[name]: calls.append(n)
+    for name in ("sdpa", "math"):
+        monkeypatch.setitem(attn_mod.KERNELS, name, lambda *a, n=name, f=attn_mod.KERNELS[name]: calls.append(n)
                             or f(*a))
+    monkeypatch.setattr(accel_attn, "_blocked", lambda *a, f=accel_attn._blocked: calls.append("blocked") or f(*a))
+    return calls
+
+
+def test_auto_picks_by_dtype_size_and_autograd_on_cpu(monkeypatch):
+    calls = _record_kernels(monkeypatch)
+    auto = functools.partial(accel_attn.attention, backend="auto")
     q, k, v = _qkv()
-    attention(q, k, v, backend="auto")
+    auto(q, k, v)
     assert calls == ["sdpa"]  # fp32
-    long = _qkv(nq=8, nk=attn_mod.BLOCKED_MIN_KEYS, d=16, dtype=torch.bfloat16)
+    long = _qkv(nq=8, nk=accel_attn.BLOCKED_MIN_KEYS, d=16, dtype=torch.bfloat16)
     text = _qkv(nq=8, nk=77, d=16, dtype=torch.bfloat16)
-    many = _qkv(nq=attn_mod.BLOCKED_MIN_SCORES // 77 + 1, nk=77, d=8, dtype=torch.bfloat16)
-    big = _qkv(nq=attn_mod.MATH_MAX_SCORES // 256 + 1, nk=256, d=8, dtype=torch.bfloat16)
+    many = _qkv(nq=accel_attn.BLOCKED_MIN_SCORES // 77 + 1, nk=77, d=8, dtype=torch.bfloat16)
+    big = _qkv(nq=accel_attn.MATH_MAX_SCORES // 256 + 1, nk=256, d=8, dtype=torch.bfloat16)
     with torch.no_grad():
-        attention(*long, backend="auto")  # bf16 inference over a feature map: blocked
-        attention(*text, backend="auto")  # a text context: math
-        attention(*many, backend="auto")  # a text context at many pixels: blocked
-    attention(*long, backend="auto")  # autograd on, small: math
-    attention(*big, backend="auto")   # autograd on, large: sdpa
+        auto(*long)  # bf16 inference over a feature map: blocked
+        auto(*text)  # a text context: math
+        auto(*many)  # a text context at many pixels: blocked
+    auto(*long)  # autograd on, small: math
+    auto(*big)   # autograd on, large: sdpa
     assert calls == ["sdpa", "blocked", "math", "blocked", "math", "sdpa"]
 
 
+def test_plain_auto_is_sdpa_on_a_cpu_and_blocked_needs_accel(monkeypatch):
+    calls = _record_kernels(monkeypatch)
+    with torch.no_grad():
+        for q, k, v in (_qkv(), _qkv(nq=8, nk=accel_attn.BLOCKED_MIN_KEYS, dtype=torch.bfloat16),
+                        _qkv(nk=77, dtype=torch.bfloat16)):
+            attention(q, k, v, backend="auto")
+    assert calls == ["sdpa"] * 3  # the model's "auto" has no CPU choice: that is ldm.accel's
+    with pytest.raises(ValueError, match="'blocked' is the CPU kernel of ldm.accel: call ldm.accel.optimize"):
+        attention(*_qkv(), backend="blocked")
+    with pytest.raises(ValueError, match="ldm.accel.optimize"):
+        CrossAttention(32, backend="blocked")
+
+
 def test_blocked_is_math_block_by_block_and_differentiable(monkeypatch):
-    monkeypatch.setattr(attn_mod, "_BLOCK_SCORES", 64 * 8)  # several row blocks per head
+    monkeypatch.setattr(accel_attn, "_BLOCK_SCORES", 64 * 8)  # several row blocks per head
     q, k, v = _qkv(nq=40, nk=64, d=16, dtype=torch.bfloat16)
     mask = torch.rand(2, 1, 40, 64) > 0.2
     mask[..., 0] = True
     with torch.no_grad():
-        blocked = attention(q, k, v, backend="blocked", mask=mask)
+        blocked = accel_attn.attention(q, k, v, backend="blocked", mask=mask)
         math = attention(q, k, v, backend="math", mask=mask)
     assert blocked.dtype == torch.bfloat16
     torch.testing.assert_close(blocked.float(), math.float(), atol=1e-2, rtol=0)  # one bf16 rounding apart
     qf = q.float().requires_grad_()
-    attention(qf, k.float(), v.float(), backend="blocked").sum().backward()
+    accel_attn.attention(qf, k.float(), v.float(), backend="blocked").sum().backward()
     assert qf.grad is not None and qf.grad.abs().sum() > 0
 
 
@@ -121,10 +146,10 @@ def test_blocked_scores_are_fp32_products_on_onednn(monkeypatch):
     calls = []
     real = onednn._onednn_linear
     monkeypatch.setattr(onednn, "_onednn_linear", lambda *a: calls.append(a[0].dtype) or real(*a))
-    monkeypatch.setattr(attn_mod, "_BLOCK_SCORES", 64 * 8)
+    monkeypatch.setattr(accel_attn, "_BLOCK_SCORES", 64 * 8)
     q, k, v = _qkv(nq=40, nk=64, d=16)
     with torch.no_grad():
-        out = attention(q * 3, k * 3, v, backend="blocked")
+        out = accel_attn.attention(q * 3, k * 3, v, backend="blocked")
     assert calls and set(calls) == {torch.float32}
     torch.testing.assert_close(out, _reference(q * 3, k * 3, v), atol=1e-5, rtol=1e-5)
 

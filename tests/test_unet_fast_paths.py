@@ -1,14 +1,19 @@
-"""The UNet's CPU fast paths (channels-last layout, bf16 GroupNorm under autocast, cached bf16 weights, packed
-oneDNN convolutions) keep the reference numerics."""
+"""The UNet's fast paths (channels-last layout; from ldm.accel: bf16 GroupNorm under autocast, cached bf16
+weights, packed oneDNN convolutions, oneDNN fp32 products) keep the reference numerics."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.models import onednn
-from ldm.models.unet import GroupNorm32
+import ldm.accel
+from ldm.accel import onednn
+from ldm.accel.unet import GroupNorm32
+from ldm.models import unet as plain_unet
 from test_unet import tiny
 
 
+def accelerated(**overrides):
+    """A randomized channels-last UNet after ``ldm.accel.optimize`` (CPU, every precision's paths)."""
+    return ldm.accel.optimize(randomized_pair(**overrides)[0], device="cpu")
 
 
 def randomized_pair(**overrides):
@@ -71,8 +76,16 @@ def test_groupnorm_fp32_is_the_reference_exactly():
     assert torch.equal(out, torch.nn.functional.group_norm(x, 32, norm.weight, norm.bias, 1e-5))
 
 
+def test_plain_groupnorm_is_the_reference_under_bf16_autocast_too():
+    plain = plain_unet.GroupNorm32(32, 64)
+    x = (torch.randn(2, 64, 8, 8) * 3 + 1).bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = plain(x)
+    assert torch.equal(out, F.group_norm(x.float(), 32, plain.weight, plain.bias, 1e-5).bfloat16())
+
+
 def test_bf16_autocast_forward_close_to_fp32():
-    fast, _ = randomized_pair()
+    fast = accelerated()
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = fast(x, t, ctx)
@@ -82,7 +95,7 @@ def test_bf16_autocast_forward_close_to_fp32():
 
 def test_cached_bf16_call_is_skipped_under_torch_compile(monkeypatch):
     """dynamo would guard on the Python-side cache and packs (recompiling per conv); traced code runs plain."""
-    fast, _ = randomized_pair()
+    fast = accelerated()
     x = torch.randn(2, 4, 8, 8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast._cached_weights_dtype(x) == torch.bfloat16
@@ -91,7 +104,7 @@ def test_cached_bf16_call_is_skipped_under_torch_compile(monkeypatch):
 
 
 def test_bf16_inference_runs_on_cached_weights_and_matches_autocast():
-    fast, _ = randomized_pair()
+    fast = accelerated()
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fast.cache_cast_weights = False
@@ -109,7 +122,7 @@ def test_bf16_inference_runs_on_cached_weights_and_matches_autocast():
 
 
 def test_weight_cache_follows_weight_changes_and_is_skipped_when_training():
-    fast, _ = randomized_pair()
+    fast = accelerated()
     x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([3]), torch.randn(1, 5, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         before = fast(x, t, ctx)
@@ -153,7 +166,7 @@ def test_packed_conv_matches_conv2d_and_repacks_when_needed():
 
 @needs_onednn
 def test_unet_bf16_inference_packs_every_conv_once_with_the_same_output():
-    fast, _ = randomized_pair(position_embedding=True)
+    fast = accelerated(position_embedding=True)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16)
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in fast.modules())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -8,8 +8,9 @@
 
 Config sections: ``model`` and ``data`` (``target``/``params`` nodes; no ``data`` = the synthetic shapes data),
 ``lightning.trainer`` (``pytorch_lightning.Trainer`` arguments; the trainer flags below override them),
-``lightning.callbacks`` (``checkpoint``, ``image_logger``, ``export``, ``lr_monitor``: their parameters, or
-``false`` to switch one off; any other entry is a ``target``/``params`` node of an extra callback) and
+``lightning.callbacks`` (``checkpoint``, ``image_logger``, ``export``, ``lr_monitor``, ``accel`` (the
+:func:`ldm.accel.optimize` pass for the trainer's device and precision): their parameters, or ``false`` to switch
+one off; any other entry is a ``target``/``params`` node of an extra callback) and
 ``lightning.logger`` (auto / tensorboard / csv). The whole config is checked before anything is built; a bad
 key or value is reported in one line naming it, with exit status 2.
 
@@ -42,6 +43,7 @@ CALLBACK_TARGETS = {
     "image_logger": "ldm.training.callbacks.ImageLogger",
     "export": "ldm.training.callbacks.ExportCallback",
     "lr_monitor": "ldm.training.callbacks.make_lr_monitor",
+    "accel": "ldm.training.callbacks.AccelCallback",
 }
 _RESERVED_TRAINER_KEYS = ("callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing")
 

@@ -2,20 +2,17 @@
 Stable Diffusion.
 
 Parameter names follow the original ``ldm/modules/attention.py`` (``to_q``, ``to_out.0``, ``ff.net.0.proj``,
-``proj_in`` ...) so that real SD v1/v2 checkpoints load with ``strict=True``.
+``proj_in`` ...) so that real SD v1/v2 checkpoints load with ``strict=True``. The layers are plain
+``nn.Linear`` / ``nn.Conv2d``; the CPU fast paths (oneDNN layers, the cache-blocked attention kernel and the
+CPU choice among kernels) are :mod:`ldm.accel`'s, applied by :func:`ldm.accel.optimize`.
 
 The backend is chosen per module (argument or :func:`set_attention_backend`), never by an environment variable:
 
 - ``"sdpa"``: :func:`torch.nn.functional.scaled_dot_product_attention` (a single layer's default);
 - ``"math"``: the reference computation: q and k in fp32, softmax in fp32, result cast back;
-- ``"blocked"``: the same numbers as ``"math"``, one head and a cache-sized block of query rows at a time
-  (faster than torch's CPU flash kernel for bf16 inference);
 - ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (needs xformers and CUDA tensors);
-- ``"auto"`` (the UNet's default): xformers when it is installed and the tensors are on CUDA. With bf16 on a
-  CPU, where torch's flash kernel has a high fixed cost: for inference, blocked with at least
-  ``BLOCKED_MIN_KEYS`` keys or ``BLOCKED_MIN_SCORES`` scores per head (self-attention over a feature map, text
-  attention at 4096 pixels), math below that; in training, math up to ``MATH_MAX_SCORES`` scores per head.
-  Else sdpa. (Measured per layer shape in bench/README.md.)
+- ``"auto"`` (the UNet's default): xformers when it is installed and the tensors are on CUDA, else sdpa
+  (:mod:`ldm.accel.attention` refines it for bf16 on a CPU, and adds the ``"blocked"`` kernel).
 
 ``slice_size`` splits the query rows into chunks of that many rows (attention slicing): the result is the
 same, the peak memory of the attention matrix is ``batch * heads * slice_size * keys``.
@@ -31,12 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
-from . import onednn
-from .onednn import Conv2d, Linear
-
 __all__ = [
     "BACKENDS",
+    "KERNELS",
     "attention",
+    "sliced_attention",
     "maybe_checkpoint",
     "AttentionBackendMixin",
     "CrossAttention",
@@ -49,15 +45,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "math", "blocked", "xformers", "auto")
-BLOCKED_MIN_KEYS = 256
-BLOCKED_MIN_SCORES = 1 << 18  # queries x keys per head
-MATH_MAX_SCORES = 1 << 16
+BACKENDS = ("sdpa", "math", "xformers", "auto")
 
 
-def _check_backend(backend: str, slice_size: Optional[int]) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}: use one of {', '.join(BACKENDS)}")
+def _check_backend(backend: str, slice_size: Optional[int], backends: Sequence[str] = BACKENDS) -> None:
+    if backend not in backends:
+        if backend == "blocked":
+            raise ValueError("attention backend 'blocked' is the CPU kernel of ldm.accel: call "
+                             "ldm.accel.optimize(model) first, or use one of " + ", ".join(backends))
+        raise ValueError(f"unknown attention backend {backend!r}: use one of {', '.join(backends)}")
     if slice_size is not None and (isinstance(slice_size, bool) or not isinstance(slice_size, int)
                                    or slice_size < 1):
         raise ValueError(f"attention slice_size must be a positive int (query rows per chunk) or None, "
@@ -88,36 +84,6 @@ def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torc
     return torch.matmul(weights.to(v.dtype), v)
 
 
-_BLOCK_SCORES = 1 << 19  # fp32 scores per block (2 MiB): a block's scores and probabilities stay in cache
-
-
-def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``_math``'s numbers (fp32 scores and softmax, probabilities cast to v's dtype for the second product), one
-    head and a block of query rows at a time, so each block's scores stay in the CPU cache; q @ k^T runs on oneDNN's
-    fp32 matmul (:func:`onednn.linear`). With bf16 q, k, v on a CPU this is ~1.75x faster than torch's CPU flash
-    kernel at SD's 4096 tokens (bench/README.md)."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _math(q, k, v, mask)  # the blocks are written in place, which autograd cannot follow
-    b, h, n, d = q.shape
-    rows = max(16, _BLOCK_SCORES // max(k.shape[2], 1))
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        qf = (q.float() * d ** -0.5).reshape(b * h, n, d)
-        kf = k.float().expand(b, h, -1, -1).reshape(b * h, -1, d)
-        vv = v.expand(b, h, -1, -1).reshape(b * h, -1, v.shape[-1])
-        if mask is not None:
-            mask = mask.expand(b, h, n, k.shape[2]).reshape(b * h, n, k.shape[2])
-        out = torch.empty(b * h, n, v.shape[-1], dtype=v.dtype, device=v.device)
-        for i in range(b * h):
-            for start in range(0, n, rows):
-                scores = onednn.linear(qf[i, start:start + rows], kf[i])  # q @ k^T, on oneDNN on a CPU
-                if mask is not None:
-                    m = mask[i, start:start + rows]
-                    scores = scores.masked_fill(~m, -torch.finfo(scores.dtype).max) if m.dtype == torch.bool \
-                        else scores + m.float()
-                torch.mm(scores.softmax(dim=-1).to(v.dtype), vv[i], out=out[i, start:start + rows])
-    return out.reshape(b, h, n, v.shape[-1])
-
-
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -130,20 +96,12 @@ def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
     return out.transpose(1, 2)
 
 
-_KERNELS: dict[str, Callable] = {"sdpa": _sdpa, "math": _math, "blocked": _blocked, "xformers": _xformers}
+KERNELS: dict[str, Callable] = {"sdpa": _sdpa, "math": _math, "xformers": _xformers}
 
 
-def _resolve(backend: str, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> str:
+def _resolve(backend: str, q: torch.Tensor, mask: Optional[torch.Tensor]) -> str:
     if backend == "auto":
-        if q.is_cuda:
-            return "xformers" if mask is None and _xformers_ops() is not None else "sdpa"
-        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            queries, keys = q.shape[2], k.shape[2]
-            if not torch.is_grad_enabled():
-                return "blocked" if keys >= BLOCKED_MIN_KEYS or queries * keys >= BLOCKED_MIN_SCORES else "math"
-            if queries * keys <= MATH_MAX_SCORES:
-                return "math"
-        return "sdpa"
+        return "xformers" if q.is_cuda and mask is None and _xformers_ops() is not None else "sdpa"
     if backend == "xformers":
         if _xformers_ops() is None:
             raise ValueError("attention backend 'xformers' asked for but xformers does not import: "
@@ -169,10 +127,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     broadcastable to [B, heads, Nq, Nk]. Returns [B, heads, Nq, d].
     """
     _check_backend(backend, slice_size)
+    return sliced_attention(KERNELS[_resolve(backend, q, mask)], q, k, v, mask=mask, slice_size=slice_size)
+
+
+def sliced_attention(kernel: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                     mask: Optional[torch.Tensor] = None, slice_size: Optional[int] = None) -> torch.Tensor:
+    """``kernel(q, k, v, mask)`` (shapes as :func:`attention`'s), on chunks of ``slice_size`` query rows."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects q, k, v shaped [batch, heads, tokens, dim_head], got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    kernel = _KERNELS[_resolve(backend, q, k, mask)]
     rows = q.shape[2]
     if slice_size is None or slice_size >= rows:
         return kernel(q, k, v, mask)
@@ -189,15 +152,22 @@ def maybe_checkpoint(fn: Callable[..., torch.Tensor], *args: Any, enabled: bool)
 
 
 class AttentionBackendMixin:
-    """A module whose attention backend and slicing can be switched after construction."""
+    """A module whose attention backend and slicing can be switched after construction; it attends through
+    :meth:`attend` (which :mod:`ldm.accel` overrides)."""
 
+    backends: tuple[str, ...] = BACKENDS  # the backends this module can run
     backend: str = "sdpa"
     slice_size: Optional[int] = None
 
     def set_backend(self, backend: str, slice_size: Optional[int] = None) -> None:
-        _check_backend(backend, slice_size)
+        _check_backend(backend, slice_size, self.backends)
         self.backend = backend
         self.slice_size = slice_size
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:func:`attention` with this module's backend and slicing."""
+        return attention(q, k, v, backend=self.backend, slice_size=self.slice_size, mask=mask)
 
 
 class CrossAttention(AttentionBackendMixin, nn.Module):
@@ -210,10 +180,10 @@ class CrossAttention(AttentionBackendMixin, nn.Module):
         context_dim = query_dim if context_dim is None else context_dim
         self.heads = heads
         self.dim_head = dim_head
-        self.to_q = Linear(query_dim, inner_dim, bias=False)
-        self.to_k = Linear(context_dim, inner_dim, bias=False)
-        self.to_v = Linear(context_dim, inner_dim, bias=False)
-        self.to_out = nn.Sequential(Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
         self.set_backend(backend, slice_size)
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -228,7 +198,7 @@ class CrossAttention(AttentionBackendMixin, nn.Module):
         q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(context)), self._heads(self.to_v(context))
         if mask is not None:
             mask = mask.reshape(mask.shape[0], 1, 1, -1)
-        out = attention(q, k, v, backend=self.backend, slice_size=self.slice_size, mask=mask)
+        out = self.attend(q, k, v, mask)
         return self.to_out(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.heads * self.dim_head))
 
 
@@ -237,7 +207,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = Linear(dim_in, dim_out * 2)
+        self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)
@@ -251,8 +221,8 @@ class FeedForward(nn.Module):
                  dropout: float = 0.0):
         super().__init__()
         inner_dim = int(dim * mult)
-        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(Linear(dim, inner_dim), nn.GELU())
-        self.net = nn.Sequential(project_in, nn.Dropout(dropout), Linear(inner_dim, dim_out or dim))
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out or dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -309,11 +279,11 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(32, in_channels, eps=1e-6, affine=True)
         if use_linear:
-            self.proj_in = Linear(in_channels, inner_dim)
-            self.proj_out = Linear(inner_dim, in_channels)
+            self.proj_in = nn.Linear(in_channels, inner_dim)
+            self.proj_out = nn.Linear(inner_dim, in_channels)
         else:
-            self.proj_in = Conv2d(in_channels, inner_dim, kernel_size=1)
-            self.proj_out = Conv2d(inner_dim, in_channels, kernel_size=1)
+            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+            self.proj_out = nn.Conv2d(inner_dim, in_channels, kernel_size=1)
         for p in self.proj_out.parameters():
             nn.init.zeros_(p)
         self.transformer_blocks = nn.ModuleList([
@@ -349,11 +319,10 @@ class SpatialTransformer(nn.Module):
 
 def set_attention_backend(module: nn.Module, backend: str, slice_size: Optional[int] = None) -> int:
     """Set the backend (and query-row slicing) of every attention layer under ``module``; returns how many."""
-    _check_backend(backend, slice_size)
-    count = 0
-    for m in module.modules():
-        if isinstance(m, AttentionBackendMixin):
-            m.set_backend(backend, slice_size)
-            count += 1
-    logger.debug("attention backend %s (slice_size %s) set on %d layers", backend, slice_size, count)
-    return count
+    layers = [m for m in module.modules() if isinstance(m, AttentionBackendMixin)]
+    for backends in {m.backends for m in layers} or {BACKENDS}:  # check every layer before changing any
+        _check_backend(backend, slice_size, backends)
+    for m in layers:
+        m.set_backend(backend, slice_size)
+    logger.debug("attention backend %s (slice_size %s) set on %d layers", backend, slice_size, len(layers))
+    return len(layers)

@@ -18,9 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import (AttentionBackendMixin, SpatialTransformer, attention, maybe_checkpoint,
-                        set_attention_backend)
-from .onednn import Conv2d, ConvPacks, Linear, packed_convolutions
+from .attention import AttentionBackendMixin, SpatialTransformer, maybe_checkpoint, set_attention_backend
 
 __all__ = [
     "timestep_embedding",
@@ -69,25 +67,10 @@ def coordinate_features(height: int, width: int, device=None, dtype=None) -> tor
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 and cast back to the input's dtype (as the reference).
-
-    Under CPU bf16 autocast, for inference, the norm runs on the bf16 input directly, with the affine weights cast
-    to bf16: the CPU kernel accumulates the statistics in fp32 (as the reference's upcast does) and this avoids two
-    full copies and the slower mixed-dtype kernel. The output differs from the reference's by at most one bf16
-    rounding step, well inside autocast's own error. When autograd records the norm (training) the reference
-    upcast runs: torch's bf16 GroupNorm backward on channels-last input is the slower one (forward + backward at
-    128 channels, 32x32, batch 2: 1.7 ms against 0.7 ms). Everywhere else (fp32, CUDA, fp16) it is the reference.
-    """
+    """GroupNorm computed in fp32 and cast back to the input's dtype (as the reference)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            return F.group_norm(x, self.num_groups, _cast(self.weight, x.dtype), _cast(self.bias, x.dtype), self.eps)
         return super().forward(x.float()).type(x.dtype)
-
-
-def _cast(p: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    return None if p is None else p.to(dtype)
 
 
 def normalization(channels: int) -> GroupNorm32:
@@ -132,7 +115,7 @@ class Upsample(nn.Module):
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         if use_conv:
-            self.conv = Conv2d(channels, self.out_channels, 3, padding=padding)
+            self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=padding)
         elif self.out_channels != channels:
             raise ValueError(f"Upsample without conv cannot change channels {channels} -> {self.out_channels}: "
                              "set use_conv=True")
@@ -152,7 +135,7 @@ class Downsample(nn.Module):
         self.channels = channels
         self.out_channels = out_channels or channels
         if use_conv:
-            self.op = Conv2d(channels, self.out_channels, 3, stride=2, padding=padding)
+            self.op = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=padding)
         elif self.out_channels != channels:
             raise ValueError(f"Downsample without conv cannot change channels {channels} -> {self.out_channels}: "
                              "set use_conv=True")
@@ -179,7 +162,7 @@ class ResBlock(TimestepBlock):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
         self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
-                                       Conv2d(channels, self.out_channels, 3, padding=1))
+                                       nn.Conv2d(channels, self.out_channels, 3, padding=1))
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -188,13 +171,13 @@ class ResBlock(TimestepBlock):
         else:
             self.h_upd = self.x_upd = nn.Identity()
         emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
-        self.emb_layers = nn.Sequential(nn.SiLU(), Linear(emb_channels, emb_out))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(normalization(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
-                                        zero_module(Conv2d(self.out_channels, self.out_channels, 3, padding=1)))
+                                        zero_module(nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)))
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
         else:
-            self.skip_connection = Conv2d(channels, self.out_channels, 3 if use_conv else 1,
+            self.skip_connection = nn.Conv2d(channels, self.out_channels, 3 if use_conv else 1,
                                           padding=1 if use_conv else 0)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -261,7 +244,7 @@ class AttentionBlock(AttentionBackendMixin, nn.Module):
         b, c = x.shape[:2]
         x_flat = x.reshape(b, c, -1)
         q, k, v = self._split(self.qkv(self.norm(x_flat)))
-        h = attention(q, k, v, backend=self.backend, slice_size=self.slice_size)
+        h = self.attend(q, k, v)
         h = self.proj_out(h.transpose(-1, -2).reshape(b, c, -1))
         return (x_flat + h).reshape(x.shape)
 
@@ -302,14 +285,8 @@ class UNetModel(nn.Module):
     position category; the shipped demo model v5 has it: docs/demo_model.md.)
     Zero-initialised, it leaves a warm-started model's output unchanged until it is trained.
 
-    Inference under CPU bf16 autocast (no grad) runs on a cached bf16 copy of the conv and linear weights instead
-    of letting autocast cast them again in every call (5 GB of memory traffic per SD1.5 forward; autocast's own
-    cache only covers weights that require grad, and only within one autocast region). Norms keep their fp32
-    weights, as under autocast. The copy is remade when a weight changes (in-place update, load, move) and is
-    freed by :meth:`clear_weight_cache`; set ``cache_cast_weights = False`` to never keep one. In that call the
-    convolutions also run on weights packed once into oneDNN's layout (:mod:`ldm.models.onednn`) instead of
-    being reordered in every call (``pack_conv_weights = False`` to not keep these packs, which take as much
-    memory as the bf16 conv weights); the packs live and go with the cached copy.
+    The CPU fast paths (oneDNN layers, a cached bf16 copy of the weights and pre-packed convolutions for bf16
+    inference, blocked attention) are not part of the model: :func:`ldm.accel.optimize` adds them.
     """
 
     def __init__(self, image_size: Optional[int], in_channels: int, model_channels: int, out_channels: int,
@@ -361,10 +338,6 @@ class UNetModel(nn.Module):
         self.attention_backend = attention_backend
         self.attention_slice_size = attention_slice_size
         self.channels_last = channels_last
-        self.cache_cast_weights = True
-        self.pack_conv_weights = True
-        self._weight_cache: Optional[tuple[tuple, dict[str, torch.Tensor], ConvPacks]] = None
-        self._in_cached_call = False
         self.disable_self_attentions = (
             [False] * levels if disable_self_attentions is None
             else _per_level(disable_self_attentions, levels, "disable_self_attentions"))
@@ -373,10 +346,10 @@ class UNetModel(nn.Module):
         self._validate()
 
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(Linear(model_channels, time_embed_dim), nn.SiLU(),
-                                        Linear(time_embed_dim, time_embed_dim))
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
+                                        nn.Linear(time_embed_dim, time_embed_dim))
         skip_chans = self._build_input_blocks(time_embed_dim)
-        self.pos_embed = (zero_module(Conv2d(4 * len(COORDINATE_FREQUENCIES), model_channels, 1))
+        self.pos_embed = (zero_module(nn.Conv2d(4 * len(COORDINATE_FREQUENCIES), model_channels, 1))
                           if position_embedding else None)
         ch = model_channels * self.channel_mult[-1]
         self.middle_block = TimestepEmbedSequential(
@@ -386,7 +359,7 @@ class UNetModel(nn.Module):
         )
         self._build_output_blocks(time_embed_dim, skip_chans)
         self.out = nn.Sequential(normalization(model_channels), nn.SiLU(),
-                                 zero_module(Conv2d(model_channels, out_channels, 3, padding=1)))
+                                 zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
         set_attention_backend(self, attention_backend, attention_slice_size)
         if channels_last:
             self.to(memory_format=torch.channels_last)  # 4-D conv weights only; loading copies into them
@@ -452,7 +425,7 @@ class UNetModel(nn.Module):
     def _build_input_blocks(self, emb_dim: int) -> list[int]:
         """Fill ``input_blocks``; returns the channel count of every skip connection, in order."""
         ch = self.model_channels
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(self.in_channels, ch, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(self.in_channels, ch, 3, padding=1))])
         skip_chans, ds = [ch], 1
         for level, mult in enumerate(self.channel_mult):
             for index in range(self.num_res_blocks[level]):
@@ -489,8 +462,8 @@ class UNetModel(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- forward
     def set_attention_backend(self, backend: str, slice_size: Optional[int] = None) -> None:
-        """Switch every attention layer to ``backend`` ("sdpa", "math", "blocked", "xformers", "auto") and
-        slicing."""
+        """Switch every attention layer to ``backend`` ("sdpa", "math", "xformers", "auto"; "blocked" after
+        :func:`ldm.accel.optimize`) and slicing."""
         set_attention_backend(self, backend, slice_size)
         self.attention_backend, self.attention_slice_size = backend, slice_size
 
@@ -517,15 +490,6 @@ class UNetModel(nn.Module):
         if y is not None:
             raise ValueError("y (class labels) given but this UNet has no class conditioning: pass y=None")
         self._check_input(x)
-        dtype = self._cached_weights_dtype(x)
-        if dtype is not None:
-            self._in_cached_call = True
-            try:
-                weights = self._cast_weights(dtype)
-                with packed_convolutions(self._weight_cache[2] if self.pack_conv_weights else None):
-                    return torch.func.functional_call(self, weights, (x, timesteps, context))
-            finally:
-                self._in_cached_call = False
         t_emb = timestep_embedding(self._timesteps(timesteps, x), self.model_channels)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
         skips = []
@@ -542,44 +506,3 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         return self.out(h.type(x.dtype)).contiguous()
-
-    # --------------------------------------------------------------------------------------- weight cache
-    def store_weights_in_(self, dtype: torch.dtype) -> "UNetModel":
-        """Keep the conv and linear weights (and biases) in ``dtype`` itself, for inference under autocast to
-        ``dtype``: they are what autocast would cast them to, so the outputs are the same, without a float32
-        copy beside them (half the UNet's memory in bf16/fp16, and no cast copy). Norms stay float32, as
-        autocast runs them. In place, and lossy: the float32 values are gone. Returns self."""
-        self._weight_cache = None
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-                module.to(dtype)  # one module at a time: each float32 tensor is freed as it is replaced
-        return self
-
-    def clear_weight_cache(self) -> None:
-        """Free the cached low-precision copy of the weights (it is rebuilt on the next autocast inference)."""
-        self._weight_cache = None
-
-    def _cached_weights_dtype(self, x: torch.Tensor) -> Optional[torch.dtype]:
-        """bf16 when this call may run on cached bf16 weights: CPU bf16 autocast, no grad, not already inside,
-        not being traced by torch.compile (the cache and the packed conv weights are Python-side state that
-        dynamo would guard on and recompile for; compiled code fuses the casts itself)."""
-        if (not self.cache_cast_weights or self._in_cached_call or torch.is_grad_enabled()
-                or torch.compiler.is_compiling()
-                or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
-                or torch.get_autocast_dtype("cpu") != torch.bfloat16):
-            if not self.cache_cast_weights:
-                self._weight_cache = None
-            return None
-        return torch.bfloat16
-
-    def _cast_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Low-precision copies of the conv and linear weights (what autocast would cast); norms keep theirs."""
-        params = [(f"{prefix}.{name}" if prefix else name, p) for prefix, module in self.named_modules()
-                  if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
-                  for name, p in module.named_parameters(recurse=False)]
-        key = (dtype, tuple((p.data_ptr(), p._version) for _, p in params))
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            self._weight_cache = None  # drop the stale copy before making the new one
-            self._weight_cache = (key, {name: p.detach().to(dtype) for name, p in params}, ConvPacks())
-            logger.debug("cached %s copies of %d UNet weights", dtype, len(params))
-        return self._weight_cache[1]

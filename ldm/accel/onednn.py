@@ -8,8 +8,9 @@ much as the convolution. Inference calls the same weights with the same input sh
 :class:`ConvPacks` reorders each weight once per input shape and :class:`Conv2d` runs on that copy while
 :func:`packed_convolutions` is active. The outputs are the same numbers (the same oneDNN kernel runs).
 
-:class:`Conv2d` is ``nn.Conv2d`` (same parameters, state dict and numerics) outside that context; the UNet
-uses it and activates the context only inside its cached bf16 inference call (``UNetModel.forward``).
+:class:`Conv2d` is ``nn.Conv2d`` (same parameters, state dict and numerics) outside that context;
+:func:`ldm.accel.optimize` swaps the UNet's ``nn.Conv2d`` layers to it, and the accelerated UNet
+(:class:`ldm.accel.unet.UNetModel`) activates the context only inside its cached bf16 inference call.
 
 :class:`Linear` is ``nn.Linear`` (same parameters, state dict and numbers up to fp32 summation order) whose fp32
 products on a CPU, in its forward and in both products of its backward, run on oneDNN's matmul
@@ -17,7 +18,8 @@ products on a CPU, in its forward and in both products of its backward, run on o
 bench/README.md that BLAS's fp32 GEMM ran at half of oneDNN's rate at 2048^3 and at 0.4-0.5x at SD's shapes, and an
 fp32 training step of the width-128 UNet took 14% less time. bf16/fp16 (and autocast, which casts to them) keep
 ``F.linear``, which already reaches oneDNN. :class:`Conv2d`'s 1x1 convolutions of channels-last fp32 input run the
-same way (a linear layer over the channels of the NHWC view).
+same way (a linear layer over the channels of the NHWC view). :func:`ldm.accel.optimize` swaps the UNet's
+``nn.Linear`` layers to :class:`Linear`.
 """
 from __future__ import annotations
 

@@ -1,0 +1,99 @@
+"""Attention on a CPU: the cache-blocked kernel (``"blocked"``) and the CPU choice among kernels for ``"auto"``.
+
+:func:`attention` is :func:`ldm.models.attention.attention` with two additions:
+
+- ``"blocked"``: the same numbers as ``"math"``, one head and a cache-sized block of query rows at a time
+  (faster than torch's CPU flash kernel for bf16 inference);
+- ``"auto"`` with bf16 on a CPU, where torch's flash kernel has a high fixed cost: for inference, blocked with at
+  least ``BLOCKED_MIN_KEYS`` keys or ``BLOCKED_MIN_SCORES`` scores per head (self-attention over a feature map,
+  text attention at 4096 pixels), math below that; in training, math up to ``MATH_MAX_SCORES`` scores per head.
+  Everything else as the model's ``"auto"`` (xformers on CUDA when installed, else sdpa). (Measured per layer
+  shape in bench/README.md.)
+
+:func:`ldm.accel.optimize` swaps the model's attention layers to :class:`CrossAttention` /
+:class:`AttentionBlock`, whose :meth:`attend` calls this :func:`attention` and which accept ``"blocked"``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ldm.models import attention as base
+from ldm.models import unet
+
+from . import onednn
+
+__all__ = ["BACKENDS", "attention", "AcceleratedAttention", "CrossAttention", "AttentionBlock"]
+
+BACKENDS = base.BACKENDS + ("blocked",)
+BLOCKED_MIN_KEYS = 256
+BLOCKED_MIN_SCORES = 1 << 18  # queries x keys per head
+MATH_MAX_SCORES = 1 << 16
+_BLOCK_SCORES = 1 << 19  # fp32 scores per block (2 MiB): a block's scores and probabilities stay in cache
+
+
+def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The ``"math"`` kernel's numbers (fp32 scores and softmax, probabilities cast to v's dtype for the second
+    product), one head and a block of query rows at a time, so each block's scores stay in the CPU cache; q @ k^T
+    runs on oneDNN's fp32 matmul (:func:`onednn.linear`). With bf16 q, k, v on a CPU this is ~1.75x faster than
+    torch's CPU flash kernel at SD's 4096 tokens (bench/README.md)."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return base.KERNELS["math"](q, k, v, mask)  # the blocks are written in place, which autograd cannot follow
+    b, h, n, d = q.shape
+    rows = max(16, _BLOCK_SCORES // max(k.shape[2], 1))
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        qf = (q.float() * d ** -0.5).reshape(b * h, n, d)
+        kf = k.float().expand(b, h, -1, -1).reshape(b * h, -1, d)
+        vv = v.expand(b, h, -1, -1).reshape(b * h, -1, v.shape[-1])
+        if mask is not None:
+            mask = mask.expand(b, h, n, k.shape[2]).reshape(b * h, n, k.shape[2])
+        out = torch.empty(b * h, n, v.shape[-1], dtype=v.dtype, device=v.device)
+        for i in range(b * h):
+            for start in range(0, n, rows):
+                scores = onednn.linear(qf[i, start:start + rows], kf[i])  # q @ k^T, on oneDNN on a CPU
+                if mask is not None:
+                    m = mask[i, start:start + rows]
+                    scores = scores.masked_fill(~m, -torch.finfo(scores.dtype).max) if m.dtype == torch.bool \
+                        else scores + m.float()
+                torch.mm(scores.softmax(dim=-1).to(v.dtype), vv[i], out=out[i, start:start + rows])
+    return out.reshape(b, h, n, v.shape[-1])
+
+
+def _cpu_choice(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
+    """The kernel ``"auto"`` takes for bf16 on a CPU; None elsewhere (the model's own ``"auto"`` then)."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return None
+    queries, keys = q.shape[2], k.shape[2]
+    if not torch.is_grad_enabled():
+        return "blocked" if keys >= BLOCKED_MIN_KEYS or queries * keys >= BLOCKED_MIN_SCORES else "math"
+    return "math" if queries * keys <= MATH_MAX_SCORES else None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "sdpa",
+              slice_size: Optional[int] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`ldm.models.attention.attention` (same arguments), plus ``"blocked"`` and the CPU ``"auto"``."""
+    base._check_backend(backend, slice_size, BACKENDS)
+    if backend == "auto":
+        backend = _cpu_choice(q, k) or "auto"
+    if backend != "blocked":
+        return base.attention(q, k, v, backend=backend, slice_size=slice_size, mask=mask)
+    return base.sliced_attention(_blocked, q, k, v, mask=mask, slice_size=slice_size)
+
+
+class AcceleratedAttention(base.AttentionBackendMixin):
+    """An attention layer that attends through this module's :func:`attention` (and takes ``"blocked"``)."""
+
+    backends = BACKENDS
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return attention(q, k, v, backend=self.backend, slice_size=self.slice_size, mask=mask)
+
+
+class CrossAttention(AcceleratedAttention, base.CrossAttention):
+    """:class:`ldm.models.attention.CrossAttention` with the CPU kernels."""
+
+
+class AttentionBlock(AcceleratedAttention, unet.AttentionBlock):
+    """:class:`ldm.models.unet.AttentionBlock` with the CPU kernels."""
