@@ -96,7 +96,7 @@ def fixed_loss(module: LatentDiffusionModule, batch: dict) -> float:
     module.eval()
     with torch.no_grad():
         z = module.latents(batch["image"], g)
-        c = {"crossattn": module.conditioning(batch["caption"])}
+        c = module.conditioning(batch)
         losses = [module.loss_fn(module.apply_model, z, c, module.alphas_cumprod, generator=g)[0] for _ in range(8)]
     return float(torch.stack(losses).mean())
 
@@ -178,18 +178,34 @@ def test_ema_updates_once_per_optimizer_step(tmp_path):
     assert not torch.equal(ema_w, dict(module.model.named_parameters())[name])
 
 
+def _dropped_captions(module, captions, generator):
+    """The prompts the text encoder sees in a training step's conditioning (condition dropout applied)."""
+    seen = []
+    encode = module.cond_stage_model.encode
+    module.cond_stage_model.encode = lambda prompts: seen.extend(prompts) or encode(prompts)
+    try:
+        module.conditioning({"caption": captions}, generator, drop=True)
+    finally:
+        del module.cond_stage_model.encode
+    return seen
+
+
 def test_condition_dropout_rate_and_determinism():
     module = tiny_module(cond_drop_rate=0.3)
-    captions = [f"caption {i}" for i in range(4000)]
-    dropped = module.drop_captions(captions, torch.Generator().manual_seed(5))
+    captions = [f"caption {i}" for i in range(400)]
+    dropped = _dropped_captions(module, captions, torch.Generator().manual_seed(5))
     rate = sum(c == "" for c in dropped) / len(captions)
-    assert abs(rate - 0.3) < 0.03
-    assert dropped == module.drop_captions(captions, torch.Generator().manual_seed(5))
-    assert dropped != module.drop_captions(captions, torch.Generator().manual_seed(6))
-    kept = [c for c in dropped if c]
-    assert all(c.startswith("caption ") for c in kept)
-    assert tiny_module(cond_drop_rate=0.0).drop_captions(captions[:50], None) == captions[:50]
-    assert tiny_module(cond_drop_rate=1.0).drop_captions(captions[:50], None) == [""] * 50
+    assert abs(rate - 0.3) < 0.07
+    # the same random numbers as before the conditioner owned the dropout: one rand(B) per step
+    expected = torch.rand(len(captions), generator=torch.Generator().manual_seed(5)) < 0.3
+    assert dropped == ["" if d else c for c, d in zip(captions, expected.tolist())]
+    assert dropped == _dropped_captions(module, captions, torch.Generator().manual_seed(5))
+    assert dropped != _dropped_captions(module, captions, torch.Generator().manual_seed(6))
+    assert _dropped_captions(tiny_module(cond_drop_rate=0.0), captions[:50], None) == captions[:50]
+    assert _dropped_captions(tiny_module(cond_drop_rate=1.0), captions[:50], None) == [""] * 50
+    assert _dropped_captions(tiny_module(), captions[:50], torch.Generator().manual_seed(5)) == [
+        "" if d else c for c, d in zip(captions[:50], (torch.rand(50, generator=torch.Generator().manual_seed(5))
+                                                       < 0.1).tolist())]  # the default rate is 0.1
 
 
 def test_step_generators_depend_on_seed_step_and_batch(tmp_path, monkeypatch):
@@ -426,7 +442,7 @@ def test_latent_cache_reuses_moments_and_matches_uncached():
         b = plain._loss(batch, torch.Generator().manual_seed(1), drop=False)
         assert torch.allclose(a, b, atol=1e-6)
     assert calls == [4]  # encoded once, then served from the cache
-    assert len(cached._text_cache) == len(set(batch["caption"]))
+    assert len(cached.conditioner.cache) == len(set(batch["caption"]))
 
 
 def test_first_stage_ckpt_plain_or_full_layout(tmp_path):
