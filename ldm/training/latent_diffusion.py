@@ -35,6 +35,7 @@ from ldm.config import instantiate_from_config, to_plain
 from ldm.ema import EMA, ema_name
 from ldm.model import PROMPT_KEY, LatentDiffusion
 from ldm.training.common import AdamW, TrainingModuleMixin
+from ldm.training.init_from import PARTS, InitSource, init_from_files, parse_init_from
 from ldm.training.lr import LinearWarmup
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,18 @@ def _bind_model_args(*args: Any, **kwargs: Any) -> dict[str, Any]:
     bound = inspect.signature(LatentDiffusion).bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+def _init_sources(init_from: Any, first_stage_ckpt: str | None) -> list[InitSource]:
+    """The checked ``init_from`` entries; ``first_stage_ckpt``, when given, is the autoencoder's one source."""
+    if not init_from:
+        return []
+    parts = [p for p in PARTS if not (first_stage_ckpt and p == "first_stage")]
+    sources = parse_init_from(init_from, parts)
+    if first_stage_ckpt and any("first_stage" in s.parts for s in sources):
+        raise ValueError("init_from and first_stage_ckpt both give the autoencoder's weights: drop first_stage "
+                         "from init_from's parts, or first_stage_ckpt")
+    return sources
 
 
 def _make_loss(parameterization: str, weighting: str, min_snr_gamma: float, offset_noise: float, timesteps: int):
@@ -130,6 +143,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         model_args = _bind_model_args(unet_config, first_stage_config, cond_stage_config, use_ema=use_ema,
                                       scheduler_config=scheduler_config, **model_params)
         self._check_training_args(hparams, model_args)  # before the (possibly large) networks are built
+        init_sources = _init_sources(init_from, first_stage_ckpt)
         loss_fn = _make_loss(model_args["parameterization"], loss_weighting, min_snr_gamma, offset_noise,
                              model_args["timesteps"])
         super().__init__(**model_args)
@@ -158,17 +172,15 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                 raise ValueError(f"first_stage_ckpt {first_stage_ckpt} not found; give the autoencoder export's "
                                  "path or null")
             self.first_stage_model.init_from_ckpt(first_stage_ckpt)
-        elif not (to_plain(first_stage_config).get("params") or {}).get("ckpt_path") and not init_from:
+        elif not (to_plain(first_stage_config).get("params") or {}).get("ckpt_path") and not any(
+                "first_stage" in source.parts for source in init_sources):
             log.warning("no first_stage_ckpt: the autoencoder keeps its random weights (smoke tests only); set "
                         "model.params.first_stage_ckpt to a trained autoencoder")
         if gradient_checkpointing:
             for m in self.model.diffusion_model.modules():
                 if hasattr(m, "use_checkpoint"):
                     m.use_checkpoint = True
-        if init_from:
-            from ldm.training.init_from import init_from_files
-
-            init_from_files(self, init_from)
+        init_from_files(self, init_sources)
         self.model_ema = EMA(self.model, decay=ema_decay) if use_ema else None  # starts from the loaded weights
 
     # ---- construction helpers -------------------------------------------------------------------------------
