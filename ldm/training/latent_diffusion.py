@@ -62,7 +62,7 @@ def _bind_model_args(*args: Any, **kwargs: Any) -> dict[str, Any]:
 
 def _init_sources(init_from: Any, first_stage_ckpt: str | None) -> list[InitSource]:
     """The checked ``init_from`` entries; ``first_stage_ckpt``, when given, is the autoencoder's one source."""
-    if not init_from:
+    if init_from is None:
         return []
     parts = [p for p in PARTS if not (first_stage_ckpt and p == "first_stage")]
     sources = parse_init_from(init_from, parts)
