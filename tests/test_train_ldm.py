@@ -115,6 +115,34 @@ def test_state_dict_is_sd_layout_plus_model_ema():
     assert "loss_fn" not in "".join(keys)
 
 
+def test_both_training_modules_declare_the_interfaces_the_callbacks_use():
+    from ldm.training.autoencoder import AutoencoderKLModule
+    from ldm.training.callbacks import export_model
+    from ldm.training.common import ExportableModule, SamplingModule
+
+    assert issubclass(LatentDiffusionModule, ExportableModule) and issubclass(AutoencoderKLModule, ExportableModule)
+    module = tiny_module()
+    assert isinstance(module, ExportableModule) and isinstance(module, SamplingModule)
+    with pytest.raises(TypeError, match="cannot be exported.*ExportableModule"):
+        export_model(torch.nn.Linear(2, 2), "unused.safetensors")
+
+
+def test_module_params_are_latent_diffusions_checked_up_front():
+    import inspect
+
+    from ldm.model import LatentDiffusion
+
+    accepted = set(inspect.signature(LatentDiffusionModule).parameters)
+    assert set(inspect.signature(LatentDiffusion).parameters) <= accepted  # nothing restated by hand
+    assert {"ema_decay", "init_from", "cond_drop_rate"} <= accepted
+    assert inspect.signature(LatentDiffusionModule).parameters["use_ema"].default is True
+    with pytest.raises(ConfigError, match=r"model\.params\.scale_factr: unknown parameter"):
+        tiny_module(scale_factr=0.5)
+    module = tiny_module(scale_factor=0.5, linear_end=0.02)  # passed through to LatentDiffusion
+    assert module.scale_factor == 0.5 and module.hparams["linear_end"] == 0.02
+    assert module.model_config()["params"]["scale_factor"] == 0.5
+
+
 def test_one_training_step_changes_unet_only(tmp_path):
     module = tiny_module()
     before = {k: v.clone() for k, v in module.state_dict().items()}

@@ -335,21 +335,15 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
 
-    def inference_config(self) -> dict:
-        """The config of the exported model (see :func:`inference_config`)."""
-        return self.export_config(self.model_config())
-
-    def export_state_dict(self, use_ema: bool = True, include_ema: bool = False) -> dict[str, torch.Tensor]:
-        """The SD-layout state dict for inference (see :func:`export_state_dict`)."""
-        return self.export_weights(self.state_dict(), use_ema=use_ema, include_ema=include_ema)
-
-    # the export of a training checkpoint without building the module (ldm.training.callbacks)
+    # the export (ldm.training.common.ExportableModule): an SD-layout ldm.model.LatentDiffusion
     @staticmethod
     def export_config(model_node: dict) -> dict:
+        """See :func:`inference_config`."""
         return inference_config(model_node)
 
     @staticmethod
     def export_weights(state_dict: dict, use_ema: bool = True, include_ema: bool = False) -> dict:
+        """See :func:`export_state_dict`."""
         return export_state_dict(state_dict, use_ema=use_ema, include_ema=include_ema)
 
     # ---- sampling (image logger) ----------------------------------------------------------------------------
