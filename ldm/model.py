@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from ldm.config import instantiate_from_config
-from ldm.models.conditioner import Conditioner, EmbedderSpec, InpaintingConcat
 from ldm.diffusion import schedules
 from ldm.diffusion.denoisers import make_denoiser
+from ldm.models.conditioner import Conditioner, EmbedderSpec, InpaintingConcat
 
 log = logging.getLogger(__name__)
 
