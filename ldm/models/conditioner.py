@@ -26,7 +26,6 @@ model keeps its weights under ``conditioner.embedders.N.*``.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
@@ -34,10 +33,8 @@ import torch
 from torch import nn
 
 from ldm.config import instantiate_from_config, to_plain
-from ldm.models.text_encoder import OpenCLIPTextEncoder
+from ldm.models.text_encoder import OpenCLIPTextEncoder, _is_plain_block, _plain_block_forward
 from ldm.models.unet import timestep_embedding
-
-log = logging.getLogger(__name__)
 
 __all__ = ["Conditioner", "EmbedderSpec", "TextEmbedder", "ConcatTimestepEmbedderND", "InpaintingConcat",
            "KINDS"]
@@ -264,8 +261,6 @@ class TextEmbedder(OpenCLIPTextEncoder):
 
     def _context_and_last(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ln_final of the output of block ``layer`` (the context) and of the last block (for pooling)."""
-        from ldm.models.text_encoder import _is_plain_block, _plain_block_forward
-
         model, length = self.model, tokens.shape[1]
         x = model.token_embedding(tokens) + model.positional_embedding[:length]
         mask = model.attn_mask[:length, :length]
