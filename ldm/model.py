@@ -3,11 +3,16 @@
 Attribute names are those of the original ``LatentDiffusion`` so that its ``state_dict`` is the Stable Diffusion
 layout (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*`` and the 12 schedule buffers).
 Training (``ldm.training``) subclasses it; the pipeline uses it as is.
+
+Conditioning is the model's: its :class:`~ldm.models.conditioner.Conditioner` turns a batch dict (``txt``: the
+prompts, and whatever else its embedders read) into the dict the UNet takes (``crossattn``, ``vector``,
+``concat``), through :meth:`LatentDiffusion.get_learned_conditioning` and
+:meth:`LatentDiffusion.get_unconditional_conditioning`. Nobody else builds that dict.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -15,17 +20,19 @@ from torch import nn
 from ldm.config import instantiate_from_config
 from ldm.diffusion import schedules
 from ldm.diffusion.denoisers import make_denoiser
+from ldm.models.conditioner import Conditioner, EmbedderSpec, InpaintingConcat
 
 log = logging.getLogger(__name__)
 
 PARAMETERIZATIONS = ("eps", "v", "x0")
+PROMPT_KEY = "txt"  # the batch entry holding the prompts (sgm's name)
 
 
 class DiffusionWrapper(nn.Module):
     """Holds the UNet as ``diffusion_model`` and routes the conditioning dict into it.
 
-    cond keys: ``crossattn`` (text embeddings, [B, L, D]) and optionally ``concat`` (extra input channels, e.g.
-    the mask and masked-image latents of a 9-channel inpainting UNet).
+    cond keys: ``crossattn`` (the UNet's ``context``, [B, L, D]), ``vector`` (its ``y``, [B, adm_in_channels])
+    and ``concat`` (extra input channels, e.g. the mask and masked-image latents of a 9-channel inpainting UNet).
     """
 
     def __init__(self, unet_config: Any):
@@ -39,21 +46,29 @@ class DiffusionWrapper(nn.Module):
             cond = {"crossattn": cond}
         if cond.get("concat") is not None:
             x = torch.cat([x, cond["concat"]], dim=1)
-        return self.diffusion_model(x, t, context=cond.get("crossattn"))
+        return self.diffusion_model(x, t, context=cond.get("crossattn"), y=cond.get("vector"))
 
 
 class LatentDiffusion(nn.Module):
-    """First stage (VAE), text conditioner and UNet, with the discrete noise schedule as buffers.
+    """First stage (VAE), conditioner and UNet, with the discrete noise schedule as buffers.
 
     Parameter names follow the original configs (``model.params`` of v1-inference.yaml / v2-inference.yaml).
+    The conditioning comes from one of:
+
+    - ``cond_stage_config`` (SD 1/2): the text encoder, stored as ``cond_stage_model.*``, reading ``txt``;
+      with ``conditioning_key: hybrid`` (SD inpainting) also ``mask`` and ``masked_image_latents``
+      (:class:`~ldm.models.conditioner.InpaintingConcat`). Its conditioner adds no state-dict entries.
+    - ``conditioner_config``: a :class:`~ldm.models.conditioner.Conditioner` node, stored as
+      ``conditioner.embedders.N.*`` (sgm's layout), for any mix of text, vector and concat inputs.
     """
 
     def __init__(
         self,
         unet_config: Any,
         first_stage_config: Any,
-        cond_stage_config: Any,
+        cond_stage_config: Any = None,
         *,
+        conditioner_config: Any = None,
         parameterization: str = "eps",
         timesteps: int = 1000,
         beta_schedule: str = "linear",
@@ -97,7 +112,16 @@ class LatentDiffusion(nn.Module):
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.first_stage_model.eval()
         self.first_stage_model.requires_grad_(False)
-        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        if (cond_stage_config is None) == (conditioner_config is None):
+            raise ValueError("give one of cond_stage_config (a text encoder, SD 1/2 layout) or conditioner_config "
+                             "(a list of embedders)" + (", not both" if cond_stage_config is not None else ""))
+        if conditioner_config is not None:
+            self.cond_stage_model = None
+            self.conditioner = instantiate_from_config(conditioner_config)
+        else:
+            self.cond_stage_model = instantiate_from_config(cond_stage_config)
+            # not a submodule: the state dict keeps the original cond_stage_model.* names
+            object.__setattr__(self, "conditioner", self._legacy_conditioner(cond_stage_trainable))
 
         betas = schedules.make_betas(beta_schedule, self.num_timesteps, linear_start=linear_start,
                                      linear_end=linear_end, cosine_s=cosine_s)
@@ -124,7 +148,20 @@ class LatentDiffusion(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self.first_stage_model.eval()  # frozen, always
+        self.conditioner.train(mode)  # its frozen embedders stay in eval mode
         return self
+
+    def _legacy_conditioner(self, trainable: bool) -> Conditioner:
+        """The conditioner of an SD 1/2 config: the text encoder on ``txt`` (CFG training drops prompts to "",
+        as those models were trained), plus the inpainting channels for ``conditioning_key: hybrid``."""
+        encoder = self.cond_stage_model
+        if trainable and (getattr(encoder, "frozen", False) or not any(p.requires_grad for p in encoder.parameters())):
+            raise ValueError("cond_stage_trainable=true but the text encoder is frozen; set "
+                             "model.params.cond_stage_config.params.freeze=false")
+        embedders = [(encoder, EmbedderSpec((PROMPT_KEY,), legacy_ucg_value="", is_trainable=trainable))]
+        if self.conditioning_key == "hybrid":
+            embedders.append((InpaintingConcat(), EmbedderSpec(("mask", "masked_image_latents"))))
+        return Conditioner(embedders)
 
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor, *, sample: bool = True,
@@ -140,11 +177,31 @@ class LatentDiffusion(nn.Module):
         return self.first_stage_model.decode(z / self.scale_factor)
 
     # ---- conditioning ------------------------------------------------------------------------------------
-    def get_learned_conditioning(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings [B, L, D] for a list of prompts."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        return self.cond_stage_model.encode(list(prompts))
+    def get_learned_conditioning(self, c: Sequence[str] | Mapping[str, Any], *,
+                                 generator: torch.Generator | None = None,
+                                 drop: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The conditioning of ``c``.
+
+        - A batch dict (``txt``: the prompts, and every other entry the conditioner reads): the dict the UNet
+          takes, ``{"crossattn": ..., "vector": ..., "concat": ...}`` (the kinds this model has). ``drop``:
+          classifier-free-guidance dropout for training, each embedder with its own rate, drawn from
+          ``generator``.
+        - A prompt or a list of prompts (the original API): the text embeddings ``[B, L, D]`` alone.
+        """
+        if isinstance(c, Mapping):
+            return self.conditioner(c, generator=generator, drop=drop)
+        prompts = [c] if isinstance(c, str) else list(c)
+        cond = self.conditioner({PROMPT_KEY: prompts}, only=(PROMPT_KEY,))
+        if "crossattn" not in cond:
+            raise ValueError("this model has no text embedder: pass a batch dict of its conditioner's inputs "
+                             f"{self.conditioner.input_keys}")
+        return cond["crossattn"]
+
+    def get_unconditional_conditioning(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The unconditional (negative) branch for classifier-free guidance: ``batch`` as for
+        :meth:`get_learned_conditioning`, with the negative prompts (``""`` for none) under ``txt``; embedders the
+        conditioner zeroes for the unconditional branch give zeros."""
+        return self.conditioner.unconditional(batch)
 
     # ---- denoising ---------------------------------------------------------------------------------------
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | torch.Tensor | None) -> torch.Tensor:

@@ -36,8 +36,9 @@ from torch import nn
 from ldm import accel
 from ldm.diffusion import samplers as _samplers
 from ldm.diffusion.guidance import CFGDenoiser, check_guidance_rescale
-from ldm.diffusion.inpaint import InpaintDenoiser, inpaint_concat_cond
+from ldm.diffusion.inpaint import InpaintDenoiser
 from ldm.diffusion.schedules import is_zero_terminal_snr
+from ldm.model import PROMPT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -411,10 +412,15 @@ class _Pipeline:
         return params
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings ``[B, L, D]`` on the device (float32)."""
-        with self._running(self.model.cond_stage_model), self._autocast():
-            return self.model.get_learned_conditioning(list(prompts)).float()
+    def encode_conditioning(self, inputs: dict[str, Any], unconditional: bool = False) -> dict[str, torch.Tensor]:
+        """The model's conditioning dict of ``inputs`` (``txt``: the prompts, and what else the model's conditioner
+        reads) on the device, float32; ``unconditional``: the negative branch (negative prompts under ``txt``)."""
+        with self._running(self.model.conditioner), self._autocast():
+            if unconditional:
+                cond = self.model.get_unconditional_conditioning(inputs)
+            else:
+                cond = self.model.get_learned_conditioning(inputs)
+        return {kind: value.float() for kind, value in cond.items()}
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor, generators: Sequence[torch.Generator] | None) -> torch.Tensor:
@@ -434,8 +440,6 @@ class _Pipeline:
     def _sample_batch(self, req: _Request, batch: slice, callback, first_index: int) -> torch.Tensor:
         """Latents for the images ``batch`` of the request."""
         prompts = req.prompts[batch]
-        cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts(req.negative_prompts[batch]) if req.guidance_scale != 1.0 else None
         # one CPU generator per image: its noise does not depend on the batch or the device
         generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds[batch]]
         f, c = self.downsample_factor, self.model.latent_channels
@@ -446,7 +450,7 @@ class _Pipeline:
         init, mask = self._init_latents(req, batch, generators)
         if init is not None:
             sigmas = _samplers.img2img_sigmas(sigmas, req.strength)
-        cond, uncond = self._conditioning(cond, uncond, req, batch)
+        cond, uncond = self._conditioning(req, batch)
         denoiser = self._denoiser(req, uncond, init, mask, noise)
         step_callback = None if callback is None else _BatchCallback(callback, first_index, len(prompts),
                                                                      len(sigmas) - 1)
@@ -478,17 +482,20 @@ class _Pipeline:
         masks = torch.stack([mask_to_tensor(m, size) for m in req.masks[batch]]).to(self.device)
         return init, F.interpolate(masks, size=init.shape[-2:], mode="area")
 
-    def _conditioning(self, cond: torch.Tensor, uncond: torch.Tensor | None, req: _Request,
-                      batch: slice) -> tuple[dict, dict | None]:
-        """The UNet's conditioning dicts; a 9-channel inpainting UNet also gets ``concat`` = [mask,
-        masked-image latents] (for txt2img/img2img: the whole image masked)."""
-        if not self.is_inpainting_model:
-            return {"crossattn": cond}, (None if uncond is None else {"crossattn": uncond})
-        concat = self._inpainting_concat(req, batch, cond.shape[0])
-        return ({"crossattn": cond, "concat": concat},
-                None if uncond is None else {"crossattn": uncond, "concat": concat})
+    def _conditioning(self, req: _Request, batch: slice) -> tuple[dict, dict | None]:
+        """The model's conditioning of the prompts ``batch`` and, with guidance, of their negative prompts. A
+        9-channel inpainting UNet also reads the mask and the masked image's latents (for txt2img/img2img: the
+        whole image masked)."""
+        inputs: dict[str, Any] = {PROMPT_KEY: req.prompts[batch]}
+        if self.is_inpainting_model:
+            inputs.update(self._inpainting_inputs(req, batch, len(inputs[PROMPT_KEY])))
+        cond = self.encode_conditioning(inputs)
+        if req.guidance_scale == 1.0:
+            return cond, None
+        return cond, self.encode_conditioning({**inputs, PROMPT_KEY: req.negative_prompts[batch]}, unconditional=True)
 
-    def _inpainting_concat(self, req: _Request, batch: slice, n: int) -> torch.Tensor:
+    def _inpainting_inputs(self, req: _Request, batch: slice, n: int) -> dict[str, torch.Tensor]:
+        """``mask`` (1 = repaint, image size) and ``masked_image_latents`` for an inpainting UNet."""
         size = (req.width, req.height)
         if req.masks is not None:
             pixels = torch.stack([image_to_tensor(img, size) for img in req.init_images[batch]])
@@ -497,8 +504,7 @@ class _Pipeline:
             pixels = torch.zeros(n, 3, req.height, req.width)
             masks = torch.ones(n, 1, req.height, req.width)
         latents = self._encode(pixels * (masks < 0.5), None)
-        small = F.interpolate(masks.to(self.device), size=latents.shape[-2:], mode="nearest")
-        return inpaint_concat_cond(small, latents)
+        return {"mask": masks.to(self.device), "masked_image_latents": latents}
 
     def _denoiser(self, req: _Request, uncond, init, mask, noise) -> Callable:
         """The model as ``D(x, sigma, cond)``: autocast, CFG, and latent blending for ordinary inpainting."""

@@ -13,7 +13,7 @@ from ldm.diffusion.denoisers import (
     scalings,
 )
 from ldm.diffusion.guidance import CFGDenoiser, rescale_guidance
-from ldm.diffusion.inpaint import InpaintDenoiser, inpaint_concat_cond
+from ldm.diffusion.inpaint import InpaintDenoiser
 from ldm.diffusion import samplers as SM
 from ldm.diffusion.schedules import alpha_bar_to_sigma
 from test_diffusion_analytic import GaussianData, MixtureData, discrete_net, sd_alphas_cumprod
@@ -173,13 +173,7 @@ def test_inpaint_denoiser_keeps_the_unmasked_region():
     torch.testing.assert_close(seen[0][..., :2, :], torch.zeros(2, 3, 2, 4))
 
 
-def test_inpaint_concat_cond_order_and_errors():
+def test_inpaint_denoiser_checks_noise_shape():
     mask, masked = torch.ones(2, 1, 4, 4), torch.randn(2, 4, 4, 4)
-    cat = inpaint_concat_cond(mask, masked)
-    assert cat.shape == (2, 5, 4, 4)
-    torch.testing.assert_close(cat[:, :1], mask)
-    torch.testing.assert_close(cat[:, 1:], masked)
-    with pytest.raises(ValueError, match="resize the mask to the latent resolution"):
-        inpaint_concat_cond(torch.ones(2, 1, 32, 32), masked)
     with pytest.raises(ValueError, match="noise shape"):
         InpaintDenoiser(lambda *a: None, masked, mask, torch.zeros(1, 4, 4, 4))

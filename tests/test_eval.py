@@ -392,8 +392,10 @@ class _ProbeStub(torch.nn.Module):
     def encode_first_stage(self, x, sample=False):
         return torch.nn.functional.avg_pool2d(x, 4)
 
-    def get_learned_conditioning(self, captions):
-        return torch.tensor([self.index.get(c, -1) for c in captions]).view(-1, 1, 1)
+    def get_learned_conditioning(self, c):  # a list of prompts, or a batch dict (as LatentDiffusion)
+        captions = c["txt"] if isinstance(c, dict) else c
+        ids = torch.tensor([self.index.get(caption, -1) for caption in captions]).view(-1, 1, 1)
+        return {"crossattn": ids} if isinstance(c, dict) else ids
 
     def denoiser(self):
         stub = self

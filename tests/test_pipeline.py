@@ -246,7 +246,7 @@ def test_cpu_offload_moves_each_part_only_while_it_runs(pipe, monkeypatch):
     moved = []
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(type(self).__name__) or self)
     offload("a red circle", seeds=0, **FAST)
-    assert moved[:2] == ["OpenCLIPTextEncoder"] * 2  # to the device and back, for the prompt
+    assert moved[:2] == ["Conditioner"] * 2  # to the device and back, for the prompt (the model's conditioner)
     assert "UNetModel" in moved and "AutoencoderKL" in moved
     assert len(moved) % 2 == 0
 

@@ -97,7 +97,7 @@ def fixed_loss(module: LatentDiffusionModule, batch: dict) -> float:
     module.eval()
     with torch.no_grad():
         z = module.latents(batch["image"], g)
-        c = {"crossattn": module.conditioning(batch["caption"])}
+        c = module.conditioning(batch)
         losses = [module.loss_fn(module.apply_model, z, c, module.alphas_cumprod, generator=g)[0] for _ in range(8)]
     return float(torch.stack(losses).mean())
 
@@ -114,6 +114,34 @@ def test_state_dict_is_sd_layout_plus_model_ema():
     expected = {"model_ema." + ema_name(n) for n, _ in module.model.named_parameters()}
     assert ema_keys == expected | {"model_ema.decay", "model_ema.num_updates"}
     assert "loss_fn" not in "".join(keys)
+
+
+def test_both_training_modules_declare_the_interfaces_the_callbacks_use():
+    from ldm.training.autoencoder import AutoencoderKLModule
+    from ldm.training.callbacks import export_model
+    from ldm.training.common import ExportableModule, SamplingModule
+
+    assert issubclass(LatentDiffusionModule, ExportableModule) and issubclass(AutoencoderKLModule, ExportableModule)
+    module = tiny_module()
+    assert isinstance(module, ExportableModule) and isinstance(module, SamplingModule)
+    with pytest.raises(TypeError, match="cannot be exported.*ExportableModule"):
+        export_model(torch.nn.Linear(2, 2), "unused.safetensors")
+
+
+def test_module_params_are_latent_diffusions_checked_up_front():
+    import inspect
+
+    from ldm.model import LatentDiffusion
+
+    accepted = set(inspect.signature(LatentDiffusionModule).parameters)
+    assert set(inspect.signature(LatentDiffusion).parameters) <= accepted  # nothing restated by hand
+    assert {"ema_decay", "init_from", "cond_drop_rate"} <= accepted
+    assert inspect.signature(LatentDiffusionModule).parameters["use_ema"].default is True
+    with pytest.raises(ConfigError, match=r"model\.params\.scale_factr: unknown parameter"):
+        tiny_module(scale_factr=0.5)
+    module = tiny_module(scale_factor=0.5, linear_end=0.02)  # passed through to LatentDiffusion
+    assert module.scale_factor == 0.5 and module.hparams["linear_end"] == 0.02
+    assert module.model_config()["params"]["scale_factor"] == 0.5
 
 
 def test_one_training_step_changes_unet_only(tmp_path):
@@ -179,18 +207,34 @@ def test_ema_updates_once_per_optimizer_step(tmp_path):
     assert not torch.equal(ema_w, dict(module.model.named_parameters())[name])
 
 
+def _dropped_captions(module, captions, generator):
+    """The prompts the text encoder sees in a training step's conditioning (condition dropout applied)."""
+    seen = []
+    encode = module.cond_stage_model.encode
+    module.cond_stage_model.encode = lambda prompts: seen.extend(prompts) or encode(prompts)
+    try:
+        module.conditioning({"caption": captions}, generator, drop=True)
+    finally:
+        del module.cond_stage_model.encode
+    return seen
+
+
 def test_condition_dropout_rate_and_determinism():
     module = tiny_module(cond_drop_rate=0.3)
-    captions = [f"caption {i}" for i in range(4000)]
-    dropped = module.drop_captions(captions, torch.Generator().manual_seed(5))
+    captions = [f"caption {i}" for i in range(400)]
+    dropped = _dropped_captions(module, captions, torch.Generator().manual_seed(5))
     rate = sum(c == "" for c in dropped) / len(captions)
-    assert abs(rate - 0.3) < 0.03
-    assert dropped == module.drop_captions(captions, torch.Generator().manual_seed(5))
-    assert dropped != module.drop_captions(captions, torch.Generator().manual_seed(6))
-    kept = [c for c in dropped if c]
-    assert all(c.startswith("caption ") for c in kept)
-    assert tiny_module(cond_drop_rate=0.0).drop_captions(captions[:50], None) == captions[:50]
-    assert tiny_module(cond_drop_rate=1.0).drop_captions(captions[:50], None) == [""] * 50
+    assert abs(rate - 0.3) < 0.07
+    # the same random numbers as before the conditioner owned the dropout: one rand(B) per step
+    expected = torch.rand(len(captions), generator=torch.Generator().manual_seed(5)) < 0.3
+    assert dropped == ["" if d else c for c, d in zip(captions, expected.tolist())]
+    assert dropped == _dropped_captions(module, captions, torch.Generator().manual_seed(5))
+    assert dropped != _dropped_captions(module, captions, torch.Generator().manual_seed(6))
+    assert _dropped_captions(tiny_module(cond_drop_rate=0.0), captions[:50], None) == captions[:50]
+    assert _dropped_captions(tiny_module(cond_drop_rate=1.0), captions[:50], None) == [""] * 50
+    assert _dropped_captions(tiny_module(), captions[:50], torch.Generator().manual_seed(5)) == [
+        "" if d else c for c, d in zip(captions[:50], (torch.rand(50, generator=torch.Generator().manual_seed(5))
+                                                       < 0.1).tolist())]  # the default rate is 0.1
 
 
 def test_step_generators_depend_on_seed_step_and_batch(tmp_path, monkeypatch):
@@ -427,7 +471,7 @@ def test_latent_cache_reuses_moments_and_matches_uncached():
         b = plain._loss(batch, torch.Generator().manual_seed(1), drop=False)
         assert torch.allclose(a, b, atol=1e-6)
     assert calls == [4]  # encoded once, then served from the cache
-    assert len(cached._text_cache) == len(set(batch["caption"]))
+    assert len(cached.conditioner.cache) == len(set(batch["caption"]))
 
 
 def test_first_stage_ckpt_plain_or_full_layout(tmp_path):

@@ -5,6 +5,8 @@
         data.params.urls='/data/shards/{000000..000099}.tar' --devices 8 --num_nodes 2 --strategy ddp
     python train.py --resume logs/shapes            # continue from logs/shapes/checkpoints/last.ckpt
     python train.py --resume logs/shapes --export-only   # write logs/shapes/shapes.safetensors and stop
+    python train.py --base configs/demo/shapes_ldm.yaml --init ldm/assets/demo/shapes.safetensors   # warm start
+    python train.py ... --init base.safetensors:unet,keep_new --init tower.safetensors:text_encoder
 
 Config sections: ``model`` and ``data`` (``target``/``params`` nodes; no ``data`` = the synthetic shapes data),
 ``lightning.trainer`` (``pytorch_lightning.Trainer`` arguments; the trainer flags below override them),
@@ -20,6 +22,7 @@ Multi-node runs use Lightning's cluster environments as they are (torchrun varia
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import sys
@@ -62,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a run: its folder, a .ckpt, or 'auto' (the run's last.ckpt if there is one)")
     p.add_argument("--export-only", action="store_true",
                    help="with --resume: export the checkpoint as <run>/<name>.safetensors and stop")
+    p.add_argument("--init", action="append", default=None, metavar="FILE[:OPTIONS]",
+                   help="start from the weights in FILE (sets model.params.init_from); OPTIONS, comma-separated: "
+                        "the parts (unet, text_encoder, first_stage; default all) and the flags ema (the file's "
+                        "EMA weights for the UNet) and keep_new (tensors the file lacks keep their "
+                        "initialisation). Repeat it to take parts from several files, applied in order")
     for flag in TRAINER_FLAGS:
         p.add_argument(f"--{flag}", default=None, help=f"lightning.trainer.{flag}")
     return p
@@ -122,12 +130,37 @@ def build_config(args: argparse.Namespace, bases: Sequence[str]) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{missing[0]}: required value is missing (???); set it, e.g. {missing[0]}=...")
+    if args.init:
+        cfg.model.params = cfg.model.get("params") or {}
+        cfg.model.params.init_from = init_from_option(args.init)
     if cfg.get("data") is None:
         cfg.data = DEFAULT_DATA
     cfg.lightning = cfg.get("lightning") or {}
     cfg.lightning.trainer = cfg.lightning.get("trainer") or {}
     cfg.lightning.callbacks = cfg.lightning.get("callbacks") or {}
     return cfg
+
+
+def init_from_option(values: Sequence[str]) -> str | list[dict]:
+    """``--init FILE[:OPTIONS]`` words -> the ``model.params.init_from`` value (a path, or a list of entries)."""
+    from ldm.training.init_from import PARTS
+
+    flags = ("ema", "keep_new")
+    entries = []
+    for value in values:
+        path, sep, options = value.rpartition(":")
+        words = options.split(",") if sep else []
+        if not (path and words and all(w in PARTS or w in flags for w in words)):
+            entries.append({"path": value})  # no options (or a colon that is part of the path)
+            continue
+        entry: dict[str, Any] = {"path": path}
+        if any(w in PARTS for w in words):
+            entry["parts"] = [w for w in words if w in PARTS]
+        entry.update({flag: True for flag in flags if flag in words})
+        entries.append(entry)
+    if len(entries) == 1 and list(entries[0]) == ["path"]:
+        return entries[0]["path"]
+    return entries
 
 
 def merge_configs(bases: Sequence[str], overrides: Sequence[str]) -> DictConfig:
@@ -282,7 +315,12 @@ def _run(args: argparse.Namespace) -> int:
                     seed, saved)
     cfg.seed = seed  # recorded in config.yaml, so that --resume continues with the same random stream
     pl.seed_everything(seed, workers=True)
-    model = instantiate_from_config(cfg.model, "model")
+    model_node = cfg.model
+    if ckpt is not None and (model_node.get("params") or {}).get("init_from"):
+        log.info("resuming: model.params.init_from is not loaded again (the checkpoint has the weights)")
+        model_node = copy.deepcopy(model_node)
+        model_node.params.init_from = None
+    model = instantiate_from_config(model_node, "model")
     if not isinstance(model, pl.LightningModule):
         raise ConfigError(f"model.target: {cfg.model.target} is not a LightningModule; use a training module such "
                           "as ldm.training.latent_diffusion.LatentDiffusionModule")

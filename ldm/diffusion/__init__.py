@@ -13,7 +13,7 @@ from ldm.diffusion.denoisers import (
     prediction_target,
 )
 from ldm.diffusion.guidance import CFGDenoiser
-from ldm.diffusion.inpaint import InpaintDenoiser, inpaint_concat_cond
+from ldm.diffusion.inpaint import InpaintDenoiser
 from ldm.diffusion.loss import DiffusionLoss
 from ldm.diffusion.samplers import (
     SAMPLERS,
@@ -40,7 +40,6 @@ __all__ = [
     "build_sigmas",
     "get_sampler",
     "img2img_sigmas",
-    "inpaint_concat_cond",
     "make_betas",
     "make_denoiser",
     "noise_latent",

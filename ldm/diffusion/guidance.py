@@ -2,7 +2,9 @@
 
     D_cfg(x, sigma, cond) = u + scale * (c - u),    u = D(x, sigma, uncond),  c = D(x, sigma, cond)
 
-computed with one batched forward of ``[uncond, cond]``. A negative prompt is simply the uncond embedding.
+computed with one batched forward of ``[uncond, cond]``. cond and uncond are the model's conditioning dicts
+(``crossattn``, ``vector``, ``concat``: ``model.get_learned_conditioning`` and
+``model.get_unconditional_conditioning``), stacked key by key; a negative prompt is simply the uncond's text.
 Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", eq. 15-16)
 matches the per-item standard deviation of the guided output to that of the conditional one::
 
@@ -66,8 +68,8 @@ class CFGDenoiser:
     Args:
         denoiser: ``D(x, sigma, cond) -> x0``.
         scale: guidance scale s; ``s == 1`` skips the uncond forward entirely.
-        uncond: the unconditional (or negative-prompt) conditioning, same structure as cond; batch 1 is
-            broadcast to the batch of x.
+        uncond: the unconditional (or negative-prompt) conditioning, same structure as cond (the same keys);
+            batch 1 is broadcast to the batch of x.
         rescale: guidance rescale phi in [0, 1] (0 = plain CFG).
     """
 

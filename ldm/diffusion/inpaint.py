@@ -7,11 +7,10 @@ Mask convention everywhere: ``mask`` is 1 where the image is repainted and 0 whe
   x is replaced by the original latent noised to the current sigma (fixed noise, so the blend follows one
   noise path), and the kept region of the x0 estimate is replaced by the original latent. The final sample
   therefore equals the original latent outside the mask.
-* Inpainting (9-channel) UNets: the conditioning dict carries the extra input channels under the key
-  ``"concat"``, built by :func:`inpaint_concat_cond`: ``cat([mask, masked_image_latent], dim=1)`` (5
-  channels, the original order). The model wrapper concatenates it to its scaled input:
-  ``unet(cat([c_in * x, cond["concat"]], dim=1), t, cond["crossattn"])``. With guidance, give the uncond
-  dict the same "concat" tensor.
+* Inpainting (9-channel) UNets need nothing here: the model's conditioner puts the extra input channels
+  ``cat([mask, masked_image_latents], dim=1)`` under the key ``"concat"`` of the conditioning dict
+  (:class:`ldm.models.conditioner.InpaintingConcat`), in the conditional and the unconditional branch alike,
+  and the model wrapper concatenates them to its scaled input.
 """
 
 from __future__ import annotations
@@ -58,13 +57,3 @@ class InpaintDenoiser:
         x = self.mask * x + (1 - self.mask) * known
         denoised = self.denoiser(x, sigma, cond)
         return self.mask * denoised + (1 - self.mask) * self.init_latent
-
-
-def inpaint_concat_cond(mask: Tensor, masked_image_latent: Tensor) -> Tensor:
-    """The 5 extra input channels of an inpainting UNet: ``cat([mask, masked_image_latent], dim=1)``.
-
-    ``masked_image_latent`` is the first-stage encoding (times scale_factor) of the image with the
-    repainted region zeroed; put the result in the cond dict as ``cond["concat"]``.
-    """
-    _check_mask(mask, masked_image_latent)
-    return torch.cat([mask.to(masked_image_latent.dtype), masked_image_latent], dim=1)

@@ -89,7 +89,7 @@ def relation_probe(model: Any, num: int = 128, timesteps: Sequence[int] = (999, 
         images = torch.stack([data[i]["image"] for i in idx]).to(param.device, param.dtype)
         pairs = [relation_captions(scene_to_prompt_spec(data.scene(i)[0]), seed=i, colors=colors) for i in idx]
         z = model.encode_first_stage(images, sample=False).float()
-        cond = {name: {"crossattn": model.get_learned_conditioning(list(caps))}
+        cond = {name: model.get_learned_conditioning({"txt": list(caps)})
                 for name, caps in zip(("true", "swapped"), zip(*pairs))}
         for t in sums:
             g = torch.Generator().manual_seed(1_000_003 * t + start)

@@ -249,6 +249,22 @@ class AttentionBlock(AttentionBackendMixin, nn.Module):
         return (x_flat + h).reshape(x.shape)
 
 
+def _label_embedding(num_classes: Union[int, str, None], adm_in_channels: Optional[int],
+                     dim: int) -> Optional[nn.Module]:
+    """The original ``label_emb``: an Embedding for integer ``num_classes``; for ``"sequential"`` an MLP from the
+    ``adm_in_channels`` vector (SDXL's pooled text + size embeddings), named ``label_emb.0.0`` / ``label_emb.0.2``."""
+    if num_classes is None:
+        return None
+    if num_classes == "sequential":
+        if not isinstance(adm_in_channels, int) or adm_in_channels < 1:
+            raise ValueError("num_classes: sequential needs adm_in_channels (the width of the vector input y)")
+        return nn.Sequential(nn.Sequential(nn.Linear(adm_in_channels, dim), nn.SiLU(), nn.Linear(dim, dim)))
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and num_classes > 0:
+        return nn.Embedding(num_classes, dim)
+    raise ValueError(f"num_classes={num_classes!r} is not supported: use a positive int (class ids) or "
+                     "'sequential' (a vector input of width adm_in_channels)")
+
+
 def _check_dims(dims: int) -> None:
     if dims != 2:
         raise ValueError(f"dims={dims} is not supported: only 2-D UNets (dims=2) are implemented")
@@ -269,7 +285,7 @@ class UNetModel(nn.Module):
     """The latent diffusion UNet; ``forward(x, timesteps, context=None, y=None)`` returns x's shape.
 
     Parameters keep the names and meanings of the original ``openaimodel.UNetModel``. Differences:
-    ``dims`` must be 2; ``num_classes`` and ``n_embed`` must be None; ``use_fp16``/``use_bf16`` are
+    ``dims`` must be 2; ``n_embed`` must be None; ``use_fp16``/``use_bf16`` are
     accepted and ignored (precision is autocast's job); ``transformer_depth`` may be a per-level list (the
     middle block uses the last level's depth). ``use_checkpoint`` uses non-reentrant gradient checkpointing.
 
@@ -300,14 +316,12 @@ class UNetModel(nn.Module):
                  n_embed: Optional[int] = None, legacy: bool = True,
                  disable_self_attentions: Optional[Sequence[bool]] = None,
                  num_attention_blocks: Optional[Sequence[int]] = None, disable_middle_self_attn: bool = False,
-                 use_linear_in_transformer: bool = False, attention_backend: str = "auto",
+                 use_linear_in_transformer: bool = False, adm_in_channels: Optional[int] = None,
+                 attention_backend: str = "auto",
                  attention_slice_size: Optional[int] = None, channels_last: bool = True,
                  position_embedding: bool = False):
         super().__init__()
         _check_dims(dims)
-        if num_classes is not None:
-            raise ValueError(f"num_classes={num_classes!r}: class-conditional UNets are not supported; "
-                             "set num_classes to null")
         if n_embed is not None:
             raise ValueError(f"n_embed={n_embed!r}: codebook-id prediction is not supported; set n_embed to null")
         if use_fp16 or use_bf16:
@@ -348,6 +362,8 @@ class UNetModel(nn.Module):
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
                                         nn.Linear(time_embed_dim, time_embed_dim))
+        self.num_classes = num_classes
+        self.label_emb = _label_embedding(num_classes, adm_in_channels, time_embed_dim)
         skip_chans = self._build_input_blocks(time_embed_dim)
         self.pos_embed = (zero_module(nn.Conv2d(4 * len(COORDINATE_FREQUENCIES), model_channels, 1))
                           if position_embedding else None)
@@ -486,12 +502,19 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: Union[torch.Tensor, float],
                 context: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: [B, in_channels, H, W]; timesteps: [B] or a scalar; context: [B, M, context_dim]."""
-        if y is not None:
-            raise ValueError("y (class labels) given but this UNet has no class conditioning: pass y=None")
+        """x: [B, in_channels, H, W]; timesteps: [B] or a scalar; context: [B, M, context_dim]; y: [B] class ids
+        (integer ``num_classes``) or [B, adm_in_channels] vectors (``num_classes: sequential``)."""
+        if (y is None) != (self.label_emb is None):
+            raise ValueError("y given but this UNet has no num_classes: pass y=None" if self.label_emb is None
+                             else f"this UNet has num_classes={self.num_classes!r}: pass y (one label or vector "
+                                  "per sample)")
         self._check_input(x)
         t_emb = timestep_embedding(self._timesteps(timesteps, x), self.model_channels)
         emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
+        if y is not None:
+            if y.shape[0] != x.shape[0]:
+                raise ValueError(f"y has batch {y.shape[0]} but x has batch {x.shape[0]}: pass one y per sample")
+            emb = emb + self.label_emb(y.to(emb.dtype) if y.is_floating_point() else y)
         skips = []
         h = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
         for i, block in enumerate(self.input_blocks):

@@ -176,27 +176,21 @@ class AutoencoderKLModule(AutoencoderKL, TrainingModuleMixin, pl.LightningModule
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.ae_step = int(checkpoint.get("ae_step", 0))
 
-    def inference_config(self) -> dict:
-        """The config of the exported autoencoder: a plain ``AutoencoderKL`` with this architecture."""
-        return self.export_config(self.model_config())
-
-    def export_state_dict(self, use_ema: bool = True, include_ema: bool = False) -> dict[str, torch.Tensor]:
-        """The plain ``AutoencoderKL`` state dict (the SD first-stage layout, no ``loss.*``).
-
-        The autoencoder keeps no EMA weights: ``use_ema`` (the export callback's default) changes nothing and
-        ``include_ema=True`` is refused. Both exist so one export path serves both training stages.
-        """
-        return self.export_weights(self.state_dict(), use_ema=use_ema, include_ema=include_ema)
-
-    # the export of a training checkpoint without building the module (ldm.training.callbacks)
+    # the export (ldm.training.common.ExportableModule): a plain AutoencoderKL
     @staticmethod
     def export_config(model_node: dict) -> dict:
+        """The config of the exported autoencoder: a plain ``AutoencoderKL`` with this architecture."""
         params = model_node.get("params") or {}
         return {"model": {"target": _INFERENCE_TARGET,
                           "params": {"ddconfig": to_plain(params["ddconfig"]), "embed_dim": params["embed_dim"]}}}
 
     @staticmethod
     def export_weights(state_dict: dict, use_ema: bool = True, include_ema: bool = False) -> dict:
+        """The plain ``AutoencoderKL`` state dict (the SD first-stage layout, no ``loss.*``).
+
+        The autoencoder keeps no EMA weights: ``use_ema`` (the export callback's default) changes nothing and
+        ``include_ema=True`` is refused. Both exist so one export path serves both training stages.
+        """
         if include_ema:
             raise ValueError("the autoencoder has no EMA weights to include; export with include_ema=false")
         return {k: v.detach().clone() for k, v in state_dict.items() if not k.startswith(_LOSS_PREFIX)}

@@ -29,6 +29,7 @@ from ldm import accel
 from ldm.config import get_obj_from_str
 from ldm.convert import check_stored_config
 from ldm.io import atomic_write, read_state_dict, save_checkpoint
+from ldm.training.common import ExportableModule, SamplingModule
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def captioned_grid(images: torch.Tensor, captions: Sequence[str], cols: int = 4)
 
 class ImageLogger(Callback):
     """Every ``every_n_steps`` optimizer steps (rank 0): sample the module's validation prompts with the EMA
-    weights (``LatentDiffusionModule.sample_images``) and save a captioned grid as
+    weights (its ``sample_images``: :class:`ldm.training.common.SamplingModule`; other modules log nothing) and save a captioned grid as
     ``<run>/images/step-XXXXXXXX.png``; also sent to a TensorBoard logger.
 
     ``steps``, ``sampler``, ``cfg_scale``, ``seed``, ``prompts``: override the module's sampling settings.
@@ -151,7 +152,9 @@ class ImageLogger(Callback):
     def log_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
         """Sample, save and log one grid now; returns the PNG path (None on other ranks or without prompts)."""
         self._last_step = trainer.global_step
-        prompts = self.prompts or getattr(pl_module, "validation_prompts", None)
+        if not isinstance(pl_module, SamplingModule):  # e.g. the autoencoder: nothing to sample
+            return None
+        prompts = self.prompts or pl_module.validation_prompts
         if not trainer.is_global_zero or not prompts:
             return None
         images = pl_module.sample_images(prompts, **self.kwargs)
@@ -182,11 +185,12 @@ def _write_export(sd: dict[str, torch.Tensor], path: str | os.PathLike, config: 
     return path
 
 
-def export_model(module: pl.LightningModule, path: str | os.PathLike, *, use_ema: bool = True,
+def export_model(module: ExportableModule, path: str | os.PathLike, *, use_ema: bool = True,
                  include_ema: bool = False, fp16: bool = False) -> Path:
     """Write ``module`` as an inference checkpoint: its ``export_state_dict`` with its ``inference_config``
     (for the latent diffusion stage an SD-layout ``ldm.model.LatentDiffusion``, for the first stage a plain
     ``AutoencoderKL``)."""
+    _check_exportable(module)
     sd = module.export_state_dict(use_ema=use_ema, include_ema=include_ema)
     step = getattr(getattr(module, "_trainer", None), "global_step", None)
     meta = {"global_step": str(step)} if step is not None else {}
@@ -203,8 +207,17 @@ def export_from_checkpoint(ckpt: str | os.PathLike, path: str | os.PathLike, *, 
     node = config.get("model", config)
     check_stored_config(node, str(ckpt))  # the file's config is data: only the project's own classes
     cls = get_obj_from_str(node["target"], "model")
+    _check_exportable(cls)
     out = cls.export_weights(sd, use_ema=use_ema, include_ema=include_ema)
     return _write_export(out, path, cls.export_config(node), fp16, {k: v for k, v in meta.items() if k != "config"})
+
+
+def _check_exportable(module: Any) -> None:
+    if not isinstance(module, ExportableModule) and not (isinstance(module, type)
+                                                          and issubclass(module, ExportableModule)):
+        name = module.__name__ if isinstance(module, type) else type(module).__name__
+        raise TypeError(f"{name} cannot be exported: it lacks the methods of ldm.training.common.ExportableModule "
+                        "(inference_config, export_state_dict, export_config, export_weights)")
 
 
 class ExportCallback(Callback):

@@ -1,7 +1,14 @@
-"""What both training modules (first stage and latent diffusion) share."""
+"""What both training modules (first stage and latent diffusion) share, and what the callbacks need of them.
+
+The callbacks (:mod:`ldm.training.callbacks`) use a training module only through two declared interfaces:
+:class:`ExportableModule` (write an inference file: the export callback, ``train.py --export-only``) and
+:class:`SamplingModule` (sample the validation prompts: the image logger). A new training module that inherits
+:class:`TrainingModuleMixin` and implements ``export_config`` / ``export_weights`` is exportable.
+"""
 from __future__ import annotations
 
 import logging
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -54,11 +61,54 @@ class AdamW(_FusedLayouts, torch.optim.AdamW):
     """``torch.optim.AdamW``; with ``fused=True``, see :class:`_FusedLayouts`."""
 
 
-class TrainingModuleMixin:
-    """Learning-rate scaling and the module's own config; mixed into the LightningModules.
+@runtime_checkable
+class ExportableModule(Protocol):
+    """A training module that the export callback and ``export_from_checkpoint`` can write as an inference file.
 
-    Expects ``learning_rate``, ``base_learning_rate``, ``scale_lr``, ``hparams`` and ``trainer``.
+    ``export_config`` and ``export_weights`` are static: a training checkpoint is exported from its stored config
+    and state dict without building the module (the class is looked up from the config's target)."""
+
+    def inference_config(self) -> dict:
+        """The config of the exported model (``{"model": {"target": ..., "params": ...}}``)."""
+
+    def export_state_dict(self, use_ema: bool = True, include_ema: bool = False) -> dict[str, torch.Tensor]:
+        """The exported model's state dict."""
+
+    @staticmethod
+    def export_config(model_node: dict) -> dict:
+        """The exported model's config, from the training module's config node (target + params)."""
+
+    @staticmethod
+    def export_weights(state_dict: dict, use_ema: bool = True, include_ema: bool = False) -> dict:
+        """The exported model's state dict, from the training module's state dict."""
+
+
+@runtime_checkable
+class SamplingModule(Protocol):
+    """A training module the image logger can sample: images ``[B, 3, H, W]`` in [0, 1] for prompts."""
+
+    validation_prompts: list[str]
+
+    def sample_images(self, prompts: Sequence[str] | None = None, *, steps: int | None = None,
+                      sampler: str | None = None, cfg_scale: float | None = None, seed: int | None = None,
+                      use_ema: bool = True) -> torch.Tensor:
+        """Images for ``prompts`` (default: ``validation_prompts``)."""
+
+
+class TrainingModuleMixin:
+    """Learning-rate scaling, the module's own config and its export; mixed into the LightningModules.
+
+    Expects ``learning_rate``, ``base_learning_rate``, ``scale_lr``, ``hparams`` and ``trainer``, and the static
+    ``export_config`` / ``export_weights`` of :class:`ExportableModule`.
     """
+
+    def inference_config(self) -> dict:
+        """The config of the exported model: ``export_config`` of this module's config."""
+        return self.export_config(self.model_config())
+
+    def export_state_dict(self, use_ema: bool = True, include_ema: bool = False) -> dict[str, torch.Tensor]:
+        """The state dict of the exported model: ``export_weights`` of this module's state dict."""
+        return self.export_weights(self.state_dict(), use_ema=use_ema, include_ema=include_ema)
 
     def effective_learning_rate(self) -> float:
         """``learning_rate``, else base_learning_rate (times the global batch size with ``scale_lr``)."""

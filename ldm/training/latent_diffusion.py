@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import logging
 import os
 import random
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -32,8 +33,9 @@ import torch
 
 from ldm.config import instantiate_from_config, to_plain
 from ldm.ema import EMA, ema_name
-from ldm.model import LatentDiffusion
+from ldm.model import PROMPT_KEY, LatentDiffusion
 from ldm.training.common import AdamW, TrainingModuleMixin
+from ldm.training.init_from import PARTS, InitSource, init_from_files, parse_init_from
 from ldm.training.lr import LinearWarmup
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,25 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
         raise ValueError(f"{name}={value!r} is out of range; use a value in [{low}, {high}]")
 
 
+def _bind_model_args(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """The arguments of ``LatentDiffusion.__init__``, defaults filled in (a TypeError names an unknown one)."""
+    bound = inspect.signature(LatentDiffusion).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _init_sources(init_from: Any, first_stage_ckpt: str | None) -> list[InitSource]:
+    """The checked ``init_from`` entries; ``first_stage_ckpt``, when given, is the autoencoder's one source."""
+    if init_from is None:
+        return []
+    parts = [p for p in PARTS if not (first_stage_ckpt and p == "first_stage")]
+    sources = parse_init_from(init_from, parts)
+    if first_stage_ckpt and any("first_stage" in s.parts for s in sources):
+        raise ValueError("init_from and first_stage_ckpt both give the autoencoder's weights: drop first_stage "
+                         "from init_from's parts, or first_stage_ckpt")
+    return sources
+
+
 def _make_loss(parameterization: str, weighting: str, min_snr_gamma: float, offset_noise: float, timesteps: int):
     from ldm.diffusion.loss import DiffusionLoss
 
@@ -61,7 +82,10 @@ def _make_loss(parameterization: str, weighting: str, min_snr_gamma: float, offs
 class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningModule):
     """A trainable :class:`~ldm.model.LatentDiffusion` (SD state-dict layout, plus ``model_ema.*``).
 
-    The first group of parameters are those of ``LatentDiffusion`` (the original config names). Training:
+    Every parameter of ``LatentDiffusion`` (the original config names: ``unet_config``, ``parameterization``,
+    ``scale_factor``, ...) is taken as it is and passed on; the config checker sees them all (the class's
+    signature is both together), so an unknown key still fails up front naming it. Only ``use_ema`` defaults
+    otherwise (on). Training:
         base_learning_rate: learning rate per sample; with ``scale_lr`` it is multiplied by
             batch_size * accumulate_grad_batches * devices * nodes (as the original main.py does).
         learning_rate: if given, the learning rate as is (overrides base_learning_rate and scale_lr).
@@ -70,10 +94,14 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         warmup_steps: linear warm-up over this many optimizer steps (or ``scheduler_config``: a target
             whose instance maps optimizer step -> LR multiplier, e.g. ``ldm.training.lr.WarmupCosine``).
         ema_decay: EMA decay of the UNet weights (``use_ema``), updated once per optimizer step.
-        cond_drop_rate: probability that a sample's caption is replaced by "" (classifier-free guidance).
+        cond_drop_rate: with ``cond_stage_config``, the probability that a sample's prompt is replaced by ""
+            (classifier-free guidance; default 0.1). A ``conditioner_config`` gives each embedder its own
+            ``ucg_rate`` instead.
         loss_weighting, min_snr_gamma, offset_noise: options of :class:`ldm.diffusion.loss.DiffusionLoss`.
         gradient_checkpointing: recompute UNet activations in the backward pass (sets ``use_checkpoint``).
         first_stage_ckpt: weights of a trained autoencoder (a first-stage state dict or a full SD-layout file).
+        init_from: start from weights in a file (see :mod:`ldm.training.init_from`): a path, or a list of
+            ``{path, parts, ema, keep_new}`` entries.
         cache_latents: cache first-stage moments and text embeddings (see the module docstring).
         validation_prompts, sample_*: what the image logger samples (EMA weights, CFG).
     """
@@ -82,31 +110,10 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         self,
         unet_config: Any,
         first_stage_config: Any,
-        cond_stage_config: Any,
+        cond_stage_config: Any = None,
         *,
-        # --- LatentDiffusion -------------------------------------------------------------------------------
-        parameterization: str = "eps",
-        timesteps: int = 1000,
-        beta_schedule: str = "linear",
-        linear_start: float = 0.00085,
-        linear_end: float = 0.012,
-        cosine_s: float = 8e-3,
-        zero_terminal_snr: bool = False,
-        scale_factor: float = 0.18215,
-        scale_by_std: bool = False,
-        conditioning_key: str = "crossattn",
-        first_stage_key: str = "image",
-        cond_stage_key: str = "caption",
-        image_size: int = 64,
-        channels: int = 4,
-        cond_stage_trainable: bool = False,
         use_ema: bool = True,
-        num_timesteps_cond: int = 1,
-        log_every_t: int = 200,
-        monitor: str | None = None,
-        clip_denoised: bool = False,
         scheduler_config: Any = None,
-        # --- training ----------------------------------------------------------------------------------------
         base_learning_rate: float = 1e-4,
         learning_rate: float | None = None,
         scale_lr: bool = True,
@@ -116,31 +123,30 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         fused_optimizer: bool = True,
         warmup_steps: int = 0,
         ema_decay: float = 0.9999,
-        cond_drop_rate: float = 0.1,
+        cond_drop_rate: float | None = None,
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
         offset_noise: float = 0.0,
         gradient_checkpointing: bool = False,
         first_stage_ckpt: str | None = None,
+        init_from: Any = None,
         cache_latents: bool = False,
         validation_prompts: Sequence[str] | None = None,
         sample_steps: int = 20,
         sample_sampler: str = "Euler a",
         sample_cfg_scale: float = 5.0,
         sample_seed: int = 0,
+        **model_params: Any,
     ):
-        hparams = to_plain({k: v for k, v in locals().items() if k not in ("self", "__class__")})
-        self._check_training_args(hparams)  # before the (possibly large) networks are built
-        loss_fn = _make_loss(parameterization, loss_weighting, min_snr_gamma, offset_noise, timesteps)
-        super().__init__(
-            unet_config, first_stage_config, cond_stage_config, parameterization=parameterization,
-            timesteps=timesteps, beta_schedule=beta_schedule, linear_start=linear_start, linear_end=linear_end,
-            cosine_s=cosine_s, zero_terminal_snr=zero_terminal_snr, scale_factor=scale_factor,
-            scale_by_std=scale_by_std, conditioning_key=conditioning_key, first_stage_key=first_stage_key,
-            cond_stage_key=cond_stage_key, image_size=image_size, channels=channels,
-            cond_stage_trainable=cond_stage_trainable, use_ema=use_ema, num_timesteps_cond=num_timesteps_cond,
-            log_every_t=log_every_t, monitor=monitor, clip_denoised=clip_denoised,
-            scheduler_config=scheduler_config)
+        hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__", "model_params")}
+        hparams = to_plain({**hparams, **model_params})
+        model_args = _bind_model_args(unet_config, first_stage_config, cond_stage_config, use_ema=use_ema,
+                                      scheduler_config=scheduler_config, **model_params)
+        self._check_training_args(hparams, model_args)  # before the (possibly large) networks are built
+        init_sources = _init_sources(init_from, first_stage_ckpt)
+        loss_fn = _make_loss(model_args["parameterization"], loss_weighting, min_snr_gamma, offset_noise,
+                             model_args["timesteps"])
+        super().__init__(**model_args)
         self.save_hyperparameters(hparams, logger=False)
         self.base_learning_rate = float(base_learning_rate)
         self.learning_rate = None if learning_rate is None else float(learning_rate)
@@ -149,11 +155,12 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         self.fused_optimizer = bool(fused_optimizer)
         self.lr_lambda = (instantiate_from_config(scheduler_config, "model.params.scheduler_config")
                           if scheduler_config is not None else LinearWarmup(warmup_steps))
-        self.cond_drop_rate = float(cond_drop_rate)
+        if self.cond_stage_model is not None:  # SD 1/2: the prompt is dropped to "" (as they were trained)
+            self.conditioner.set_ucg_rate(PROMPT_KEY, 0.1 if cond_drop_rate is None else float(cond_drop_rate))
         self.loss_fn = loss_fn
         self.cache_latents = cache_latents
         self._moments_cache: dict[str, torch.Tensor] = {}
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self.conditioner.enable_cache(cache_latents)  # frozen text embedders only
         self.validation_prompts = list(validation_prompts or [])
         self.sample_steps, self.sample_sampler = sample_steps, sample_sampler
         self.sample_cfg_scale, self.sample_seed = sample_cfg_scale, sample_seed
@@ -165,20 +172,25 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                 raise ValueError(f"first_stage_ckpt {first_stage_ckpt} not found; give the autoencoder export's "
                                  "path or null")
             self.first_stage_model.init_from_ckpt(first_stage_ckpt)
-        elif not (to_plain(first_stage_config).get("params") or {}).get("ckpt_path"):
+        elif not (to_plain(first_stage_config).get("params") or {}).get("ckpt_path") and not any(
+                "first_stage" in source.parts for source in init_sources):
             log.warning("no first_stage_ckpt: the autoencoder keeps its random weights (smoke tests only); set "
                         "model.params.first_stage_ckpt to a trained autoencoder")
-        self._set_text_encoder_trainable(cond_stage_trainable)
         if gradient_checkpointing:
             for m in self.model.diffusion_model.modules():
                 if hasattr(m, "use_checkpoint"):
                     m.use_checkpoint = True
-        self.model_ema = EMA(self.model, decay=ema_decay) if use_ema else None
+        init_from_files(self, init_sources)
+        self.model_ema = EMA(self.model, decay=ema_decay) if use_ema else None  # starts from the loaded weights
 
     # ---- construction helpers -------------------------------------------------------------------------------
     @staticmethod
-    def _check_training_args(hp: dict) -> None:
-        _check_range("cond_drop_rate", hp["cond_drop_rate"], 0.0, 1.0)
+    def _check_training_args(hp: dict, model_args: dict) -> None:
+        if hp["cond_drop_rate"] is not None:
+            _check_range("cond_drop_rate", hp["cond_drop_rate"], 0.0, 1.0)
+            if model_args["conditioner_config"] is not None:
+                raise ValueError("cond_drop_rate is for cond_stage_config models; with conditioner_config give "
+                                 "each embedder its ucg_rate")
         _check_range("ema_decay", hp["ema_decay"], 0.0, 1.0)
         if hp["base_learning_rate"] <= 0 or (hp["learning_rate"] is not None and hp["learning_rate"] <= 0):
             raise ValueError("base_learning_rate/learning_rate must be > 0 (e.g. 1e-4)")
@@ -186,21 +198,10 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             raise ValueError(f"adam_betas={hp['adam_betas']!r} must be two numbers, e.g. [0.9, 0.999]")
         if hp["scheduler_config"] is not None and hp["warmup_steps"]:
             raise ValueError("give either warmup_steps or scheduler_config, not both")
-        if hp["cache_latents"] and hp["cond_stage_trainable"]:
+        if hp["cache_latents"] and model_args["cond_stage_trainable"]:
             log.info("cache_latents with a trainable text encoder: only latents are cached, not text embeddings")
         if not isinstance(hp["sample_steps"], int) or hp["sample_steps"] < 1:
             raise ValueError(f"sample_steps={hp['sample_steps']!r} must be a positive int")
-
-    def _set_text_encoder_trainable(self, trainable: bool) -> None:
-        enc = self.cond_stage_model
-        if trainable:
-            if getattr(enc, "frozen", False) or not any(p.requires_grad for p in enc.parameters()):
-                raise ValueError("cond_stage_trainable=true but the text encoder is frozen; set "
-                                 "model.params.cond_stage_config.params.freeze=false")
-        elif hasattr(enc, "freeze"):
-            enc.freeze()
-        else:
-            enc.eval().requires_grad_(False)
 
     # ---- randomness -----------------------------------------------------------------------------------------
     def _generator(self, salt: int, index: int) -> torch.Generator:
@@ -238,36 +239,22 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         z = DiagonalGaussianDistribution(self._moments(images, keys)).sample(generator)
         return z * self.scale_factor
 
-    def drop_captions(self, captions: Sequence[str], generator: torch.Generator | None) -> list[str]:
-        """Replace each caption by "" with probability ``cond_drop_rate``."""
-        if self.cond_drop_rate <= 0:
-            return list(captions)
-        device = generator.device if generator is not None else "cpu"
-        drop = torch.rand(len(captions), generator=generator, device=device) < self.cond_drop_rate
-        return ["" if d else c for c, d in zip(captions, drop.tolist())]
-
-    def conditioning(self, captions: Sequence[str]) -> torch.Tensor:
-        """Text embeddings [B, L, D]; cached per caption when ``cache_latents`` and the encoder is frozen."""
-        if not (self.cache_latents and not self.cond_stage_trainable):
-            return self.get_learned_conditioning(list(captions))
-        new = sorted({c for c in captions if c not in self._text_cache})
-        if new:
-            with torch.no_grad():
-                for c, e in zip(new, self.get_learned_conditioning(new)):
-                    self._text_cache[c] = e.cpu()
-        return torch.stack([self._text_cache[c] for c in captions]).to(self.device)
+    def conditioning(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
+                     drop: bool = False) -> dict[str, torch.Tensor]:
+        """The conditioning dict of a training batch (:meth:`get_learned_conditioning`); its ``cond_stage_key``
+        entry (``caption``) is the prompt, ``txt``. ``drop``: classifier-free-guidance dropout from ``generator``."""
+        inputs = dict(batch)
+        if PROMPT_KEY not in inputs and self.cond_stage_key in inputs:
+            captions = inputs[self.cond_stage_key]
+            inputs[PROMPT_KEY] = [captions] if isinstance(captions, str) else list(captions)
+        return self.get_learned_conditioning(inputs, generator=generator, drop=drop)
 
     def _loss(self, batch: dict, generator: torch.Generator, drop: bool) -> torch.Tensor:
         images = batch[self.first_stage_key]
-        captions = batch[self.cond_stage_key]
-        if isinstance(captions, str):
-            captions = [captions]
         keys = self.cache_keys(images) if self.cache_latents and self.training else None
         z = self.latents(images, generator, keys)
-        if drop:
-            captions = self.drop_captions(captions, generator)
-        context = self.conditioning(captions)
-        loss, _ = self.loss_fn(self.apply_model, z, {"crossattn": context}, self.alphas_cumprod, generator=generator)
+        cond = self.conditioning(batch, generator, drop)
+        loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator)
         return loss
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------
@@ -329,10 +316,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
 
     # ---- optimizer ------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.cond_stage_trainable:
-            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
-        return params
+        return [p for module in (self.model, self.conditioner) for p in module.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> dict:
         params = self.trainable_parameters()
@@ -351,21 +335,15 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
 
-    def inference_config(self) -> dict:
-        """The config of the exported model (see :func:`inference_config`)."""
-        return self.export_config(self.model_config())
-
-    def export_state_dict(self, use_ema: bool = True, include_ema: bool = False) -> dict[str, torch.Tensor]:
-        """The SD-layout state dict for inference (see :func:`export_state_dict`)."""
-        return self.export_weights(self.state_dict(), use_ema=use_ema, include_ema=include_ema)
-
-    # the export of a training checkpoint without building the module (ldm.training.callbacks)
+    # the export (ldm.training.common.ExportableModule): an SD-layout ldm.model.LatentDiffusion
     @staticmethod
     def export_config(model_node: dict) -> dict:
+        """See :func:`inference_config`."""
         return inference_config(model_node)
 
     @staticmethod
     def export_weights(state_dict: dict, use_ema: bool = True, include_ema: bool = False) -> dict:
+        """See :func:`export_state_dict`."""
         return export_state_dict(state_dict, use_ema=use_ema, include_ema=include_ema)
 
     # ---- sampling (image logger) ----------------------------------------------------------------------------
@@ -391,8 +369,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         self.eval()
         try:
             with self.ema_scope() if use_ema else contextlib.nullcontext():
-                cond = {"crossattn": self.get_learned_conditioning(prompts)}
-                uncond = {"crossattn": self.get_learned_conditioning([""])}
+                cond = self.get_learned_conditioning({PROMPT_KEY: prompts})
+                uncond = self.get_unconditional_conditioning({PROMPT_KEY: [""]})
                 scale = self.sample_cfg_scale if cfg_scale is None else cfg_scale
                 denoiser = CFGDenoiser(self.denoiser(), scale, uncond)
                 z = sample(spec, denoiser, noise.to(self.device), sigmas, extra_args={"cond": cond},
@@ -403,6 +381,20 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
 
+def _module_signature() -> inspect.Signature:
+    """The training parameters and, after them, every other parameter of ``LatentDiffusion`` (what
+    ``**model_params`` takes): the signature config checking binds a config's params against."""
+    own = [p for name, p in inspect.signature(LatentDiffusionModule.__init__).parameters.items()
+           if name != "self" and p.kind is not p.VAR_KEYWORD]
+    names = {p.name for p in own}
+    base = [p for name, p in inspect.signature(LatentDiffusion).parameters.items() if name not in names]
+    kinds = [p for p in own + base if p.kind is p.POSITIONAL_OR_KEYWORD]
+    return inspect.Signature(kinds + [p for p in own + base if p.kind is p.KEYWORD_ONLY])
+
+
+LatentDiffusionModule.__signature__ = _module_signature()
+
+
 # ---- export -----------------------------------------------------------------------------------------------------
 def inference_config(model_node: dict) -> dict:
     """The config of an exported model: ``ldm.model.LatentDiffusion`` with the architecture of ``model_node``
@@ -411,13 +403,13 @@ def inference_config(model_node: dict) -> dict:
     File paths of pretrained parts (``ckpt_path``) are dropped, since the export holds their weights, and
     ``use_ema`` is off: the export's UNet weights already are the EMA weights when there are any.
     """
-    import inspect
-
     accepted = set(inspect.signature(LatentDiffusion.__init__).parameters) - {"self"}
     params = {k: v for k, v in to_plain(model_node.get("params") or {}).items() if k in accepted}
-    for key in ("first_stage_config", "cond_stage_config", "unet_config"):
-        if isinstance(params.get(key), dict):
-            (params[key].get("params") or {}).pop("ckpt_path", None)
+    nodes = [params.get(key) for key in ("first_stage_config", "cond_stage_config", "unet_config")]
+    nodes += ((params.get("conditioner_config") or {}).get("params") or {}).get("emb_models") or []
+    for node in nodes:
+        if isinstance(node, dict):
+            (node.get("params") or {}).pop("ckpt_path", None)
     params["use_ema"] = False
     params["scheduler_config"] = None
     return {"model": {"target": _INFERENCE_TARGET, "params": params}}
