@@ -30,8 +30,9 @@ __all__ = [
 ]
 
 
-# The configs the code needs (the SD architectures, the embedded default).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The configs the code needs (the SD architectures, the embedded default), shipped inside the package; the
+# repository's top-level configs/ is a link to this folder.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
