@@ -196,6 +196,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--eta {args.eta} is negative: use a value in [0, 1]")
     _check_sampler(args.sampler)
     _require_file(args.ckpt, "checkpoint", "--ckpt")
+    if args.config is not None:
+        from ldm.config import find_config
+
+        args.config = str(find_config(args.config))  # configs/sd/... also from outside the repository
     _require_file(args.config, "config", "--config")
     init = _require_file(args.init_img, "init image", "--init-img")
     mask = _require_file(args.mask, "mask", "--mask")
