@@ -71,10 +71,10 @@ def find_config(path: str | os.PathLike) -> Path:
     """``path``, or the shipped copy of a relative ``configs/...`` path that is not a file here (so the README's
     ``--base configs/ldm_txt2img.yaml`` works from any folder once the package is installed)."""
     path = Path(path)
-    shipped = CONFIG_DIR.parent / path
-    if not path.is_file() and not path.is_absolute() and path.parts[:1] == ("configs",) and shipped.is_file():
-        return shipped
-    return path
+    if path.is_file() or path.is_absolute() or path.parts[:1] != ("configs",):
+        return path
+    shipped = CONFIG_DIR.joinpath(*path.parts[1:])
+    return shipped if shipped.is_file() else path
 
 
 def to_plain(node: Any) -> Any:
