@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate images: ``python sample.py --prompt "two red circles above a blue square"`` (see --help).
 
-The code lives in ldm/cli/sample.py.
+The code lives in ldm/cli/sample.py; an installed package runs it as ``ldm-sample`` or ``python -m ldm.sample``.
 """
 import sys
 

@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Train a latent diffusion model: ``python train.py --base configs/demo/shapes_ldm.yaml`` (see ldm/cli/train.py)."""
+"""Train a latent diffusion model: ``python train.py --base configs/demo/shapes_ldm.yaml`` (see ldm/cli/train.py).
+
+An installed package runs it as ``ldm-train`` or ``python -m ldm.train``.
+"""
 import sys
 
 from ldm.cli.train import main

@@ -23,6 +23,7 @@ __all__ = [
     "CONFIG_DIR",
     "ConfigError",
     "load_config",
+    "find_config",
     "instantiate_from_config",
     "check_config",
     "get_obj_from_str",
@@ -30,8 +31,9 @@ __all__ = [
 ]
 
 
-# The configs the code needs (the SD architectures, the embedded default).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The configs the code needs (the SD architectures, the embedded default), shipped inside the package; the
+# repository's top-level configs/ is a link to this folder.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -43,9 +45,10 @@ def load_config(*paths: str | os.PathLike, overrides: Iterable[str] = ()) -> Dic
     if not paths:
         raise ConfigError("no config given: pass at least one YAML file (e.g. configs/demo/shapes_ldm.yaml)")
     parts = []
-    for p in paths:
-        if not os.path.isfile(p):
-            raise ConfigError(f"config file not found: {p} (check the path given to --base/--config)")
+    for p in map(find_config, paths):
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (check the path given to --base/--config; "
+                              f"the shipped configs are in {CONFIG_DIR})")
         try:
             parts.append(OmegaConf.load(p))
         except Exception as e:  # yaml errors are long; keep the first line
@@ -62,6 +65,16 @@ def load_config(*paths: str | os.PathLike, overrides: Iterable[str] = ()) -> Dic
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config {paths[0]} must be a mapping at the top level")
     return cfg
+
+
+def find_config(path: str | os.PathLike) -> Path:
+    """``path``, or the shipped copy of a relative ``configs/...`` path that is not a file here (so the README's
+    ``--base configs/ldm_txt2img.yaml`` works from any folder once the package is installed)."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute() or path.parts[:1] != ("configs",):
+        return path
+    shipped = CONFIG_DIR.joinpath(*path.parts[1:])
+    return shipped if shipped.is_file() else path
 
 
 def to_plain(node: Any) -> Any:

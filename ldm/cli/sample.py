@@ -50,8 +50,8 @@ def _names(*names: str) -> list[str]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Generate images from text (and images) with a latent "
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Generate images from text (and images) with a latent "
                                 "diffusion model.")
     g = p.add_argument_group("what to draw")
     g.add_argument(*_names("--prompt"), default=None, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
@@ -206,6 +206,10 @@ def check_args(args: argparse.Namespace) -> None:
     _owner_check(check_eta, args.eta, "--eta")
     _check_sampler(args.sampler)
     _require_file(args.ckpt, "checkpoint", "--ckpt")
+    if args.config is not None:
+        from ldm.config import find_config
+
+        args.config = str(find_config(args.config))  # configs/sd/... also from outside the repository
     _require_file(args.config, "config", "--config")
     init = _require_file(args.init_img, "init image", "--init-img")
     mask = _require_file(args.mask, "mask", "--mask")
@@ -347,11 +351,12 @@ def list_samplers() -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of sample.py; returns the exit status (2 for bad input, with one line on stderr)."""
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Entry point of sample.py, ``ldm-sample`` and ``python -m ldm.sample`` (``prog``, the name that usage and
+    error lines show); returns the exit status (2 for bad input, with one line on stderr)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = build_parser()
+    parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or argparse's own one-line usage errors
@@ -370,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved, grid, count = generate(args, pipe, prompts)
     except (ValueError, OSError) as e:  # UsageError, ConfigError, CheckpointError, unreadable files
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.stderr.write(f"{prog}: error: {message}\n")
         return 2
     where = [f"{len(saved)} images in {saved[0].parent}" if saved else f"{count} images (not saved)"]
     if grid is not None:

@@ -39,6 +39,7 @@ log = logging.getLogger("ldm.train")
 DEFAULT_BASE = CONFIG_DIR / "demo" / "shapes_ldm.yaml"
 DEFAULT_DATA = {"target": "ldm.data.datamodule.ShapesDataModule", "params": {"size": 64, "batch_size": 16}}
 DEFAULT_SEED = 23
+PROG = "train.py"
 TRAINER_FLAGS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "max_steps",
                  "accumulate_grad_batches")
 CALLBACK_TARGETS = {
@@ -51,8 +52,8 @@ CALLBACK_TARGETS = {
 _RESERVED_TRAINER_KEYS = ("callbacks", "logger", "plugins", "default_root_dir", "enable_checkpointing")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description="Train a latent diffusion model (or its autoencoder).")
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train a latent diffusion model (or its autoencoder).")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. lightning.trainer.max_steps=20 data.params.batch_size=4")
     p.add_argument("-b", "--base", nargs="+", default=None, metavar="YAML",
@@ -278,9 +279,11 @@ def _check_fsdp(trainer: dict, model: DictConfig) -> None:
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Entry point of train.py, ``ldm-train`` and ``python -m ldm.train`` (``prog``, the name that usage lines
+    show); returns the exit status (2 for a bad config)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_intermixed_args(argv)
+    args = build_parser(prog).parse_intermixed_args(argv)
     _split_overrides(args)
     try:
         return _run(args)
