@@ -10,7 +10,7 @@
 # 2. the text-to-image UNet + text tower over its latents
 #    (configs/demo/shapes_demo.yaml, first_stage_ckpt = the fine-tuned autoencoder)  -> $LOGDIR/shapes_demo/
 #    LDM_STEPS steps (the cosine schedule's total_steps set to the same), then 1000 steps more with 40% of the
-#    captions color-free (scripts/warm_start_train.py, data.params.color_drop=0.4) -> $LOGDIR/shapes_demo_cf/
+#    captions color-free (model.params.init_from, data.params.color_drop=0.4)       -> $LOGDIR/shapes_demo_cf/
 # 3. the text tower pretrained contrastively (scripts/pretrain_text_tower.py)          -> $LOGDIR/text_tower.safetensors
 # 4. warm starts on it (UNet on the frozen tower, then tower and UNet together), the tower pretrained again
 #    with colors-exchanged negatives, the UNet adapted to it, both trained together     -> $LOGDIR/v6_counting/
@@ -68,10 +68,12 @@ python train.py --base configs/demo/shapes_demo.yaml --name shapes_demo --logdir
     "model.params.scheduler_config.params.total_steps=$LDM_STEPS" "$@"
 # then 1000 steps with 40% of the captions color-free (the eval's single object, two objects, counting and
 # position prompts name no colors): learning rate 1e-4 on a 3000-step cosine schedule, stopped at step 1000
-# (the shipped file is that step's EMA export; the later steps lost color attribution, docs/demo_model.md)
+# (the shipped file is that step's EMA export; the later steps lost color attribution, docs/demo_model.md); the
+# UNet and text tower start from 2's export (its EMA UNet; the new run's EMA starts from it), the autoencoder is AE_FT
 stage "2/5 latent diffusion, color-free captions -> $LDM_EXPORT"
-python scripts/warm_start_train.py --init "$BASE_EXPORT" --base configs/demo/shapes_demo.yaml --name shapes_demo_cf \
-    --logdir "$LOGDIR" --seed "$SEED" "model.params.first_stage_ckpt=$AE_FT" data.params.color_drop=0.4 \
+python train.py --base configs/demo/shapes_demo.yaml --name shapes_demo_cf --logdir "$LOGDIR" --seed "$SEED" \
+    "model.params.init_from=[{path: '$BASE_EXPORT', parts: [unet, text_encoder]}]" \
+    "model.params.first_stage_ckpt=$AE_FT" data.params.color_drop=0.4 \
     model.params.learning_rate=1.0e-4 lightning.trainer.max_steps=1000 \
     model.params.scheduler_config.params.total_steps=3000 "$@"
 
@@ -83,12 +85,22 @@ python scripts/warm_start_train.py --init "$BASE_EXPORT" --base configs/demo/sha
 stage "3/5 text tower, contrastive -> $TOWER"
 python scripts/pretrain_text_tower.py --steps 4000 --pair-weight 4 --init "$LDM_EXPORT" --out "$TOWER" \
     --seed "$SEED"
-warm() {  # warm NAME INIT STEPS [overrides...]: a warm start with the settings every v5 stage shares,
-    local name=$1 init=$2 steps=$3 scale; shift 3  # the latent scale kept from INIT (not estimated again)
+# warm NAME INIT STEPS [overrides...]: a warm start with the settings every v5 and v6 stage shares: the UNet and
+# text tower from INIT (model.params.init_from), the latent scale kept from INIT (not estimated again).
+# TOWER_FROM=FILE: the text tower from FILE instead (a pretrain_text_tower.py output); KEEP_NEW=true: UNet
+# tensors INIT lacks (the position embedding, zero-initialised) keep their fresh initialisation.
+warm() {
+    local name=$1 init=$2 steps=$3 scale init_from; shift 3
     scale=$(python -c "import json, sys; from ldm.checkpoint import read_state_dict as r
 print(json.loads(r(sys.argv[1])[1]['config'])['model']['params']['scale_factor'])" "$init")
-    python scripts/warm_start_train.py --init "$init" "${WARM_ARGS[@]}" --base configs/demo/shapes_demo.yaml \
-        --name "$name" --logdir "$LOGDIR" --seed "$SEED" "model.params.first_stage_ckpt=$AE_FT" \
+    if [[ -n "${TOWER_FROM:-}" ]]; then
+        init_from="[{path: '$init', parts: [unet], keep_new: ${KEEP_NEW:-false}},"
+        init_from+=" {path: '$TOWER_FROM', parts: [text_encoder]}]"
+    else
+        init_from="[{path: '$init', parts: [unet, text_encoder], keep_new: ${KEEP_NEW:-false}}]"
+    fi
+    python train.py --base configs/demo/shapes_demo.yaml --name "$name" --logdir "$LOGDIR" --seed "$SEED" \
+        "model.params.init_from=$init_from" "model.params.first_stage_ckpt=$AE_FT" \
         model.params.scale_by_std=false "model.params.scale_factor=$scale" \
         data.params.color_drop=0.4 model.params.loss_weighting=uniform \
         model.params.unet_config.params.position_embedding=true \
@@ -101,9 +113,8 @@ FROZEN=(model.params.cond_stage_trainable=false model.params.cond_stage_config.p
 JOINT=(model.params.cond_stage_trainable=true model.params.cond_stage_config.params.freeze=false
        model.params.learning_rate=1.0e-4)
 stage "4/5 UNet on the frozen tower, then both -> $V6_EXPORT"
-WARM_ARGS=(--keep-new --text-tower "$TOWER")  # the position embedding starts at zero, the tower from 3
-warm v5_relations_a "$LDM_EXPORT" 1500 "${FROZEN[@]}" "$@"
-WARM_ARGS=()
+# the position embedding starts at zero, the tower from 3
+TOWER_FROM="$TOWER" KEEP_NEW=true warm v5_relations_a "$LDM_EXPORT" 1500 "${FROZEN[@]}" "$@"
 warm v5_relations_b "$LOGDIR/v5_relations_a/v5_relations_a.safetensors" 5000 "${FROZEN[@]}" "$@"
 warm v5_joint_a "$LOGDIR/v5_relations_b/v5_relations_b.safetensors" 2000 "${JOINT[@]}" "$@"
 # v6: that tower pretrained again with colors-exchanged captions as hard negatives too, the UNet adapted to it
@@ -113,9 +124,7 @@ python scripts/pretrain_text_tower.py --steps 2000 --pair-weight 4 --color-swaps
     --init "$LOGDIR/v5_joint_a/v5_joint_a.safetensors" --out "$TOWER_CS" --seed "$SEED"
 BALANCED=(model.params.cond_stage_trainable=false model.params.cond_stage_config.params.freeze=true
           model.params.learning_rate=2.0e-4)
-WARM_ARGS=(--text-tower "$TOWER_CS")
-warm v6_swaps_a "$LOGDIR/v5_joint_a/v5_joint_a.safetensors" 1500 "${BALANCED[@]}" "$@"
-WARM_ARGS=()
+TOWER_FROM="$TOWER_CS" warm v6_swaps_a "$LOGDIR/v5_joint_a/v5_joint_a.safetensors" 1500 "${BALANCED[@]}" "$@"
 warm v6_swaps_b "$LOGDIR/v6_swaps_a/v6_swaps_a.safetensors" 2500 "${BALANCED[@]}" lightning.trainer.max_steps=2000 "$@"
 warm v6_joint "$LOGDIR/v6_swaps_b/v6_swaps_b.safetensors" 3000 "${JOINT[@]}" \
     "data.params.kinds=[single,relation,counting,color_attribution,color_attribution]" "$@"

@@ -1,5 +1,5 @@
-"""The demo model's training scripts: weighted autoencoder fine-tuning, the warm-started diffusion stage and the
-contrastive text-tower pretraining."""
+"""The demo model's training scripts: weighted autoencoder fine-tuning and the contrastive text-tower
+pretraining."""
 from __future__ import annotations
 
 import sys
@@ -13,9 +13,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import finetune_decoder  # noqa: E402
 import pretrain_text_tower  # noqa: E402
-import warm_start_train  # noqa: E402
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.ema import ema_name  # noqa: E402
 from ldm.data.shapes import BACKGROUND, Scene, ShapeObject, image_to_tensor, render  # noqa: E402
 from ldm.models.autoencoder import AutoencoderKL  # noqa: E402
 
@@ -101,94 +98,6 @@ def test_finetune_rejects_object_weight_below_one(tmp_path):
         finetune_decoder.main(["--ckpt", "x", "--out", str(tmp_path / "y"), "--worst-weight", "-1"])
     with pytest.raises(SystemExit, match="checkpoint not found: .*nope.safetensors"):  # one line, the path named
         finetune_decoder.main(["--ckpt", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "y")])
-
-
-def test_warm_start_usage_error():
-    with pytest.raises(SystemExit, match="usage"):
-        warm_start_train.main(["--base", "configs/demo/shapes_demo.yaml"])
-
-
-def test_warm_start_copies_unet_and_text_tower(tmp_path):
-    from ldm.checkpoint import save_checkpoint
-    from ldm.config import instantiate_from_config, load_config
-
-    cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
-    cfg.model.params.first_stage_ckpt = None
-    source = instantiate_from_config(cfg.model)
-    path = tmp_path / "src.safetensors"
-    save_checkpoint({k: v.half() for k, v in source.state_dict().items()
-                     if k.startswith(warm_start_train.PREFIXES)}, path)
-    target = instantiate_from_config(cfg.model)
-    key = "model.diffusion_model.input_blocks.0.0.weight"
-    assert not torch.equal(target.state_dict()[key], source.state_dict()[key])
-    warm_start_train.warm_start(target, str(path))
-    for k in (key, "cond_stage_model.model.token_embedding.weight"):
-        assert torch.equal(target.state_dict()[k], source.state_dict()[k].half().float())
-    shadow = dict(target.model_ema.named_buffers())[ema_name(key.removeprefix("model."))]
-    assert torch.equal(shadow, target.state_dict()[key])  # the EMA restarts from the copied weights
-
-
-def test_warm_start_rejects_another_architecture(tmp_path):
-    from ldm.checkpoint import save_checkpoint
-    from ldm.config import instantiate_from_config, load_config
-
-    cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
-    cfg.model.params.first_stage_ckpt = None
-    target = instantiate_from_config(cfg.model)
-    path = tmp_path / "other.safetensors"
-    save_checkpoint({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match="does not match the config"):
-        warm_start_train.warm_start(target, str(path))
-
-
-def test_warm_start_keep_new_leaves_added_tensors_at_their_init(tmp_path):
-    from ldm.checkpoint import save_checkpoint
-    from ldm.config import instantiate_from_config, load_config
-
-    cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
-    cfg.model.params.first_stage_ckpt = None
-    source = instantiate_from_config(cfg.model)
-    path = tmp_path / "src.safetensors"
-    save_checkpoint({k: v for k, v in source.state_dict().items() if k.startswith(warm_start_train.PREFIXES)}, path)
-    cfg.model.params.unet_config.params.position_embedding = True
-    target = instantiate_from_config(cfg.model)
-    with pytest.raises(ValueError, match="2 tensors missing.*--keep-new"):
-        warm_start_train.warm_start(target, str(path))
-    warm_start_train.warm_start(target, str(path), keep_new=True)
-    key = "model.diffusion_model.input_blocks.0.0.weight"
-    assert torch.equal(target.state_dict()[key], source.state_dict()[key])
-    assert not target.model.diffusion_model.pos_embed.weight.any()  # zero-initialised, kept
-
-
-def test_warm_start_text_tower_from_another_file(tmp_path):
-    from ldm.checkpoint import save_checkpoint
-    from ldm.config import instantiate_from_config, load_config
-
-    cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
-    cfg.model.params.first_stage_ckpt = None
-    source, other = instantiate_from_config(cfg.model), instantiate_from_config(cfg.model)
-    path, tower = tmp_path / "src.safetensors", tmp_path / "tower.safetensors"
-    save_checkpoint({k: v for k, v in source.state_dict().items() if k.startswith(warm_start_train.PREFIXES)}, path)
-    save_checkpoint({k: v for k, v in other.state_dict().items() if k.startswith("cond_stage_model.")}, tower)
-    target = instantiate_from_config(cfg.model)
-    warm_start_train.warm_start(target, str(path), text_tower=str(tower))
-    unet_key = "model.diffusion_model.input_blocks.0.0.weight"
-    text_key = "cond_stage_model.model.token_embedding.weight"
-    assert torch.equal(target.state_dict()[unet_key], source.state_dict()[unet_key])
-    assert torch.equal(target.state_dict()[text_key], other.state_dict()[text_key])
-    assert not torch.equal(target.state_dict()[text_key], source.state_dict()[text_key])
-    unet_only = tmp_path / "unet_only.safetensors"
-    save_checkpoint({k: v for k, v in source.state_dict().items() if k.startswith("model.diffusion_model.")},
-                    unet_only)
-    with pytest.raises(ValueError, match="no cond_stage_model"):
-        warm_start_train.warm_start(target, str(path), text_tower=str(unet_only))
-    with pytest.raises(CheckpointError, match="nope.safetensors"):  # a missing file is named
-        warm_start_train.warm_start(target, str(path), text_tower=str(tmp_path / "nope.safetensors"))
-
-
-def test_warm_start_text_tower_needs_a_file():
-    with pytest.raises(SystemExit, match="--text-tower needs a file"):
-        warm_start_train.main(["--init", "x.safetensors", "--text-tower", "--base", "c.yaml"])
 
 
 def test_contrastive_loss_prefers_the_matching_caption_over_the_inverted_one():
