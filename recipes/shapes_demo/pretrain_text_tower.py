@@ -1,6 +1,7 @@
 """Pretrain a text tower contrastively (CLIP-style) on the shapes world, with relation-inverted hard negatives.
 
-    python scripts/pretrain_text_tower.py --steps 1500 --out text_tower.safetensors [--init MODEL.safetensors]
+    python recipes/shapes_demo/pretrain_text_tower.py --steps 1500 --out text_tower.safetensors \
+        [--init MODEL.safetensors]
 
 The demo model v4's jointly trained text tower codes the relation words 5x weaker than the shapes (``python -m
 ldm.eval relations``: relative output change 0.11 for an inverted relation, 0.55 for exchanged shapes), so its

@@ -1,4 +1,4 @@
-"""The demo model's training scripts: weighted autoencoder fine-tuning and the contrastive text-tower
+"""The shapes-demo recipe's training scripts: weighted autoencoder fine-tuning and the contrastive text-tower
 pretraining."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+RECIPE = Path(__file__).resolve().parent
+sys.path.insert(0, str(RECIPE))
 
 import finetune_decoder  # noqa: E402
 import pretrain_text_tower  # noqa: E402
@@ -72,7 +72,7 @@ def test_finetune_of_a_whole_model_replaces_its_decoder_only(tmp_path):
     from ldm.checkpoint import read_state_dict, save_checkpoint
     from ldm.config import instantiate_from_config, load_config
 
-    cfg = load_config(ROOT / "configs/demo/shapes_demo.yaml")
+    cfg = load_config(RECIPE / "shapes_demo.yaml")
     cfg.model.params.first_stage_ckpt = None
     model = instantiate_from_config(cfg.model)
     src, out = tmp_path / "model.safetensors", tmp_path / "model_ft.safetensors"
@@ -143,3 +143,4 @@ def test_pretrain_text_tower_with_color_swaps_reports_them(tmp_path):
     report = pretrain_text_tower.main(["--steps", "2", "--batch-size", "8", "--num-train", "16", "--color-swaps",
                                        "--out", str(tmp_path / "tower.safetensors")])
     assert 0.0 <= report["color_accuracy"] <= 1.0
+
