@@ -44,7 +44,7 @@ TOWER_CS="$LOGDIR/text_tower_color_swaps.safetensors"
 V6_EXPORT="$LOGDIR/v6_counting/v6_counting.safetensors"
 ASSET="ldm/assets/demo/shapes.safetensors"
 
-stage() { echo "[train_demo] $(date +%H:%M:%S) $*"; }
+stage() { echo "[shapes_demo] $(date +%H:%M:%S) $*"; }
 
 SECONDS=0
 # 1500 batches of L1 + KL only: the PatchGAN of configs/demo/shapes_autoencoder.yaml (disc_start 1501) never
