@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from ldm.checkpoint import build_model, load_model
+from ldm.convert import build_model, load_model
 from ldm.config import ConfigError, instantiate_from_config
 from ldm.diffusion.guidance import CFGDenoiser
 from ldm.models.conditioner import ConcatTimestepEmbedderND, Conditioner, InpaintingConcat

@@ -133,7 +133,7 @@ def test_wheel_holds_the_package_data_and_the_console_scripts(installed):
 
 def test_installed_copy_finds_its_configs_from_another_folder(installed, tmp_path):
     _, target = installed
-    code = ("import ldm, ldm.config, torch; from ldm.checkpoint import infer_config\n"
+    code = ("import ldm, ldm.config, torch; from ldm.convert import infer_config\n"
             "print(ldm.__file__); print(ldm.config.CONFIG_DIR)\n"
             "sd = {'cond_stage_model.transformer.text_model.embeddings.token_embedding.weight': torch.zeros(1)}\n"
             "print(infer_config(sd).model.params.unet_config.params.context_dim)\n")  # an SD v1 file, no --config

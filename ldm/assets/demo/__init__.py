@@ -1,1 +1,1 @@
-"""The embedded demo model: shapes.safetensors (see docs/demo_model.md)."""
+"""The embedded demo model: shapes.safetensors (how it was trained: recipes/shapes_demo/ in the repository)."""

@@ -1,6 +1,7 @@
 """Pretrain a text tower contrastively (CLIP-style) on the shapes world, with relation-inverted hard negatives.
 
-    python scripts/pretrain_text_tower.py --steps 1500 --out text_tower.safetensors [--init MODEL.safetensors]
+    python recipes/shapes_demo/pretrain_text_tower.py --steps 1500 --out text_tower.safetensors \
+        [--init MODEL.safetensors]
 
 The demo model v4's jointly trained text tower codes the relation words 5x weaker than the shapes (``python -m
 ldm.eval relations``: relative output change 0.11 for an inverted relation, 0.55 for exchanged shapes), so its
@@ -122,7 +123,7 @@ def hard_negative_accuracy(tower: OpenCLIPTextEncoder, images: ImageEncoder, num
     return (true > swapped).float().mean().item()
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=64)
@@ -136,7 +137,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--out", required=True, help="where to write the tower (safetensors)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
     if args.steps < 1 or args.batch_size < 2:
         raise SystemExit(f"--steps {args.steps} must be >= 1 and --batch-size {args.batch_size} >= 2")
     torch.manual_seed(args.seed)

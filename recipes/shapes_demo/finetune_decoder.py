@@ -1,10 +1,11 @@
 """Fine-tune the decoder of a trained autoencoder with its encoder frozen (as SD's "ft-MSE" VAE decoders),
 or, with ``--train-encoder``, the whole autoencoder.
 
-    python scripts/finetune_decoder.py --ckpt AE.safetensors --out AE_ft.safetensors [--steps 1500]
-    python scripts/finetune_decoder.py --ckpt AE.safetensors --out AE_ft.safetensors --train-encoder \
+    python recipes/shapes_demo/finetune_decoder.py --ckpt AE.safetensors --out AE_ft.safetensors [--steps 1500]
+    python recipes/shapes_demo/finetune_decoder.py --ckpt AE.safetensors --out AE_ft.safetensors --train-encoder \
         --object-weight 10
-    python scripts/finetune_decoder.py --ckpt MODEL.safetensors --out MODEL_ft.safetensors --worst-weight 0.6
+    python recipes/shapes_demo/finetune_decoder.py --ckpt MODEL.safetensors --out MODEL_ft.safetensors \
+        --worst-weight 0.6
 
 ``--ckpt`` may be a whole latent diffusion model (an export with ``model.diffusion_model.*``): ``--out`` is then
 the same model, every other tensor, the dtype and the stored config kept, with the fine-tuned decoder in it.
@@ -20,9 +21,10 @@ must then be trained on the new autoencoder.
 The encoder and ``quant_conv`` do not change, so neither does the latent space: a latent diffusion model trained
 on the original latents decodes with the new decoder as is, and one trained with either file is the same model.
 The loss is the per-pixel weighted squared plus absolute error of the decoded posterior samples of synthetic
-shapes pictures (plus the KL term, weight 1e-6, when the encoder trains), with Adam and a cosine learning-rate decay. Held-out PSNR (the ``eval`` split, as
-``python -m ldm.eval recon``) is logged before, every ``--log-every`` steps and after. Reproducible: the
-pictures, posterior samples and initial state depend only on ``--seed``.
+shapes pictures (plus the KL term, weight 1e-6, when the encoder trains), with Adam and a cosine learning-rate
+decay. Held-out PSNR (the ``eval`` split, as ``python -m ldm.eval recon``) is logged before, every
+``--log-every`` steps and after. Reproducible: the pictures, posterior samples and initial state depend only on
+``--seed``.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from ldm.config import load_config, to_plain
+from ldm.config import CONFIG_DIR, load_config, to_plain
 from ldm.data.shapes import BACKGROUND, ShapesDataset
 from ldm.io import CheckpointError, read_state_dict, save_checkpoint
 from ldm.metrics import psnr
@@ -42,7 +44,7 @@ from ldm.models.autoencoder import AutoencoderKL
 
 log = logging.getLogger("finetune_decoder")
 
-DEFAULT_CONFIG = "configs/demo/shapes_autoencoder.yaml"
+DEFAULT_CONFIG = str(CONFIG_DIR / "demo" / "shapes_autoencoder.yaml")  # the product's small first stage
 
 
 def load_autoencoder(ckpt: str, config: str) -> tuple[AutoencoderKL, int]:
