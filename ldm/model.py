@@ -19,12 +19,11 @@ from torch import nn
 
 from ldm.config import instantiate_from_config
 from ldm.diffusion import schedules
-from ldm.diffusion.denoisers import make_denoiser
+from ldm.diffusion.denoisers import check_parameterization, make_denoiser
 from ldm.models.conditioner import Conditioner, EmbedderSpec, InpaintingConcat
 
 log = logging.getLogger(__name__)
 
-PARAMETERIZATIONS = ("eps", "v", "x0")
 PROMPT_KEY = "txt"  # the batch entry holding the prompts (sgm's name)
 
 
@@ -93,8 +92,7 @@ class LatentDiffusion(nn.Module):
         scheduler_config: Any = None,
     ):
         super().__init__()
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        check_parameterization(parameterization)
         if conditioning_key not in ("crossattn", "hybrid"):
             raise ValueError(f"conditioning_key must be 'crossattn' or 'hybrid', got {conditioning_key!r}")
         self.parameterization = parameterization

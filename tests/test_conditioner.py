@@ -258,7 +258,7 @@ def test_cfg_batches_dict_conditionings_of_every_kind():
     x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([2.0, 2.0])
     guided = CFGDenoiser(denoiser, 3.0, uncond)(x, sigma, cond)
     u, c = denoiser(x, sigma, uncond), denoiser(x, sigma, cond)
-    torch.testing.assert_close(guided, u + 3.0 * (c - u), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(guided, u + 3.0 * (c - u), rtol=1e-4, atol=1e-4)  # fp32 batching, x3
 
 
 def test_conditioner_model_sampling_in_the_pipeline_uses_its_vector():

@@ -12,7 +12,7 @@ from ldm.io import read_state_dict, save_checkpoint
 from ldm.cli.train import init_from_option, main
 from ldm.config import ConfigError
 from ldm.ema import ema_name
-from ldm.models.text_encoder import to_hf_clip_text_state_dict
+from ldm.convert import to_hf_clip_text_state_dict
 from ldm.training.callbacks import export_model
 from test_train_cli import FAST, last_step, tiny_run_config
 from test_train_ldm import tiny_model_node, tiny_module

@@ -32,7 +32,8 @@ PARAMETERIZATIONS = ("eps", "v", "x0")
 Net = Callable[[Tensor, Tensor, Any], Tensor]
 
 
-def _check_parameterization(name: str) -> None:
+def check_parameterization(name: str) -> None:
+    """The one check of a model's prediction target (eps, v or x0)."""
     if name not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization {name!r}; use one of {', '.join(PARAMETERIZATIONS)}")
 
@@ -47,7 +48,7 @@ def prediction_target(parameterization: str, x0: Tensor, noise: Tensor, alpha_ba
 
     ``alpha_bar`` is per item ([B]); eps -> noise, v -> sqrt(a) noise - sqrt(1-a) x0, x0 -> x0.
     """
-    _check_parameterization(parameterization)
+    check_parameterization(parameterization)
     if parameterization == "eps":
         return noise
     if parameterization == "x0":
@@ -58,7 +59,7 @@ def prediction_target(parameterization: str, x0: Tensor, noise: Tensor, alpha_ba
 
 def scalings(parameterization: str, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(c_skip, c_out, c_in) for the given parameterization at noise level sigma (see module table)."""
-    _check_parameterization(parameterization)
+    check_parameterization(parameterization)
     c_in = 1 / (sigma**2 + 1).sqrt()
     if parameterization == "eps":
         return torch.ones_like(sigma), -sigma, c_in
@@ -79,7 +80,7 @@ class DiscreteDenoiser:
     """
 
     def __init__(self, net: Net, alphas_cumprod: Tensor, parameterization: str = "eps", quantize: bool = True):
-        _check_parameterization(parameterization)
+        check_parameterization(parameterization)
         self.net = net
         self.alphas_cumprod = alphas_cumprod.detach()  # keeps its dtype: float32 like the checkpoint buffer
         self.parameterization = parameterization
@@ -134,6 +135,6 @@ class X0Denoiser(DiscreteDenoiser):
 
 def make_denoiser(net: Net, alphas_cumprod: Tensor, parameterization: str = "eps", quantize: bool = True):
     """The denoiser for a parameterization name ("eps", "v", "x0")."""
-    _check_parameterization(parameterization)
+    check_parameterization(parameterization)
     cls = {"eps": EpsDenoiser, "v": VDenoiser, "x0": X0Denoiser}[parameterization]
     return cls(net, alphas_cumprod, quantize=quantize)

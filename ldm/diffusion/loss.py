@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from ldm.diffusion.denoisers import PARAMETERIZATIONS, prediction_target
+from ldm.diffusion.denoisers import check_parameterization, prediction_target
 
 WEIGHTINGS = ("uniform", "min_snr")
 
@@ -44,9 +44,7 @@ class DiffusionLoss:
 
     def __init__(self, parameterization: str = "eps", weighting: str = "uniform", min_snr_gamma: float = 5.0,
                  offset_noise: float = 0.0, num_timesteps: int = 1000):
-        if parameterization not in PARAMETERIZATIONS:
-            known = ", ".join(PARAMETERIZATIONS)
-            raise ValueError(f"unknown parameterization {parameterization!r}; use one of {known}")
+        check_parameterization(parameterization)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
         if min_snr_gamma <= 0 or offset_noise < 0:

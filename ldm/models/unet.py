@@ -104,21 +104,26 @@ class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
         return x
 
 
+def _resampled_channels(name: str, channels: int, out_channels: Optional[int], use_conv: bool, dims: int) -> int:
+    """The output width of an Upsample/Downsample; only a conv may change it."""
+    _check_dims(dims)
+    out = out_channels or channels
+    if out != channels and not use_conv:
+        raise ValueError(f"{name} without conv cannot change channels {channels} -> {out}: set use_conv=True")
+    return out
+
+
 class Upsample(nn.Module):
     """Nearest-neighbour x2, then an optional 3x3 conv (``conv``)."""
 
     def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: Optional[int] = None,
                  padding: int = 1):
         super().__init__()
-        _check_dims(dims)
         self.channels = channels
-        self.out_channels = out_channels or channels
+        self.out_channels = _resampled_channels("Upsample", channels, out_channels, use_conv, dims)
         self.use_conv = use_conv
         if use_conv:
             self.conv = nn.Conv2d(channels, self.out_channels, 3, padding=padding)
-        elif self.out_channels != channels:
-            raise ValueError(f"Upsample without conv cannot change channels {channels} -> {self.out_channels}: "
-                             "set use_conv=True")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="nearest")
@@ -131,14 +136,10 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, use_conv: bool, dims: int = 2, out_channels: Optional[int] = None,
                  padding: int = 1):
         super().__init__()
-        _check_dims(dims)
         self.channels = channels
-        self.out_channels = out_channels or channels
+        self.out_channels = _resampled_channels("Downsample", channels, out_channels, use_conv, dims)
         if use_conv:
             self.op = nn.Conv2d(channels, self.out_channels, 3, stride=2, padding=padding)
-        elif self.out_channels != channels:
-            raise ValueError(f"Downsample without conv cannot change channels {channels} -> {self.out_channels}: "
-                             "set use_conv=True")
         else:
             self.op = nn.AvgPool2d(kernel_size=2, stride=2)
 
@@ -297,8 +298,7 @@ class UNetModel(nn.Module):
     ``position_embedding`` (an addition, default off; SD checkpoints have none): add a learned function of each
     pixel's position (a 1x1 conv of :func:`coordinate_features`, zero-initialised, weights ``pos_embed.*``) to
     the first conv's output. SD's UNet sees position only through the convolutions' zero padding; with it, a
-    cross-attention query can tell where it is, which words such as "left of" need. (Added for the demo model's
-    position category; the shipped demo model v5 has it: docs/demo_model.md.)
+    cross-attention query can tell where it is, which words such as "left of" need (the embedded demo model has it).
     Zero-initialised, it leaves a warm-started model's output unchanged until it is trained.
 
     The CPU fast paths (oneDNN layers, a cached bf16 copy of the weights and pre-packed convolutions for bf16
