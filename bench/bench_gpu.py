@@ -176,9 +176,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = common.setup(args.threads)
     common.check_precisions(args.precisions, args.device)
-    if args.inner is not None and args.inner < 1:
-        raise SystemExit(f"--inner must be at least 1, got {args.inner}")
-    args.inner = args.inner or (20 if args.device.type == "cuda" else 1)
+    args.inner = common.inner_calls(args.inner, args.device, cuda_default=20)
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     ours0, theirs0, _ = build_pair(args.width, args.device)

@@ -223,9 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = common.setup(args.threads)
     common.check_precisions(args.precisions, args.device)
-    if args.inner is not None and args.inner < 1:
-        raise SystemExit(f"--inner must be at least 1, got {args.inner}")
-    args.inner = args.inner or (10 if args.device.type == "cuda" else 1)
+    args.inner = common.inner_calls(args.inner, args.device, cuda_default=10)
     rows = [row for width, latent in args.sizes for row in bench_size(width, latent, args)]
     headers = ["UNet", "step", "precision", "ours s", f"{args.peer} s", "speed-up", "max abs diff fp32",
                "GFLOP", "matmul peak GFLOP/s", "ours util", f"{args.peer} util"]

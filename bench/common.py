@@ -63,6 +63,14 @@ def check_precisions(precisions: Sequence[str], device: torch.device) -> None:
         raise SystemExit("--precisions fp16 needs --device cuda; on a CPU use fp32 or bf16")
 
 
+def inner_calls(inner: int | None, device: torch.device, cuda_default: int) -> int:
+    """``--inner``: calls per timed round, at least 1; by default ``cuda_default`` on a GPU (where one call is too
+    short to time alone) and 1 elsewhere."""
+    if inner is not None and inner < 1:
+        raise SystemExit(f"--inner must be at least 1, got {inner}")
+    return inner or (cuda_default if device.type == "cuda" else 1)
+
+
 def autocast(precision: str, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager:
     """Autocast to bf16/fp16 on ``device``'s type; nothing for "fp32"."""
     if precision not in PRECISIONS:
