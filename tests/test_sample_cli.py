@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -60,6 +61,46 @@ def test_next_index_and_grid(tmp_path):
     tiles = [Image.new("RGB", (4, 4), (i * 40, 0, 0)) for i in range(6)]
     grid = common.make_grid(tiles, rows=2)
     assert grid.size == (12, 8) and grid.getpixel((4, 4)) == (160, 0, 0)
+
+
+def _save_from_zero(folder: str, worker: int, count: int, barrier) -> list[str]:
+    """What a sample.py run does: pick the next number once at start, then save its images from it."""
+    start = common.next_index(folder)
+    barrier.wait()  # every process has its start before any saves: they all begin at the same number
+    paths, index = [], start
+    for i in range(count):
+        image = Image.new("RGB", (8, 8), (worker * 30, i * 30, 0))
+        paths.append(str(common.save_new_png(image, folder, f"worker {worker} image {i}", start=index)))
+        index = int(Path(paths[-1]).stem) + 1
+    return paths
+
+
+def test_concurrent_processes_keep_every_image(tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    workers, count = 4, 5
+    barrier = ctx.Manager().Barrier(workers)
+    with ctx.Pool(workers) as pool:
+        results = pool.starmap(_save_from_zero, [(str(tmp_path), w, count, barrier) for w in range(workers)])
+    paths = [p for r in results for p in r]
+    assert len(set(paths)) == workers * count  # no number written twice
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i:05d}.png" for i in range(workers * count)]
+    texts = {Image.open(p).text["parameters"] for p in paths}
+    assert texts == {f"worker {w} image {i}" for w in range(workers) for i in range(count)}  # none overwritten
+
+
+def test_save_new_png_skips_taken_numbers_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    (tmp_path / "grid-0000.png").write_bytes(b"taken")
+    path = common.save_new_png(Image.new("RGB", (4, 4)), tmp_path, prefix="grid-", digits=4, start=0)
+    assert path.name == "grid-0001.png" and (tmp_path / "grid-0000.png").read_bytes() == b"taken"
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(Image.Image, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        common.save_new_png(Image.new("RGB", (4, 4)), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid-0000.png", "grid-0001.png"]
 
 
 def test_sampler_aliases_resolve_to_their_names(capsys):

@@ -14,7 +14,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 from PIL import Image, PngImagePlugin
 
@@ -25,6 +25,7 @@ __all__ = [
     "parse_parameters",
     "read_png_parameters",
     "save_png",
+    "save_new_png",
     "next_index",
     "make_grid",
     "model_hash",
@@ -139,15 +140,40 @@ def read_png_parameters(path: str | os.PathLike) -> dict[str, Any] | None:
     return parse_parameters(text) if text else None
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
-    """Save ``image`` as PNG, with the ``parameters`` text chunk when given."""
+def save_png(image: Image.Image, path: str | os.PathLike | BinaryIO, parameters: str | None = None
+             ) -> Path | BinaryIO:
+    """Save ``image`` as PNG (to a path or an open binary file), with the ``parameters`` text chunk when given."""
     info = None
     if parameters:
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", parameters)
-    path = Path(path)
+    if isinstance(path, (str, os.PathLike)):
+        path = Path(path)
     image.save(path, format="PNG", pnginfo=info)
     return path
+
+
+def save_new_png(image: Image.Image, folder: str | os.PathLike, parameters: str | None = None, *, prefix: str = "",
+                 digits: int = 5, start: int | None = None) -> Path:
+    """Save ``image`` as the first free ``<prefix><number>.png`` in ``folder`` from ``start`` (default:
+    :func:`next_index`). Each file is created exclusively, so runs writing into one folder at the same time never
+    overwrite each other's images: a number another run took moves this one on to the next."""
+    folder = Path(folder)
+    index = next_index(folder, prefix, digits) if start is None else start
+    while True:
+        path = folder / f"{prefix}{index:0{digits}d}.png"
+        try:
+            f = open(path, "xb")
+        except FileExistsError:
+            index += 1
+            continue
+        try:
+            with f:
+                save_png(image, f, parameters)
+        except BaseException:
+            path.unlink(missing_ok=True)  # no half-written image left behind
+            raise
+        return path
 
 
 def next_index(folder: str | os.PathLike, prefix: str = "", digits: int = 5) -> int:

@@ -21,7 +21,7 @@ from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from ldm.cli.common import format_parameters, make_grid, next_index, save_png
+from ldm.cli.common import format_parameters, make_grid, next_index, save_new_png
 
 log = logging.getLogger("sample")
 
@@ -318,8 +318,8 @@ def generate(args: argparse.Namespace, pipe, prompts: list[str]) -> tuple[list[P
                 out = pipe(batch, seeds=args.seed + offset, callback=progress.step, **kwargs)
                 for image, params in zip(out.images, out.parameters):
                     if not args.skip_save:
-                        saved.append(save_png(image, sample_dir / f"{index:05d}.png", _metadata(args, params)))
-                        index += 1
+                        saved.append(save_new_png(image, sample_dir, _metadata(args, params), start=index))
+                        index = int(saved[-1].stem) + 1
                 images += out.images
                 parameters += out.parameters
                 progress.batch_done(len(batch))
@@ -327,8 +327,8 @@ def generate(args: argparse.Namespace, pipe, prompts: list[str]) -> tuple[list[P
         progress.close()
     grid = None
     if not args.skip_grid and images:
-        grid = outdir / f"grid-{next_index(outdir, 'grid-', 4):04d}.png"
-        save_png(make_grid(images, rows=args.n_iter), grid, _metadata(args, parameters[0]))
+        grid = save_new_png(make_grid(images, rows=args.n_iter), outdir, _metadata(args, parameters[0]),
+                            prefix="grid-", digits=4)
     return saved, grid, len(images)
 
 
