@@ -210,7 +210,8 @@ def ddim_timesteps(n_steps: int, T: int = 1000) -> Tensor:
     original would index timestep T and crash (e.g. 3 steps -> [1, 334, 667, 1000]) that entry is dropped.
     """
     if not 1 <= n_steps < T:
-        raise ValueError(f"DDIM needs 1 <= steps < {T} (spacing range(0, T, T // steps) + 1), got {n_steps}")
+        raise ValueError(f"DDIM and PLMS need 1 <= steps < {T} (their timesteps are range(0, T, T // steps) + 1), "
+                         f"got {n_steps}")
     timesteps = torch.arange(0, T, T // n_steps) + 1
     if timesteps[-1] >= T:
         logger.warning("DDIM with %d steps: dropping timestep %d >= %d (the original code fails here)",
