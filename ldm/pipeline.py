@@ -228,10 +228,10 @@ class _Pipeline:
             (default): the VAE on a CPU (its bf16 decode is ~1.2x faster: 256 px 1.63 -> 1.38 s, 512 px 9.1 ->
             7.2 s, same error against fp32); our UNet is channels-last already. False: the layouts as built.
         compile: ``torch.compile`` the UNet (True, or the name of a compile backend).
+        model_name, model_path: recorded in the parameters ("Model", "Model hash" = sha256 of the file).
 
     The pipeline puts :func:`ldm.accel.optimize`'s fast paths for its device and precision onto the model (in
     place; the state dict is unchanged; ``ldm.accel.restore(pipe.model)`` takes them off).
-        model_name, model_path: recorded in the parameters ("Model", "Model hash" = sha256 of the file).
     """
 
     task = "txt2img"
