@@ -35,7 +35,7 @@ from torch import nn
 
 from ldm import accel
 from ldm.diffusion import samplers as _samplers
-from ldm.diffusion.guidance import CFGDenoiser, check_guidance_rescale
+from ldm.diffusion.guidance import CFGDenoiser, check_guidance_rescale, check_guidance_scale
 from ldm.diffusion.inpaint import InpaintDenoiser
 from ldm.diffusion.schedules import is_zero_terminal_snr
 from ldm.model import PROMPT_KEY
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PipelineOutput",
+    "NonFiniteError",
     "Text2Image",
     "Image2Image",
     "Inpaint",
@@ -124,10 +125,13 @@ def _as_list(value: Any, n: int, name: str) -> list:
 def _seed_list(seeds: int | Sequence[int] | None, n: int) -> list[int]:
     """Per-image seeds: an int s gives s, s+1, ...; None draws a random base seed."""
     if seeds is None:
-        seeds = random.randrange(2**32 - n)
+        seeds = random.randrange(_samplers.MAX_SEED + 1 - n)
     if isinstance(seeds, (int, np.integer)):
+        _samplers.check_seed(seeds)
+        if n > 1:
+            _samplers.check_seed(int(seeds) + n - 1, f"seed {seeds} + {n - 1} (the last image's seed)")
         return [int(seeds) + i for i in range(n)]
-    seeds = [int(s) for s in seeds]
+    seeds = [_samplers.check_seed(s) for s in seeds]
     if len(seeds) != n:
         raise ValueError(f"got {len(seeds)} seeds for {n} images: pass one int (s, s+1, ... are used) "
                          "or one seed per image")
@@ -382,6 +386,7 @@ class _Pipeline:
         n = len(prompts)
         negatives = ["" if p is None else str(p) for p in _as_list(negative_prompts, n, "negative prompts")]
         steps = _samplers.check_steps(steps)
+        guidance_scale = check_guidance_scale(guidance_scale)
         guidance_rescale = check_guidance_rescale(guidance_rescale)
         eta = _samplers.check_eta(eta)
         batch_size = n if batch_size is None else int(batch_size)
@@ -435,7 +440,19 @@ class _Pipeline:
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.model.first_stage_model
         with self._running(vae), self._autocast(self.vae_precision == "same"):
-            return self.model.decode_first_stage(latents).float()
+            pixels = self.model.decode_first_stage(latents).float()
+        if not torch.isfinite(pixels).all():
+            precision = self.precision if self.vae_precision == "same" else "fp32"
+            raise NonFiniteError(f"decoding gave NaN/inf pixels (VAE in {precision}){self._bad_weights(vae)}"
+                                 + ("" if precision == "fp32" else ": decode in fp32 (--vae-precision fp32)"))
+        return pixels
+
+    def _bad_weights(self, module: nn.Module) -> str:
+        """'': the weights of ``module`` are finite; else ', and the model's tensor NAME holds NaN/inf'."""
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return f", and the model's tensor {name} holds NaN/inf (a damaged checkpoint?)"
+        return ""
 
     def _sample_batch(self, req: _Request, batch: slice, callback, first_index: int) -> torch.Tensor:
         """Latents for the images ``batch`` of the request."""
@@ -452,8 +469,8 @@ class _Pipeline:
             sigmas = _samplers.img2img_sigmas(sigmas, req.strength)
         cond, uncond = self._conditioning(req, batch)
         denoiser = self._denoiser(req, uncond, init, mask, noise)
-        step_callback = None if callback is None else _BatchCallback(callback, first_index, len(prompts),
-                                                                     len(sigmas) - 1)
+        step_callback = _FiniteCheck(self, len(sigmas) - 1, None if callback is None else
+                                     _BatchCallback(callback, first_index, len(prompts), len(sigmas) - 1))
         options = {} if req.eta is None or "eta" not in inspect.signature(spec.fn).parameters else {"eta": req.eta}
         with self._running(self.unet):
             x = _samplers.sample(spec, denoiser, noise, sigmas, init_latent=init, extra_args={"cond": cond},
@@ -524,6 +541,28 @@ class _Precise:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
         with self.autocast():
             return self.denoiser(x, sigma, cond).float()
+
+
+class NonFiniteError(ValueError):
+    """Sampling or decoding turned NaN/inf: said (with the step and the precision) instead of writing black images."""
+
+
+class _FiniteCheck:
+    """The sampler's per-step callback: stops with :class:`NonFiniteError` at the first step whose denoised
+    estimate is not finite, then passes the step on to ``callback``."""
+
+    def __init__(self, pipe: "_Pipeline", total_steps: int, callback: Callable[[dict], None] | None):
+        self.pipe, self.total_steps, self.callback = pipe, total_steps, callback
+
+    def __call__(self, info: dict) -> None:
+        if not torch.isfinite(info["denoised"]).all():
+            pipe = self.pipe
+            fix = "lower the guidance scale, or check the model's weights" if pipe.precision == "fp32" else \
+                "run in fp32 (--precision fp32) or bf16"
+            raise NonFiniteError(f"the sample turned NaN/inf at step {info['i'] + 1} of {self.total_steps} in "
+                                 f"{pipe.precision}{pipe._bad_weights(pipe.model)}: {fix}")
+        if self.callback is not None:
+            self.callback(info)
 
 
 class _BatchCallback:

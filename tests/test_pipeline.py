@@ -120,6 +120,11 @@ def test_bad_inputs_are_one_line_value_errors(pipe):
         (dict(seeds=[1, 2, 3]), "3 seeds for 1 images"),
         (dict(guidance_rescale=1.5), "outside [0, 1]"),
         (dict(negative_prompts=["x", "y"]), "2 negative prompts for 1 prompts"),
+        (dict(guidance_scale=float("nan")), "guidance scale nan is not a finite number"),
+        (dict(guidance_scale=float("inf")), "guidance scale inf is not a finite number"),
+        (dict(seeds=2**32), "outside 0..4294967295"),
+        (dict(seeds=[-1]), "outside 0..4294967295"),
+        (dict(seeds=2**64), "outside 0..4294967295"),
     ]
     for kwargs, text in cases:
         with pytest.raises(ValueError, match=None) as info:
@@ -127,6 +132,48 @@ def test_bad_inputs_are_one_line_value_errors(pipe):
         assert text in str(info.value) and "\n" not in str(info.value), kwargs
     with pytest.raises(ValueError, match="no prompts"):
         pipe([])
+
+
+def test_the_last_seed_of_a_call_must_be_in_range_too(pipe):
+    """torch keeps 32 bits of a seed: 2**32 would silently draw the noise of seed 0, so it is refused."""
+    g = [torch.Generator().manual_seed(s) for s in (0, 2**32)]
+    assert torch.equal(torch.randn(4, generator=g[0]), torch.randn(4, generator=g[1]))  # why it is refused
+    pipe(["a", "b"], seeds=2**32 - 2, **FAST)
+    with pytest.raises(ValueError, match=r"seed 4294967295 \+ 1 \(the last image's seed\) 4294967296 is outside"):
+        pipe(["a", "b"], seeds=2**32 - 1, **FAST)
+
+
+def test_a_sample_that_turns_non_finite_is_an_error_naming_step_and_precision(tiny_ckpt):
+    from ldm.pipeline import NonFiniteError
+
+    pipe = Text2Image.from_checkpoint(tiny_ckpt, device="cpu")
+    unet = pipe.unet
+    calls = []
+
+    def blow_up_on_the_second_step(module, args, output):
+        calls.append(1)
+        return output * float("inf") if len(calls) >= 2 else output
+
+    handle = unet.register_forward_hook(blow_up_on_the_second_step)
+    try:
+        with pytest.raises(NonFiniteError, match="the sample turned NaN/inf at step 2 of 3 in fp32: lower the"):
+            pipe("a red circle", steps=3, height=32, width=32, sampler="Euler")
+    finally:
+        handle.remove()
+    name, param = next((n, p) for n, p in pipe.model.named_parameters() if n.startswith("model.diffusion_model.out."))
+    param.data[0].fill_(float("nan"))  # a damaged checkpoint: the error names the tensor
+    with pytest.raises(NonFiniteError, match=rf"step 1 of 2 in fp32, and the model's tensor {name} holds NaN/inf"):
+        pipe("a red circle", **FAST)
+
+
+def test_a_decode_that_turns_non_finite_is_an_error_naming_the_vae_precision(tiny_ckpt, monkeypatch):
+    from ldm.pipeline import NonFiniteError
+
+    pipe = Text2Image.from_checkpoint(tiny_ckpt, device="cpu")
+    decode = pipe.model.decode_first_stage
+    monkeypatch.setattr(pipe.model, "decode_first_stage", lambda z: decode(z) / 0.0)
+    with pytest.raises(NonFiniteError, match=r"decoding gave NaN/inf pixels \(VAE in fp32\)$"):
+        pipe("a red circle", **FAST)
 
 
 def test_size_multiple_is_the_vae_factor_times_the_unets(pipe, monkeypatch):

@@ -15,6 +15,7 @@ Here it is applied to the x0 prediction (the denoiser's output space).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
 import torch
@@ -48,6 +49,14 @@ def concat_cond(uncond: Any, cond: Any, batch: int) -> Any:
     raise TypeError(f"cond must be a tensor or a dict of tensors, got {type(cond).__name__}")
 
 
+def check_guidance_scale(scale: float, name: str = "guidance scale") -> float:
+    """``scale`` as a float if it is finite, else a one-line ValueError that calls it ``name`` (e.g. a flag): a NaN or
+    infinite scale would turn every image black."""
+    if not math.isfinite(scale):
+        raise ValueError(f"{name} {scale} is not a finite number: use e.g. 7.5 (1 = no guidance)")
+    return float(scale)
+
+
 def check_guidance_rescale(phi: float, name: str = "guidance rescale") -> float:
     """``phi`` as a float if it is in [0, 1], else a one-line ValueError that calls it ``name`` (e.g. a flag)."""
     if not 0.0 <= phi <= 1.0:  # NaN fails too
@@ -74,6 +83,7 @@ class CFGDenoiser:
     """
 
     def __init__(self, denoiser: Denoiser, scale: float, uncond: Any, rescale: float = 0.0):
+        check_guidance_scale(scale)
         check_guidance_rescale(rescale)
         self.denoiser = denoiser
         self.scale = scale

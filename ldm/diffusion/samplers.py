@@ -559,6 +559,18 @@ def check_steps(steps: int, name: str = "steps") -> int:
     return int(steps)
 
 
+MAX_SEED = 2**32 - 1  # torch's CPU generator keeps the low 32 bits of a seed: 2**32 draws what 0 draws
+
+
+def check_seed(seed: int, name: str = "seed") -> int:
+    """``seed`` if it is an int in [0, :data:`MAX_SEED`], else a one-line ValueError that calls it ``name``. Larger
+    seeds are refused rather than wrapped: torch would give seed 2**32 the image of seed 0 under another name."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} {seed!r} is outside 0..{MAX_SEED}: use a seed in that range "
+                         "(torch's generator uses 32 bits of it)")
+    return int(seed)
+
+
 def check_eta(eta: float | None, name: str = "eta") -> float | None:
     """``eta`` (None: the sampler's default) if it is a finite number >= 0, else a one-line ValueError."""
     if eta is not None and not (math.isfinite(eta) and eta >= 0):
