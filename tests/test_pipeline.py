@@ -350,3 +350,23 @@ def test_vae_runs_channels_last_on_a_cpu_by_default(pipe):
         assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     finally:
         model.first_stage_model.to(memory_format=torch.contiguous_format)
+
+
+def test_a_batch_too_big_to_decode_is_refused_before_anything_is_allocated(pipe, monkeypatch):
+    with pytest.raises(ValueError, match=r"a batch of 2 images at 65536x65536 needs about \d+\.\d GiB to decode but "
+                                         r"\d+\.\d GiB is free on cpu: use a smaller batch or size, or VAE tiling"):
+        pipe(["a", "b"], height=65536, width=65536, steps=1)
+    tiled = pipe.decode_memory(2, 65536, 65536)
+    assert tiled > 2**40
+    pipe.model.first_stage_model.enable_tiling()
+    try:
+        assert pipe.decode_memory(2, 65536, 65536) == tiled * 512 * 512 // 65536**2  # a tile's worth
+    finally:
+        pipe.model.first_stage_model.disable_tiling()
+    import ldm.pipeline as pipeline_module
+
+    monkeypatch.setattr(pipeline_module, "_free_memory", lambda device: 1000)
+    with pytest.raises(ValueError, match="needs about"):
+        pipe("a", **FAST)
+    monkeypatch.setattr(pipe, "memory_check", False)
+    pipe("a", **FAST)

@@ -205,6 +205,10 @@ def _bad_inputs(tmp_path, ckpt):
     small_mask = _write_image(tmp_path / "small_mask.png", (16, 16))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(_write_image(tmp_path / "whole.png").read_bytes()[:200])
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a red caf\u00e9\n".encode("latin-1"))
     return [
         (["--H", "60"], "--H 60 is not a positive multiple of 8: use e.g. 56"),
         (["--W", "0"], "--W 0 is not a positive multiple of 8"),
@@ -227,6 +231,20 @@ def _bad_inputs(tmp_path, ckpt):
         (["--eta", "-1"], "--eta -1.0 is not a number >= 0"),
         (["--eta", "inf"], "--eta inf is not a number >= 0"),
         (["--init-img", ckpt], "is not a readable image"),
+        (["--init-img", truncated], "truncated.png is not a readable image (OSError); check --init-img"),
+        (["--from-file", latin1], "latin1.txt is not UTF-8 text (byte 9): save it as UTF-8"),
+        (["--prompt", "caf\udce9"], "--prompt holds bytes that are not UTF-8 text (at character 3)"),
+        (["--negative-prompt", "\udcff"], "--negative-prompt holds bytes that are not UTF-8"),
+        (["--scale", "nan"], "--scale nan is not a finite number"),
+        (["--scale=-inf"], "--scale -inf is not a finite number"),
+        (["--seed", str(2**32)], "--seed 4294967296 is outside 0..4294967295"),
+        (["--seed", str(2**64)], "--seed 18446744073709551616 is outside 0..4294967295"),
+        (["--seed", str(2**32 - 2), "--n_samples", "3"], "the last image's seed (--seed 4294967294 + 2) "
+                                                         "4294967296 is outside"),
+        (["--steps", "1000000000"], "--steps 1000000000 is over the limit of 1000: use a smaller value, or "
+                                    "--no-limits if you mean it"),
+        (["--n_samples", "100000"], "--n_samples 100000 is over the limit of 64"),
+        (["--H", "65536"], "--H 65536 is over the limit of 8192"),
     ]
 
 
@@ -254,6 +272,72 @@ def test_bad_checkpoint_and_model_factor_are_one_line_errors(capsys, tmp_path, t
                        "--device", "cpu")
     assert code == 2 and "--H 40 is not a multiple of 16" in err and "use e.g. 32" in err
     assert not (tmp_path / "samples").exists() or not any((tmp_path / "samples").iterdir())
+
+
+def test_limits_are_lifted_by_no_limits_and_the_memory_check_is_the_pipelines(capsys, tmp_path, tiny_ckpt):
+    code, _, err = run(capsys, "--ckpt", tiny_ckpt, "--outdir", tmp_path, "--n_samples", "2", "--H", "8192",
+                       "--W", "8192", "--device", "cpu")
+    assert code == 2 and "a batch of 2 images at 8192x8192 needs about" in err and len(err.splitlines()) == 1
+    seen = {}
+
+    def no_load(args):
+        seen["no_limits"] = args.no_limits
+        raise cli.UsageError("stop here")
+
+    cli_load = cli.load_pipeline
+    try:
+        cli.load_pipeline = no_load
+        code, _, err = run(capsys, "--ckpt", tiny_ckpt, "--steps", "5000", "--no-limits")
+    finally:
+        cli.load_pipeline = cli_load
+    assert "stop here" in err and seen == {"no_limits": True}
+
+
+# a seeded fuzz loop over the flags: every command line either passes the checks with sane values or is refused with
+# one line (exit 2, no traceback) before the model loads
+_FUZZ_VALUES = ["0", "1", "-1", "7", "1e20", "nan", "inf", "-inf", "", "abc", "0x10", "3.5", str(2**32), str(2**63),
+                str(2**64), "1000000000", "\u00e9", "\udce9", "-0", "9" * 30]
+_FUZZ_FLAGS = ["--steps", "--n_samples", "--n_iter", "--scale", "--seed", "--H", "--W", "--eta", "--strength",
+               "--guidance-rescale", "--sampler", "--prompt", "--attention-slicing", "--precision"]
+
+
+def test_cli_flag_fuzz(capsys, tmp_path, tiny_ckpt, monkeypatch):
+    import math
+    import random
+
+    class Reached(Exception):
+        pass
+
+    def no_load(args):
+        raise Reached(args)
+
+    monkeypatch.setattr(cli, "load_pipeline", no_load)
+    init = _write_image(tmp_path / "init.png")
+    rng = random.Random(0)
+    accepted = refused = 0
+    for _ in range(300):
+        argv = ["--ckpt", str(tiny_ckpt), "--outdir", str(tmp_path / "out")]
+        for flag in rng.sample(_FUZZ_FLAGS, rng.randint(1, 4)):
+            argv += [flag, rng.choice(_FUZZ_VALUES)]
+        if "--strength" in argv:
+            argv += ["--init-img", str(init)]
+        try:
+            code = cli.main(argv)
+        except Reached as e:
+            args = e.args[0]
+            assert 1 <= args.steps <= 1000 and 1 <= args.n_samples <= 64 and 1 <= args.n_iter <= 1000, argv
+            assert math.isfinite(args.scale) and 0 <= args.seed < 2**32, argv
+            assert args.eta is None or (math.isfinite(args.eta) and args.eta >= 0), argv
+            accepted += 1
+            capsys.readouterr()
+            continue
+        out, err = capsys.readouterr()
+        assert code == 2, (argv, code, err)
+        lines = err.strip().splitlines()
+        assert lines and "Traceback" not in err, (argv, err)
+        assert lines[-1].startswith("sample.py: error: "), (argv, err)
+        refused += 1
+    assert accepted > 10 and refused > 100  # the loop exercises both sides
 
 
 def test_unknown_flag_is_argparse_exit_2(capsys):

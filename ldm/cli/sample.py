@@ -30,6 +30,8 @@ DEFAULT_CKPT = PACKAGE_DIR / "assets" / "demo" / "shapes.safetensors"
 DEFAULT_PROMPT = "two red circles above a blue square"
 DEFAULT_SLICE_ROWS = 1024
 PROG = "sample.py"
+# sane bounds on what one command may ask for (--no-limits lifts them): beyond these a typo, not a wish
+LIMITS = {"--steps": 1000, "--n_samples": 64, "--n_iter": 1000, "--H": 8192, "--W": 8192}
 
 
 class UsageError(ValueError):
@@ -128,6 +130,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument(*_names("--channels-last"), dest="channels_last", action="store_true", default=None,
                    help="channels-last memory format for the UNet and VAE (default: the VAE on a CPU)")
     g.add_argument(*_names("--compile"), action="store_true", help="torch.compile the UNet")
+    g.add_argument(*_names("--no-limits"), dest="no_limits", action="store_true",
+                   help="lift the bounds on " + ", ".join(f"{flag} ({n})" for flag, n in LIMITS.items())
+                   + " and the check that a batch fits in free memory")
     return p
 
 
@@ -146,6 +151,7 @@ def _require_file(path: str | None, what: str, flag: str) -> Path | None:
 def _image_size(path: Path, flag: str) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
+            image.load()  # the whole file: a truncated image fails here, not after the model has loaded
             return image.size
     except (UnidentifiedImageError, OSError) as e:
         raise UsageError(f"{path} is not a readable image ({type(e).__name__}); check {flag}") from e
@@ -157,11 +163,34 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
         return [prompt] * args.n_samples
     path = _require_file(args.from_file, "prompt file", "--from-file")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"prompt file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from e
+    lines = [line.strip() for line in text.splitlines()]
     prompts = [line for line in lines if line]
     if not prompts:
         raise UsageError(f"prompt file {path} has no prompts: write one prompt per line")
     return prompts
+
+
+def _check_text(text: str | None, flag: str) -> None:
+    """Text that can be written into the PNG metadata: bytes that are not UTF-8 reach Python as lone surrogates."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{flag} holds bytes that are not UTF-8 text (at character {e.start}): pass it as UTF-8"
+                         ) from e
+
+
+def check_seeds(args: argparse.Namespace, n_prompts: int) -> None:
+    """The last image's seed (--seed + images - 1, or + the prompts of one pass with --fixed_code) in range too."""
+    from ldm.diffusion.samplers import check_seed
+
+    last = args.seed + (n_prompts if args.fixed_code else n_prompts * args.n_iter) - 1
+    _owner_check(check_seed, last, f"the last image's seed (--seed {args.seed} + {last - args.seed})")
 
 
 def _check_sampler(name: str) -> None:
@@ -186,13 +215,22 @@ def check_args(args: argparse.Namespace) -> None:
     """Every check that needs no model; raises UsageError (one line)."""
     if args.from_file is not None and args.prompt is not None:
         raise UsageError("--prompt and --from-file both given: use one of them")
-    from ldm.diffusion.guidance import check_guidance_rescale
-    from ldm.diffusion.samplers import check_eta, check_steps, check_strength
+    from ldm.diffusion.guidance import check_guidance_rescale, check_guidance_scale
+    from ldm.diffusion.samplers import check_eta, check_seed, check_steps, check_strength
 
     for flag, value in (("--n_samples", args.n_samples), ("--n_iter", args.n_iter)):
         if value < 1:
             raise UsageError(f"{flag} is {value}: use at least 1")
     _owner_check(check_steps, args.steps, "--steps")
+    if not args.no_limits:
+        for flag, limit in LIMITS.items():
+            value = getattr(args, flag[2:])
+            if value is not None and value > limit:
+                raise UsageError(f"{flag} {value} is over the limit of {limit}: use a smaller value, or --no-limits "
+                                 "if you mean it")
+    for flag in ("--prompt", "--negative-prompt"):
+        _check_text(getattr(args, flag[2:].replace("-", "_")), flag)
+    _owner_check(check_guidance_scale, args.scale, "--scale")
     for flag, value in (("--H", args.H), ("--W", args.W)):
         if value is not None and (value < 8 or value % 8):
             raise UsageError(f"{flag} {value} is not a positive multiple of 8: use e.g. {max(8, value // 8 * 8)}")
@@ -203,6 +241,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.mask is not None and args.init_img is None:
         raise UsageError("--mask needs --init-img (the image to repaint)")
     _owner_check(check_guidance_rescale, args.guidance_rescale, "--guidance-rescale")
+    if args.seed >= 0:
+        _owner_check(check_seed, args.seed, "--seed")
     _owner_check(check_eta, args.eta, "--eta")
     _check_sampler(args.sampler)
     _require_file(args.ckpt, "checkpoint", "--ckpt")
@@ -251,6 +291,9 @@ def load_pipeline(args: argparse.Namespace):
                                vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
                                channels_last=args.channels_last, compile=args.compile,
                                unet_weights=args.unet_weights, vae_precision=args.vae_precision)
+    pipe.memory_check = not args.no_limits
+    if _task(args) == "txt2img":  # before the first image (img2img sizes follow the image: the pipeline checks)
+        pipe.check_memory(args.n_samples, args.H or pipe.default_size, args.W or pipe.default_size)
     m = pipe.size_multiple
     for flag, value in (("--H", args.H), ("--W", args.W)):
         if value is not None and value % m:
@@ -308,7 +351,7 @@ def generate(args: argparse.Namespace, pipe, prompts: list[str]) -> tuple[list[P
     sample_dir.mkdir(parents=True, exist_ok=True)
     index = next_index(sample_dir)
     kwargs = _call_kwargs(args, pipe)
-    images, parameters, saved = [], [], []
+    images, parameters, saved, count = [], [], [], 0
     progress = _Progress(args.n_iter * len(prompts))
     try:
         for iteration in range(args.n_iter):
@@ -320,8 +363,10 @@ def generate(args: argparse.Namespace, pipe, prompts: list[str]) -> tuple[list[P
                     if not args.skip_save:
                         saved.append(save_new_png(image, sample_dir, _metadata(args, params), start=index))
                         index = int(saved[-1].stem) + 1
-                images += out.images
-                parameters += out.parameters
+                if not args.skip_grid:  # the grid needs them all; without it, keep nothing
+                    images += out.images
+                    parameters += out.parameters
+                count += len(out.images)
                 progress.batch_done(len(batch))
     finally:
         progress.close()
@@ -329,7 +374,7 @@ def generate(args: argparse.Namespace, pipe, prompts: list[str]) -> tuple[list[P
     if not args.skip_grid and images:
         grid = save_new_png(make_grid(images, rows=args.n_iter), outdir, _metadata(args, parameters[0]),
                             prefix="grid-", digits=4)
-    return saved, grid, len(images)
+    return saved, grid, count
 
 
 def _metadata(args: argparse.Namespace, params: dict) -> str | None:
@@ -371,6 +416,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     try:
         check_args(args)
         prompts = read_prompts(args)
+        check_seeds(args, len(prompts))
         pipe = load_pipeline(args)
         saved, grid, count = generate(args, pipe, prompts)
     except (ValueError, OSError) as e:  # UsageError, ConfigError, CheckpointError, unreadable files
