@@ -13,6 +13,7 @@ import contextvars
 import importlib
 import inspect
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -21,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 __all__ = [
     "CONFIG_DIR",
+    "ASSET_DIR",
     "ConfigError",
     "load_config",
     "find_config",
@@ -34,6 +36,23 @@ __all__ = [
 # The configs the code needs (the SD architectures, the embedded default), shipped inside the package; the
 # repository's top-level configs/ is a link to this folder.
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+# Files shipped inside the package (the demo model), named in configs as ``${asset:demo/shapes.safetensors}`` so
+# that a shipped config finds them from any folder once the package is installed.
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
+
+
+def _asset(name: str) -> str:
+    path = (ASSET_DIR / name).resolve()
+    if ASSET_DIR not in path.parents:
+        raise ConfigError(f"${{asset:{name}}} is outside {ASSET_DIR}; name a file under it")
+    return str(path)
+
+
+with warnings.catch_warnings():  # omegaconf 2.4 renames it register_resolver; 2.3 has only this name
+    warnings.simplefilter("ignore", UserWarning)
+    OmegaConf.register_new_resolver("asset", _asset, replace=True)
 
 
 class ConfigError(ValueError):

@@ -6,6 +6,7 @@ Everything is tiny: UNet width 32, a kl-f4 VAE of width 32 on 32x32 shapes (8x8 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from pathlib import Path
 
@@ -402,6 +403,35 @@ def test_trainable_text_encoder_needs_unfrozen_encoder():
     assert n_text > 0
     assert sum(p.numel() for p in module.trainable_parameters()) == \
         sum(p.numel() for p in module.model.parameters()) + n_text
+
+
+def test_a_frozen_text_encoder_with_random_weights_is_warned_about(tmp_path, caplog):
+    from ldm.io import save_checkpoint
+
+    with caplog.at_level(logging.WARNING, logger="ldm.training.latent_diffusion"):
+        module = tiny_module()  # the tiny config's text encoder: frozen, no weights file
+    assert "the text encoder keeps RANDOM weights and is FROZEN" in caplog.text
+    weights = tmp_path / "text.safetensors"
+    save_checkpoint({k: v for k, v in module.cond_stage_model.state_dict().items()}, weights)
+    for node in (tiny_model_node(cond_stage_trainable=True), tiny_model_node(init_from=[
+            {"path": str(_export(module, tmp_path)), "parts": ["text_encoder"]}])):
+        node["params"]["cond_stage_config"]["params"]["freeze"] = not node["params"].get("cond_stage_trainable")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ldm.training.latent_diffusion"):
+            instantiate_from_config(node)
+        assert "RANDOM weights" not in caplog.text, node
+    node = tiny_model_node()
+    node["params"]["cond_stage_config"]["params"]["ckpt_path"] = str(weights)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ldm.training.latent_diffusion"):
+        instantiate_from_config(node)
+    assert "RANDOM weights" not in caplog.text
+
+
+def _export(module, tmp_path: Path) -> Path:
+    from ldm.training.callbacks import export_model
+
+    return export_model(module, tmp_path / "model.safetensors")
 
 
 def test_learning_rate_scaling_and_warmup(tmp_path):

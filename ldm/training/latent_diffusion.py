@@ -181,9 +181,21 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                 if hasattr(m, "use_checkpoint"):
                     m.use_checkpoint = True
         init_from_files(self, init_sources)
+        if self._random_frozen_text_encoder(cond_stage_config, init_sources):
+            log.warning("model.params.cond_stage_config: the text encoder keeps RANDOM weights and is FROZEN (no "
+                        "ckpt_path, no init_from text_encoder): the prompts will barely steer the model. Give it "
+                        "weights (cond_stage_config.params.ckpt_path, or --init a model file) or train it "
+                        "(cond_stage_trainable: true, freeze: false)")
         self.model_ema = EMA(self.model, decay=ema_decay) if use_ema else None  # starts from the loaded weights
 
     # ---- construction helpers -------------------------------------------------------------------------------
+    def _random_frozen_text_encoder(self, cond_stage_config: Any, init_sources: list[InitSource]) -> bool:
+        """Whether the (SD 1/2-style) text encoder has no weights from anywhere and will not be trained."""
+        if self.cond_stage_model is None or self.cond_stage_trainable:
+            return False
+        params = (to_plain(cond_stage_config) or {}).get("params") or {}
+        return not params.get("ckpt_path") and not any("text_encoder" in s.parts for s in init_sources)
+
     @staticmethod
     def _check_training_args(hp: dict, model_args: dict) -> None:
         if hp["cond_drop_rate"] is not None:
