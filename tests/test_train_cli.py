@@ -91,6 +91,19 @@ def test_train_py_end_to_end(tmp_path):
     assert "train/loss" in (run / "logs" / "metrics.csv").read_text().splitlines()[0]
     model = load_model(None, run / "run.safetensors")
     assert type(model).__name__ == "LatentDiffusion"
+    # what a newcomer reads: where the curves and grids are, and no noise that means nothing for the run
+    assert f"loss curves: {run / 'logs'}; sample grids: {run / 'images'}" in proc.stderr
+    assert "Tip:" not in proc.stderr and "in eval mode" not in proc.stderr and "LeafSpec" not in proc.stderr
+
+
+def test_the_default_logger_is_tensorboard_and_the_log_says_how_to_look(tmp_path, caplog):
+    base = tiny_run_config(tmp_path)
+    with caplog.at_level(logging.INFO, logger="ldm.train"):
+        assert main(["--base", str(base), "--logdir", str(tmp_path / "logs"), "--name", "tb", "lightning.logger=auto",
+                     "--max_steps", "1"] + FAST) == 0
+    run = tmp_path / "logs" / "tb"
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    assert f"loss curves and sample grids: tensorboard --logdir {run / 'logs'}" in caplog.text
 
 
 def test_resume_keeps_the_runs_seed(tmp_path, caplog):

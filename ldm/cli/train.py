@@ -13,7 +13,7 @@ Config sections: ``model`` and ``data`` (``target``/``params`` nodes; no ``data`
 ``lightning.callbacks`` (``checkpoint``, ``image_logger``, ``export``, ``lr_monitor``, ``accel`` (the
 :func:`ldm.accel.optimize` pass for the trainer's device and precision): their parameters, or ``false`` to switch
 one off; any other entry is a ``target``/``params`` node of an extra callback) and
-``lightning.logger`` (auto / tensorboard / csv). The whole config is checked before anything is built; a bad
+``lightning.logger`` (auto = tensorboard / tensorboard / csv / wandb). The whole config is checked before anything is built; a bad
 key or value is reported in one line naming it, with exit status 2.
 
 Multi-node runs use Lightning's cluster environments as they are (torchrun variables, SLURM, or
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import logging
 import os
 import sys
@@ -254,9 +255,13 @@ def validate(cfg: DictConfig, callbacks: dict[str, dict]) -> None:
             check_config(node, f"lightning.callbacks.{key}")
         else:  # parameters of a built-in callback, written without target/params
             check_params(node["target"], node["params"], f"lightning.callbacks.{key}")
+    from ldm.training.callbacks import LOGGERS
+
     logger = cfg.lightning.get("logger", "auto")
-    if logger not in ("auto", "tensorboard", "csv", False, None):
-        raise ConfigError(f"lightning.logger: {logger!r} is unknown; use auto, tensorboard, csv or false")
+    if logger not in (*LOGGERS, False, None):
+        raise ConfigError(f"lightning.logger: {logger!r} is unknown; use {', '.join(LOGGERS)} or false")
+    if logger == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("lightning.logger: wandb needs the wandb package: pip install wandb, or use tensorboard")
 
 
 def _check_fsdp(trainer: dict, model: DictConfig) -> None:
@@ -299,6 +304,23 @@ def _split_overrides(args: argparse.Namespace) -> None:
         args.base = [b for b in args.base if "=" not in b] or None
 
 
+class _DropTips(logging.Filter):
+    """Lightning's advertising tips ("💡 Tip: ... try installing ...") say nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def _quiet_lightning() -> None:
+    """Keep the warnings of a first run that mean something: the frozen first stage (and a frozen text encoder) are
+    in eval mode on purpose, and torch's pytree deprecation inside Lightning is not the user's to fix."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTips())
+
+
 def _run(args: argparse.Namespace) -> int:
     run_dir, ckpt, bases = resolve_run(args)
     if args.export_only:
@@ -332,12 +354,18 @@ def _run(args: argparse.Namespace) -> int:
     data = instantiate_from_config(cfg.data, "data")
     cb = [instantiate_from_config(node, f"lightning.callbacks.{key}") for key, node in callbacks.items()]
     logger_kind = cfg.lightning.get("logger", "auto")
-    logger = make_logger(run_dir, logger_kind) if logger_kind else False
+    logger = make_logger(run_dir, logger_kind, run_dir.name) if logger_kind else False
+    _quiet_lightning()
 
     if _is_global_zero():
         text = OmegaConf.to_yaml(cfg)
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     log.info("run folder %s%s", run_dir, f", resuming from {ckpt}" if ckpt else "")
+    if logger is not False:
+        log_dir = Path(getattr(logger, "log_dir", None) or logger.save_dir)
+        where = f"tensorboard --logdir {log_dir}" if type(logger).__name__ == "TensorBoardLogger" else str(log_dir)
+        log.info("loss curves%s: %s; sample grids: %s", " and sample grids" if "tensorboard" in where else "",
+                 where, run_dir / "images")
     trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=cb,
                          plugins=[AtomicCheckpointIO()], enable_checkpointing="checkpoint" in callbacks,
                          **to_plain(cfg.lightning.trainer))

@@ -78,13 +78,27 @@ def make_lr_monitor(logging_interval: str = "step") -> LearningRateMonitor:
     return LearningRateMonitor(logging_interval=logging_interval)
 
 
-def make_logger(save_dir: str | os.PathLike, kind: str = "auto"):
-    """TensorBoard (``kind="tensorboard"``, or ``"auto"`` when it is installed), else CSV, under
-    ``<save_dir>/logs``; resumed runs append to the same folder."""
+LOGGERS = ("auto", "tensorboard", "csv", "wandb")
+
+
+def make_logger(save_dir: str | os.PathLike, kind: str = "auto", name: str | None = None):
+    """The run's Lightning logger under ``<save_dir>/logs`` (resumed runs append to it): TensorBoard (``"auto"``, the
+    default, and ``"tensorboard"``; a core dependency), CSV (``metrics.csv``), or Weights & Biases (``"wandb"``:
+    needs ``pip install wandb``; offline unless ``WANDB_MODE`` says otherwise, project ``name``)."""
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    if kind not in ("auto", "tensorboard", "csv"):
-        raise ValueError(f"logger {kind!r} is unknown; use auto, tensorboard or csv")
+    if kind not in LOGGERS:
+        raise ValueError(f"logger {kind!r} is unknown; use {', '.join(LOGGERS)}")
+    if kind == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("logger wandb needs the wandb package: pip install wandb, or set "
+                             "lightning.logger=tensorboard") from None
+        from pytorch_lightning.loggers import WandbLogger
+
+        return WandbLogger(save_dir=str(save_dir), project=name or Path(save_dir).name,
+                           offline=os.environ.get("WANDB_MODE", "offline") == "offline")
     if kind in ("auto", "tensorboard"):
         try:
             import tensorboard  # noqa: F401
@@ -93,6 +107,7 @@ def make_logger(save_dir: str | os.PathLike, kind: str = "auto"):
             if kind == "tensorboard":
                 raise ValueError("logger tensorboard needs the tensorboard package; pip install tensorboard "
                                  "or set lightning.logger=csv") from None
+            log.warning("tensorboard is not installed: logging to CSV (%s/logs/metrics.csv)", save_dir)
     return CSVLogger(save_dir=str(save_dir), name="logs", version="")
 
 
