@@ -175,6 +175,31 @@ def test_missing_required_value_and_bad_file(tmp_path, caplog):
     assert "model.params.sample_stepz" in caplog.text and "LatentDiffusionModule" in caplog.text
 
 
+@pytest.mark.parametrize("override,message", [
+    ("data.params.urls=/nowhere/shard-{000..009}.tar", "no shards found for '/nowhere/shard-{000..009}.tar'"),
+    ("model.params.cond_stage_config.params.ckpt_path=/nowhere/vit-h.bin",
+     "model.params.cond_stage_config.params.ckpt_path: file not found: /nowhere/vit-h.bin"),
+    ("model.params.first_stage_ckpt=/nowhere/vae.safetensors",
+     "model.params.first_stage_ckpt: file not found: /nowhere/vae.safetensors"),
+])
+def test_bad_paths_fail_before_the_model_is_built(tmp_path, caplog, monkeypatch, override, message):
+    """The SD-sized config builds a 1.3B-parameter model: a wrong path must not wait for it."""
+    import functools
+
+    import ldm.model
+
+    @functools.wraps(ldm.model.LatentDiffusion.__init__)  # the same signature for the config checker
+    def no_build(*args, **kwargs):
+        raise AssertionError("the networks must not be built for a bad path")
+
+    monkeypatch.setattr(ldm.model.LatentDiffusion, "__init__", no_build)
+    urls = write_shards(tmp_path / "shards", num=1, per_shard=2, size=64)
+    with caplog.at_level(logging.ERROR, logger="ldm.train"):
+        rc = main(["--base", str(ROOT / "configs" / "ldm_txt2img.yaml"), "--logdir", str(tmp_path / "logs"),
+                   f"data.params.urls={urls}", override])
+    assert rc == 2 and message in caplog.text, caplog.text
+
+
 def test_bad_config_in_a_subprocess_reports_one_error_line(tmp_path):
     proc = run_train(["--base", str(tiny_run_config(tmp_path)), "--logdir", str(tmp_path), "model.params.ema_decay=7"])
     assert proc.returncode == 2

@@ -345,13 +345,13 @@ def _run(args: argparse.Namespace) -> int:
         log.info("resuming: model.params.init_from is not loaded again (the checkpoint has the weights)")
         model_node = copy.deepcopy(model_node)
         model_node.params.init_from = None
+    data = instantiate_from_config(cfg.data, "data")  # first: it checks its shard/folder paths in seconds
     model = instantiate_from_config(model_node, "model")
     if not isinstance(model, pl.LightningModule):
         raise ConfigError(f"model.target: {cfg.model.target} is not a LightningModule; use a training module such "
                           "as ldm.training.latent_diffusion.LatentDiffusionModule")
     if hasattr(model, "run_config"):
         model.run_config = to_plain(cfg)
-    data = instantiate_from_config(cfg.data, "data")
     cb = [instantiate_from_config(node, f"lightning.callbacks.{key}") for key, node in callbacks.items()]
     logger_kind = cfg.lightning.get("logger", "auto")
     logger = make_logger(run_dir, logger_kind, run_dir.name) if logger_kind else False

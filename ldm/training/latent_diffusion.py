@@ -168,9 +168,6 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         self._ema_scope: contextlib.ExitStack | None = None
 
         if first_stage_ckpt:
-            if not os.path.isfile(first_stage_ckpt):
-                raise ValueError(f"first_stage_ckpt {first_stage_ckpt} not found; give the autoencoder export's "
-                                 "path or null")
             self.first_stage_model.init_from_ckpt(first_stage_ckpt)
         elif not (to_plain(first_stage_config).get("params") or {}).get("ckpt_path") and not any(
                 "first_stage" in source.parts for source in init_sources):
@@ -214,6 +211,13 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             log.info("cache_latents with a trainable text encoder: only latents are cached, not text embeddings")
         if not isinstance(hp["sample_steps"], int) or hp["sample_steps"] < 1:
             raise ValueError(f"sample_steps={hp['sample_steps']!r} must be a positive int")
+        files = {"model.params.first_stage_ckpt": hp["first_stage_ckpt"]}
+        for part in ("first_stage_config", "cond_stage_config"):
+            params = (to_plain(model_args.get(part)) or {}).get("params") or {}
+            files[f"model.params.{part}.params.ckpt_path"] = params.get("ckpt_path")
+        for key, path in files.items():  # before the networks are built: a typo costs seconds, not a model build
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{key}: file not found: {path}; give the weights file's path (or null)")
 
     # ---- randomness -----------------------------------------------------------------------------------------
     def _generator(self, salt: int, index: int) -> torch.Generator:
