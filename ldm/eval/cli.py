@@ -4,11 +4,20 @@
     python -m ldm.eval recon   --ckpt model.safetensors [--config cfg.yaml] [--num 64] [--out recon.json]
     python -m ldm.eval relations --ckpt model.safetensors [--num 128] [--no-colors] [--out probe.md]
 
+    python -m ldm.eval fid --real real_pngs/ --fake outputs/txt2img-samples/samples \
+        --inception-weights pt_inception-2015-12-05-6726825d.pth
+    python -m ldm.eval clip-score --images outputs/txt2img-samples/samples --clip-arch ViT-B-32 \
+        --clip-weights open_clip_vit_b_32.safetensors
+
 ``geneval`` generates ``--images-per-prompt`` pictures for ``--n`` held-out prompts per category and prints
 the markdown table of :func:`ldm.eval.geneval.format_report` (and writes it, plus a ``.json`` with every
 record next to it, with ``--out``). ``recon`` encodes and decodes held-out shapes pictures with the first
 stage (``encode(x).mode()`` then ``decode``) and reports mean PSNR / SSIM. ``relations`` runs the loss-level
-probe of :mod:`ldm.eval.probe`: does the model predict worse when a caption's relation is swapped?
+probe of :mod:`ldm.eval.probe`: does the model predict worse when a caption's relation is swapped? ``fid``: FID and
+KID between two folders of images (torchmetrics, torch-fidelity's InceptionV3 from a local weights file).
+``clip-score``: the CLIP score of each image against its prompt, read from the PNG's ``parameters`` chunk (what
+sample.py writes) or from ``--prompts`` (one line per image, in file-name order). ``recon --lpips-weights`` adds LPIPS.
+Weights always come from files you name: nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ from ldm.diffusion.samplers import get_sampler
 from ldm.eval.geneval import evaluate, format_report, make_eval_prompts
 from ldm.metrics import psnr, ssim
 
-__all__ = ["main", "build_parser", "run_geneval", "run_recon"]
+__all__ = ["main", "build_parser", "run_geneval", "run_recon", "run_fid", "run_clip_score"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(r)
     r.add_argument("--num", type=positive_int, default=64, help="number of pictures")
     r.add_argument("--batch-size", type=positive_int, default=16)
+    r.add_argument("--lpips-weights", nargs="+", default=None, metavar="FILE",
+                   help="also report LPIPS: torchvision's vgg16 weights and lpips' weights/v0.1/vgg.pth")
+    f = sub.add_parser("fid", help="FID and KID between two folders of images")
+    f.add_argument("--real", required=True, help="folder of reference images")
+    f.add_argument("--fake", required=True, help="folder of generated images")
+    f.add_argument("--inception-weights", required=True, help="pt_inception-2015-12-05-6726825d.pth (local file)")
+    f.add_argument("--kid-subset-size", type=positive_int, default=1000)
+    f.add_argument("--batch-size", type=positive_int, default=32)
+    f.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    f.add_argument("--out", default=None, help="where to write the report (JSON)")
+    c = sub.add_parser("clip-score", help="CLIP score of generated images against their prompts")
+    c.add_argument("--images", required=True, help="folder of images (PNG with a parameters chunk, or --prompts)")
+    c.add_argument("--prompts", default=None, help="text file, one prompt per image in file-name order")
+    c.add_argument("--clip-arch", default="ViT-B-32", help="open_clip architecture of the weights")
+    c.add_argument("--clip-weights", required=True, help="local open_clip weights file (.safetensors or .bin)")
+    c.add_argument("--batch-size", type=positive_int, default=32)
+    c.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    c.add_argument("--out", default=None, help="where to write the report (JSON)")
     q = sub.add_parser("relations", help="do the relation words matter? x0 error with true vs swapped relations")
     _add_common(q)
     q.add_argument("--num", type=positive_int, default=128, help="held-out relation scenes")
@@ -104,20 +131,118 @@ def run_recon(args: argparse.Namespace) -> dict[str, Any]:
     vae = pipe.model.first_stage_model
     param = next(vae.parameters())
     data = ShapesDataset(args.num, size=args.size, seed=args.seed, split="eval")
-    psnrs, ssims = [], []
+    psnrs, ssims, lpipss = [], [], []
+    lpips = None
+    if args.lpips_weights:
+        from ldm.training.losses import LPIPS
+
+        lpips = _one_line(lambda: LPIPS(args.lpips_weights))
     for start in range(0, args.num, args.batch_size):
         x = torch.stack([data[i]["image"] for i in range(start, min(start + args.batch_size, args.num))])
         x = x.to(param.device, param.dtype)
         y = vae.decode(vae.encode(x).mode()).float().clamp(-1, 1)
         psnrs.append(psnr(y.cpu(), x.float().cpu()))
         ssims.append(ssim(y.cpu(), x.float().cpu()))
+        if lpips is not None:
+            lpipss.append(lpips(y.float().cpu(), x.float().cpu()).flatten())
     report = {"psnr": torch.cat(psnrs).mean().item(), "ssim": torch.cat(ssims).mean().item(),
               "num_images": args.num, "size": args.size}
-    log.info("reconstruction of %d held-out %dpx shapes: PSNR %.2f dB, SSIM %.4f",
-             args.num, args.size, report["psnr"], report["ssim"])
+    if lpips is not None:
+        report["lpips"] = torch.cat(lpipss).mean().item()
+    log.info("reconstruction of %d held-out %dpx shapes: PSNR %.2f dB, SSIM %.4f%s",
+             args.num, args.size, report["psnr"], report["ssim"],
+             f", LPIPS {report['lpips']:.4f}" if lpips is not None else "")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+    return report
+
+
+def _one_line(fn):
+    """``fn()``, its ValueError/OSError (a bad file, a missing package) turned into the command's one-line error."""
+    try:
+        return fn()
+    except (ValueError, OSError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"python -m ldm.eval: error: {message}")
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _image_files(folder: str, flag: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise SystemExit(f"python -m ldm.eval: error: {flag} {folder}: no such folder")
+    files = sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.lower().endswith(_IMAGE_SUFFIXES))
+    if not files:
+        raise SystemExit(f"python -m ldm.eval: error: {flag} {folder}: no images ({', '.join(_IMAGE_SUFFIXES)})")
+    return files
+
+
+def _image_batches(files: list[str], batch_size: int, size: int | None = None):
+    """[-1, 1] tensors of the files, ``batch_size`` at a time (resized to ``size`` when the sizes differ)."""
+    from ldm.pipeline import image_to_tensor, load_image
+
+    for start in range(0, len(files), batch_size):
+        images = [_one_line(lambda f=f: load_image(f)) for f in files[start:start + batch_size]]
+        first = images[0].size if size is None else (size, size)
+        yield torch.stack([image_to_tensor(img, first if img.size != first else None) for img in images])
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+def run_fid(args: argparse.Namespace) -> dict[str, Any]:
+    from ldm.metrics import fid_kid, inception_features
+
+    real, fake = _image_files(args.real, "--real"), _image_files(args.fake, "--fake")
+    feature = _one_line(lambda: inception_features(args.inception_weights)).to(args.device)
+    # the inception resizes every image to 299x299 itself; a batch only needs one size
+    report = _one_line(lambda: fid_kid(_image_batches(real, args.batch_size), _image_batches(fake, args.batch_size),
+                                       feature, kid_subset_size=args.kid_subset_size))
+    log.info("FID %.3f, KID %.5f +- %.5f (%d real, %d generated images)", report["fid"], report["kid_mean"],
+             report["kid_std"], report["num_real"], report["num_fake"])
+    _write_json(args.out, report)
+    return report
+
+
+def _prompts_for(files: list[str], prompts_file: str | None) -> list[str]:
+    from ldm.cli.common import read_png_parameters
+
+    if prompts_file is not None:
+        if not os.path.isfile(prompts_file):
+            raise SystemExit(f"python -m ldm.eval: error: --prompts {prompts_file}: no such file")
+        lines = [ln.strip() for ln in open(prompts_file, encoding="utf-8").read().splitlines() if ln.strip()]
+        if len(lines) != len(files):
+            raise SystemExit(f"python -m ldm.eval: error: --prompts has {len(lines)} prompts for {len(files)} images; "
+                             "give one line per image, in file-name order")
+        return lines
+    prompts = []
+    for f in files:
+        params = read_png_parameters(f) if f.lower().endswith(".png") else None
+        if not params or not params.get("prompt"):
+            raise SystemExit(f"python -m ldm.eval: error: {f} has no prompt in its PNG metadata; pass --prompts")
+        prompts.append(params["prompt"])
+    return prompts
+
+
+def run_clip_score(args: argparse.Namespace) -> dict[str, Any]:
+    from ldm.metrics import clip_score, load_clip
+
+    files = _image_files(args.images, "--images")
+    prompts = _prompts_for(files, args.prompts)
+    model = _one_line(lambda: load_clip(args.clip_arch, args.clip_weights)).to(args.device)
+    scores = []
+    for i, batch in enumerate(_image_batches(files, args.batch_size)):
+        scores.append(clip_score(batch, prompts[i * args.batch_size:(i + 1) * args.batch_size], model))
+    scores = torch.cat(scores)
+    report = {"clip_score": scores.mean().item(), "num_images": len(files), "clip_arch": args.clip_arch,
+              "per_image": {os.path.basename(f): round(s, 4) for f, s in zip(files, scores.tolist())}}
+    log.info("CLIP score %.2f over %d images (%s)", report["clip_score"], len(files), args.clip_arch)
+    _write_json(args.out, report)
     return report
 
 
@@ -142,6 +267,11 @@ def run_relations(args: argparse.Namespace) -> list[dict[str, float]]:
 def main(argv: Sequence[str] | None = None) -> Any:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("fid", "clip-score"):
+        if args.out and os.path.isdir(args.out):
+            parser.error(f"--out {args.out} is a folder; give a file name such as report.json")
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        return {"fid": run_fid, "clip-score": run_clip_score}[args.command](args)
     if not os.path.isfile(args.ckpt):
         parser.error(f"--ckpt {args.ckpt}: no such file; give the path of a trained checkpoint")
     if args.config is not None and not os.path.isfile(args.config):

@@ -140,13 +140,19 @@ class ImageLogger(Callback):
     ``<run>/images/step-XXXXXXXX.png``; also sent to a TensorBoard logger.
 
     ``steps``, ``sampler``, ``cfg_scale``, ``seed``, ``prompts``: override the module's sampling settings.
+    ``clip_weights`` (a local open_clip weights file of ``clip_arch``): also log ``val/clip_score``, the grid's mean
+    CLIP score against its prompts (:func:`ldm.metrics.clip_score`).
     """
 
     def __init__(self, every_n_steps: int = 500, prompts: Sequence[str] | None = None, steps: int | None = None,
                  sampler: str | None = None, cfg_scale: float | None = None, seed: int | None = None,
-                 on_train_end: bool = True, cols: int = 4):
+                 on_train_end: bool = True, cols: int = 4, clip_weights: str | None = None,
+                 clip_arch: str = "ViT-B-32"):
         if not isinstance(every_n_steps, int) or every_n_steps < 1:
             raise ValueError(f"every_n_steps={every_n_steps!r} must be a positive int")
+        if clip_weights is not None and not os.path.isfile(clip_weights):
+            raise ValueError(f"clip_weights {clip_weights} not found; give a local open_clip {clip_arch} weights file")
+        self.clip_weights, self.clip_arch, self._clip = clip_weights, clip_arch, None
         self.every_n_steps = every_n_steps
         self.prompts = list(prompts) if prompts else None
         self.kwargs = {"steps": steps, "sampler": sampler, "cfg_scale": cfg_scale, "seed": seed}
@@ -181,7 +187,21 @@ class ImageLogger(Callback):
         if hasattr(experiment, "add_image"):
             arr = torch.from_numpy(np.asarray(grid).copy()).permute(2, 0, 1)
             experiment.add_image("samples", arr, global_step=trainer.global_step)
+        if self.clip_weights is not None:
+            score = self.clip_score(images, prompts)
+            log.info("step %d: CLIP score of the grid %.2f", trainer.global_step, score)
+            if trainer.logger is not None:
+                trainer.logger.log_metrics({"val/clip_score": score}, step=trainer.global_step)
         return path
+
+    def clip_score(self, images: torch.Tensor, prompts: Sequence[str]) -> float:
+        """The mean CLIP score of ``images`` ([B, 3, H, W] in [0, 1]) against ``prompts``."""
+        from ldm.metrics import clip_score, load_clip
+
+        if self._clip is None:
+            self._clip = load_clip(self.clip_arch, self.clip_weights)
+        self._clip.to(images.device)
+        return clip_score(images, prompts, self._clip, value_range=(0.0, 1.0)).mean().item()
 
 
 # ---- export -----------------------------------------------------------------------------------------------------
