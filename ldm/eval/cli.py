@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from ldm.data.shapes import ShapesDataset, positive_int
-from ldm.diffusion.guidance import check_guidance_rescale
+from ldm.diffusion.guidance import check_guidance_rescale, check_guidance_scale
 from ldm.diffusion.samplers import get_sampler
 from ldm.eval.geneval import evaluate, format_report, make_eval_prompts
 from ldm.metrics import psnr, ssim
@@ -286,11 +286,14 @@ def main(argv: Sequence[str] | None = None) -> Any:
                 get_sampler(args.sampler)
             except ValueError as e:
                 parser.error(f"--sampler: {e}")
-        if args.guidance_rescale is not None:
-            try:
-                check_guidance_rescale(args.guidance_rescale, "--guidance-rescale")
-            except ValueError as e:
-                parser.error(str(e))
+        checks = [(check_guidance_rescale, args.guidance_rescale, "--guidance-rescale"),
+                  (check_guidance_scale, args.guidance_scale, "--guidance-scale")]
+        for check, value, flag in checks:
+            if value is not None:
+                try:
+                    check(value, flag)
+                except ValueError as e:
+                    parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run = {"geneval": run_geneval, "recon": run_recon, "relations": run_relations}[args.command]
     return run(args)
