@@ -385,6 +385,7 @@ def test_crash_and_resume_equals_uninterrupted(tmp_path):
     ("adam_betas", [0.9], "adam_betas"),
     ("parameterization", "epsilon", "parameterization"),
     ("loss_weighting", "snr", "loss weighting"),
+    ("optimizer", "lion", "model.params.optimizer: 'lion' is unknown; use one of adamw, adamw8bit, adafactor"),
 ])
 def test_bad_values_fail_fast_naming_the_key(key, value, fragment):
     with pytest.raises(ConfigError) as info:
@@ -464,6 +465,24 @@ def test_fused_optimizer_takes_the_same_step_as_the_default():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     meta = [torch.nn.Parameter(torch.empty(2, device="meta"))]
     assert modules[0].adam_options(meta) == {}  # not a CPU/CUDA tensor: torch's default update
+
+
+def test_adafactor_is_torchs_and_trains(tmp_path):
+    module = tiny_module(optimizer="adafactor", weight_decay=0.01)
+    opt = module.configure_optimizers()["optimizer"]
+    assert type(opt) is torch.optim.Adafactor and opt.defaults["weight_decay"] == 0.01
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer(tmp_path, max_steps=1).fit(module, tiny_data())
+    assert any(not torch.equal(before[k], v) for k, v in module.model.state_dict().items())
+
+
+def test_adamw8bit_needs_bitsandbytes(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match="adamw8bit needs bitsandbytes"):
+        tiny_module(optimizer="adamw8bit")
 
 
 def test_scheduler_config_is_used(tmp_path):

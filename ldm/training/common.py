@@ -7,6 +7,8 @@ The callbacks (:mod:`ldm.training.callbacks`) use a training module only through
 """
 from __future__ import annotations
 
+import importlib.util
+
 import logging
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -59,6 +61,34 @@ class Adam(_FusedLayouts, torch.optim.Adam):
 
 class AdamW(_FusedLayouts, torch.optim.AdamW):
     """``torch.optim.AdamW``; with ``fused=True``, see :class:`_FusedLayouts`."""
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+
+
+def check_optimizer(name: str, key: str = "model.params.optimizer") -> None:
+    """A one-line ValueError for an unknown optimizer name or a missing package, before anything is built."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"{key}: {name!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
+    if name == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{key}: adamw8bit needs bitsandbytes (pip install bitsandbytes; CUDA builds), or use adamw "
+                         "or adafactor")
+
+
+def build_optimizer(name: str, params: list, lr: float, *, betas: tuple[float, float] = (0.9, 0.999),
+                    eps: float = 1e-8, weight_decay: float = 0.0, adam_options: dict | None = None
+                    ) -> torch.optim.Optimizer:
+    """The training optimizer by name: ``adamw`` (this module's AdamW; ``adam_options`` may ask for the fused kernel),
+    ``adamw8bit`` (bitsandbytes' AdamW8bit: 8-bit states, about a quarter of AdamW's optimizer memory) or
+    ``adafactor`` (torch's Adafactor: factored second moments, no first moment; ``betas``/``eps`` unused)."""
+    check_optimizer(name)
+    if name == "adamw":
+        return AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **(adam_options or {}))
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
 
 
 @runtime_checkable

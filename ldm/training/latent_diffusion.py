@@ -34,7 +34,7 @@ import torch
 from ldm.config import instantiate_from_config, to_plain
 from ldm.ema import EMA, ema_name
 from ldm.model import PROMPT_KEY, LatentDiffusion
-from ldm.training.common import AdamW, TrainingModuleMixin
+from ldm.training.common import TrainingModuleMixin, build_optimizer, check_optimizer
 from ldm.training.init_from import PARTS, InitSource, init_from_files, parse_init_from
 from ldm.training.lr import LinearWarmup
 
@@ -91,6 +91,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         learning_rate: if given, the learning rate as is (overrides base_learning_rate and scale_lr).
         weight_decay, adam_betas, adam_eps: AdamW settings.
         fused_optimizer: torch's fused AdamW kernel where it applies (CPU/CUDA float parameters).
+        optimizer: "adamw" (default), "adamw8bit" (bitsandbytes, 8-bit states) or "adafactor" (torch's; factored
+            second moments, less memory): :func:`ldm.training.common.build_optimizer`.
         warmup_steps: linear warm-up over this many optimizer steps (or ``scheduler_config``: a target
             whose instance maps optimizer step -> LR multiplier, e.g. ``ldm.training.lr.WarmupCosine``).
         ema_decay: EMA decay of the UNet weights (``use_ema``), updated once per optimizer step.
@@ -121,6 +123,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         adam_betas: Sequence[float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         fused_optimizer: bool = True,
+        optimizer: str = "adamw",
         warmup_steps: int = 0,
         ema_decay: float = 0.9999,
         cond_drop_rate: float | None = None,
@@ -153,6 +156,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         self.scale_lr = scale_lr
         self.weight_decay, self.adam_betas, self.adam_eps = weight_decay, tuple(adam_betas), adam_eps
         self.fused_optimizer = bool(fused_optimizer)
+        self.optimizer_name = optimizer
         self.lr_lambda = (instantiate_from_config(scheduler_config, "model.params.scheduler_config")
                           if scheduler_config is not None else LinearWarmup(warmup_steps))
         if self.cond_stage_model is not None:  # SD 1/2: the prompt is dropped to "" (as they were trained)
@@ -201,6 +205,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                 raise ValueError("cond_drop_rate is for cond_stage_config models; with conditioner_config give "
                                  "each embedder its ucg_rate")
         _check_range("ema_decay", hp["ema_decay"], 0.0, 1.0)
+        check_optimizer(hp["optimizer"])
         if hp["base_learning_rate"] <= 0 or (hp["learning_rate"] is not None and hp["learning_rate"] <= 0):
             raise ValueError("base_learning_rate/learning_rate must be > 0 (e.g. 1e-4)")
         if len(hp["adam_betas"]) != 2:
@@ -336,8 +341,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
 
     def configure_optimizers(self) -> dict:
         params = self.trainable_parameters()
-        opt = AdamW(params, lr=self.effective_learning_rate(), betas=self.adam_betas,
-                                eps=self.adam_eps, weight_decay=self.weight_decay, **self.adam_options(params))
+        opt = build_optimizer(self.optimizer_name, params, self.effective_learning_rate(), betas=self.adam_betas,
+                              eps=self.adam_eps, weight_decay=self.weight_decay,
+                              adam_options=self.adam_options(params) if self.optimizer_name == "adamw" else None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.lr_lambda)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
