@@ -318,6 +318,7 @@ def test_timeout_and_failures_are_the_requests_own(make_client, folders, monkeyp
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **{**FAST, "steps": 10}})
     monkeypatch.setattr(worker_module.Worker, "_step", step)
     assert r.status_code == 504 and "--timeout" in r.text
+    client.app.state.server.worker.timeout = None  # the rest must not depend on the machine's speed
     # a checkpoint that does not load is that request's error; the server goes on with its model
     (folders["models"] / "broken.safetensors").write_bytes(b"not a checkpoint")
     try:
@@ -414,17 +415,16 @@ def test_an_a1111_client_library_drives_the_server(live_tiny):
     assert api.get_progress()["state"]["job_count"] == 0
 
 
-def test_command_line_errors_before_loading_anything(tmp_path):
+def test_command_line_errors_before_loading_anything(tmp_path, capsys):
     from ldm.serve import cli
 
     for argv, message in ((["--ckpt", str(tmp_path / "none.safetensors")], "checkpoint not found"),
                           (["--models-dir", str(tmp_path / "none")], "folder not found"),
                           (["--port", "70000"], "--port"), (["--api-auth", "nopassword"], "not user:password"),
-                          (["--max-steps", "0"], "--max-steps")):
-        result = subprocess.run([sys.executable, "-m", "ldm.serve", *argv], capture_output=True, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-        assert result.stderr.startswith("python -m ldm.serve: error: ") and message in result.stderr
+                          (["--max-steps", "0"], "--max-steps"), (["--device", "tpu"], "unknown device")):
+        assert cli.main(argv, prog="ldm-serve") == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ldm-serve: error: ") and err.count("\n") == 1 and message in err, err
     assert cli.build_parser().parse_args([]).host == "127.0.0.1"  # loopback unless told otherwise
 
 
@@ -463,3 +463,77 @@ def test_demo_model_through_the_api(live_demo):
     assert (params["prompt"], params["seed"], params["model"]) == (body["prompt"], 42, "shapes")
     pixels = np.asarray(image.convert("RGB")).astype(float)
     assert pixels.std() > 10  # a picture, not a flat colour
+
+
+def _browser(width: int, height: int):
+    """Headless Debian chromium through selenium and chromedriver (no downloads); skips with the reason."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (in the dev extra)")
+    from selenium.webdriver.chrome.service import Service
+
+    binary = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                  None)
+    driver = shutil.which("chromedriver")
+    if binary is None or driver is None:
+        pytest.skip("no chromium + chromedriver: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                f"--window-size={width},{height}", "--hide-scrollbars"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def _wait(predicate, seconds: float = 120, every: float = 0.1):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("the page did not get there in time")
+
+
+def test_the_page_in_a_browser(live_demo, tmp_path):
+    """Type a prompt, generate with the demo model, watch the progress, see the images with their parameters, reuse
+    one's settings; the layout fits a phone. LDM_SERVE_SCREENSHOT=docs/serve.png saves the screenshot there."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser = _browser(1280, 960)
+    try:
+        browser.get(live_demo + "/")
+        find = lambda css: browser.find_element(By.CSS_SELECTOR, css)  # noqa: E731
+        _wait(lambda: len(find("#sampler").find_elements(By.TAG_NAME, "option")) > 10)
+        assert Select(find("#model")).first_selected_option.text == "shapes"
+        Select(find("#sampler")).select_by_visible_text("DPM++ 2M Karras")
+        find("#prompt").send_keys("two red circles above a blue square")
+        for field, value in (("#steps", "8"), ("#seed", "42"), ("#batch_size", "4")):
+            find(field).clear()
+            find(field).send_keys(value)
+        find("#generate").click()
+        _wait(lambda: "step" in find("#progress-text").text)  # the progress bar runs
+        cards = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#gallery .result"))
+        assert len(cards) == 4
+        _wait(lambda: find("#progress-text").text == "Ready.")
+        seeds = sorted(int(c.find_element(By.CSS_SELECTOR, ".params").text.split("Seed: ")[1].split(",")[0])
+                       for c in cards)
+        assert seeds == [42, 43, 44, 45]
+        text = cards[0].find_element(By.CSS_SELECTOR, ".params").text
+        assert text.startswith("two red circles above a blue square\n") and "Steps: 8" in text
+        width = browser.execute_script("return document.querySelector('#gallery img').naturalWidth")
+        assert width == 64
+        assert cards[0].find_element(By.CSS_SELECTOR, "a.download").get_attribute("download").endswith(".png")
+        find("#seed").clear()
+        cards[-1].find_element(By.CSS_SELECTOR, ".reuse").click()  # the oldest card: seed 42
+        assert find("#seed").get_attribute("value") == "42" and find("#steps").get_attribute("value") == "8"
+        assert not find("#error").is_displayed()
+        browser.execute_script("window.scrollTo(0, 0)")
+        screenshot = Path(os.environ.get("LDM_SERVE_SCREENSHOT") or tmp_path / "serve.png")
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(screenshot))
+        # a phone: one column, nothing wider than the screen
+        browser.set_window_size(390, 844)
+        overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 0
+    finally:
+        browser.quit()
