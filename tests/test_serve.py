@@ -531,6 +531,32 @@ def test_the_page_in_a_browser(live_demo, tmp_path):
         screenshot = Path(os.environ.get("LDM_SERVE_SCREENSHOT") or tmp_path / "serve.png")
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(screenshot))
+        # inpainting: upload a start image, paint a mask with the brush, generate
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        start = tmp_path / "start.png"
+        data = browser.execute_script("return document.querySelector('#gallery img').src").split(",", 1)[1]
+        start.write_bytes(base64.b64decode(data))
+        center = "arguments[0].scrollIntoView({block: 'center'})"  # out from under the sticky Generate bar
+        browser.execute_script(center, find("#img2img summary"))
+        find("#img2img summary").click()
+        find("#init").send_keys(str(start))
+        canvas = _wait(lambda: find("#canvas") if find("#canvas").is_displayed() else None, 30)
+        browser.execute_script(center, canvas)
+        ActionChains(browser).move_to_element_with_offset(canvas, -60, 0).click_and_hold() \
+            .move_by_offset(120, 0).release().perform()
+        find("#batch_size").clear()
+        find("#batch_size").send_keys("1")
+        find("#generate").click()
+        _wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#gallery .result")) == 5 or
+              find("#error").is_displayed())
+        text = browser.find_element(By.CSS_SELECTOR, "#gallery .result .params").text
+        assert "Denoising strength: 0.75" in text and not find("#error").is_displayed()
+        # the brush painted the mask that went with the request: white where the stroke went, black elsewhere
+        painted = browser.execute_script(
+            "const d = maskCanvas.getContext('2d').getImageData(0, 0, maskCanvas.width, maskCanvas.height).data;"
+            "let white = 0; for (let i = 0; i < d.length; i += 4) white += d[i] > 127; return [maskPainted, white];")
+        assert painted[0] is True and 0 < painted[1] < 64 * 64 / 2
         # a phone: one column, nothing wider than the screen
         browser.set_window_size(390, 844)
         overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")

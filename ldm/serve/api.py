@@ -271,8 +271,9 @@ class Server:
             for match in _EXTRA_NETWORK.finditer(text):
                 name = match.group(2).strip()
                 if name not in loras:
-                    raise reject(field, f"LoRA {name!r} not found in the server's --lora-dir; "
-                                        "GET /sdapi/v1/loras lists them")
+                    where = ("the server has no --lora-dir" if self.config.lora_dir is None else
+                             "not found in the server's --lora-dir; GET /sdapi/v1/loras lists them")
+                    raise reject(field, f"LoRA {name!r}: {where}")
                 if not _pipeline_supports("load_lora"):
                     raise reject(field, f"{match.group(0)}: this build cannot apply LoRAs yet; remove the tag")
             if not _pipeline_supports("load_embedding"):
@@ -397,12 +398,12 @@ def create_app(config: ServerConfig, worker: Worker | None = None, *, preload: b
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: schema.Txt2ImgRequest):
         job = server.generation_job("txt2img", body)
-        return server.response(body, await server.run(job))
+        return await asyncio.to_thread(server.response, body, await server.run(job))  # PNG encoding off the loop
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: schema.Img2ImgRequest):
         job = await asyncio.to_thread(server.generation_job, "img2img", body)  # image decoding off the loop
-        return server.response(body, await server.run(job))
+        return await asyncio.to_thread(server.response, body, await server.run(job))
 
     @app.get("/sdapi/v1/progress")
     async def progress(skip_current_image: bool = False, id_task: str | None = Query(None)):
