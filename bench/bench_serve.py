@@ -103,6 +103,7 @@ def main() -> None:
     args = p.parse_args()
     common.setup(None)
 
+    info = common.machine_info(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(), "fp32", args.device)
     process, url = start_server(args)
     try:
         lock, results = threading.Lock(), []
@@ -129,8 +130,8 @@ def main() -> None:
                                    "503", "errors", "p50 latency s", "p95 latency s", "requests/s", "images/s",
                                    "wall s"], rows)
     print(table)
-    info = common.machine_info(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count(), "fp32", args.device)
-    notes = [f"demo model {args.ckpt or 'shapes (embedded)'}, {args.sampler}, 64x64, batch {args.batch_size}; "
+    notes = [f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+             f"demo model {args.ckpt or 'shapes (embedded)'}, {args.sampler}, 64x64, batch {args.batch_size}; "
              "latency: request sent -> response read, waiting in the queue included (one model worker serves the "
              "requests in order, so p95 is about the whole queue's time)",
              "parameters match: every image's PNG parameters name its own request's prompt, seed and steps"]
