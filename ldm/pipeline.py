@@ -476,6 +476,11 @@ class _Pipeline:
             z = self.model.encode_first_stage(pixels, sample=generators is not None, generator=generators)
         return z.float()
 
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Scaled latents ``[B, C, h, w]`` (e.g. a sampler step's ``denoised``, for a live preview) -> PIL images,
+        decoded as the pipeline decodes its results."""
+        return tensor_to_images(self._decode(latents.to(self.device)))
+
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.model.first_stage_model

@@ -82,7 +82,8 @@ def test_program_names(capsys, monkeypatch, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for command, usage in (([sys.executable, "-m", "ldm.sample", "--bogus"], "usage: python -m ldm.sample "),
                            ([sys.executable, str(ROOT / "sample.py"), "--bogus"], "usage: sample.py "),
-                           ([sys.executable, "-m", "ldm.train", "--bogus"], "usage: python -m ldm.train ")):
+                           ([sys.executable, "-m", "ldm.train", "--bogus"], "usage: python -m ldm.train "),
+                           ([sys.executable, "-m", "ldm.serve", "--bogus"], "usage: python -m ldm.serve ")):
         result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
         assert result.returncode == 2 and result.stderr.startswith(usage), (command, result.stderr)
         assert "error: unrecognized arguments: --bogus" in result.stderr
@@ -127,7 +128,8 @@ def test_wheel_holds_the_package_data_and_the_console_scripts(installed):
     assert {f"ldm/{name}" for name in _data_files()} <= names
     scripts = configparser.ConfigParser()
     scripts.read_string(entry_points)
-    assert dict(scripts["console_scripts"]) == {"ldm-sample": "ldm.sample:main", "ldm-train": "ldm.train:main"}
+    assert dict(scripts["console_scripts"]) == {"ldm-sample": "ldm.sample:main", "ldm-train": "ldm.train:main",
+                                                "ldm-serve": "ldm.serve.cli:main"}
     assert not any(n.startswith(("tests/", "configs/", "scripts/")) for n in names)
 
 

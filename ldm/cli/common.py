@@ -23,6 +23,7 @@ from ldm.io import model_hash
 __all__ = [
     "format_parameters",
     "parse_parameters",
+    "parse_parameters_by_label",
     "read_png_parameters",
     "save_png",
     "save_new_png",
@@ -130,6 +131,18 @@ def parse_parameters(text: str) -> dict[str, Any]:
                 out["width"], out["height"] = int(match.group(1)), int(match.group(2))
                 continue
         out[key] = _typed(key, value)
+    return out
+
+
+def parse_parameters_by_label(text: str) -> dict[str, Any]:
+    """:func:`parse_parameters` keyed by the UIs' own labels ("Prompt", "Negative prompt", "Steps", "Sampler",
+    "Size-1", "Size-2", ...), as A1111's ``/sdapi/v1/png-info`` returns them."""
+    params = parse_parameters(text)
+    out: dict[str, Any] = {"Prompt": params.pop("prompt"), "Negative prompt": params.pop("negative_prompt")}
+    if "width" in params and "height" in params:
+        out["Size-1"], out["Size-2"] = params.pop("width"), params.pop("height")
+    for key, value in params.items():
+        out[_LABELS.get(key, key)] = value
     return out
 
 
