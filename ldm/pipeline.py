@@ -19,6 +19,7 @@ VAE overflows into black images) and under the bf16 autocast with bf16 (bfloat16
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import random
@@ -201,6 +202,7 @@ class _Request:
     init_images: list | None = None
     strength: float | None = None
     masks: list | None = None
+    shown_prompts: list[str] | None = None  # the prompts as given (with <lora:...> tags), for the parameters
 
 
 class _Pipeline:
@@ -395,6 +397,7 @@ class _Pipeline:
                         None if eta is None else float(eta), batch_size, **extra)
 
     def _run(self, req: _Request, callback: Callable[[dict], None] | None) -> PipelineOutput:
+        req = self._apply_prompt_loras(req)
         images: list[Image.Image] = []
         for start in range(0, len(req.prompts), req.batch_size):
             batch = slice(start, start + req.batch_size)
@@ -403,13 +406,77 @@ class _Pipeline:
         return PipelineOutput(images, [self._parameters(req, i) for i in range(len(req.prompts))])
 
     def _parameters(self, req: _Request, i: int) -> dict[str, Any]:
-        params = {"prompt": req.prompts[i], "negative_prompt": req.negative_prompts[i], "steps": req.steps,
+        params = {"prompt": (req.shown_prompts or req.prompts)[i], "negative_prompt": req.negative_prompts[i],
+                  "steps": req.steps,
                   "sampler": req.sampler, "cfg_scale": req.guidance_scale, "seed": req.seeds[i],
                   "width": req.width, "height": req.height, "eta": req.eta, "guidance_rescale": req.guidance_rescale,
                   "model_hash": self.model_hash, "model": self.model_name, "task": self.task}
         if req.strength is not None:
             params["strength"] = req.strength
+        params.update(self._adapter_parameters())
         return params
+
+    # ---- adapters: LoRA and VAE files -----------------------------------------------------------------------
+    lora_dir: str | Path | None = None  # where <lora:NAME:WEIGHT> tags of prompts are looked up
+
+    def load_lora(self, path: str | Path, weight: float = 1.0, *, unet_weight: float | None = None,
+                  name: str | None = None):
+        """Merge a LoRA / LoCon / LoHa / LoKr file (kohya, diffusers/peft or LyCORIS names) into the model's
+        weights with ``weight`` (``unet_weight``: the UNet's own, ``weight`` then only the text encoders'). It
+        stays until :meth:`unload_loras`; a file that does not fit this model is refused in one line."""
+        from ldm.adapters import lora
+
+        return lora.load_lora(self.model, path, weight, unet_weight=unet_weight, name=name)
+
+    def unload_loras(self) -> None:
+        """Take every LoRA off again: the weights are restored exactly."""
+        from ldm.adapters import lora
+
+        lora.unload_loras(self.model)
+
+    @property
+    def loras(self) -> list:
+        """The LoRAs merged into the model now (``ldm.adapters.lora.LoadedLora``: name, path, weight, hash)."""
+        from ldm.adapters import lora
+
+        return lora.loaded_loras(self.model)
+
+    def _apply_prompt_loras(self, req: _Request) -> _Request:
+        """A1111's ``<lora:NAME:WEIGHT>`` tags: taken out of the prompts before they are encoded, their LoRAs
+        (from :attr:`lora_dir`) merged for this call; the LoRAs of an earlier call's tags that no prompt names now
+        are taken off. The parameters keep the prompts as written."""
+        from ldm.adapters import lora
+
+        cleaned, wanted = [], {}
+        for prompt in req.prompts:
+            text, tags = lora.extract_lora_tags(prompt)
+            cleaned.append(text)
+            for tag in tags:
+                if wanted.setdefault(tag.name, tag) != tag:
+                    raise ValueError(f"LoRA {tag.name!r} is given two different weights in the prompts of one call: "
+                                     "use the same <lora:...> tag in every prompt")
+        current = {x.name: (x.weight, x.unet_weight) for x in lora.loaded_loras(self.model) if x.source == "prompt"}
+        if current != {name: (tag.weight, tag.unet_weight) for name, tag in wanted.items()}:
+            if wanted and self.lora_dir is None:
+                raise ValueError(f"the prompt names LoRA {next(iter(wanted))!r} but no LoRA folder is set: pass "
+                                 "--lora-dir (pipe.lora_dir)")
+            paths = {name: lora.find_lora(name, self.lora_dir) for name in wanted}
+            lora.unload_loras(self.model, source="prompt")
+            for name, tag in wanted.items():
+                lora.load_lora(self.model, paths[name], tag.weight, unet_weight=tag.unet_weight, name=name,
+                               source="prompt")
+        if cleaned == req.prompts:
+            return req
+        return dataclasses.replace(req, prompts=cleaned, shown_prompts=req.shown_prompts or req.prompts)
+
+    def _adapter_parameters(self) -> dict[str, Any]:
+        """``lora_hashes`` ("name: hash, ...", as A1111 writes them) of the LoRAs merged now."""
+        from ldm.adapters import lora
+
+        loaded = lora.loaded_loras(self.model)
+        if not loaded:
+            return {}
+        return {"lora_hashes": ", ".join(f"{x.name.replace(':', '').replace(',', '')}: {x.hash}" for x in loaded)}
 
     @torch.no_grad()
     def encode_conditioning(self, inputs: dict[str, Any], unconditional: bool = False) -> dict[str, torch.Tensor]:
