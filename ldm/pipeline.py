@@ -476,7 +476,8 @@ class _Pipeline:
         loaded = lora.loaded_loras(self.model)
         if not loaded:
             return {}
-        return {"lora_hashes": ", ".join(f"{x.name.replace(':', '').replace(',', '')}: {x.hash}" for x in loaded)}
+        hashes = {x.name.replace(":", "").replace(",", ""): x.hash for x in loaded}  # one entry per name, as A1111
+        return {"lora_hashes": ", ".join(f"{name}: {h}" for name, h in hashes.items())}
 
     @torch.no_grad()
     def encode_conditioning(self, inputs: dict[str, Any], unconditional: bool = False) -> dict[str, torch.Tensor]:

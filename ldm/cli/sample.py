@@ -91,6 +91,11 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     ema = g.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="use_ema", action="store_true", default=None, help="use the EMA weights")
     ema.add_argument(*_names("--no-ema"), dest="use_ema", action="store_false", help="ignore the EMA weights")
+    g.add_argument(*_names("--lora"), dest="lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA / LoCon / LoHa / LoKr file (kohya, diffusers or LyCORIS) with WEIGHT "
+                        "(default 1); repeatable")
+    g.add_argument(*_names("--lora-dir"), dest="lora_dir", default=None, metavar="DIR",
+                   help="folder of the LoRAs that prompts name as <lora:NAME:WEIGHT> (A1111's syntax)")
     param = g.add_mutually_exclusive_group()
     param.add_argument("--v", dest="parameterization", action="store_const", const="v",
                        help="the model predicts v (SD 2.x 768-v) and no --config says so")
@@ -221,6 +226,35 @@ def check_args(args: argparse.Namespace) -> None:
                              "give a mask of the same size")
 
 
+def parse_lora_arg(value: str) -> tuple[Path, float]:
+    """``FILE[:WEIGHT]`` of --lora -> (path, weight); a file name may itself hold ':' (the weight is the part after
+    the last ':' when it is a number)."""
+    path, sep, weight = value.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(value), 1.0
+
+
+def _check_loras(args: argparse.Namespace, prompts: list[str]) -> None:
+    """--lora files exist, --lora-dir is a folder and every <lora:NAME:...> of the prompts is in it."""
+    from ldm.adapters.lora import extract_lora_tags, find_lora
+
+    for value in args.lora:
+        path, weight = parse_lora_arg(value)
+        _require_file(str(path), "LoRA file", "--lora")
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
+        raise UsageError(f"LoRA folder not found: {args.lora_dir} (check --lora-dir)")
+    for prompt in prompts:
+        for tag in extract_lora_tags(prompt)[1]:
+            if args.lora_dir is None:
+                raise UsageError(f"the prompt names <lora:{tag.name}:...> but no --lora-dir is given: pass the "
+                                 "folder of your LoRA files")
+            find_lora(tag.name, args.lora_dir)
+
+
 def resolve_checkpoint(ckpt: str | None) -> Path:
     """--ckpt, or the embedded demo model; a one-line error when there is neither."""
     if ckpt is not None:
@@ -251,6 +285,10 @@ def load_pipeline(args: argparse.Namespace):
                                vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
                                channels_last=args.channels_last, compile=args.compile,
                                unet_weights=args.unet_weights, vae_precision=args.vae_precision)
+    pipe.lora_dir = args.lora_dir
+    for value in args.lora:
+        path, weight = parse_lora_arg(value)
+        pipe.load_lora(path, weight)
     m = pipe.size_multiple
     for flag, value in (("--H", args.H), ("--W", args.W)):
         if value is not None and value % m:
@@ -371,6 +409,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
     try:
         check_args(args)
         prompts = read_prompts(args)
+        _check_loras(args, prompts)
         pipe = load_pipeline(args)
         saved, grid, count = generate(args, pipe, prompts)
     except (ValueError, OSError) as e:  # UsageError, ConfigError, CheckpointError, unreadable files
