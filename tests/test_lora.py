@@ -351,3 +351,86 @@ def test_prompt_tags_load_from_lora_dir_and_go_when_no_prompt_names_them(tiny_ck
     assert torch.equal(again, plain) and pipe.loras == []
     with pytest.raises(FileNotFoundError, match="'nothere' not found"):
         pipe("<lora:nothere:1>", **FAST)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# SDXL's layout: original UNet names (kohya), two text encoders (lora_te1_ / lora_te2_, text_encoder_2.)
+# ------------------------------------------------------------------------------------------------------------
+
+_TEXT = {"target": "ldm.models.conditioner.TextEmbedder", "input_key": "txt",
+         "params": {"arch": "ldm-tiny-text", "layer": "penultimate", "pad": "zero", "freeze": True}}
+
+
+def tiny_sdxl_like(seed=0):
+    """A tiny model with SDXL's UNet layout (3 levels, no attention at the top level, 2 res blocks, deeper
+    transformers below, a vector input) and two text encoders, the second pooled."""
+    from ldm.convert import build_model
+    from tiny_models import tiny_config
+
+    config = tiny_config()
+    params = config["model"]["params"]
+    del params["cond_stage_config"]
+    te1 = copy.deepcopy(_TEXT)
+    te1["params"].update(projection=False)
+    te2 = copy.deepcopy(_TEXT)
+    te2["params"].update(projection=True, pooled=True)
+    params["conditioner_config"] = {"target": "ldm.models.conditioner.Conditioner",
+                                    "params": {"emb_models": [te1, te2]}}
+    params["unet_config"]["params"].update(channel_mult=[1, 2, 2], num_res_blocks=2, attention_resolutions=[2, 4],
+                                           transformer_depth=[0, 1, 2], context_dim=64, num_classes="sequential",
+                                           adm_in_channels=32)
+    torch.manual_seed(seed)
+    return build_model(config).eval()
+
+
+def test_diffusers_names_match_diffusers_unet_for_sd_and_sdxl_layouts(model):
+    from diffusers import UNet2DConditionModel
+
+    sd1 = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+                               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                               attention_head_dim=(2, 4), use_linear_projection=True)
+    sdxl = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=2,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                transformer_layers_per_block=(1, 1, 2), cross_attention_dim=64,
+                                attention_head_dim=(2, 4, 4), use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=4,
+                                projection_class_embeddings_input_dim=32)
+    for ours, theirs in ((model.model.diffusion_model, sd1), (tiny_sdxl_like().model.diffusion_model, sdxl)):
+        names = diffusers_unet_names(ours)
+        mapped = {names[n] + "." + p: tuple(t.shape) for n, m in ours.named_modules() if n in names
+                  for p, t in m.named_parameters(recurse=False)}
+        assert mapped == {n: tuple(t.shape) for n, t in theirs.named_parameters()}
+
+
+@pytest.mark.parametrize("fmt", ["kohya-sdxl", "peft"])
+def test_sdxl_names_reach_the_unet_and_both_text_encoders(tmp_path, fmt):
+    model = tiny_sdxl_like()
+    original = copy.deepcopy(model)
+    names = diffusers_unet_names(model.model.diffusion_model)
+    g = torch.Generator().manual_seed(0)
+    layers = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "middle_block.1.transformer_blocks.1.ff.net.2",
+              "output_blocks.2.1.transformer_blocks.0.attn2.to_k", "input_blocks.1.0.in_layers.2"]
+    sd, expected = {}, {}
+    for ours in layers:
+        w = _weight(model, ours)
+        down, up = _random_lora(tuple(w.shape), 2, g)
+        key = ("lora_unet_" + ours.replace(".", "_") if fmt == "kohya-sdxl" else "unet." + names[ours])
+        sd.update({key + (".lora_down.weight" if fmt == "kohya-sdxl" else ".lora_A.weight"): down,
+                   key + (".lora_up.weight" if fmt == "kohya-sdxl" else ".lora_B.weight"): up})
+        expected["model.diffusion_model." + ours + ".weight"] = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+    for index, (kohya, peft) in enumerate((("lora_te1_", "text_encoder."), ("lora_te2_", "text_encoder_2."))):
+        down, up = _random_lora((32, 128), 2, g)
+        key = (kohya + "text_model_encoder_layers_1_mlp_fc2" if fmt == "kohya-sdxl"
+               else peft + "text_model.encoder.layers.1.mlp.fc2")
+        sd.update({key + (".lora_down.weight" if fmt == "kohya-sdxl" else ".lora_A.weight"): down,
+                   key + (".lora_up.weight" if fmt == "kohya-sdxl" else ".lora_B.weight"): up})
+        expected[f"conditioner.embedders.{index}.model.transformer.resblocks.1.mlp.c_proj.weight"] = up @ down
+    load_lora(model, save(sd, tmp_path / "xl.safetensors"))
+    after, before = model.state_dict(), original.state_dict()
+    for key in after:
+        want = before[key] + expected[key] if key in expected else before[key]
+        torch.testing.assert_close(after[key], want, rtol=0, atol=1e-6, msg=key)
+    unload_loras(model)
+    assert_same_weights(model, original, exact=True)
