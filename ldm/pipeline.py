@@ -576,8 +576,10 @@ class _Pipeline:
 
     def _denoiser(self, req: _Request, uncond, init, mask, noise) -> Callable:
         """The model as ``D(x, sigma, cond)``: autocast, CFG, and latent blending for ordinary inpainting."""
-        guided = CFGDenoiser(_Precise(self.model.denoiser(), self._autocast), req.guidance_scale, uncond,
-                             req.guidance_rescale)
+        base, spec = self.model.denoiser(), _samplers.get_sampler(req.sampler)
+        if spec.wrap_denoiser is not None:  # e.g. LCM's boundary condition
+            base = spec.wrap_denoiser(base)
+        guided = CFGDenoiser(_Precise(base, self._autocast), req.guidance_scale, uncond, req.guidance_rescale)
         if mask is None or self.is_inpainting_model:
             return guided
         return InpaintDenoiser(guided, init, mask, noise)
