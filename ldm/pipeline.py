@@ -469,15 +469,27 @@ class _Pipeline:
             return req
         return dataclasses.replace(req, prompts=cleaned, shown_prompts=req.shown_prompts or req.prompts)
 
+    vae_file = None  # the separate VAE file loaded by load_vae (ldm.adapters.vae.LoadedVAE)
+
+    def load_vae(self, path: str | Path):
+        """Replace the model's VAE weights by a separate VAE file's (SD's names, ``first_stage_model.*`` or
+        diffusers' names), strictly checked; recorded in the parameters (``VAE hash``, ``VAE``)."""
+        from ldm.adapters import vae
+
+        self.vae_file = vae.load_vae(self.model, path)
+        return self.vae_file
+
     def _adapter_parameters(self) -> dict[str, Any]:
-        """``lora_hashes`` ("name: hash, ...", as A1111 writes them) of the LoRAs merged now."""
+        """``vae_hash`` / ``vae`` of a separate VAE file and ``lora_hashes`` ("name: hash, ...", as A1111 writes
+        them) of the LoRAs merged now."""
         from ldm.adapters import lora
 
+        params = {} if self.vae_file is None else {"vae_hash": self.vae_file.hash, "vae": self.vae_file.name}
         loaded = lora.loaded_loras(self.model)
         if not loaded:
-            return {}
+            return params
         hashes = {x.name.replace(":", "").replace(",", ""): x.hash for x in loaded}  # one entry per name, as A1111
-        return {"lora_hashes": ", ".join(f"{name}: {h}" for name, h in hashes.items())}
+        return {**params, "lora_hashes": ", ".join(f"{name}: {h}" for name, h in hashes.items())}
 
     @torch.no_grad()
     def encode_conditioning(self, inputs: dict[str, Any], unconditional: bool = False) -> dict[str, torch.Tensor]:

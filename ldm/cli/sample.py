@@ -96,6 +96,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "(default 1); repeatable")
     g.add_argument(*_names("--lora-dir"), dest="lora_dir", default=None, metavar="DIR",
                    help="folder of the LoRAs that prompts name as <lora:NAME:WEIGHT> (A1111's syntax)")
+    g.add_argument(*_names("--vae"), default=None, metavar="FILE",
+                   help="a separate VAE file in place of the model's (SD's names, first_stage_model.* or diffusers')")
     param = g.add_mutually_exclusive_group()
     param.add_argument("--v", dest="parameterization", action="store_const", const="v",
                        help="the model predicts v (SD 2.x 768-v) and no --config says so")
@@ -211,6 +213,7 @@ def check_args(args: argparse.Namespace) -> None:
     _owner_check(check_eta, args.eta, "--eta")
     _check_sampler(args.sampler)
     _require_file(args.ckpt, "checkpoint", "--ckpt")
+    _require_file(args.vae, "VAE file", "--vae")
     if args.config is not None:
         from ldm.config import find_config
 
@@ -285,6 +288,8 @@ def load_pipeline(args: argparse.Namespace):
                                vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
                                channels_last=args.channels_last, compile=args.compile,
                                unet_weights=args.unet_weights, vae_precision=args.vae_precision)
+    if args.vae is not None:
+        pipe.load_vae(args.vae)
     pipe.lora_dir = args.lora_dir
     for value in args.lora:
         path, weight = parse_lora_arg(value)
