@@ -434,3 +434,19 @@ def test_sdxl_names_reach_the_unet_and_both_text_encoders(tmp_path, fmt):
         torch.testing.assert_close(after[key], want, rtol=0, atol=1e-6, msg=key)
     unload_loras(model)
     assert_same_weights(model, original, exact=True)
+
+
+def test_diffusers_written_peft_file_with_alpha_in_its_metadata(model, tmp_path):
+    """A file written by diffusers' own save_lora_weights: lora_alpha (and an alpha_pattern) in the metadata."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    model = copy.deepcopy(model)
+    original = copy.deepcopy(model)
+    sd, expected = make_lora(model, "peft", alpha=None, text=False)  # scale 1 as made; alpha comes from metadata
+    unet = {k.removeprefix("unet."): v for k, v in sd.items()}
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        tmp_path, unet_lora_layers=unet, weight_name="lora.safetensors",
+        unet_lora_adapter_metadata={"r": 4, "lora_alpha": 8, "alpha_pattern": {"proj_out": 2}})
+    load_lora(model, tmp_path / "lora.safetensors")
+    scaled = {k: ((0.5 if k.endswith("proj_out.weight") else 2.0) * d, rows) for k, (d, rows) in expected.items()}
+    assert_same_weights(model, merged_by_hand(original, scaled))

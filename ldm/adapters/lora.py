@@ -409,6 +409,29 @@ def _text_changed(model: nn.Module) -> None:
         cache.clear()
 
 
+def _with_peft_alphas(state: dict[str, torch.Tensor], meta: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """diffusers' peft files keep ``lora_alpha`` (and per-module ``alpha_pattern``) in the safetensors metadata
+    (``lora_adapter_metadata``: ``{"unet.lora_alpha": 8, "unet.alpha_pattern": {...}, "text_encoder.r": ...}``)
+    instead of ``.alpha`` tensors: they become ``.alpha`` entries of their modules (scale ``lora_alpha / r``)."""
+    raw = meta.get("lora_adapter_metadata")
+    if not raw:
+        return state
+    config = json.loads(raw)
+    out = dict(state)
+    for key in state:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[:-len(".lora_A.weight")]
+        prefix, _, name = module.partition(".")
+        alpha = config.get(f"{prefix}.lora_alpha")
+        for pattern, value in (config.get(f"{prefix}.alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?{pattern}$", name):
+                alpha = value
+        if alpha is not None and module + ".alpha" not in state:
+            out[module + ".alpha"] = torch.tensor(float(alpha))
+    return out
+
+
 def load_lora(model: nn.Module, path: str | os.PathLike, weight: float = 1.0, *, unet_weight: float | None = None,
               name: str | None = None, source: str = "api") -> LoadedLora:
     """Merge a LoRA / LoCon / LoHa / LoKr file into ``model`` (a ``LatentDiffusion``) with ``weight`` (the text
@@ -420,7 +443,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike, weight: float = 1.0, *,
     for label, value in (("weight", weight), ("unet_weight", unet_weight)):
         if value is not None and not math.isfinite(value):
             raise ValueError(f"LoRA {label} {value} is not a finite number")
-    state, _ = read_state_dict(path)
+    state, meta = read_state_dict(path)
+    state = _with_peft_alphas(state, meta)
     lora = LoadedLora(name or path.stem, path, float(weight), None if unet_weight is None else float(unet_weight),
                       lora_hash(path), source, state)
     _merge(model, lora, lora_deltas(model, state, f"LoRA {path}"))
