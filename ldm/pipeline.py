@@ -38,7 +38,7 @@ from ldm import accel
 from ldm.diffusion import samplers as _samplers
 from ldm.diffusion.guidance import CFGDenoiser, check_guidance_rescale
 from ldm.diffusion.inpaint import InpaintDenoiser
-from ldm.diffusion.schedules import is_zero_terminal_snr
+from ldm.diffusion.schedules import is_zero_terminal_snr, sigmas_from_alphas_cumprod
 from ldm.model import PROMPT_KEY
 
 log = logging.getLogger(__name__)
@@ -535,6 +535,8 @@ class _Pipeline:
         step_callback = None if callback is None else _BatchCallback(callback, first_index, len(prompts),
                                                                      len(sigmas) - 1)
         options = {} if req.eta is None or "eta" not in inspect.signature(spec.fn).parameters else {"eta": req.eta}
+        if "discrete_sigmas" in inspect.signature(spec.fn).parameters:  # TCD steps to timesteps between its sigmas
+            options["discrete_sigmas"] = sigmas_from_alphas_cumprod(self.model.alphas_cumprod.double()).float()
         with self._running(self.unet):
             x = _samplers.sample(spec, denoiser, noise, sigmas, init_latent=init, extra_args={"cond": cond},
                                  callback=step_callback, generator=generators, **options)

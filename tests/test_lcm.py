@@ -87,3 +87,41 @@ def test_pipeline_samples_with_lcm_and_its_boundary_condition(tiny_ckpt, monkeyp
     out = pipe("a red circle", steps=4, sampler="lcm", guidance_scale=1.5, seeds=1, height=32, width=32)
     assert out.parameters[0]["sampler"] == "LCM" and len(calls) == 4  # one batched [uncond, cond] call a step
     assert out.images[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("steps", [1, 4])
+def test_tcd_run_matches_diffusers_tcd_scheduler(eta, steps):
+    from diffusers import TCDScheduler
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    cond = {"crossattn": model.get_learned_conditioning(["a red circle"])}
+    shape = (1, 4, 8, 8)
+    scheduler = TCDScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                             beta_schedule="scaled_linear", set_alpha_to_one=True)
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(shape, generator=g)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out = model.apply_model(latents, t.reshape(1), cond)
+            latents = scheduler.step(out, t, latents, eta=eta, generator=g).prev_sample
+
+    spec = samplers.get_sampler("TCD")
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(shape, generator=g)
+    table = sigmas_from_alphas_cumprod(model.alphas_cumprod.double()).float()
+    ours = samplers.sample(spec, model.denoiser(), noise, samplers.build_sigmas(spec, model, steps),
+                           extra_args={"cond": cond}, generator=g, eta=eta, discrete_sigmas=table)
+    torch.testing.assert_close(ours, latents, rtol=1e-4, atol=1e-4)
+
+
+def test_pipeline_samples_with_tcd(tiny_ckpt):
+    from ldm.pipeline import Text2Image
+
+    pipe = Text2Image.from_checkpoint(tiny_ckpt, device="cpu")
+    a = pipe("a red circle", steps=4, sampler="TCD", guidance_scale=1.0, eta=0.3, seeds=1, height=32, width=32)
+    b = pipe("a red circle", steps=4, sampler="TCD", guidance_scale=1.0, eta=0.0, seeds=1, height=32, width=32)
+    assert a.parameters[0]["sampler"] == "TCD" and a.parameters[0]["eta"] == 0.3
+    assert a.images[0].tobytes() != b.images[0].tobytes()

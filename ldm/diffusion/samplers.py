@@ -42,6 +42,7 @@ from ldm.diffusion.schedules import (
     get_sigmas_exponential,
     get_sigmas_karras,
     get_sigmas_lcm,
+    get_sigmas_tcd,
     get_sigmas_trailing,
     is_zero_terminal_snr,
     sigmas_from_alphas_cumprod,
@@ -472,6 +473,38 @@ def sample_lcm(denoiser, x, sigmas, *, extra_args=None, callback=None, generator
     return x
 
 
+@torch.no_grad()
+def sample_tcd(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=0.3,
+               discrete_sigmas=None):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024; diffusers'
+    ``TCDScheduler``), for TCD-LoRAs. With ``eta`` (the paper's gamma) and the next step's timestep t', the step
+    goes deterministically (a DDIM step) to the earlier timestep ``s = floor((1 - eta) t')`` and then adds fresh
+    noise up to sigma(t')::
+
+        x_s = D + (sigma_s / sigma) (x - D),   x' = x_s + sqrt(sigma'^2 - sigma_s^2) z   (no noise on the last step)
+
+    eta 0 is DDIM on these timesteps. ``discrete_sigmas``: the model's sigma[t] table (default: from the
+    denoiser's ``alphas_cumprod``; the pipeline passes it, as its guided denoiser has none)."""
+    _check_sigmas(sigmas)
+    if discrete_sigmas is None:
+        if not hasattr(denoiser, "alphas_cumprod"):
+            raise ValueError("TCD needs the model's discrete sigmas: pass discrete_sigmas (sigma[t] of its schedule)")
+        discrete_sigmas = sigmas_from_alphas_cumprod(denoiser.alphas_cumprod.double()).float()
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"TCD's eta (gamma) {eta} is outside [0, 1]: use e.g. 0.3")
+    log_table = discrete_sigmas.to(torch.float64).log().cpu()
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = _denoise(denoiser, x, sigma, extra_args)
+        _report(callback, i, sigma, x, denoised)
+        t_next = int((log_table - math.log(float(sigma_next))).abs().argmin())
+        sigma_s = discrete_sigmas[math.floor((1 - eta) * t_next)].to(x.device, x.dtype)
+        x = denoised + sigma_s / sigma * (x - denoised)
+        if eta > 0 and i < len(sigmas) - 2:
+            x = x + randn_like(x, generator) * (sigma_next**2 - sigma_s**2).clamp(min=0).sqrt()
+    return x
+
+
 class lcm_boundary_denoiser:  # noqa: N801 - used like a function: spec.wrap_denoiser(denoiser)
     """LCM's boundary condition around a discrete-time denoiser, as diffusers' ``LCMScheduler`` applies it::
 
@@ -504,7 +537,7 @@ class lcm_boundary_denoiser:  # noqa: N801 - used like a function: spec.wrap_den
 
 
 SamplerFn = Callable[..., Tensor]
-SCHEDULES = ("default", "karras", "exponential", "trailing", "ddim", "ddpm", "lcm")
+SCHEDULES = ("default", "karras", "exponential", "trailing", "ddim", "ddpm", "lcm", "tcd")
 
 
 @dataclass(frozen=True)
@@ -558,6 +591,7 @@ def _build_registry() -> dict[str, SamplerSpec]:
         specs += [SamplerSpec(name, fn), SamplerSpec(f"{name} Karras", fn, "karras"),
                   SamplerSpec(f"{name} Exponential", fn, "exponential")]
     specs.append(SamplerSpec("LCM", sample_lcm, "lcm", original_scaling=True, wrap_denoiser=lcm_boundary_denoiser))
+    specs.append(SamplerSpec("TCD", sample_tcd, "tcd", original_scaling=True))
     return {spec.name: spec for spec in specs}
 
 
@@ -654,6 +688,8 @@ def build_sigmas(spec: SamplerSpec | str, model: Any, steps: int, schedule: str 
         return get_sigmas_ddpm(alphas_cumprod, steps)
     if schedule == "lcm":
         return get_sigmas_lcm(alphas_cumprod, steps)
+    if schedule == "tcd":
+        return get_sigmas_tcd(alphas_cumprod, steps)
     raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
 
 

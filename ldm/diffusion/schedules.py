@@ -259,3 +259,10 @@ def get_sigmas_lcm(alphas_cumprod: Tensor, n_steps: int, original_steps: int = 5
     """Sigmas at :func:`lcm_timesteps`, then 0 (the last step returns the model's x0)."""
     ts = lcm_timesteps(n_steps, len(alphas_cumprod), original_steps)
     return _append_zero(sigmas_from_alphas_cumprod(alphas_cumprod.double())[ts]).float()
+
+
+def get_sigmas_tcd(alphas_cumprod: Tensor, n_steps: int, original_steps: int = 50) -> Tensor:
+    """Sigmas at :func:`lcm_timesteps`, then ``sigma[t=0]`` (diffusers' ``TCDScheduler`` ends at timestep 0)."""
+    ts = lcm_timesteps(n_steps, len(alphas_cumprod), original_steps)
+    sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.double())
+    return torch.cat([sigmas[ts], sigmas[:1]]).float()
