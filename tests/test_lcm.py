@@ -8,6 +8,7 @@ from tiny_models import tiny_ckpt, tiny_model  # noqa: F401  (fixture)
 
 
 def _scheduler(model, prediction_type="epsilon"):
+    pytest.importorskip("diffusers")
     from diffusers import LCMScheduler
 
     return LCMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -92,6 +93,7 @@ def test_pipeline_samples_with_lcm_and_its_boundary_condition(tiny_ckpt, monkeyp
 @pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("steps", [1, 4])
 def test_tcd_run_matches_diffusers_tcd_scheduler(eta, steps):
+    pytest.importorskip("diffusers")
     from diffusers import TCDScheduler
 
     torch.manual_seed(0)

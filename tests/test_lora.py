@@ -384,6 +384,7 @@ def tiny_sdxl_like(seed=0):
 
 
 def test_diffusers_names_match_diffusers_unet_for_sd_and_sdxl_layouts(model):
+    pytest.importorskip("diffusers")
     from diffusers import UNet2DConditionModel
 
     sd1 = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
@@ -438,6 +439,7 @@ def test_sdxl_names_reach_the_unet_and_both_text_encoders(tmp_path, fmt):
 
 def test_diffusers_written_peft_file_with_alpha_in_its_metadata(model, tmp_path):
     """A file written by diffusers' own save_lora_weights: lora_alpha (and an alpha_pattern) in the metadata."""
+    pytest.importorskip("diffusers")
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
 
     model = copy.deepcopy(model)

@@ -22,6 +22,7 @@ def _save(sd, path):
 
 
 def _diffusers_vae(seed=3):
+    pytest.importorskip("diffusers")
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
