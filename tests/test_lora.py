@@ -319,8 +319,9 @@ def test_optimized_pipeline_sees_the_merge_and_the_unmerge(tiny_ckpt, tmp_path, 
     merged, out = _latents(pipe)
     ref_model = merged_by_hand(load_model(None, tiny_ckpt), expected, 0.8)
     reference, _ = _latents(Text2Image(ref_model, device="cpu", precision=precision))
-    assert not torch.equal(merged, before)
-    torch.testing.assert_close(merged, reference, rtol=0, atol=1e-4)
+    # the same up to float rounding of the merged weights (amplified a little by sampling with CFG 7.5)
+    assert (merged - reference).abs().max() < 0.01 * (merged - before).abs().max()
+    torch.testing.assert_close(merged, reference, rtol=1e-3, atol=1e-3)
     assert out.parameters[0]["lora_hashes"] == f"style: {lora_hash(path)}"
     pipe.unload_loras()
     after, out = _latents(pipe)

@@ -51,7 +51,8 @@ __all__ = [
     "load_lora",
     "unload_loras",
     "loaded_loras",
-    "lora_deltas",
+    "LoraUpdate",
+    "lora_updates",
 ]
 
 log = logging.getLogger(__name__)
@@ -277,14 +278,16 @@ def _cp(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     return torch.einsum("i j k l, i r -> r j k l", temp, wa)
 
 
-def _delta(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[torch.Tensor, float]:
-    """(unscaled update shaped like the weight, alpha / rank) of one layer; ValueError when it does not fit."""
-    p = {k: v.float() for k, v in parts.items()}
-    alpha = float(p["alpha"]) if "alpha" in p else None
+def _delta(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], scale: float = 1.0
+           ) -> tuple[torch.Tensor, int | None]:
+    """(``scale`` * the float32 update shaped like the weight, its rank: None for a LoKr of two full factors) of one
+    layer; ValueError when it does not fit. Runs on "meta" tensors too (the shape check before any merge). The
+    scale goes into the smallest factor (one pass less over the weight-sized update)."""
+    p = {k: v.float() for k, v in parts.items() if k != "alpha"}
     if "down" in p or "up" in p:
         if "down" not in p or "up" not in p:
             raise ValueError(f"has {'down' if 'down' in p else 'up'} but not {'up' if 'down' in p else 'down'}")
-        down, up = p["down"], p["up"]
+        down, up = p["down"], p["up"] * scale
         rank = down.shape[0]
         if "mid" in p:
             delta = torch.einsum("n m k l, i n, m j -> i j k l", p["mid"], up.flatten(1), down.flatten(1))
@@ -292,6 +295,7 @@ def _delta(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[t
             delta = up.flatten(1) @ down.flatten(1)
     elif "hada_w1_a" in p:
         rank = p["hada_w1_b"].shape[0]
+        p["hada_w1_a"] = p["hada_w1_a"] * scale
         if "hada_t1" in p:
             delta = (_cp(p["hada_t1"], p["hada_w1_a"], p["hada_w1_b"])
                      * _cp(p["hada_t2"], p["hada_w2_a"], p["hada_w2_b"]))
@@ -306,23 +310,35 @@ def _delta(parts: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> tuple[t
         else:
             w2 = p["lokr_w2_a"] @ p["lokr_w2_b"]
         rank = p["lokr_w1_b"].shape[0] if "lokr_w1_b" in p else p["lokr_w2_b"].shape[0] if "lokr_w2_b" in p else None
+        w1 = w1 * scale
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
         delta = torch.kron(w1, w2)
-        if rank is None:
-            alpha = None
     else:
-        raise ValueError(f"has only {sorted(p)}")
-    scale = alpha / rank if alpha is not None and rank else 1.0
+        raise ValueError(f"has only {sorted(parts)}")
     if delta.shape[0] != shape[0] or delta.numel() != math.prod(shape):
         raise ValueError(f"makes an update of shape {list(delta.shape)} for a weight of shape {list(shape)}")
-    return delta.reshape(shape), scale
+    return delta.reshape(shape), rank
 
 
-def lora_deltas(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "LoRA file"
-                ) -> list[tuple[_Target, torch.Tensor, bool]]:
-    """``[(target, alpha / rank * update, is_text_encoder)]`` of every layer a LoRA state dict changes, checked
-    against ``model``: one CheckpointError line for keys that match no layer, or updates of the wrong shape."""
+@dataclass
+class LoraUpdate:
+    """One layer's update of a LoRA file, checked to fit: ``scale = alpha / rank`` (1 without alpha or rank)."""
+
+    target: _Target
+    parts: dict[str, torch.Tensor]
+    scale: float
+    is_text: bool
+
+    def delta(self, weight: float = 1.0) -> torch.Tensor:
+        """``weight * scale * update`` in float32, shaped like the weight (or its q/k/v rows)."""
+        return _delta(self.parts, self.target.shape, weight * self.scale)[0]
+
+
+def lora_updates(model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "LoRA file"
+                 ) -> list[LoraUpdate]:
+    """The layers a LoRA state dict changes, checked against ``model`` (on "meta" tensors: nothing is computed
+    yet): one CheckpointError line for keys that match no layer, or updates of the wrong shape."""
     table = _targets(model)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -336,11 +352,13 @@ def lora_deltas(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
             unmatched.append(module)
             continue
         try:
-            delta, scale = _delta(parts, target.shape)
+            _, rank = _delta({k: v.to("meta") for k, v in parts.items()}, target.shape)
         except ValueError as e:
             misfit.append(f"{module} {e}")
             continue
-        out.append((target, delta * scale, where[0] != "unet"))
+        alpha = float(parts["alpha"]) if "alpha" in parts else None
+        scale = alpha / rank if alpha is not None and rank else 1.0
+        out.append(LoraUpdate(target, parts, scale, where[0] != "unet"))
     if unmatched or misfit:
         problems = []
         if unmatched:
@@ -388,17 +406,21 @@ def _stack(model: nn.Module) -> _Stack:
     return stack
 
 
-def _merge(model: nn.Module, lora: LoadedLora, deltas) -> None:
+def _merge(model: nn.Module, lora: LoadedLora, updates: list[LoraUpdate]) -> None:
     stack = _stack(model)
     with torch.no_grad():
-        for target, delta, is_text in deltas:
+        for update in updates:
+            target = update.target
             param = target.param
-            key = id(param)
-            if key not in stack.originals:
-                stack.originals[key] = (target.module, target.param_name, param.detach().clone())
-            weight = lora.weight if is_text or lora.unet_weight is None else lora.unet_weight
+            if id(param) not in stack.originals:
+                stack.originals[id(param)] = (target.module, target.param_name, param.detach().clone())
+            weight = lora.weight if update.is_text or lora.unet_weight is None else lora.unet_weight
             rows = param if target.part is None else param.chunk(3, dim=0)[target.part]
-            rows.copy_((rows.float() + weight * delta.to(rows.device)).to(param.dtype))
+            delta = update.delta(weight).to(rows.device)
+            if rows.dtype == torch.float32:
+                rows.add_(delta)
+            else:  # add in float32, round once
+                rows.copy_(rows.float().add_(delta))
     _text_changed(model)
 
 
@@ -447,7 +469,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, weight: float = 1.0, *,
     state = _with_peft_alphas(state, meta)
     lora = LoadedLora(name or path.stem, path, float(weight), None if unet_weight is None else float(unet_weight),
                       lora_hash(path), source, state)
-    _merge(model, lora, lora_deltas(model, state, f"LoRA {path}"))
+    _merge(model, lora, lora_updates(model, state, f"LoRA {path}"))
     _stack(model).loras.append(lora)
     log.info("LoRA %s merged (weight %g, %s)", lora.name, lora.weight, lora.hash)
     return lora
@@ -468,7 +490,7 @@ def unload_loras(model: nn.Module, source: str | None = None) -> None:
     stack.loras[:] = []
     _text_changed(model)
     for lora in keep:
-        _merge(model, lora, lora_deltas(model, lora.state, f"LoRA {lora.path}"))
+        _merge(model, lora, lora_updates(model, lora.state, f"LoRA {lora.path}"))
         stack.loras.append(lora)
 
 
