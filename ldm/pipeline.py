@@ -406,13 +406,14 @@ class _Pipeline:
         return PipelineOutput(images, [self._parameters(req, i) for i in range(len(req.prompts))])
 
     def _parameters(self, req: _Request, i: int) -> dict[str, Any]:
-        params = {"prompt": (req.shown_prompts or req.prompts)[i], "negative_prompt": req.negative_prompts[i],
-                  "steps": req.steps,
+        params = {"prompt": req.prompts[i], "negative_prompt": req.negative_prompts[i], "steps": req.steps,
                   "sampler": req.sampler, "cfg_scale": req.guidance_scale, "seed": req.seeds[i],
                   "width": req.width, "height": req.height, "eta": req.eta, "guidance_rescale": req.guidance_rescale,
                   "model_hash": self.model_hash, "model": self.model_name, "task": self.task}
         if req.strength is not None:
             params["strength"] = req.strength
+        if req.shown_prompts is not None:
+            params["prompt"] = req.shown_prompts[i]
         params.update(self._adapter_parameters())
         return params
 

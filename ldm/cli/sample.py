@@ -246,8 +246,7 @@ def _check_loras(args: argparse.Namespace, prompts: list[str]) -> None:
     from ldm.adapters.lora import extract_lora_tags, find_lora
 
     for value in args.lora:
-        path, weight = parse_lora_arg(value)
-        _require_file(str(path), "LoRA file", "--lora")
+        _require_file(str(parse_lora_arg(value)[0]), "LoRA file", "--lora")
     if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
         raise UsageError(f"LoRA folder not found: {args.lora_dir} (check --lora-dir)")
     for prompt in prompts:
