@@ -453,3 +453,21 @@ def test_diffusers_written_peft_file_with_alpha_in_its_metadata(model, tmp_path)
     load_lora(model, tmp_path / "lora.safetensors")
     scaled = {k: ((0.5 if k.endswith("proj_out.weight") else 2.0) * d, rows) for k, (d, rows) in expected.items()}
     assert_same_weights(model, merged_by_hand(original, scaled))
+
+
+def test_diffusers_attention_processor_names(model, tmp_path):
+    """diffusers' oldest LoRA files: ``<block>.attn1.processor.to_q_lora.down.weight`` without a ``unet.`` prefix."""
+    model = copy.deepcopy(model)
+    original = copy.deepcopy(model)
+    names = diffusers_unet_names(model.model.diffusion_model)
+    g = torch.Generator().manual_seed(9)
+    sd, expected = {}, {}
+    for ours in ("input_blocks.1.1.transformer_blocks.0.attn1.to_k",
+                 "output_blocks.3.1.transformer_blocks.0.attn2.to_out.0"):
+        w = _weight(model, ours)
+        down, up = _random_lora(tuple(w.shape), 4, g)
+        base, proj = names[ours].rsplit(".", 1) if not ours.endswith("to_out.0") else (names[ours][:-9], "to_out")
+        sd[f"{base}.processor.{proj}_lora.down.weight"], sd[f"{base}.processor.{proj}_lora.up.weight"] = down, up
+        expected["model.diffusion_model." + ours + ".weight"] = (up @ down, slice(None))
+    load_lora(model, save(sd, tmp_path / "procs.safetensors"))
+    assert_same_weights(model, merged_by_hand(original, expected))
