@@ -82,8 +82,8 @@ def test_pipeline_samples_with_lcm_and_its_boundary_condition(tiny_ckpt, monkeyp
 
     pipe = Text2Image.from_checkpoint(tiny_ckpt, device="cpu")
     calls = []
-    original = samplers.lcm_boundary_denoiser.__call__
-    monkeypatch.setattr(samplers.lcm_boundary_denoiser, "__call__",
+    original = samplers.LCMBoundaryDenoiser.__call__
+    monkeypatch.setattr(samplers.LCMBoundaryDenoiser, "__call__",
                         lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     out = pipe("a red circle", steps=4, sampler="lcm", guidance_scale=1.5, seeds=1, height=32, width=32)
     assert out.parameters[0]["sampler"] == "LCM" and len(calls) == 4  # one batched [uncond, cond] call a step

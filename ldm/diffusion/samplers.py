@@ -462,7 +462,7 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
 def sample_lcm(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None):
     """Latent Consistency Model multistep sampling (Luo et al. 2023): each step takes the model's x0 and noises it
     afresh to the next sigma; the last step returns the x0. Meant for LCM models and LCM-LoRAs at 4-8 steps, with
-    :func:`lcm_boundary_denoiser` (the registry's "LCM" adds it) and the "lcm" timesteps."""
+    :func:`LCMBoundaryDenoiser` (the registry's "LCM" adds it) and the "lcm" timesteps."""
     _check_sigmas(sigmas)
     for i in range(len(sigmas) - 1):
         denoised = _denoise(denoiser, x, sigmas[i], extra_args)
@@ -505,7 +505,7 @@ def sample_tcd(denoiser, x, sigmas, *, extra_args=None, callback=None, generator
     return x
 
 
-class lcm_boundary_denoiser:  # noqa: N801 - used like a function: spec.wrap_denoiser(denoiser)
+class LCMBoundaryDenoiser:
     """LCM's boundary condition around a discrete-time denoiser, as diffusers' ``LCMScheduler`` applies it::
 
         D_lcm(x, sigma) = c_out(t) D(x, sigma) + c_skip(t) x_t,   x_t = x / sqrt(1 + sigma^2)
@@ -590,7 +590,7 @@ def _build_registry() -> dict[str, SamplerSpec]:
     for name, fn in _K_SAMPLERS.items():
         specs += [SamplerSpec(name, fn), SamplerSpec(f"{name} Karras", fn, "karras"),
                   SamplerSpec(f"{name} Exponential", fn, "exponential")]
-    specs.append(SamplerSpec("LCM", sample_lcm, "lcm", original_scaling=True, wrap_denoiser=lcm_boundary_denoiser))
+    specs.append(SamplerSpec("LCM", sample_lcm, "lcm", original_scaling=True, wrap_denoiser=LCMBoundaryDenoiser))
     specs.append(SamplerSpec("TCD", sample_tcd, "tcd", original_scaling=True))
     return {spec.name: spec for spec in specs}
 
