@@ -462,7 +462,7 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
 def sample_lcm(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None):
     """Latent Consistency Model multistep sampling (Luo et al. 2023): each step takes the model's x0 and noises it
     afresh to the next sigma; the last step returns the x0. Meant for LCM models and LCM-LoRAs at 4-8 steps, with
-    :func:`LCMBoundaryDenoiser` (the registry's "LCM" adds it) and the "lcm" timesteps."""
+    :class:`LCMBoundaryDenoiser` (the registry's "LCM" adds it) and the "lcm" timesteps."""
     _check_sigmas(sigmas)
     for i in range(len(sigmas) - 1):
         denoised = _denoise(denoiser, x, sigmas[i], extra_args)
