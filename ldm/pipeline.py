@@ -19,6 +19,7 @@ VAE overflows into black images) and under the bf16 autocast with bf16 (bfloat16
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import random
@@ -37,7 +38,7 @@ from ldm import accel
 from ldm.diffusion import samplers as _samplers
 from ldm.diffusion.guidance import CFGDenoiser, check_guidance_rescale, check_guidance_scale
 from ldm.diffusion.inpaint import InpaintDenoiser
-from ldm.diffusion.schedules import is_zero_terminal_snr
+from ldm.diffusion.schedules import is_zero_terminal_snr, sigmas_from_alphas_cumprod
 from ldm.model import PROMPT_KEY
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,7 @@ class _Request:
     init_images: list | None = None
     strength: float | None = None
     masks: list | None = None
+    shown_prompts: list[str] | None = None  # the prompts as given (with <lora:...> tags), for the parameters
 
 
 class _Pipeline:
@@ -440,6 +442,7 @@ class _Pipeline:
                         None if eta is None else float(eta), batch_size, **extra)
 
     def _run(self, req: _Request, callback: Callable[[dict], None] | None) -> PipelineOutput:
+        req = self._apply_prompt_loras(req)
         images: list[Image.Image] = []
         for start in range(0, len(req.prompts), req.batch_size):
             batch = slice(start, start + req.batch_size)
@@ -454,7 +457,85 @@ class _Pipeline:
                   "model_hash": self.model_hash, "model": self.model_name, "task": self.task}
         if req.strength is not None:
             params["strength"] = req.strength
+        if req.shown_prompts is not None:
+            params["prompt"] = req.shown_prompts[i]
+        params.update(self._adapter_parameters())
         return params
+
+    # ---- adapters: LoRA and VAE files -----------------------------------------------------------------------
+    lora_dir: str | Path | None = None  # where <lora:NAME:WEIGHT> tags of prompts are looked up
+
+    def load_lora(self, path: str | Path, weight: float = 1.0, *, unet_weight: float | None = None,
+                  name: str | None = None):
+        """Merge a LoRA / LoCon / LoHa / LoKr file (kohya, diffusers/peft or LyCORIS names) into the model's
+        weights with ``weight`` (``unet_weight``: the UNet's own, ``weight`` then only the text encoders'). It
+        stays until :meth:`unload_loras`; a file that does not fit this model is refused in one line."""
+        from ldm.adapters import lora
+
+        return lora.load_lora(self.model, path, weight, unet_weight=unet_weight, name=name)
+
+    def unload_loras(self) -> None:
+        """Take every LoRA off again: the weights are restored exactly."""
+        from ldm.adapters import lora
+
+        lora.unload_loras(self.model)
+
+    @property
+    def loras(self) -> list:
+        """The LoRAs merged into the model now (``ldm.adapters.lora.LoadedLora``: name, path, weight, hash)."""
+        from ldm.adapters import lora
+
+        return lora.loaded_loras(self.model)
+
+    def _apply_prompt_loras(self, req: _Request) -> _Request:
+        """A1111's ``<lora:NAME:WEIGHT>`` tags: taken out of the prompts before they are encoded, their LoRAs
+        (from :attr:`lora_dir`) merged for this call; the LoRAs of an earlier call's tags that no prompt names now
+        are taken off. The parameters keep the prompts as written."""
+        from ldm.adapters import lora
+
+        cleaned, wanted = [], {}
+        for prompt in req.prompts:
+            text, tags = lora.extract_lora_tags(prompt)
+            cleaned.append(text)
+            for tag in tags:
+                if wanted.setdefault(tag.name, tag) != tag:
+                    raise ValueError(f"LoRA {tag.name!r} is given two different weights in the prompts of one call: "
+                                     "use the same <lora:...> tag in every prompt")
+        current = {x.name: (x.weight, x.unet_weight) for x in lora.loaded_loras(self.model) if x.source == "prompt"}
+        if current != {name: (tag.weight, tag.unet_weight) for name, tag in wanted.items()}:
+            if wanted and self.lora_dir is None:
+                raise ValueError(f"the prompt names LoRA {next(iter(wanted))!r} but no LoRA folder is set: pass "
+                                 "--lora-dir (pipe.lora_dir)")
+            paths = {name: lora.find_lora(name, self.lora_dir) for name in wanted}
+            lora.unload_loras(self.model, source="prompt")
+            for name, tag in wanted.items():
+                lora.load_lora(self.model, paths[name], tag.weight, unet_weight=tag.unet_weight, name=name,
+                               source="prompt")
+        if cleaned == req.prompts:
+            return req
+        return dataclasses.replace(req, prompts=cleaned, shown_prompts=req.shown_prompts or req.prompts)
+
+    vae_file = None  # the separate VAE file loaded by load_vae (ldm.adapters.vae.LoadedVAE)
+
+    def load_vae(self, path: str | Path):
+        """Replace the model's VAE weights by a separate VAE file's (SD's names, ``first_stage_model.*`` or
+        diffusers' names), strictly checked; recorded in the parameters (``VAE hash``, ``VAE``)."""
+        from ldm.adapters import vae
+
+        self.vae_file = vae.load_vae(self.model, path)
+        return self.vae_file
+
+    def _adapter_parameters(self) -> dict[str, Any]:
+        """``vae_hash`` / ``vae`` of a separate VAE file and ``lora_hashes`` ("name: hash, ...", as A1111 writes
+        them) of the LoRAs merged now."""
+        from ldm.adapters import lora
+
+        params = {} if self.vae_file is None else {"vae_hash": self.vae_file.hash, "vae": self.vae_file.name}
+        loaded = lora.loaded_loras(self.model)
+        if not loaded:
+            return params
+        hashes = {x.name.replace(":", "").replace(",", ""): x.hash for x in loaded}  # one entry per name, as A1111
+        return {**params, "lora_hashes": ", ".join(f"{name}: {h}" for name, h in hashes.items())}
 
     @torch.no_grad()
     def encode_conditioning(self, inputs: dict[str, Any], unconditional: bool = False) -> dict[str, torch.Tensor]:
@@ -517,6 +598,8 @@ class _Pipeline:
         step_callback = _FiniteCheck(self, len(sigmas) - 1, None if callback is None else
                                      _BatchCallback(callback, first_index, len(prompts), len(sigmas) - 1))
         options = {} if req.eta is None or "eta" not in inspect.signature(spec.fn).parameters else {"eta": req.eta}
+        if "discrete_sigmas" in inspect.signature(spec.fn).parameters:  # TCD steps to timesteps between its sigmas
+            options["discrete_sigmas"] = sigmas_from_alphas_cumprod(self.model.alphas_cumprod.double()).float()
         with self._running(self.unet):
             x = _samplers.sample(spec, denoiser, noise, sigmas, init_latent=init, extra_args={"cond": cond},
                                  callback=step_callback, generator=generators, **options)
@@ -570,8 +653,10 @@ class _Pipeline:
 
     def _denoiser(self, req: _Request, uncond, init, mask, noise) -> Callable:
         """The model as ``D(x, sigma, cond)``: autocast, CFG, and latent blending for ordinary inpainting."""
-        guided = CFGDenoiser(_Precise(self.model.denoiser(), self._autocast), req.guidance_scale, uncond,
-                             req.guidance_rescale)
+        base, spec = self.model.denoiser(), _samplers.get_sampler(req.sampler)
+        if spec.wrap_denoiser is not None:  # e.g. LCM's boundary condition
+            base = spec.wrap_denoiser(base)
+        guided = CFGDenoiser(_Precise(base, self._autocast), req.guidance_scale, uncond, req.guidance_rescale)
         if mask is None or self.is_inpainting_model:
             return guided
         return InpaintDenoiser(guided, init, mask, noise)

@@ -41,10 +41,13 @@ _LABELS = {
     "size": "Size",
     "model_hash": "Model hash",
     "model": "Model",
+    "vae_hash": "VAE hash",
+    "vae": "VAE",
     "strength": "Denoising strength",
     "eta": "Eta",
     "guidance_rescale": "Guidance rescale",
     "mask": "Mask",
+    "lora_hashes": "Lora hashes",
 }
 _KEYS = {label: key for key, label in _LABELS.items()}
 _INT_KEYS = ("steps", "seed")

@@ -93,6 +93,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     ema = g.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="use_ema", action="store_true", default=None, help="use the EMA weights")
     ema.add_argument(*_names("--no-ema"), dest="use_ema", action="store_false", help="ignore the EMA weights")
+    g.add_argument(*_names("--lora"), dest="lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA / LoCon / LoHa / LoKr file (kohya, diffusers or LyCORIS) with WEIGHT "
+                        "(default 1); repeatable")
+    g.add_argument(*_names("--lora-dir"), dest="lora_dir", default=None, metavar="DIR",
+                   help="folder of the LoRAs that prompts name as <lora:NAME:WEIGHT> (A1111's syntax)")
+    g.add_argument(*_names("--vae"), default=None, metavar="FILE",
+                   help="a separate VAE file in place of the model's (SD's names, first_stage_model.* or diffusers')")
     param = g.add_mutually_exclusive_group()
     param.add_argument("--v", dest="parameterization", action="store_const", const="v",
                        help="the model predicts v (SD 2.x 768-v) and no --config says so")
@@ -246,6 +253,7 @@ def check_args(args: argparse.Namespace) -> None:
     _owner_check(check_eta, args.eta, "--eta")
     _check_sampler(args.sampler)
     _require_file(args.ckpt, "checkpoint", "--ckpt")
+    _require_file(args.vae, "VAE file", "--vae")
     if args.config is not None:
         from ldm.config import find_config
 
@@ -259,6 +267,34 @@ def check_args(args: argparse.Namespace) -> None:
             w, h = _image_size(mask, "--mask")
             raise UsageError(f"mask is {w}x{h} but the init image is {init_size[0]}x{init_size[1]}: "
                              "give a mask of the same size")
+
+
+def parse_lora_arg(value: str) -> tuple[Path, float]:
+    """``FILE[:WEIGHT]`` of --lora -> (path, weight); a file name may itself hold ':' (the weight is the part after
+    the last ':' when it is a number)."""
+    path, sep, weight = value.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(value), 1.0
+
+
+def _check_loras(args: argparse.Namespace, prompts: list[str]) -> None:
+    """--lora files exist, --lora-dir is a folder and every <lora:NAME:...> of the prompts is in it."""
+    from ldm.adapters.lora import extract_lora_tags, find_lora
+
+    for value in args.lora:
+        _require_file(str(parse_lora_arg(value)[0]), "LoRA file", "--lora")
+    if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
+        raise UsageError(f"LoRA folder not found: {args.lora_dir} (check --lora-dir)")
+    for prompt in prompts:
+        for tag in extract_lora_tags(prompt)[1]:
+            if args.lora_dir is None:
+                raise UsageError(f"the prompt names <lora:{tag.name}:...> but no --lora-dir is given: pass the "
+                                 "folder of your LoRA files")
+            find_lora(tag.name, args.lora_dir)
 
 
 def resolve_checkpoint(ckpt: str | None) -> Path:
@@ -291,6 +327,12 @@ def load_pipeline(args: argparse.Namespace):
                                vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
                                channels_last=args.channels_last, compile=args.compile,
                                unet_weights=args.unet_weights, vae_precision=args.vae_precision)
+    if args.vae is not None:
+        pipe.load_vae(args.vae)
+    pipe.lora_dir = args.lora_dir
+    for value in args.lora:
+        path, weight = parse_lora_arg(value)
+        pipe.load_lora(path, weight)
     pipe.memory_check = not args.no_limits
     if _task(args) == "txt2img":  # before the first image (img2img sizes follow the image: the pipeline checks)
         pipe.check_memory(args.n_samples, args.H or pipe.default_size, args.W or pipe.default_size)
@@ -417,6 +459,7 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         check_args(args)
         prompts = read_prompts(args)
         check_seeds(args, len(prompts))
+        _check_loras(args, prompts)
         pipe = load_pipeline(args)
         saved, grid, count = generate(args, pipe, prompts)
     except (ValueError, OSError) as e:  # UsageError, ConfigError, CheckpointError, unreadable files

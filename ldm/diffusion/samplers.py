@@ -41,6 +41,8 @@ from ldm.diffusion.schedules import (
     get_sigmas_default,
     get_sigmas_exponential,
     get_sigmas_karras,
+    get_sigmas_lcm,
+    get_sigmas_tcd,
     get_sigmas_trailing,
     is_zero_terminal_snr,
     sigmas_from_alphas_cumprod,
@@ -456,12 +458,86 @@ def sample_ddpm(denoiser, x, sigmas, *, extra_args=None, callback=None, generato
     return x
 
 
+@torch.no_grad()
+def sample_lcm(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None):
+    """Latent Consistency Model multistep sampling (Luo et al. 2023): each step takes the model's x0 and noises it
+    afresh to the next sigma; the last step returns the x0. Meant for LCM models and LCM-LoRAs at 4-8 steps, with
+    :class:`LCMBoundaryDenoiser` (the registry's "LCM" adds it) and the "lcm" timesteps."""
+    _check_sigmas(sigmas)
+    for i in range(len(sigmas) - 1):
+        denoised = _denoise(denoiser, x, sigmas[i], extra_args)
+        _report(callback, i, sigmas[i], x, denoised)
+        x = denoised
+        if sigmas[i + 1] > 0:
+            x = denoised + sigmas[i + 1] * randn_like(x, generator)
+    return x
+
+
+@torch.no_grad()
+def sample_tcd(denoiser, x, sigmas, *, extra_args=None, callback=None, generator=None, eta=0.3,
+               discrete_sigmas=None):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024; diffusers'
+    ``TCDScheduler``), for TCD-LoRAs. With ``eta`` (the paper's gamma) and the next step's timestep t', the step
+    goes deterministically (a DDIM step) to the earlier timestep ``s = floor((1 - eta) t')`` and then adds fresh
+    noise up to sigma(t')::
+
+        x_s = D + (sigma_s / sigma) (x - D),   x' = x_s + sqrt(sigma'^2 - sigma_s^2) z   (no noise on the last step)
+
+    eta 0 is DDIM on these timesteps. ``discrete_sigmas``: the model's sigma[t] table (default: from the
+    denoiser's ``alphas_cumprod``; the pipeline passes it, as its guided denoiser has none)."""
+    _check_sigmas(sigmas)
+    if discrete_sigmas is None:
+        if not hasattr(denoiser, "alphas_cumprod"):
+            raise ValueError("TCD needs the model's discrete sigmas: pass discrete_sigmas (sigma[t] of its schedule)")
+        discrete_sigmas = sigmas_from_alphas_cumprod(denoiser.alphas_cumprod.double()).float()
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"TCD's eta (gamma) {eta} is outside [0, 1]: use e.g. 0.3")
+    log_table = discrete_sigmas.to(torch.float64).log().cpu()
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = _denoise(denoiser, x, sigma, extra_args)
+        _report(callback, i, sigma, x, denoised)
+        t_next = int((log_table - math.log(float(sigma_next))).abs().argmin())
+        sigma_s = discrete_sigmas[math.floor((1 - eta) * t_next)].to(x.device, x.dtype)
+        x = denoised + sigma_s / sigma * (x - denoised)
+        if eta > 0 and i < len(sigmas) - 2:
+            x = x + randn_like(x, generator) * (sigma_next**2 - sigma_s**2).clamp(min=0).sqrt()
+    return x
+
+
+class LCMBoundaryDenoiser:
+    """LCM's boundary condition around a discrete-time denoiser, as diffusers' ``LCMScheduler`` applies it::
+
+        D_lcm(x, sigma) = c_out(t) D(x, sigma) + c_skip(t) x_t,   x_t = x / sqrt(1 + sigma^2)
+
+    with ``c_skip = s^2 / ((10 t)^2 + s^2)``, ``c_out = 10 t / sqrt((10 t)^2 + s^2)``, ``s = 0.5`` (sigma_data) and
+    ``t`` the timestep of sigma (``denoiser.sigma_to_t``). Nearly the identity at SD's timesteps (c_skip ~ 1e-5 at
+    t = 19), but the consistency models were distilled with it."""
+
+    def __init__(self, denoiser, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+        if not hasattr(denoiser, "sigma_to_t"):
+            raise TypeError(f"LCM's boundary condition needs a discrete-time denoiser (with sigma_to_t), "
+                            f"got {type(denoiser).__name__}")
+        self.denoiser, self.sigma_data, self.timestep_scaling = denoiser, sigma_data, timestep_scaling
+        self.sigma_to_t = denoiser.sigma_to_t
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
+        sigma = sigma.reshape(-1).expand(x.shape[0]) if sigma.numel() == 1 else sigma
+        t = self.sigma_to_t(sigma).to(torch.float64) * self.timestep_scaling
+        c_skip = self.sigma_data**2 / (t**2 + self.sigma_data**2)
+        c_out = t / (t**2 + self.sigma_data**2).sqrt()
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        x_t = x / (1 + sigma.to(torch.float64).reshape(shape) ** 2).sqrt()
+        out = self.denoiser(x, sigma, cond)
+        return (c_out.reshape(shape) * out + c_skip.reshape(shape) * x_t).to(out.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Registry
 
 
 SamplerFn = Callable[..., Tensor]
-SCHEDULES = ("default", "karras", "exponential", "trailing", "ddim", "ddpm")
+SCHEDULES = ("default", "karras", "exponential", "trailing", "ddim", "ddpm", "lcm", "tcd")
 
 
 @dataclass(frozen=True)
@@ -478,6 +554,7 @@ class SamplerSpec:
     fn: SamplerFn
     schedule: str = "default"
     original_scaling: bool = False
+    wrap_denoiser: Callable | None = None  # e.g. LCM's boundary condition around the model's denoiser
 
     def initial_x(self, noise: Tensor, sigma_max: Tensor) -> Tensor:
         """The starting point for pure noise at sigma_max."""
@@ -513,6 +590,8 @@ def _build_registry() -> dict[str, SamplerSpec]:
     for name, fn in _K_SAMPLERS.items():
         specs += [SamplerSpec(name, fn), SamplerSpec(f"{name} Karras", fn, "karras"),
                   SamplerSpec(f"{name} Exponential", fn, "exponential")]
+    specs.append(SamplerSpec("LCM", sample_lcm, "lcm", original_scaling=True, wrap_denoiser=LCMBoundaryDenoiser))
+    specs.append(SamplerSpec("TCD", sample_tcd, "tcd", original_scaling=True))
     return {spec.name: spec for spec in specs}
 
 
@@ -619,6 +698,10 @@ def build_sigmas(spec: SamplerSpec | str, model: Any, steps: int, schedule: str 
         return get_sigmas_ddim(alphas_cumprod, steps)
     if schedule == "ddpm":
         return get_sigmas_ddpm(alphas_cumprod, steps)
+    if schedule == "lcm":
+        return get_sigmas_lcm(alphas_cumprod, steps)
+    if schedule == "tcd":
+        return get_sigmas_tcd(alphas_cumprod, steps)
     raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
 
 

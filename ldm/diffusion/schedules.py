@@ -241,3 +241,28 @@ def get_sigmas_ddpm(alphas_cumprod: Tensor, n_steps: int) -> Tensor:
         raise ValueError(f"DDPM needs 1 <= steps <= {T}, got {n_steps}")
     ts = torch.arange(0, T, T // n_steps).flip(0)
     return _append_zero(sigmas_from_alphas_cumprod(alphas_cumprod.double())[ts]).float()
+
+
+def lcm_timesteps(n_steps: int, T: int = 1000, original_steps: int = 50) -> Tensor:
+    """The timesteps of a Latent Consistency Model's sampler (diffusers' ``LCMScheduler``), descending: ``n_steps``
+    evenly spaced indices (floored) into the distillation schedule ``range(1, original_steps + 1) * (T //
+    original_steps) - 1`` reversed, e.g. 4 steps -> [999, 759, 499, 259]."""
+    if not 1 <= n_steps <= original_steps:
+        raise ValueError(f"LCM takes 1 to {original_steps} steps (its {original_steps}-step distillation schedule), "
+                         f"got {n_steps}: use 4-8 steps")
+    origin = (torch.arange(1, original_steps + 1) * (T // original_steps) - 1).flip(0)
+    step = original_steps / n_steps  # numpy.linspace(0, original_steps, n_steps, endpoint=False), floored
+    return origin[torch.tensor([math.floor(i * step) for i in range(n_steps)])]
+
+
+def get_sigmas_lcm(alphas_cumprod: Tensor, n_steps: int, original_steps: int = 50) -> Tensor:
+    """Sigmas at :func:`lcm_timesteps`, then 0 (the last step returns the model's x0)."""
+    ts = lcm_timesteps(n_steps, len(alphas_cumprod), original_steps)
+    return _append_zero(sigmas_from_alphas_cumprod(alphas_cumprod.double())[ts]).float()
+
+
+def get_sigmas_tcd(alphas_cumprod: Tensor, n_steps: int, original_steps: int = 50) -> Tensor:
+    """Sigmas at :func:`lcm_timesteps`, then ``sigma[t=0]`` (diffusers' ``TCDScheduler`` ends at timestep 0)."""
+    ts = lcm_timesteps(n_steps, len(alphas_cumprod), original_steps)
+    sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.double())
+    return torch.cat([sigmas[ts], sigmas[:1]]).float()
