@@ -34,6 +34,8 @@ from PIL import Image
 from torch import nn
 
 from ldm import accel
+from ldm.adapters.embeddings import Embedding, EmbeddingLibrary
+from ldm.adapters.prompts import WeightedPrompt, check_prompt_syntax, prompt_inputs, text_encoders
 from ldm.diffusion import samplers as _samplers
 from ldm.diffusion.guidance import CFGDenoiser, check_guidance_rescale
 from ldm.diffusion.inpaint import InpaintDenoiser
@@ -229,6 +231,9 @@ class _Pipeline:
             7.2 s, same error against fp32); our UNet is channels-last already. False: the layouts as built.
         compile: ``torch.compile`` the UNet (True, or the name of a compile backend).
         model_name, model_path: recorded in the parameters ("Model", "Model hash" = sha256 of the file).
+        prompt_syntax: "a1111" (default): A1111's prompt weights ``(word:1.2)``, ``[word]``, BREAK, prompts
+            longer than 75 tokens in chunks, textual-inversion embeddings (:meth:`load_embedding`), see
+            :mod:`ldm.adapters.prompts`; "plain": the prompt string goes to the text encoder as it is.
 
     The pipeline puts :func:`ldm.accel.optimize`'s fast paths for its device and precision onto the model (in
     place; the state dict is unchanged; ``ldm.accel.restore(pipe.model)`` takes them off).
@@ -241,8 +246,10 @@ class _Pipeline:
                  attention_slicing: int | None = None,
                  vae_tiling: bool = False, cpu_offload: bool = False, channels_last: bool | None = None,
                  compile: bool | str = False, model_name: str | None = None,
-                 model_path: str | Path | None = None):
+                 model_path: str | Path | None = None, prompt_syntax: str = "a1111"):
         self.model = model.eval().requires_grad_(False)
+        self.prompt_syntax = check_prompt_syntax(prompt_syntax)
+        self.embeddings = EmbeddingLibrary()
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if vae_precision not in ("auto", "fp32", "same"):
@@ -409,7 +416,58 @@ class _Pipeline:
                   "model_hash": self.model_hash, "model": self.model_name, "task": self.task}
         if req.strength is not None:
             params["strength"] = req.strength
+        if self.prompt_syntax == "a1111" and len(self.embeddings):
+            used = {id(e): e for text in (req.prompts[i], req.negative_prompts[i])
+                    for e in WeightedPrompt(text, self.embeddings).used_embeddings()}
+            params["ti_hashes"] = self.embeddings.hashes(used.values())
         return params
+
+    # ---- prompts ------------------------------------------------------------------------------------------
+    def load_embedding(self, path: str | Path, token: str | None = None) -> Embedding:
+        """Load a textual-inversion embedding (A1111 .pt / .safetensors, SDXL clip_l + clip_g, diffusers
+        learned_embeds); prompts call it by ``token``, by default the file's stem. A file made for another model
+        (other widths) is a one-line error naming it."""
+        return self.embeddings.load(path, token, encoders=text_encoders(self.model))
+
+    def load_embeddings_dir(self, folder: str | Path) -> list[Embedding]:
+        """Load every embedding in ``folder`` (and below) that fits this model; the others are skipped."""
+        return self.embeddings.load_dir(folder, encoders=text_encoders(self.model))
+
+    def prompt_inputs(self, prompts: Sequence[str]) -> list:
+        """What the model's conditioner gets for ``prompts`` under :attr:`prompt_syntax`."""
+        return prompt_inputs(prompts, self.prompt_syntax, self.embeddings)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: str | Sequence[str], **inputs: Any) -> dict[str, torch.Tensor]:
+        """The conditioning of ``prompts`` as sampling uses it: weights, chunks and embeddings applied (with
+        ``prompt_syntax="a1111"``). Without ``inputs``: the text embedders' outputs (``crossattn``, and a text
+        ``vector`` where the model pools one); ``inputs``: the other batch entries the model's conditioner reads
+        (e.g. SDXL's sizes), for its whole conditioning dict."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        batch = {PROMPT_KEY: self.prompt_inputs(prompts), **inputs}
+        if inputs:
+            return self.encode_conditioning(batch)
+        with self._running(self.model.conditioner), self._autocast():
+            cond = self.model.conditioner(batch, only=(PROMPT_KEY,))
+        return {kind: value.float() for kind, value in cond.items()}
+
+    def _same_length(self, cond: dict, uncond: dict, inputs: dict) -> tuple[dict, dict]:
+        """Long prompts: the shorter of cond and uncond gets empty-prompt chunks until both have as many (A1111's
+        pad_cond_uncond), so that guidance runs them in one batch."""
+        a, b = cond.get("crossattn"), uncond.get("crossattn")
+        if a is None or b is None or a.shape[1] == b.shape[1]:
+            return cond, uncond
+        short_is_uncond = b.shape[1] < a.shape[1]
+        empty = self.encode_conditioning({**inputs, PROMPT_KEY: self.prompt_inputs([""] * len(a))},
+                                         unconditional=short_is_uncond)["crossattn"]
+        short = uncond if short_is_uncond else cond
+        missing = abs(a.shape[1] - b.shape[1])
+        if missing % empty.shape[1]:
+            raise ValueError(f"prompt and negative prompt encode to {a.shape[1]} and {b.shape[1]} tokens, which "
+                             f"no whole number of {empty.shape[1]}-token chunks evens out")
+        short = {**short, "crossattn": torch.cat([short["crossattn"],
+                                                  empty.repeat(1, missing // empty.shape[1], 1)], dim=1)}
+        return (cond, short) if short_is_uncond else (short, uncond)
 
     @torch.no_grad()
     def encode_conditioning(self, inputs: dict[str, Any], unconditional: bool = False) -> dict[str, torch.Tensor]:
@@ -486,13 +544,15 @@ class _Pipeline:
         """The model's conditioning of the prompts ``batch`` and, with guidance, of their negative prompts. A
         9-channel inpainting UNet also reads the mask and the masked image's latents (for txt2img/img2img: the
         whole image masked)."""
-        inputs: dict[str, Any] = {PROMPT_KEY: req.prompts[batch]}
+        inputs: dict[str, Any] = {PROMPT_KEY: self.prompt_inputs(req.prompts[batch])}
         if self.is_inpainting_model:
             inputs.update(self._inpainting_inputs(req, batch, len(inputs[PROMPT_KEY])))
         cond = self.encode_conditioning(inputs)
         if req.guidance_scale == 1.0:
             return cond, None
-        return cond, self.encode_conditioning({**inputs, PROMPT_KEY: req.negative_prompts[batch]}, unconditional=True)
+        uncond = self.encode_conditioning({**inputs, PROMPT_KEY: self.prompt_inputs(req.negative_prompts[batch])},
+                                          unconditional=True)
+        return self._same_length(cond, uncond, inputs)
 
     def _inpainting_inputs(self, req: _Request, batch: slice, n: int) -> dict[str, torch.Tensor]:
         """``mask`` (1 = repaint, image size) and ``masked_image_latents`` for an inpainting UNet."""
