@@ -419,7 +419,9 @@ class _Pipeline:
         if self.prompt_syntax == "a1111" and len(self.embeddings):
             used = {id(e): e for text in (req.prompts[i], req.negative_prompts[i])
                     for e in WeightedPrompt(text, self.embeddings).used_embeddings()}
-            params["ti_hashes"] = self.embeddings.hashes(used.values())
+            hashes = self.embeddings.hashes(used.values())
+            if hashes:
+                params["ti_hashes"] = hashes
         return params
 
     # ---- prompts ------------------------------------------------------------------------------------------

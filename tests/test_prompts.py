@@ -8,7 +8,7 @@ import torch
 from ldm.adapters.prompts import BREAK, WeightedPrompt, chunk_prompt, parse_prompt_attention, prompt_inputs
 from ldm.models.conditioner import TextEmbedder
 from ldm.models.text_encoder import OpenCLIPTextEncoder, PromptTokens, _bpe_tokenizer, emphasize
-from tiny_models import tiny_model
+from tiny_models import tiny_ckpt, tiny_model  # noqa: F401  (fixture)
 
 SOT, EOT, COMMA = 49406, 49407, 267
 R, S = 1.1, 1 / 1.1
@@ -212,3 +212,69 @@ def test_pooled_text_embedder_pools_the_first_window_unweighted():
     # pooled from the first chunk; the weight changes the context only
     torch.testing.assert_close(long_pooled, first_pooled)
     assert not torch.allclose(long_context[:, :77], context)
+
+
+# ---- pipeline -------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt):
+    from ldm.pipeline import Text2Image
+    return Text2Image.from_checkpoint(tiny_ckpt, device="cpu")
+
+
+FAST = dict(steps=2, height=32, width=32, seeds=3)
+
+
+def _same_images(a, b) -> bool:
+    import numpy as np
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.images, b.images))
+
+
+def test_pipeline_plain_prompts_give_the_same_image_in_both_syntaxes(pipe):
+    assert pipe.prompt_syntax == "a1111"
+    a1111 = pipe(["a red circle", "two blue squares"], negative_prompts="blurry", **FAST)
+    weighted = pipe(["a (red:1.6) circle", "two blue squares"], negative_prompts="blurry", **FAST)
+    pipe.prompt_syntax = "plain"
+    try:
+        plain = pipe(["a red circle", "two blue squares"], negative_prompts="blurry", **FAST)
+        plain_cond = pipe.encode_prompts("a (red:1.6) circle")["crossattn"]
+    finally:
+        pipe.prompt_syntax = "a1111"
+    assert _same_images(a1111, plain)
+    assert not _same_images(weighted, a1111)
+    assert not torch.equal(plain_cond, pipe.encode_prompts("a (red:1.6) circle")["crossattn"])
+
+
+def test_encode_prompts_applies_weights_and_chunks(pipe):
+    cond = pipe.encode_prompts(["a (red:1.3) circle", words(80)])["crossattn"]
+    assert cond.shape == (2, 154, 32)
+    encoder = pipe.model.cond_stage_model
+    expected = encoder.encode([WeightedPrompt("a (red:1.3) circle"), WeightedPrompt(words(80))])
+    torch.testing.assert_close(cond, expected)
+
+
+@pytest.mark.parametrize("long_side", ["prompt", "negative"])
+def test_prompt_and_negative_are_padded_to_the_same_chunks(pipe, long_side):
+    long, short = words(100), "blurry"
+    prompt, negative = (long, short) if long_side == "prompt" else (short, long)
+    seen = []
+    from ldm.diffusion import guidance
+    original = guidance.concat_cond
+
+    def spy(uncond, cond, batch):
+        if isinstance(cond, dict):
+            seen.append((uncond["crossattn"].clone(), cond["crossattn"].clone()))
+        return original(uncond, cond, batch)
+
+    guidance.concat_cond = spy
+    try:
+        out = pipe(prompt, negative_prompts=negative, guidance_scale=5.0, **FAST)
+    finally:
+        guidance.concat_cond = original
+    assert len(out.images) == 1 and seen
+    uncond, cond = seen[0]
+    assert uncond.shape == cond.shape == (1, 154, 32)
+    padded = uncond if long_side == "prompt" else cond
+    empty = pipe.encode_prompts("")["crossattn"]
+    torch.testing.assert_close(padded[:, 77:], empty)  # an empty chunk, as A1111's pad_cond_uncond adds
+    torch.testing.assert_close(padded[:, :77], pipe.encode_prompts(short)["crossattn"])

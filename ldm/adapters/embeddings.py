@@ -160,8 +160,10 @@ class EmbeddingLibrary:
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES):
             try:
                 loaded.append(self.load(path, encoders=encoders))
-            except (ValueError, OSError) as e:
+            except (CheckpointError, OSError) as e:
                 log.warning("skipped embedding %s: %s", path, str(e).splitlines()[0])
+            except ValueError as e:  # made for another model
+                log.info("skipped embedding %s: %s", path, str(e).splitlines()[0])
         log.info("loaded %d embeddings from %s", len(loaded), folder)
         return loaded
 

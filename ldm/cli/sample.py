@@ -62,6 +62,16 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="img2img: how much to change the init image, in (0, 1] (default 0.75; 1.0 with --mask)")
     g.add_argument(*_names("--mask"), default=None, help="inpainting mask, white = repaint (needs --init-img)")
 
+    g = p.add_argument_group("prompt syntax and embeddings")
+    g.add_argument(*_names("--prompt-syntax"), dest="prompt_syntax", default="a1111", choices=("a1111", "plain"),
+                   help="a1111 (default): (word:1.2) / (word) / [word] weights, BREAK, prompts over 75 tokens in "
+                        "chunks, embeddings by name; plain: the prompt goes to the text encoder as it is")
+    g.add_argument(*_names("--embedding"), dest="embeddings", action="append", default=[], metavar="FILE",
+                   help="textual-inversion embedding (.pt, .safetensors, learned_embeds.bin), called in the prompt "
+                        "by its file name; repeatable")
+    g.add_argument(*_names("--embeddings-dir"), dest="embeddings_dir", default=None, metavar="DIR",
+                   help="load every embedding in DIR that fits the model")
+
     g = p.add_argument_group("sampling")
     g.add_argument(*_names("--n_samples"), type=int, default=4, help="images per batch (default %(default)s)")
     g.add_argument(*_names("--n_iter"), type=int, default=1, help="batches: rows of the grid (default %(default)s)")
@@ -206,6 +216,13 @@ def check_args(args: argparse.Namespace) -> None:
     _owner_check(check_eta, args.eta, "--eta")
     _check_sampler(args.sampler)
     _require_file(args.ckpt, "checkpoint", "--ckpt")
+    for path in args.embeddings:
+        _require_file(path, "embedding", "--embedding")
+    if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
+        raise UsageError(f"embeddings folder not found: {args.embeddings_dir} (check --embeddings-dir)")
+    if args.prompt_syntax == "plain" and (args.embeddings or args.embeddings_dir):
+        raise UsageError("embeddings are called by name in the prompt, which --prompt-syntax plain does not read: "
+                         "drop --prompt-syntax plain")
     if args.config is not None:
         from ldm.config import find_config
 
@@ -250,7 +267,12 @@ def load_pipeline(args: argparse.Namespace):
                                attention=args.attention, attention_slicing=args.attention_slicing,
                                vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
                                channels_last=args.channels_last, compile=args.compile,
-                               unet_weights=args.unet_weights, vae_precision=args.vae_precision)
+                               unet_weights=args.unet_weights, vae_precision=args.vae_precision,
+                               prompt_syntax=args.prompt_syntax)
+    if args.embeddings_dir is not None:
+        pipe.load_embeddings_dir(args.embeddings_dir)
+    for path in args.embeddings:
+        pipe.load_embedding(path)
     m = pipe.size_multiple
     for flag, value in (("--H", args.H), ("--W", args.W)):
         if value is not None and value % m:
