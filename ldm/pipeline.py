@@ -22,7 +22,7 @@ import contextlib
 import inspect
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -185,6 +185,23 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
 # the pipeline
 # ------------------------------------------------------------------------------------------------------------
 
+# A1111's names of the hires-fix upscalers: latents resized (bilinear / nearest), or the decoded image (Lanczos)
+HIRES_UPSCALERS = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "image": "Lanczos"}
+
+
+@dataclass
+class _Hires:
+    """The hires fix of a txt2img request: the first pass's result upscaled to ``width`` x ``height`` and sampled
+    again as img2img with ``strength`` for ``steps`` steps (None: the first pass's count)."""
+
+    scale: float
+    strength: float
+    steps: int | None
+    upscaler: str
+    width: int
+    height: int
+
+
 @dataclass
 class _Request:
     """Everything one call needs, checked and broadcast to one entry per image."""
@@ -203,6 +220,7 @@ class _Request:
     init_images: list | None = None
     strength: float | None = None
     masks: list | None = None
+    hires: _Hires | None = None
 
 
 class _Pipeline:
@@ -406,6 +424,8 @@ class _Pipeline:
         for start in range(0, len(req.prompts), req.batch_size):
             batch = slice(start, start + req.batch_size)
             latents = self._sample_batch(req, batch, callback, start)
+            if req.hires is not None:
+                latents = self._hires_batch(req, batch, latents, callback, start)
             images += tensor_to_images(self._decode(latents))
         return PipelineOutput(images, [self._parameters(req, i) for i in range(len(req.prompts))])
 
@@ -416,6 +436,9 @@ class _Pipeline:
                   "model_hash": self.model_hash, "model": self.model_name, "task": self.task}
         if req.strength is not None:
             params["strength"] = req.strength
+        if req.hires is not None:  # A1111 writes the first pass's size and these
+            params.update(strength=req.hires.strength, hires_scale=req.hires.scale, hires_steps=req.hires.steps,
+                          hires_upscaler=HIRES_UPSCALERS[req.hires.upscaler])
         if self.prompt_syntax == "a1111" and len(self.embeddings):
             used = {id(e): e for text in (req.prompts[i], req.negative_prompts[i])
                     for e in WeightedPrompt(text, self.embeddings).used_embeddings()}
@@ -522,6 +545,55 @@ class _Pipeline:
             x = init + mask * (x - init)  # exactly the original outside the mask
         return x
 
+    def _hires_batch(self, req: _Request, batch: slice, latents: torch.Tensor, callback,
+                     first_index: int) -> torch.Tensor:
+        """The hires fix's second pass over the first pass's ``latents`` (A1111's): upscale the latents, or
+        decode, resize with Lanczos and encode; then img2img at the larger size that runs exactly ``steps`` steps
+        (the tail of a ``steps / strength`` schedule), with new noise from each image's seed."""
+        hires = req.hires
+        big = replace(req, width=hires.width, height=hires.height, strength=hires.strength, hires=None)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds[batch]]
+        f = self.downsample_factor
+        if hires.upscaler == "image":
+            pixels = torch.stack([image_to_tensor(image, (hires.width, hires.height))
+                                  for image in tensor_to_images(self._decode(latents))])
+            init = self._encode(pixels, generators)
+        else:
+            mode = "nearest" if hires.upscaler == "latent-nearest" else "bilinear"
+            init = F.interpolate(latents, size=(hires.height // f, hires.width // f), mode=mode,
+                                 **({} if mode == "nearest" else {"align_corners": False}))
+        noise = _samplers.randn_like(torch.empty(init.shape), generators).to(self.device)
+        spec = _samplers.get_sampler(req.sampler)
+        steps = hires.steps or req.steps
+        total = int(steps / min(hires.strength, 0.999))
+        sigmas = self.sigmas(spec, total)[total - steps:].to(self.device)
+        cond, uncond = self._conditioning(big, batch)
+        denoiser = self._denoiser(big, uncond, init, None, noise)
+        step_callback = None if callback is None else _BatchCallback(callback, first_index, len(init), steps)
+        options = {} if req.eta is None or "eta" not in inspect.signature(spec.fn).parameters else {"eta": req.eta}
+        with self._running(self.unet):
+            return _samplers.sample(spec, denoiser, noise, sigmas, init_latent=init, extra_args={"cond": cond},
+                                    callback=step_callback, generator=generators, **options)
+
+    def _hires(self, scale, strength, steps, upscaler, height: int, width: int) -> _Hires | None:
+        """The checked hires-fix settings (None without ``scale``); the larger size is rounded down to a multiple of
+        :attr:`size_multiple`."""
+        if scale is None:
+            return None
+        if not scale >= 1.0:  # NaN fails too
+            raise ValueError(f"hires scale {scale} is below 1: use e.g. 2 (twice the width and height)")
+        strength = _samplers.check_strength(strength, "hires strength")
+        if steps is not None:
+            steps = _samplers.check_steps(steps, "hires steps")
+        if upscaler not in HIRES_UPSCALERS:
+            raise ValueError(f"hires upscaler {upscaler!r} is unknown: use one of {', '.join(HIRES_UPSCALERS)}")
+        m = self.size_multiple
+        size = (int(width * scale) // m * m, int(height * scale) // m * m)
+        if size != (int(width * scale), int(height * scale)):
+            log.info("hires size %dx%d rounded down to %dx%d (multiples of %d)", int(width * scale),
+                     int(height * scale), size[0], size[1], m)
+        return _Hires(float(scale), strength, steps, upscaler, *size)
+
     def sigmas(self, sampler: str | _samplers.SamplerSpec, steps: int) -> torch.Tensor:
         """The sampler's sigma schedule for this model; a zero-terminal-SNR model gets "trailing" spacing
         in place of the default one (Lin et al. 2023), so that sampling starts from pure noise."""
@@ -608,12 +680,20 @@ class Text2Image(_Pipeline):
                  height: int | None = None, width: int | None = None, steps: int = 20,
                  sampler: str = DEFAULT_SAMPLER, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  eta: float = 0.0, seeds: int | Sequence[int] | None = None, batch_size: int | None = None,
-                 callback: Callable[[dict], None] | None = None) -> PipelineOutput:
+                 callback: Callable[[dict], None] | None = None, hires_scale: float | None = None,
+                 hires_strength: float = 0.7, hires_steps: int | None = None,
+                 hires_upscaler: str = "latent") -> PipelineOutput:
         """One image per prompt. ``seeds``: an int s (image i gets s + i), one per image, or None (random).
         ``batch_size``: images per forward pass (default all). ``callback(info)`` after every sampler step,
-        ``info`` holding the sampler's fields (``i``, ``sigma``, ...) plus ``batch_start`` and ``batch_size``."""
+        ``info`` holding the sampler's fields (``i``, ``sigma``, ...) plus ``batch_start`` and ``batch_size``.
+
+        Hires fix (A1111's): with ``hires_scale`` (e.g. 2) each image is sampled at ``height`` x ``width``, then
+        upscaled (``hires_upscaler``: "latent" bilinear on the latents, "latent-nearest", or "image": decoded and
+        resized with Lanczos) and sampled again as img2img with ``hires_strength`` for ``hires_steps`` steps
+        (default: ``steps``). The parameters record the first pass's size, as A1111 does."""
         req = self._request(prompts, negative_prompts, height, width, steps, sampler, guidance_scale,
                             guidance_rescale, eta, seeds, batch_size)
+        req.hires = self._hires(hires_scale, hires_strength, hires_steps, hires_upscaler, req.height, req.width)
         return self._run(req, callback)
 
 

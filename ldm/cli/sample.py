@@ -94,6 +94,18 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's size)")
     g.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's size)")
 
+    g = p.add_argument_group("hires fix (txt2img)")
+    g.add_argument(*_names("--hires-scale"), dest="hires_scale", type=float, default=None, metavar="SCALE",
+                   help="sample, upscale by SCALE (e.g. 2) and sample again as img2img at the larger size")
+    g.add_argument(*_names("--hires-strength"), dest="hires_strength", type=float, default=0.7,
+                   help="denoising strength of the second pass, in (0, 1] (default %(default)s)")
+    g.add_argument(*_names("--hires-steps"), dest="hires_steps", type=int, default=None,
+                   help="steps of the second pass (default: --steps)")
+    g.add_argument(*_names("--hires-upscaler"), dest="hires_upscaler", default="latent",
+                   choices=("latent", "latent-nearest", "image"),
+                   help="latent (default): resize the latents (bilinear; latent-nearest: nearest); image: decode, "
+                        "resize with Lanczos and encode")
+
     g = p.add_argument_group("model")
     g.add_argument(*_names("--ckpt"), default=None,
                    help=f"checkpoint (.safetensors or .ckpt); default: the embedded demo model {DEFAULT_CKPT}")
@@ -213,6 +225,16 @@ def check_args(args: argparse.Namespace) -> None:
     if args.mask is not None and args.init_img is None:
         raise UsageError("--mask needs --init-img (the image to repaint)")
     _owner_check(check_guidance_rescale, args.guidance_rescale, "--guidance-rescale")
+    if args.hires_scale is not None:
+        if args.init_img is not None:
+            raise UsageError("--hires-scale is for txt2img: drop it with --init-img (or upscale the init image)")
+        if not args.hires_scale >= 1:
+            raise UsageError(f"--hires-scale {args.hires_scale} is below 1: use e.g. 2")
+        _owner_check(check_strength, args.hires_strength, "--hires-strength")
+        if args.hires_steps is not None:
+            _owner_check(check_steps, args.hires_steps, "--hires-steps")
+    elif args.hires_steps is not None or args.hires_strength != 0.7 or args.hires_upscaler != "latent":
+        raise UsageError("--hires-strength, --hires-steps and --hires-upscaler need --hires-scale (e.g. 2)")
     _owner_check(check_eta, args.eta, "--eta")
     _check_sampler(args.sampler)
     _require_file(args.ckpt, "checkpoint", "--ckpt")
@@ -320,6 +342,9 @@ def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
         kwargs["strength"] = args.strength if args.strength is not None else (1.0 if task == "inpaint" else 0.75)
     if task == "inpaint":
         kwargs["masks"] = Image.open(args.mask).convert("L")
+    if args.hires_scale is not None:
+        kwargs.update(hires_scale=args.hires_scale, hires_strength=args.hires_strength, hires_steps=args.hires_steps,
+                      hires_upscaler=args.hires_upscaler)
     return kwargs
 
 
