@@ -148,7 +148,7 @@ class PromptTokens(NamedTuple):
 
     windows: list[list[int]]
     weights: list[list[float]]
-    vectors: list[tuple[int, int, torch.Tensor]] = []
+    vectors: Sequence[tuple[int, int, torch.Tensor]] = ()
 
 
 def _is_prompt_objects(prompts: Any) -> bool:
