@@ -1,0 +1,89 @@
+"""ldm.convert.diffusers_export: a tiny model written as a diffusers folder loads offline in diffusers'
+StableDiffusionPipeline and gives the same UNet, text encoder, tokenizer and VAE outputs."""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from diffusers import StableDiffusionPipeline  # noqa: E402
+
+from ldm.convert import build_model  # noqa: E402
+from ldm.convert.diffusers_export import export_diffusers  # noqa: E402
+from tiny_models import _liven_output, tiny_config, tiny_model  # noqa: E402
+
+PROMPTS = ["a red circle", "", "two blue squares above a green star"]
+
+
+def _model(config):
+    torch.manual_seed(0)
+    model = build_model(config)
+    _liven_output(model)
+    model.config = config
+    return model.eval().requires_grad_(False)
+
+
+def _sd1_like_config(parameterization="eps"):
+    """SD1's text options on the tiny tower: last layer... made penultimate, padded with end-of-text, QuickGELU."""
+    config = copy.deepcopy(tiny_config(parameterization))
+    config["model"]["params"]["cond_stage_config"]["params"].update(layer="penultimate", pad="eot", quick_gelu=True)
+    return config
+
+
+@pytest.mark.parametrize("config", [tiny_config(), _sd1_like_config("v")], ids=["sd2-like", "sd1-like-v"])
+def test_exported_folder_loads_offline_and_matches(tmp_path, config):
+    model = _model(config)
+    folder = export_diffusers(model, tmp_path / "diffusers")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    encoder = model.cond_stage_model
+    ids = pipe.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert torch.equal(ids, encoder.tokenize(PROMPTS))
+    context = model.get_learned_conditioning(PROMPTS)
+    torch.testing.assert_close(pipe.text_encoder(ids)[0], context)
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([1, 400, 999])
+    torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=context).sample,
+                               model.apply_model(x, t, {"crossattn": context}), atol=1e-4, rtol=1e-4)
+    z = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(pipe.vae.decode(z / pipe.vae.config.scaling_factor).sample,
+                               model.decode_first_stage(z), atol=1e-4, rtol=1e-4)
+    assert pipe.vae.config.scaling_factor == pytest.approx(0.18215)
+    expected = "v_prediction" if config["model"]["params"]["parameterization"] == "v" else "epsilon"
+    assert pipe.scheduler.config.prediction_type == expected
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod.double(), model.alphas_cumprod.double(),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path):
+    model = _model(tiny_config())
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").touch()
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_diffusers(model, tmp_path / "full")
+    with pytest.raises(ValueError, match="inpainting"):
+        export_diffusers(_model(tiny_config(inpainting=True)), tmp_path / "inpaint")
+    bare = tiny_model()
+    with pytest.raises(ValueError, match="load_model"):
+        export_diffusers(bare, tmp_path / "bare")
+
+
+@pytest.mark.parametrize("config_name, layers", [("v1-inference.yaml", 12), ("v2-inference-v.yaml", 23)])
+def test_full_size_sd_models_convert_strictly_on_the_meta_device(config_name, layers):
+    """Every weight of a real SD 1.x / 2.x model has its place in diffusers' layout (strict loads, no memory)."""
+    from pathlib import Path
+
+    from ldm.config import load_config
+    from ldm.convert.diffusers_export import diffusers_modules
+
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "sd" / config_name)
+    with torch.device("meta"):
+        model = build_model(config)
+    from omegaconf import OmegaConf
+    model.config = OmegaConf.to_container(config, resolve=True)
+    unet, vae, text_encoder = diffusers_modules(model)
+    assert unet.config.cross_attention_dim == (768 if layers == 12 else 1024)
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in model.model.parameters())
+    assert text_encoder.config.num_hidden_layers == layers  # SD2 runs the penultimate block: 23 of 24
+    assert vae.config.scaling_factor == pytest.approx(0.18215)
