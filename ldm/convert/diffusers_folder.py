@@ -1,4 +1,4 @@
-"""Export a model (SD 1.x / 2.x layout, ours or a real checkpoint) to a diffusers folder.
+"""Export a model (SD 1.x / 2.x layout, ours or a real checkpoint) to a diffusers folder, and import one.
 
     model = load_model(None, "sd-v1-5.safetensors")
     export_diffusers(model, "sd15-diffusers/")
@@ -9,8 +9,10 @@ single-file converters from the model's original layout), ``text_encoder/`` (a t
 blocks the model runs, so SD2's penultimate layer is the exported model's last, as in Stability's diffusers
 folders), ``tokenizer/`` (``vocab.json`` and ``merges.txt`` made from open_clip's BPE vocabulary, padding as the
 model pads: end-of-text for SD1, ``!`` (id 0) for SD2) and ``scheduler/`` (PNDM with SD's settings; DDIM with
-zero-SNR rescaling and trailing spacing for zero-terminal-SNR models). Needs the ``diffusers`` extra (diffusers and
-transformers) at export time only.
+zero-SNR rescaling and trailing spacing for zero-terminal-SNR models). :func:`import_diffusers` reads such a
+folder back into this project's model (the config made from the folder's component configs, the weights renamed
+by inverting diffusers' own converters). Needs the ``diffusers`` extra (diffusers and transformers) at export and
+import time only, never at sampling time.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 
 from ldm.convert.layouts import to_hf_clip_text_state_dict
 
-__all__ = ["diffusers_modules", "export_diffusers"]
+__all__ = ["diffusers_modules", "export_diffusers", "import_diffusers"]
 
 log = logging.getLogger(__name__)
 
@@ -202,3 +204,141 @@ def export_diffusers(model: Any, folder: str | os.PathLike) -> Path:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     log.info("exported a diffusers folder to %s", folder)
     return folder
+
+
+# ------------------------------------------------------------------------------------------------------------
+# import
+# ------------------------------------------------------------------------------------------------------------
+
+def _key_map(convert: Any, state: dict, *args: Any) -> dict[str, str]:
+    """diffusers key -> our key, learnt by running diffusers' converter (ours -> diffusers) over tensors that
+    each hold their own index (the converters only rename and reshape)."""
+    keys = list(state)
+    markers = {k: torch.full(tuple(state[k].shape), float(i)) for i, k in enumerate(keys)}
+    converted = convert(markers, *args)
+    mapping = {d: keys[int(t.reshape(-1)[0])] for d, t in converted.items() if t.numel()}
+    missing = set(keys) - set(mapping.values())
+    if missing:
+        raise ValueError(f"diffusers' converter gives no place to {sorted(missing)[:5]}")
+    return mapping
+
+
+def _text_arch(config: Any) -> tuple[str, str]:
+    """The open_clip arch and layer of a transformers CLIPTextConfig: an arch with as many blocks ("last") or one
+    more ("penultimate": SD2 folders hold the 23 blocks SD2 runs of ViT-H-14's 24)."""
+    import open_clip
+
+    from ldm.models.text_encoder import register_text_archs
+
+    register_text_archs()
+    found = {}
+    preferred = ("ViT-L-14", "ViT-H-14", "ViT-bigG-14")  # the names SD's own configs use
+    for name in [*preferred, *open_clip.list_models()]:
+        text = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+        if (text.get("width"), text.get("heads"), text.get("context_length", 77), text.get("vocab_size", 49408),
+                text.get("hf_model_name")) != (config.hidden_size, config.num_attention_heads,
+                                               config.max_position_embeddings, config.vocab_size, None):
+            continue
+        if text.get("layers") == config.num_hidden_layers:
+            found.setdefault("last", name)
+        elif text.get("layers") == config.num_hidden_layers + 1:
+            found.setdefault("penultimate", name)
+    for layer in ("last", "penultimate"):
+        if layer in found:
+            return found[layer], layer
+    raise ValueError(f"no open_clip text architecture has width {config.hidden_size}, {config.num_attention_heads} "
+                     f"heads and {config.num_hidden_layers} (or one more) blocks")
+
+
+def _ldm_config(unet: dict, vae: dict, text: Any, scheduler: dict, pad: str) -> dict:
+    """Our model config for a diffusers folder's component configs."""
+    channels = list(unet["block_out_channels"])
+    base = channels[0]
+    heads = unet.get("num_attention_heads") or unet["attention_head_dim"]
+    head_options = ({"num_heads": heads} if isinstance(heads, int)
+                    else {"num_head_channels": channels[0] // heads[0]})
+    if not isinstance(heads, int) and any(c // h != channels[0] // heads[0] for c, h in zip(channels, heads)):
+        raise ValueError(f"UNet heads {heads} for channels {channels} have no single head width")
+    depth = unet.get("transformer_layers_per_block", 1)
+    if unet.get("addition_embed_type") or unet.get("class_embed_type"):
+        raise ValueError("diffusers import handles SD 1.x / 2.x UNets (no vector input)")
+    arch, layer = _text_arch(text)
+    prediction = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[scheduler.get("prediction_type", "epsilon")]
+    if scheduler.get("beta_schedule", "scaled_linear") != "scaled_linear":
+        raise ValueError(f"scheduler beta_schedule {scheduler.get('beta_schedule')!r} is not SD's scaled_linear")
+    vae_channels = list(vae["block_out_channels"])
+    return {"model": {"target": "ldm.model.LatentDiffusion", "params": {
+        "parameterization": prediction, "timesteps": int(scheduler.get("num_train_timesteps", 1000)),
+        "linear_start": float(scheduler.get("beta_start", 0.00085)),
+        "linear_end": float(scheduler.get("beta_end", 0.012)),
+        "zero_terminal_snr": bool(scheduler.get("rescale_betas_zero_snr", False)),
+        "scale_factor": float(vae.get("scaling_factor", 0.18215)), "image_size": int(unet["sample_size"]),
+        "channels": int(unet["in_channels"]), "conditioning_key": "crossattn",
+        "unet_config": {"target": "ldm.models.unet.UNetModel", "params": {
+            "image_size": int(unet["sample_size"]), "in_channels": unet["in_channels"],
+            "out_channels": unet["out_channels"], "model_channels": base,
+            "attention_resolutions": [2 ** i for i, t in enumerate(unet["down_block_types"]) if "CrossAttn" in t],
+            "num_res_blocks": unet["layers_per_block"], "channel_mult": [c // base for c in channels],
+            **head_options, "use_spatial_transformer": True,
+            "use_linear_in_transformer": bool(unet.get("use_linear_projection", False)),
+            "transformer_depth": depth if isinstance(depth, int) else list(depth),
+            "context_dim": unet["cross_attention_dim"], "legacy": False}},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+            "embed_dim": vae["latent_channels"], "ddconfig": {
+                "double_z": True, "z_channels": vae["latent_channels"], "resolution": vae.get("sample_size", 256),
+                "in_channels": vae["in_channels"], "out_ch": vae["out_channels"], "ch": vae_channels[0],
+                "ch_mult": [c // vae_channels[0] for c in vae_channels], "num_res_blocks": vae["layers_per_block"],
+                "attn_resolutions": [], "dropout": 0.0}}},
+        "cond_stage_config": {"target": "ldm.models.text_encoder.OpenCLIPTextEncoder", "params": {
+            "arch": arch, "layer": layer, "pad": pad, "quick_gelu": text.hidden_act == "quick_gelu",
+            "projection": layer == "penultimate", "freeze": True}},
+    }}}
+
+
+def import_diffusers(folder: str | os.PathLike) -> Any:
+    """A diffusers ``StableDiffusionPipeline`` folder (SD 1.x / 2.x) as this project's ``LatentDiffusion`` in the
+    original layout (``model.state_dict()`` saves as an SD checkpoint). SD2 folders hold 23 of ViT-H-14's 24 text
+    blocks (SD2 runs the penultimate one): the 24th block and the text projection, never run, are zero."""
+    _require_diffusers()
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from ldm.convert.build import build_model
+    from ldm.convert.layouts import text_encoder_state_dict
+    from ldm.io import check_state_dict
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json: pass a diffusers pipeline folder")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    pad = "eot" if tokenizer.pad_token_id in (None, tokenizer.eos_token_id) else "zero"
+    config = _ldm_config(dict(unet.config), dict(vae.config), text.config, scheduler, pad)
+    model = build_model(config)
+    ours = model.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    for prefix, module, convert, extra in (
+            ("model.diffusion_model.", unet, convert_ldm_unet_checkpoint, dict(unet.config)),
+            ("first_stage_model.", vae, convert_ldm_vae_checkpoint, dict(vae.config))):
+        part = {k: v for k, v in ours.items() if k.startswith(prefix)}
+        mapping = _key_map(convert, part, extra)
+        for key, value in module.state_dict().items():
+            state[mapping[key]] = value.reshape(ours[mapping[key]].shape)
+    encoder = model.cond_stage_model
+    text_state = {f"cond_stage_model.{k}": v for k, v in text_encoder_state_dict(text.state_dict()).items()
+                  if not k.endswith("position_ids")}
+    for key, value in ours.items():  # the blocks and projection SD2 never runs
+        if key.startswith("cond_stage_model.") and key not in text_state and encoder.layer == "penultimate":
+            text_state[key] = torch.zeros_like(value)
+    state.update(text_state)
+    state.update({k: v for k, v in ours.items() if k not in state and not k.startswith(
+        ("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))})  # the schedule buffers
+    check_state_dict(ours, state, str(folder))
+    model.load_state_dict(state, strict=True)
+    model.config = config
+    log.info("imported the diffusers folder %s", folder)
+    return model.eval().requires_grad_(False)

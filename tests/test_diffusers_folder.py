@@ -1,4 +1,4 @@
-"""ldm.convert.diffusers_export: a tiny model written as a diffusers folder loads offline in diffusers'
+"""ldm.convert.diffusers_folder: a tiny model written as a diffusers folder loads offline in diffusers'
 StableDiffusionPipeline and gives the same UNet, text encoder, tokenizer and VAE outputs."""
 import copy
 
@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from ldm.convert import build_model  # noqa: E402
-from ldm.convert.diffusers_export import export_diffusers  # noqa: E402
+from ldm.convert.diffusers_folder import export_diffusers  # noqa: E402
 from tiny_models import _liven_output, tiny_config, tiny_model  # noqa: E402
 
 PROMPTS = ["a red circle", "", "two blue squares above a green star"]
@@ -75,7 +75,7 @@ def test_full_size_sd_models_convert_strictly_on_the_meta_device(config_name, la
     from pathlib import Path
 
     from ldm.config import load_config
-    from ldm.convert.diffusers_export import diffusers_modules
+    from ldm.convert.diffusers_folder import diffusers_modules
 
     config = load_config(Path(__file__).resolve().parent.parent / "configs" / "sd" / config_name)
     with torch.device("meta"):
@@ -87,3 +87,35 @@ def test_full_size_sd_models_convert_strictly_on_the_meta_device(config_name, la
     assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in model.model.parameters())
     assert text_encoder.config.num_hidden_layers == layers  # SD2 runs the penultimate block: 23 of 24
     assert vae.config.scaling_factor == pytest.approx(0.18215)
+
+
+@pytest.mark.parametrize("config", [tiny_config(), _sd1_like_config("v")], ids=["sd2-like", "sd1-like-v"])
+def test_import_gives_back_the_exported_model(tmp_path, config):
+    from ldm.convert.diffusers_folder import import_diffusers
+
+    model = _model(config)
+    back = import_diffusers(export_diffusers(model, tmp_path / "diffusers"))
+    text = back.config["model"]["params"]["cond_stage_config"]["params"]
+    original = config["model"]["params"]["cond_stage_config"]["params"]
+    assert (text["arch"], text["layer"], text["pad"]) == (original["arch"], original["layer"], original["pad"])
+    assert back.parameterization == model.parameterization and back.scale_factor == pytest.approx(0.18215)
+    theirs, ours = back.state_dict(), model.state_dict()
+    extra = {"cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"}
+    if original["layer"] == "penultimate":  # read as SD2, whose files carry the projection (never run): zeros
+        assert set(theirs) - set(ours) == extra and not any(theirs[k].any() for k in extra)
+    else:
+        assert set(theirs) == set(ours)
+    skipped = "cond_stage_model.model.transformer.resblocks.1."  # penultimate: the block never run is zero
+    for key, value in ours.items():
+        if key.startswith(skipped) and original["layer"] == "penultimate":
+            assert not theirs[key].any()
+        else:
+            assert torch.equal(theirs[key], value), key
+    torch.testing.assert_close(back.get_learned_conditioning(PROMPTS), model.get_learned_conditioning(PROMPTS))
+
+
+def test_import_refuses_a_folder_without_model_index(tmp_path):
+    from ldm.convert.diffusers_folder import import_diffusers
+
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        import_diffusers(tmp_path)
