@@ -292,11 +292,19 @@ class _Pipeline:
     def from_checkpoint(cls, ckpt: str | Path | None, config: Any = None, *, use_ema: bool | None = None,
                         device: str | torch.device | None = None, precision: str = "fp32",
                         parameterization: str | None = None, **options: Any) -> "_Pipeline":
-        """Load ``ckpt`` (config from ``config``, else from the file's metadata or its tensor shapes); the UNet's
-        weights are stored in the compute dtype unless ``unet_weights="fp32"``."""
+        """Load ``ckpt`` (config from ``config``, else from the file's metadata or its tensor shapes; a folder is
+        read as a diffusers pipeline folder); the UNet's weights are stored in the compute dtype unless
+        ``unet_weights="fp32"``."""
         from ldm.convert import load_model
 
-        model = load_model(config, ckpt, use_ema=use_ema, parameterization=parameterization)
+        if ckpt is not None and Path(ckpt).is_dir():
+            from ldm.convert.diffusers_folder import import_diffusers
+
+            if config is not None or parameterization is not None:
+                raise ValueError("a diffusers folder brings its own config: drop --config / --parameterization")
+            model = import_diffusers(ckpt)
+        else:
+            model = load_model(config, ckpt, use_ema=use_ema, parameterization=parameterization)
         options.setdefault("unet_weights", "compute")  # the model is this pipeline's own
         options.setdefault("model_name", Path(ckpt).stem if ckpt is not None else None)
         options.setdefault("model_path", ckpt)

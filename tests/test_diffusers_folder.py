@@ -119,3 +119,39 @@ def test_import_refuses_a_folder_without_model_index(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         import_diffusers(tmp_path)
+
+
+def test_sample_py_runs_a_diffusers_folder_like_the_checkpoint(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from ldm.cli import sample as cli
+    from ldm.io import save_checkpoint
+
+    config = tiny_config()
+    model = _model(config)
+    ckpt = save_checkpoint(model.state_dict(), tmp_path / "tiny.safetensors", config=config)
+    folder = export_diffusers(model, tmp_path / "tiny-diffusers")
+    fast = ["--steps", "2", "--H", "32", "--W", "32", "--device", "cpu", "--n_samples", "1", "--skip_grid",
+            "--prompt", "a (red:1.2) circle"]
+    for source, out in ((ckpt, "from-file"), (folder, "from-folder")):
+        assert cli.main([str(a) for a in ["--ckpt", source, "--outdir", tmp_path / out, *fast]]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / out / "samples" / "00000.png")) for out in ("from-file", "from-folder"))
+    assert np.array_equal(a, b)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["--ckpt", str(empty), *fast]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+
+
+def test_export_command(tmp_path, capsys):
+    from ldm.cli import export
+    from ldm.io import save_checkpoint
+
+    config = tiny_config()
+    ckpt = save_checkpoint(_model(config).state_dict(), tmp_path / "tiny.safetensors", config=config)
+    assert export.main(["--ckpt", str(ckpt), "--diffusers", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model_index.json").is_file() and "done:" in capsys.readouterr().out
+    assert export.main(["--ckpt", str(ckpt), "--diffusers", str(tmp_path / "out")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert export.main(["--ckpt", str(tmp_path / "missing.safetensors"), "--diffusers", str(tmp_path / "x")]) == 2

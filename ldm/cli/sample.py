@@ -108,7 +108,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument(*_names("--ckpt"), default=None,
-                   help=f"checkpoint (.safetensors or .ckpt); default: the embedded demo model {DEFAULT_CKPT}")
+                   help=f"checkpoint (.safetensors or .ckpt) or a diffusers pipeline folder; default: the embedded "
+                        f"demo model {DEFAULT_CKPT}")
     g.add_argument(*_names("--config"), default=None, help="model config YAML (default: inferred from the file)")
     ema = g.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="use_ema", action="store_true", default=None, help="use the EMA weights")
@@ -237,7 +238,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--hires-strength, --hires-steps and --hires-upscaler need --hires-scale (e.g. 2)")
     _owner_check(check_eta, args.eta, "--eta")
     _check_sampler(args.sampler)
-    _require_file(args.ckpt, "checkpoint", "--ckpt")
+    if args.ckpt is not None and Path(args.ckpt).is_dir():
+        if not (Path(args.ckpt) / "model_index.json").is_file():
+            raise UsageError(f"{args.ckpt} is a folder without model_index.json: pass a checkpoint file or a "
+                             "diffusers pipeline folder (--ckpt)")
+    else:
+        _require_file(args.ckpt, "checkpoint", "--ckpt")
     for path in args.embeddings:
         _require_file(path, "embedding", "--embedding")
     if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
