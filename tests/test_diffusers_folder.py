@@ -155,3 +155,28 @@ def test_export_command(tmp_path, capsys):
     assert export.main(["--ckpt", str(ckpt), "--diffusers", str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert export.main(["--ckpt", str(tmp_path / "missing.safetensors"), "--diffusers", str(tmp_path / "x")]) == 2
+
+
+def test_a_unet_diffusers_cannot_hold_is_refused_not_cut(tmp_path):
+    config = tiny_config()
+    config["model"]["params"]["unet_config"]["params"]["position_embedding"] = True  # the demo model's extra
+    with pytest.raises(ValueError, match="no place for 2 weights.*pos_embed"):
+        export_diffusers(_model(config), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_diffusers_ddim_on_the_exported_folder_gives_our_image(tmp_path):
+    import numpy as np
+    from diffusers import DDIMScheduler
+
+    from ldm.pipeline import Text2Image
+
+    ours = Text2Image(_model(tiny_config()), device="cpu")
+    pipe = StableDiffusionPipeline.from_pretrained(export_diffusers(ours.model, tmp_path / "d"), local_files_only=True)
+    assert pipe.scheduler.config.clip_sample is False
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    prompt, size = "two red circles above a blue square", dict(height=32, width=32)
+    a = ours(prompt, seeds=7, steps=5, sampler="DDIM", guidance_scale=5.0, **size).images[0]
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(7))  # our per-image CPU noise
+    b = pipe(prompt, latents=latents, num_inference_steps=5, guidance_scale=5.0, eta=0.0, **size).images[0]
+    assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1

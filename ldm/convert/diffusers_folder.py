@@ -68,6 +68,8 @@ def _unet(model: Any, params: dict, state: dict) -> Any:
         config["attention_head_dim"] = [unet["model_channels"] * m // unet["num_head_channels"]
                                         for m in unet["channel_mult"]]
     config["sample_size"] = int(params.get("image_size", 64))
+    _key_map(convert_ldm_unet_checkpoint, {k: v for k, v in state.items() if k.startswith("model.diffusion_model.")},
+             config)  # every weight has a place
     weights = convert_ldm_unet_checkpoint(state, config)
     with torch.device(_device(state)):
         module = UNet2DConditionModel(**config)
@@ -82,6 +84,8 @@ def _vae(model: Any, params: dict, state: dict) -> Any:
     original = {"model": {"params": params}}
     config = create_vae_diffusers_config_from_ldm(original, state, image_size=int(params.get("image_size", 64))
                                                   * model.downsample_factor, scaling_factor=float(model.scale_factor))
+    _key_map(convert_ldm_vae_checkpoint, {k: v for k, v in state.items() if k.startswith("first_stage_model.")},
+             config)
     weights = convert_ldm_vae_checkpoint(state, config)
     with torch.device(_device(state)):
         module = AutoencoderKL(**config)
@@ -148,10 +152,10 @@ def _scheduler(params: dict) -> tuple[str, dict]:
     common = {"num_train_timesteps": int(params.get("timesteps", 1000)),
               "beta_start": float(params.get("linear_start", 0.00085)),
               "beta_end": float(params.get("linear_end", 0.012)), "beta_schedule": "scaled_linear",
-              "prediction_type": prediction, "steps_offset": 1, "set_alpha_to_one": False, "trained_betas": None}
+              "prediction_type": prediction, "steps_offset": 1, "set_alpha_to_one": False, "trained_betas": None,
+              "clip_sample": False}  # SD's own scheduler files say so; DDIM/DDPM would clip x0 to [-1, 1] otherwise
     if params.get("zero_terminal_snr"):
-        return "DDIMScheduler", {**common, "clip_sample": False, "rescale_betas_zero_snr": True,
-                                 "timestep_spacing": "trailing"}
+        return "DDIMScheduler", {**common, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     return "PNDMScheduler", {**common, "skip_prk_steps": True}
 
 
@@ -214,12 +218,14 @@ def _key_map(convert: Any, state: dict, *args: Any) -> dict[str, str]:
     """diffusers key -> our key, learnt by running diffusers' converter (ours -> diffusers) over tensors that
     each hold their own index (the converters only rename and reshape)."""
     keys = list(state)
-    markers = {k: torch.full(tuple(state[k].shape), float(i)) for i, k in enumerate(keys)}
+    markers = {k: torch.full((1,) * state[k].ndim, float(i)) for i, k in enumerate(keys)}  # ndim is all it reads
     converted = convert(markers, *args)
     mapping = {d: keys[int(t.reshape(-1)[0])] for d, t in converted.items() if t.numel()}
-    missing = set(keys) - set(mapping.values())
+    missing = sorted(set(keys) - set(mapping.values()))
     if missing:
-        raise ValueError(f"diffusers' converter gives no place to {sorted(missing)[:5]}")
+        raise ValueError(f"diffusers' layout has no place for {len(missing)} weights of this model "
+                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): it is not an SD 1.x / "
+                         "2.x architecture diffusers knows")
     return mapping
 
 
