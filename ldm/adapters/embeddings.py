@@ -105,9 +105,9 @@ def read_embedding(path: str | os.PathLike, token: str | None = None) -> Embeddi
         stored_token, tensor = next(iter(state.items()))
         vectors = {"": tensor}
     else:
-        keys = ", ".join(sorted(state)[:5])
-        raise CheckpointError(f"{path} is not a textual-inversion embedding (it has {keys}{', ...' if len(state) > 5 else ''}"
-                              "; expected string_to_param, emb_params, clip_l + clip_g, or one {token: tensor})")
+        keys = ", ".join(sorted(state)[:5]) + (", ..." if len(state) > 5 else "")
+        raise CheckpointError(f"{path} is not a textual-inversion embedding (it has {keys}; expected "
+                              "string_to_param, emb_params, clip_l + clip_g, or one {token: tensor})")
     vectors = {k: (t[None] if t.ndim == 1 else t).detach().float() for k, t in vectors.items()}
     if any(t.ndim != 2 for t in vectors.values()):
         raise CheckpointError(f"{path}: embedding vectors must be [n, width], got "
