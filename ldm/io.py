@@ -156,9 +156,13 @@ def _read_safetensors(path: Path, lazy: bool) -> tuple[dict, dict[str, str]]:
                               "re-download or re-export it") from e
 
 
-def read_state_dict(path: str | os.PathLike, *, lazy: bool = False
+def read_state_dict(path: str | os.PathLike, *, lazy: bool = False, nested: bool = False
                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a checkpoint's tensors (``state_dict`` level unwrapped) and its string metadata.
+
+    ``nested``: a pickle may hold nested dicts and non-tensor values (an A1111 textual-inversion ``.pt``:
+    ``{"string_to_param": {"*": tensor}, "name": ..., "step": ...}``); its tensors come back under dotted names
+    (``string_to_param.*``) and everything else is left out.
 
     With ``lazy`` a safetensors file's values are :class:`LazyTensor` s, read one at a time when loaded (so a
     model loads with the memory of one tensor beside it, not of a second copy of the weights), and a torch zip
@@ -191,9 +195,22 @@ def read_state_dict(path: str | os.PathLike, *, lazy: bool = False
         if isinstance(obj.get("ldm_config"), Mapping):
             meta["config"] = json.dumps(obj["ldm_config"])
         obj = obj["state_dict"]
+    if nested and isinstance(obj, Mapping):
+        obj = _flat_tensors(obj)
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors; is it a model checkpoint?")
     return dict(obj), meta
+
+
+def _flat_tensors(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of nested mappings under dotted names; other values are left out."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tree.items():
+        if isinstance(value, torch.Tensor):
+            out[f"{prefix}{key}"] = value
+        elif isinstance(value, Mapping):
+            out.update(_flat_tensors(value, f"{prefix}{key}."))
+    return out
 
 
 def _first_line(e: BaseException) -> str:

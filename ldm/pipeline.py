@@ -23,7 +23,7 @@ import dataclasses
 import inspect
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -35,6 +35,8 @@ from PIL import Image
 from torch import nn
 
 from ldm import accel
+from ldm.adapters.embeddings import Embedding, EmbeddingLibrary
+from ldm.adapters.prompts import WeightedPrompt, check_prompt_syntax, prompt_inputs, text_encoders
 from ldm.diffusion import samplers as _samplers
 from ldm.diffusion.guidance import CFGDenoiser, check_guidance_rescale, check_guidance_scale
 from ldm.diffusion.inpaint import InpaintDenoiser
@@ -202,6 +204,23 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
 # the pipeline
 # ------------------------------------------------------------------------------------------------------------
 
+# A1111's names of the hires-fix upscalers: latents resized (bilinear / nearest), or the decoded image (Lanczos)
+HIRES_UPSCALERS = {"latent": "Latent", "latent-nearest": "Latent (nearest)", "image": "Lanczos"}
+
+
+@dataclass
+class _Hires:
+    """The hires fix of a txt2img request: the first pass's result upscaled to ``width`` x ``height`` and sampled
+    again as img2img with ``strength`` for ``steps`` steps (None: the first pass's count)."""
+
+    scale: float
+    strength: float
+    steps: int | None
+    upscaler: str
+    width: int
+    height: int
+
+
 @dataclass
 class _Request:
     """Everything one call needs, checked and broadcast to one entry per image."""
@@ -221,6 +240,7 @@ class _Request:
     strength: float | None = None
     masks: list | None = None
     shown_prompts: list[str] | None = None  # the prompts as given (with <lora:...> tags), for the parameters
+    hires: _Hires | None = None
 
 
 class _Pipeline:
@@ -249,6 +269,9 @@ class _Pipeline:
             7.2 s, same error against fp32); our UNet is channels-last already. False: the layouts as built.
         compile: ``torch.compile`` the UNet (True, or the name of a compile backend).
         model_name, model_path: recorded in the parameters ("Model", "Model hash" = sha256 of the file).
+        prompt_syntax: "a1111" (default): A1111's prompt weights ``(word:1.2)``, ``[word]``, BREAK, prompts
+            longer than 75 tokens in chunks, textual-inversion embeddings (:meth:`load_embedding`), see
+            :mod:`ldm.adapters.prompts`; "plain": the prompt string goes to the text encoder as it is.
 
     The pipeline puts :func:`ldm.accel.optimize`'s fast paths for its device and precision onto the model (in
     place; the state dict is unchanged; ``ldm.accel.restore(pipe.model)`` takes them off).
@@ -261,8 +284,10 @@ class _Pipeline:
                  attention_slicing: int | None = None,
                  vae_tiling: bool = False, cpu_offload: bool = False, channels_last: bool | None = None,
                  compile: bool | str = False, model_name: str | None = None,
-                 model_path: str | Path | None = None):
+                 model_path: str | Path | None = None, prompt_syntax: str = "a1111"):
         self.model = model.eval().requires_grad_(False)
+        self.prompt_syntax = check_prompt_syntax(prompt_syntax)
+        self.embeddings = EmbeddingLibrary()
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         if vae_precision not in ("auto", "fp32", "same"):
@@ -287,11 +312,19 @@ class _Pipeline:
     def from_checkpoint(cls, ckpt: str | Path | None, config: Any = None, *, use_ema: bool | None = None,
                         device: str | torch.device | None = None, precision: str = "fp32",
                         parameterization: str | None = None, **options: Any) -> "_Pipeline":
-        """Load ``ckpt`` (config from ``config``, else from the file's metadata or its tensor shapes); the UNet's
-        weights are stored in the compute dtype unless ``unet_weights="fp32"``."""
+        """Load ``ckpt`` (config from ``config``, else from the file's metadata or its tensor shapes; a folder is
+        read as a diffusers pipeline folder); the UNet's weights are stored in the compute dtype unless
+        ``unet_weights="fp32"``."""
         from ldm.convert import load_model
 
-        model = load_model(config, ckpt, use_ema=use_ema, parameterization=parameterization)
+        if ckpt is not None and Path(ckpt).is_dir():
+            from ldm.convert.diffusers_folder import import_diffusers
+
+            if config is not None or parameterization is not None:
+                raise ValueError("a diffusers folder brings its own config: drop --config / --parameterization")
+            model = import_diffusers(ckpt)
+        else:
+            model = load_model(config, ckpt, use_ema=use_ema, parameterization=parameterization)
         options.setdefault("unet_weights", "compute")  # the model is this pipeline's own
         options.setdefault("model_name", Path(ckpt).stem if ckpt is not None else None)
         options.setdefault("model_path", ckpt)
@@ -447,6 +480,8 @@ class _Pipeline:
         for start in range(0, len(req.prompts), req.batch_size):
             batch = slice(start, start + req.batch_size)
             latents = self._sample_batch(req, batch, callback, start)
+            if req.hires is not None:
+                latents = self._hires_batch(req, batch, latents, callback, start)
             images += tensor_to_images(self._decode(latents))
         return PipelineOutput(images, [self._parameters(req, i) for i in range(len(req.prompts))])
 
@@ -460,6 +495,15 @@ class _Pipeline:
         if req.shown_prompts is not None:
             params["prompt"] = req.shown_prompts[i]
         params.update(self._adapter_parameters())
+        if req.hires is not None:  # A1111 writes the first pass's size and these
+            params.update(strength=req.hires.strength, hires_scale=req.hires.scale, hires_steps=req.hires.steps,
+                          hires_upscaler=HIRES_UPSCALERS[req.hires.upscaler])
+        if self.prompt_syntax == "a1111" and len(self.embeddings):
+            used = {id(e): e for text in (req.prompts[i], req.negative_prompts[i])
+                    for e in WeightedPrompt(text, self.embeddings).used_embeddings()}
+            hashes = self.embeddings.hashes(used.values())
+            if hashes:
+                params["ti_hashes"] = hashes
         return params
 
     # ---- adapters: LoRA and VAE files -----------------------------------------------------------------------
@@ -537,6 +581,53 @@ class _Pipeline:
         hashes = {x.name.replace(":", "").replace(",", ""): x.hash for x in loaded}  # one entry per name, as A1111
         return {**params, "lora_hashes": ", ".join(f"{name}: {h}" for name, h in hashes.items())}
 
+    # ---- prompts ------------------------------------------------------------------------------------------
+    def load_embedding(self, path: str | Path, token: str | None = None) -> Embedding:
+        """Load a textual-inversion embedding (A1111 .pt / .safetensors, SDXL clip_l + clip_g, diffusers
+        learned_embeds); prompts call it by ``token``, by default the file's stem. A file made for another model
+        (other widths) is a one-line error naming it."""
+        return self.embeddings.load(path, token, encoders=text_encoders(self.model))
+
+    def load_embeddings_dir(self, folder: str | Path) -> list[Embedding]:
+        """Load every embedding in ``folder`` (and below) that fits this model; the others are skipped."""
+        return self.embeddings.load_dir(folder, encoders=text_encoders(self.model))
+
+    def prompt_inputs(self, prompts: Sequence[str]) -> list:
+        """What the model's conditioner gets for ``prompts`` under :attr:`prompt_syntax`."""
+        return prompt_inputs(prompts, self.prompt_syntax, self.embeddings)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: str | Sequence[str], **inputs: Any) -> dict[str, torch.Tensor]:
+        """The conditioning of ``prompts`` as sampling uses it: weights, chunks and embeddings applied (with
+        ``prompt_syntax="a1111"``). Without ``inputs``: the text embedders' outputs (``crossattn``, and a text
+        ``vector`` where the model pools one); ``inputs``: the other batch entries the model's conditioner reads
+        (e.g. SDXL's sizes), for its whole conditioning dict."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        batch = {PROMPT_KEY: self.prompt_inputs(prompts), **inputs}
+        if inputs:
+            return self.encode_conditioning(batch)
+        with self._running(self.model.conditioner), self._autocast():
+            cond = self.model.conditioner(batch, only=(PROMPT_KEY,))
+        return {kind: value.float() for kind, value in cond.items()}
+
+    def _same_length(self, cond: dict, uncond: dict, inputs: dict) -> tuple[dict, dict]:
+        """Long prompts: the shorter of cond and uncond gets empty-prompt chunks until both have as many (A1111's
+        pad_cond_uncond), so that guidance runs them in one batch."""
+        a, b = cond.get("crossattn"), uncond.get("crossattn")
+        if a is None or b is None or a.shape[1] == b.shape[1]:
+            return cond, uncond
+        short_is_uncond = b.shape[1] < a.shape[1]
+        empty = self.encode_conditioning({**inputs, PROMPT_KEY: self.prompt_inputs([""] * len(a))},
+                                         unconditional=short_is_uncond)["crossattn"]
+        short = uncond if short_is_uncond else cond
+        missing = abs(a.shape[1] - b.shape[1])
+        if missing % empty.shape[1]:
+            raise ValueError(f"prompt and negative prompt encode to {a.shape[1]} and {b.shape[1]} tokens, which "
+                             f"no whole number of {empty.shape[1]}-token chunks evens out")
+        short = {**short, "crossattn": torch.cat([short["crossattn"],
+                                                  empty.repeat(1, missing // empty.shape[1], 1)], dim=1)}
+        return (cond, short) if short_is_uncond else (short, uncond)
+
     @torch.no_grad()
     def encode_conditioning(self, inputs: dict[str, Any], unconditional: bool = False) -> dict[str, torch.Tensor]:
         """The model's conditioning dict of ``inputs`` (``txt``: the prompts, and what else the model's conditioner
@@ -607,6 +698,55 @@ class _Pipeline:
             x = init + mask * (x - init)  # exactly the original outside the mask
         return x
 
+    def _hires_batch(self, req: _Request, batch: slice, latents: torch.Tensor, callback,
+                     first_index: int) -> torch.Tensor:
+        """The hires fix's second pass over the first pass's ``latents`` (A1111's): upscale the latents, or
+        decode, resize with Lanczos and encode; then img2img at the larger size that runs exactly ``steps`` steps
+        (the tail of a ``steps / strength`` schedule), with new noise from each image's seed."""
+        hires = req.hires
+        big = replace(req, width=hires.width, height=hires.height, strength=hires.strength, hires=None)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in req.seeds[batch]]
+        f = self.downsample_factor
+        if hires.upscaler == "image":
+            pixels = torch.stack([image_to_tensor(image, (hires.width, hires.height))
+                                  for image in tensor_to_images(self._decode(latents))])
+            init = self._encode(pixels, generators)
+        else:
+            mode = "nearest" if hires.upscaler == "latent-nearest" else "bilinear"
+            init = F.interpolate(latents, size=(hires.height // f, hires.width // f), mode=mode,
+                                 **({} if mode == "nearest" else {"align_corners": False}))
+        noise = _samplers.randn_like(torch.empty(init.shape), generators).to(self.device)
+        spec = _samplers.get_sampler(req.sampler)
+        steps = hires.steps or req.steps
+        total = int(steps / min(hires.strength, 0.999))
+        sigmas = self.sigmas(spec, total)[total - steps:].to(self.device)
+        cond, uncond = self._conditioning(big, batch)
+        denoiser = self._denoiser(big, uncond, init, None, noise)
+        step_callback = None if callback is None else _BatchCallback(callback, first_index, len(init), steps)
+        options = {} if req.eta is None or "eta" not in inspect.signature(spec.fn).parameters else {"eta": req.eta}
+        with self._running(self.unet):
+            return _samplers.sample(spec, denoiser, noise, sigmas, init_latent=init, extra_args={"cond": cond},
+                                    callback=step_callback, generator=generators, **options)
+
+    def _hires(self, scale, strength, steps, upscaler, height: int, width: int) -> _Hires | None:
+        """The checked hires-fix settings (None without ``scale``); the larger size is rounded down to a multiple of
+        :attr:`size_multiple`."""
+        if scale is None:
+            return None
+        if not scale >= 1.0:  # NaN fails too
+            raise ValueError(f"hires scale {scale} is below 1: use e.g. 2 (twice the width and height)")
+        strength = _samplers.check_strength(strength, "hires strength")
+        if steps is not None:
+            steps = _samplers.check_steps(steps, "hires steps")
+        if upscaler not in HIRES_UPSCALERS:
+            raise ValueError(f"hires upscaler {upscaler!r} is unknown: use one of {', '.join(HIRES_UPSCALERS)}")
+        m = self.size_multiple
+        size = (int(width * scale) // m * m, int(height * scale) // m * m)
+        if size != (int(width * scale), int(height * scale)):
+            log.info("hires size %dx%d rounded down to %dx%d (multiples of %d)", int(width * scale),
+                     int(height * scale), size[0], size[1], m)
+        return _Hires(float(scale), strength, steps, upscaler, *size)
+
     def sigmas(self, sampler: str | _samplers.SamplerSpec, steps: int) -> torch.Tensor:
         """The sampler's sigma schedule for this model; a zero-terminal-SNR model gets "trailing" spacing
         in place of the default one (Lin et al. 2023), so that sampling starts from pure noise."""
@@ -631,13 +771,15 @@ class _Pipeline:
         """The model's conditioning of the prompts ``batch`` and, with guidance, of their negative prompts. A
         9-channel inpainting UNet also reads the mask and the masked image's latents (for txt2img/img2img: the
         whole image masked)."""
-        inputs: dict[str, Any] = {PROMPT_KEY: req.prompts[batch]}
+        inputs: dict[str, Any] = {PROMPT_KEY: self.prompt_inputs(req.prompts[batch])}
         if self.is_inpainting_model:
             inputs.update(self._inpainting_inputs(req, batch, len(inputs[PROMPT_KEY])))
         cond = self.encode_conditioning(inputs)
         if req.guidance_scale == 1.0:
             return cond, None
-        return cond, self.encode_conditioning({**inputs, PROMPT_KEY: req.negative_prompts[batch]}, unconditional=True)
+        uncond = self.encode_conditioning({**inputs, PROMPT_KEY: self.prompt_inputs(req.negative_prompts[batch])},
+                                          unconditional=True)
+        return self._same_length(cond, uncond, inputs)
 
     def _inpainting_inputs(self, req: _Request, batch: slice, n: int) -> dict[str, torch.Tensor]:
         """``mask`` (1 = repaint, image size) and ``masked_image_latents`` for an inpainting UNet."""
@@ -715,12 +857,22 @@ class Text2Image(_Pipeline):
                  height: int | None = None, width: int | None = None, steps: int = 20,
                  sampler: str = DEFAULT_SAMPLER, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  eta: float = 0.0, seeds: int | Sequence[int] | None = None, batch_size: int | None = None,
-                 callback: Callable[[dict], None] | None = None) -> PipelineOutput:
+                 callback: Callable[[dict], None] | None = None, hires_scale: float | None = None,
+                 hires_strength: float = 0.7, hires_steps: int | None = None,
+                 hires_upscaler: str = "latent") -> PipelineOutput:
         """One image per prompt. ``seeds``: an int s (image i gets s + i), one per image, or None (random).
         ``batch_size``: images per forward pass (default all). ``callback(info)`` after every sampler step,
-        ``info`` holding the sampler's fields (``i``, ``sigma``, ...) plus ``batch_start`` and ``batch_size``."""
+        ``info`` holding the sampler's fields (``i``, ``sigma``, ...) plus ``batch_start`` and ``batch_size``.
+
+        Hires fix (A1111's): with ``hires_scale`` (e.g. 2) each image is sampled at ``height`` x ``width``, then
+        upscaled (``hires_upscaler``: "latent" bilinear on the latents, "latent-nearest", or "image": decoded and
+        resized with Lanczos) and sampled again as img2img with ``hires_strength`` for ``hires_steps`` steps
+        (default: ``steps``). The parameters record the first pass's size, as A1111 does."""
         req = self._request(prompts, negative_prompts, height, width, steps, sampler, guidance_scale,
                             guidance_rescale, eta, seeds, batch_size)
+        req.hires = self._hires(hires_scale, hires_strength, hires_steps, hires_upscaler, req.height, req.width)
+        if req.hires is not None:  # the second pass decodes at the larger size
+            self.check_memory(min(req.batch_size, len(req.prompts)), req.hires.height, req.hires.width)
         return self._run(req, callback)
 
 

@@ -1,2 +1,3 @@
 """Adapters on the plain layers of :mod:`ldm.models`: LoRA / LoCon / LoHa / LoKr merged into the weights
-(:mod:`ldm.adapters.lora`) and a separate VAE file (:mod:`ldm.adapters.vae`)."""
+(:mod:`.lora`), a separate VAE file (:mod:`.vae`), prompt weighting and long prompts (:mod:`.prompts`), textual
+inversion embeddings (:mod:`.embeddings`)."""

@@ -48,10 +48,14 @@ _LABELS = {
     "guidance_rescale": "Guidance rescale",
     "mask": "Mask",
     "lora_hashes": "Lora hashes",
+    "hires_scale": "Hires upscale",
+    "hires_steps": "Hires steps",
+    "hires_upscaler": "Hires upscaler",
+    "ti_hashes": "TI hashes",
 }
 _KEYS = {label: key for key, label in _LABELS.items()}
-_INT_KEYS = ("steps", "seed")
-_FLOAT_KEYS = ("cfg_scale", "strength", "eta", "guidance_rescale")
+_INT_KEYS = ("steps", "seed", "hires_steps")
+_FLOAT_KEYS = ("cfg_scale", "strength", "eta", "guidance_rescale", "hires_scale")
 # "Label: value" pairs of the last line; a value is a JSON string or runs to the next comma
 _PARAM_RE = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 _NEGATIVE = "Negative prompt:"

@@ -64,6 +64,16 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="img2img: how much to change the init image, in (0, 1] (default 0.75; 1.0 with --mask)")
     g.add_argument(*_names("--mask"), default=None, help="inpainting mask, white = repaint (needs --init-img)")
 
+    g = p.add_argument_group("prompt syntax and embeddings")
+    g.add_argument(*_names("--prompt-syntax"), dest="prompt_syntax", default="a1111", choices=("a1111", "plain"),
+                   help="a1111 (default): (word:1.2) / (word) / [word] weights, BREAK, prompts over 75 tokens in "
+                        "chunks, embeddings by name; plain: the prompt goes to the text encoder as it is")
+    g.add_argument(*_names("--embedding"), dest="embeddings", action="append", default=[], metavar="FILE",
+                   help="textual-inversion embedding (.pt, .safetensors, learned_embeds.bin), called in the prompt "
+                        "by its file name; repeatable")
+    g.add_argument(*_names("--embeddings-dir"), dest="embeddings_dir", default=None, metavar="DIR",
+                   help="load every embedding in DIR that fits the model")
+
     g = p.add_argument_group("sampling")
     g.add_argument(*_names("--n_samples"), type=int, default=4, help="images per batch (default %(default)s)")
     g.add_argument(*_names("--n_iter"), type=int, default=1, help="batches: rows of the grid (default %(default)s)")
@@ -86,9 +96,22 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     g.add_argument("--H", type=int, default=None, help="height in pixels (default: the model's size)")
     g.add_argument("--W", type=int, default=None, help="width in pixels (default: the model's size)")
 
+    g = p.add_argument_group("hires fix (txt2img)")
+    g.add_argument(*_names("--hires-scale"), dest="hires_scale", type=float, default=None, metavar="SCALE",
+                   help="sample, upscale by SCALE (e.g. 2) and sample again as img2img at the larger size")
+    g.add_argument(*_names("--hires-strength"), dest="hires_strength", type=float, default=0.7,
+                   help="denoising strength of the second pass, in (0, 1] (default %(default)s)")
+    g.add_argument(*_names("--hires-steps"), dest="hires_steps", type=int, default=None,
+                   help="steps of the second pass (default: --steps)")
+    g.add_argument(*_names("--hires-upscaler"), dest="hires_upscaler", default="latent",
+                   choices=("latent", "latent-nearest", "image"),
+                   help="latent (default): resize the latents (bilinear; latent-nearest: nearest); image: decode, "
+                        "resize with Lanczos and encode")
+
     g = p.add_argument_group("model")
     g.add_argument(*_names("--ckpt"), default=None,
-                   help=f"checkpoint (.safetensors or .ckpt); default: the embedded demo model {DEFAULT_CKPT}")
+                   help=f"checkpoint (.safetensors or .ckpt) or a diffusers pipeline folder; default: the embedded "
+                        f"demo model {DEFAULT_CKPT}")
     g.add_argument(*_names("--config"), default=None, help="model config YAML (default: inferred from the file)")
     ema = g.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="use_ema", action="store_true", default=None, help="use the EMA weights")
@@ -248,12 +271,34 @@ def check_args(args: argparse.Namespace) -> None:
     if args.mask is not None and args.init_img is None:
         raise UsageError("--mask needs --init-img (the image to repaint)")
     _owner_check(check_guidance_rescale, args.guidance_rescale, "--guidance-rescale")
+    if args.hires_scale is not None:
+        if args.init_img is not None:
+            raise UsageError("--hires-scale is for txt2img: drop it with --init-img (or upscale the init image)")
+        if not args.hires_scale >= 1:
+            raise UsageError(f"--hires-scale {args.hires_scale} is below 1: use e.g. 2")
+        _owner_check(check_strength, args.hires_strength, "--hires-strength")
+        if args.hires_steps is not None:
+            _owner_check(check_steps, args.hires_steps, "--hires-steps")
+    elif args.hires_steps is not None or args.hires_strength != 0.7 or args.hires_upscaler != "latent":
+        raise UsageError("--hires-strength, --hires-steps and --hires-upscaler need --hires-scale (e.g. 2)")
     if args.seed >= 0:
         _owner_check(check_seed, args.seed, "--seed")
     _owner_check(check_eta, args.eta, "--eta")
     _check_sampler(args.sampler)
-    _require_file(args.ckpt, "checkpoint", "--ckpt")
+    if args.ckpt is not None and Path(args.ckpt).is_dir():
+        if not (Path(args.ckpt) / "model_index.json").is_file():
+            raise UsageError(f"{args.ckpt} is a folder without model_index.json: pass a checkpoint file or a "
+                             "diffusers pipeline folder (--ckpt)")
+    else:
+        _require_file(args.ckpt, "checkpoint", "--ckpt")
     _require_file(args.vae, "VAE file", "--vae")
+    for path in args.embeddings:
+        _require_file(path, "embedding", "--embedding")
+    if args.embeddings_dir is not None and not Path(args.embeddings_dir).is_dir():
+        raise UsageError(f"embeddings folder not found: {args.embeddings_dir} (check --embeddings-dir)")
+    if args.prompt_syntax == "plain" and (args.embeddings or args.embeddings_dir):
+        raise UsageError("embeddings are called by name in the prompt, which --prompt-syntax plain does not read: "
+                         "drop --prompt-syntax plain")
     if args.config is not None:
         from ldm.config import find_config
 
@@ -326,16 +371,23 @@ def load_pipeline(args: argparse.Namespace):
                                attention=args.attention, attention_slicing=args.attention_slicing,
                                vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
                                channels_last=args.channels_last, compile=args.compile,
-                               unet_weights=args.unet_weights, vae_precision=args.vae_precision)
+                               unet_weights=args.unet_weights, vae_precision=args.vae_precision,
+                               prompt_syntax=args.prompt_syntax)
     if args.vae is not None:
         pipe.load_vae(args.vae)
     pipe.lora_dir = args.lora_dir
     for value in args.lora:
         path, weight = parse_lora_arg(value)
         pipe.load_lora(path, weight)
+    if args.embeddings_dir is not None:
+        pipe.load_embeddings_dir(args.embeddings_dir)
+    for path in args.embeddings:
+        pipe.load_embedding(path)
     pipe.memory_check = not args.no_limits
     if _task(args) == "txt2img":  # before the first image (img2img sizes follow the image: the pipeline checks)
-        pipe.check_memory(args.n_samples, args.H or pipe.default_size, args.W or pipe.default_size)
+        scale = args.hires_scale or 1  # the hires pass decodes at the larger size
+        pipe.check_memory(args.n_samples, int((args.H or pipe.default_size) * scale),
+                          int((args.W or pipe.default_size) * scale))
     m = pipe.size_multiple
     for flag, value in (("--H", args.H), ("--W", args.W)):
         if value is not None and value % m:
@@ -383,6 +435,9 @@ def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
         kwargs["strength"] = args.strength if args.strength is not None else (1.0 if task == "inpaint" else 0.75)
     if task == "inpaint":
         kwargs["masks"] = Image.open(args.mask).convert("L")
+    if args.hires_scale is not None:
+        kwargs.update(hires_scale=args.hires_scale, hires_strength=args.hires_strength, hires_steps=args.hires_steps,
+                      hires_upscaler=args.hires_upscaler)
     return kwargs
 
 

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from ldm.config import instantiate_from_config, to_plain
-from ldm.models.text_encoder import OpenCLIPTextEncoder, _is_plain_block, _plain_block_forward
+from ldm.models.text_encoder import (OpenCLIPTextEncoder, _is_plain_block, _is_prompt_objects,
+                                     _plain_block_forward, emphasize)
 from ldm.models.unet import timestep_embedding
 
 __all__ = ["Conditioner", "EmbedderSpec", "TextEmbedder", "ConcatTimestepEmbedderND", "InpaintingConcat",
@@ -243,7 +244,8 @@ class TextEmbedder(OpenCLIPTextEncoder):
         if pooled and getattr(self.model, "text_projection", None) is None:
             raise ValueError("pooled=true needs the tower's text_projection: set projection=true")
         if pooled and self.long_prompts != "truncate":
-            raise ValueError("pooled=true encodes one window per prompt: use long_prompts='truncate'")
+            raise ValueError("pooled=true encodes one window per prompt: use long_prompts='truncate' (prompt "
+                             "objects of ldm.adapters.prompts chunk long prompts and pool the first window)")
         self.pooled = pooled
         if pooled and not self.frozen:  # the projection is used now: train it with the rest
             self.model.text_projection.requires_grad_(True)
@@ -251,18 +253,32 @@ class TextEmbedder(OpenCLIPTextEncoder):
     def forward(self, prompts: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not self.pooled:
             return self.encode(prompts)
-        tokens = self.tokenize(prompts).to(self.model.token_embedding.weight.device)
-        context, last = self._context_and_last(tokens)
-        eot = tokens.argmax(dim=-1)  # the end-of-text id is the largest id
-        pooled = last[torch.arange(len(tokens), device=last.device), eot]
+        weights = embeddings = None
+        if _is_prompt_objects(prompts):  # weighted / chunked / textual inversion (ldm.adapters.prompts)
+            tokens, weights, embeddings = self.tokenize_prompts(prompts)
+            embeddings = None if embeddings is None else embeddings.reshape(-1, self.max_length, self.width)
+        else:
+            tokens = self.tokenize(prompts).to(self.model.token_embedding.weight.device)
+        batch, length = tokens.shape
+        context, last = self._context_and_last(tokens.reshape(-1, self.max_length), embeddings)
+        if weights is not None:
+            context = emphasize(context, weights.reshape(-1, self.max_length))
+        context = context.reshape(batch, length, self.width)
+        last = last.reshape(batch, -1, self.max_length, self.width)[:, 0]  # the first window pools (as A1111)
+        eot = tokens[:, :self.max_length].argmax(dim=-1)  # the end-of-text id is the largest id
+        pooled = last[torch.arange(batch, device=last.device), eot]
         projection = self.model.text_projection
         pooled = projection(pooled) if isinstance(projection, nn.Module) else pooled @ projection
         return context, pooled
 
-    def _context_and_last(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ln_final of the output of block ``layer`` (the context) and of the last block (for pooling)."""
+    def _context_and_last(self, tokens: torch.Tensor, token_embeddings: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """ln_final of the output of block ``layer`` (the context) and of the last block (for pooling);
+        ``token_embeddings`` in place of ``token_embedding(tokens)`` when given."""
         model, length = self.model, tokens.shape[1]
-        x = model.token_embedding(tokens) + model.positional_embedding[:length]
+        if token_embeddings is None:
+            token_embeddings = model.token_embedding(tokens)
+        x = token_embeddings + model.positional_embedding[:length]
         mask = model.attn_mask[:length, :length]
         context = None
         for n, block in enumerate(model.transformer.resblocks, start=1):

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import open_clip
 import torch
@@ -31,6 +31,8 @@ from ldm.io import CheckpointError, check_state_dict, read_state_dict
 
 __all__ = [
     "OpenCLIPTextEncoder",
+    "PromptTokens",
+    "emphasize",
     "register_text_archs",
     "text_arch_config",
 ]
@@ -132,6 +134,38 @@ def _as_prompt_list(prompts: str | Sequence[str]) -> list[str]:
         if not isinstance(p, str):
             raise TypeError(f"prompt {i} is a {type(p).__name__}, not a str: pass a list of strings")
     return prompts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts given as tokens (weighting, long prompts, textual inversion: ldm.adapters.prompts)
+# ----------------------------------------------------------------------------------------------------------
+
+class PromptTokens(NamedTuple):
+    """One prompt as an encoder takes it beyond a string: its windows of token ids (each without the start and
+    end tokens, at most ``max_length - 2`` ids), a weight per id, and token embeddings to put in place of some ids
+    (textual inversion): ``(window, position in the window, [n, width] vectors)``, position 0 being the first id
+    after the start token."""
+
+    windows: list[list[int]]
+    weights: list[list[float]]
+    vectors: Sequence[tuple[int, int, torch.Tensor]] = ()
+
+
+def _is_prompt_objects(prompts: Any) -> bool:
+    """A list holding prompt objects that tokenize themselves (``item.prompt_tokens(encoder) -> PromptTokens``)."""
+    return (not isinstance(prompts, str) and isinstance(prompts, Sequence)
+            and any(hasattr(p, "prompt_tokens") for p in prompts))
+
+
+def emphasize(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's "Original" emphasis: the hidden states ``z`` [N, L, D] of N windows times their per-token weights
+    [N, L], each window then rescaled so that its mean is what it was (``z *= old_mean / new_mean``). The means
+    are taken per window (A1111 takes them over the batch of one window; for one prompt that is the same)."""
+    weights = weights.to(z.device, z.dtype)
+    old_mean = z.mean(dim=(1, 2), keepdim=True)
+    z = z * weights[..., None]
+    new_mean = z.mean(dim=(1, 2), keepdim=True)
+    return z * torch.where(new_mean == 0, 1.0, old_mean / new_mean)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,22 +278,74 @@ class OpenCLIPTextEncoder(nn.Module):
     def tokenize(self, prompts: str | Sequence[str]) -> torch.Tensor:
         """Token ids ``[B, max_length * k]`` exactly as encoded (k = 1 unless ``long_prompts="chunk"``)."""
         tokenizer = _bpe_tokenizer()
-        body = self.max_length - 2
         ids = [tokenizer.encode(p) for p in _as_prompt_list(prompts)]
-        if self.long_prompts == "truncate":
-            _warn_cut(ids, body)
-            windows = [[seq[:body]] for seq in ids]
-        else:
-            windows = [[seq[s:s + body] for s in range(0, len(seq), body)] or [[]] for seq in ids]
-            count = max(len(w) for w in windows)
-            windows = [w + [[]] * (count - len(w)) for w in windows]
+        windows = self._split(ids)
+        count = max(len(w) for w in windows)
+        windows = [w + [[]] * (count - len(w)) for w in windows]
         rows = [[t for window in item for t in self._wrap(window)] for item in windows]
         return torch.tensor(rows, dtype=torch.long)
+
+    def _split(self, ids: list[list[int]]) -> list[list[list[int]]]:
+        """Each prompt's ids as windows of ``max_length - 2``: the first only (truncate) or all (chunk)."""
+        body = self.max_length - 2
+        if self.long_prompts == "truncate":
+            _warn_cut(ids, body)
+            return [[seq[:body]] for seq in ids]
+        return [[seq[s:s + body] for s in range(0, len(seq), body)] or [[]] for seq in ids]
 
     def _wrap(self, window: list[int]) -> list[int]:
         tokenizer = _bpe_tokenizer()
         ids = [tokenizer.sot_token_id, *window, tokenizer.eot_token_id]
         return ids + [self.pad_id] * (self.max_length - len(ids))
+
+    @property
+    def tokenizer(self) -> SimpleTokenizer:
+        """The CLIP BPE tokenizer this encoder's ids come from."""
+        return _bpe_tokenizer()
+
+    def tokenize_prompts(self, prompts: Sequence[Any]
+                         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Prompt objects (``item.prompt_tokens(self)`` gives a :class:`PromptTokens`; plain strings are tokenized
+        as :meth:`tokenize` does) -> ``(tokens [B, max_length * k], weights [B, max_length * k] or None when all are
+        1, token_embeddings [B, max_length * k, width] or None when no vectors are placed)``. Every prompt is padded
+        with empty windows to the batch's largest window count."""
+        body = self.max_length - 2
+        items = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                windows = self._split([self.tokenizer.encode(prompt)])[0]
+                items.append(PromptTokens(windows, [[1.0] * len(w) for w in windows]))
+            elif hasattr(prompt, "prompt_tokens"):
+                items.append(prompt.prompt_tokens(self))
+            else:
+                raise TypeError(f"prompt {i} is a {type(prompt).__name__}: pass strings or prompt objects")
+        for i, item in enumerate(items):
+            if not item.windows or any(len(w) > body or len(w) != len(m) for w, m in zip(item.windows, item.weights)):
+                raise ValueError(f"prompt {i}: its token windows must be 1 or more lists of at most {body} ids, "
+                                 "each with as many weights")
+        count = max(len(item.windows) for item in items)
+        rows, weight_rows = [], []
+        for item in items:
+            windows = item.windows + [[]] * (count - len(item.windows))
+            weights = item.weights + [[]] * (count - len(item.weights))
+            rows.append([t for w in windows for t in self._wrap(w)])
+            weight_rows.append([x for m in weights for x in [1.0, *m] + [1.0] * (self.max_length - 1 - len(m))])
+        device = self.model.token_embedding.weight.device
+        tokens = torch.tensor(rows, dtype=torch.long, device=device)
+        weights = torch.tensor(weight_rows, dtype=torch.float32)
+        weights = None if bool((weights == 1).all()) else weights.to(device)
+        embeddings = None
+        if any(item.vectors for item in items):
+            embeddings = self.model.token_embedding(tokens)
+            for b, item in enumerate(items):
+                for window, position, vectors in item.vectors:
+                    start = window * self.max_length + 1 + position
+                    if vectors.ndim != 2 or vectors.shape[1] != self.width or position + len(vectors) > body:
+                        raise ValueError(f"prompt {b}: token vectors of shape {tuple(vectors.shape)} at window "
+                                         f"{window} position {position} do not fit this encoder (width "
+                                         f"{self.width}, {body} ids per window)")
+                    embeddings[b, start:start + len(vectors)] = vectors.to(embeddings.device, embeddings.dtype)
+        return tokens, weights, embeddings
 
     # --- forward ---
 
@@ -267,21 +353,37 @@ class OpenCLIPTextEncoder(nn.Module):
         return self.encode(prompts)
 
     def encode(self, prompts: str | Sequence[str]) -> torch.Tensor:
-        """Prompts -> ``[B, max_length * k, width]`` (k = 1 unless long prompts are chunked)."""
+        """Prompts -> ``[B, max_length * k, width]`` (k = 1 unless long prompts are chunked). Prompt objects
+        (:meth:`tokenize_prompts`) bring their own windows, weights and token vectors."""
+        if _is_prompt_objects(prompts):
+            tokens, weights, embeddings = self.tokenize_prompts(prompts)
+            return self.encode_tokens(tokens, weights=weights, token_embeddings=embeddings)
         return self.encode_tokens(self.tokenize(prompts))
 
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token ids ``[B, max_length * k]`` -> ``[B, max_length * k, width]``; each window encoded alone."""
+    def encode_tokens(self, tokens: torch.Tensor, weights: torch.Tensor | None = None,
+                      token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids ``[B, max_length * k]`` -> ``[B, max_length * k, width]``; each window encoded alone.
+
+        ``weights`` [B, max_length * k]: per-token multipliers of the output, each window's mean restored
+        (:func:`emphasize`); ``token_embeddings`` [B, max_length * k, width]: the input token embeddings to use in
+        place of ``token_embedding(tokens)`` (textual inversion vectors placed in them)."""
         if tokens.ndim != 2 or tokens.shape[1] == 0 or tokens.shape[1] % self.max_length:
             raise ValueError(f"tokens of shape {tuple(tokens.shape)} do not fit: pass [batch, k * "
                              f"{self.max_length}] ids as returned by tokenize()")
         batch, length = tokens.shape
         windows = tokens.reshape(-1, self.max_length).to(self.model.token_embedding.weight.device)
-        return self._encode_windows(windows).reshape(batch, length, self.width)
+        if token_embeddings is not None:
+            token_embeddings = token_embeddings.reshape(-1, self.max_length, self.width)
+        z = self._encode_windows(windows, token_embeddings)
+        if weights is not None:
+            z = emphasize(z, weights.reshape(-1, self.max_length))
+        return z.reshape(batch, length, self.width)
 
-    def _encode_windows(self, tokens: torch.Tensor) -> torch.Tensor:
+    def _encode_windows(self, tokens: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         model, length = self.model, tokens.shape[1]
-        x = model.token_embedding(tokens) + model.positional_embedding[:length]  # [N, L, D]
+        if token_embeddings is None:
+            token_embeddings = model.token_embedding(tokens)
+        x = token_embeddings + model.positional_embedding[:length]  # [N, L, D]
         mask = model.attn_mask[:length, :length]
         batch_first = getattr(model.transformer, "batch_first", False)
         for block in model.transformer.resblocks[:self.layers_run]:
