@@ -48,7 +48,10 @@ def folders(tmp_path_factory, tiny_ckpt):  # noqa: F811
     outside = root / "outside.safetensors"
     shutil.copy(tiny_ckpt, outside)
     (models / "escape.safetensors").symlink_to(outside)
-    shutil.copy(outside, loras / "style.safetensors")
+    from test_lora import make_lora, save  # a real kohya LoRA for the tiny model
+
+    from tiny_models import tiny_model
+    save(make_lora(tiny_model())[0], loras / "style.safetensors")
     from safetensors.torch import save_file
     save_file({"emb_params": torch.zeros(2, 32)}, embeddings / "shiny.safetensors")
     return {"root": root, "models": models, "loras": loras, "embeddings": embeddings, "outside": outside,
@@ -188,7 +191,7 @@ def test_listings(client, folders):
     assert models[0]["hash"] == models[0]["sha256"][:10]
     assert client.get("/sdapi/v1/loras").json()[0]["name"] == "style"
     embeddings = client.get("/sdapi/v1/embeddings").json()
-    assert embeddings["skipped"]["shiny"]["vectors"] == 2 and embeddings["skipped"]["shiny"]["shape"] == 32
+    assert embeddings["loaded"]["shiny"]["vectors"] == 2 and embeddings["loaded"]["shiny"]["shape"] == 32
     assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny.safetensors"
 
@@ -212,17 +215,23 @@ def test_switching_models_and_names_that_escape_their_folder(client, folders):
         "prompt": "a <lora:../outside:1>", **FAST}), "prompt")
 
 
-def test_loras_and_embeddings_in_prompts_are_refused_while_the_pipeline_cannot_apply_them(client):
-    from ldm.pipeline import Text2Image
+def test_loras_and_embeddings_in_prompts_are_applied(client):
+    """A <lora:...> tag merges the LoRA of --lora-dir for that request (A1111's Lora hashes in the infotext), an
+    embedding of --embeddings-dir is called by its name; the same seed without them gives the plain image."""
+    def txt2img(prompt):
+        response = client.post("/sdapi/v1/txt2img", json={"prompt": prompt, "seed": 3, **FAST})
+        assert response.status_code == 200, response.text
+        return response.json()["images"][0], json.loads(response.json()["info"])["infotexts"][0]
 
-    if hasattr(Text2Image, "load_lora") or hasattr(Text2Image, "load_embedding"):
-        pytest.skip("the pipeline applies LoRAs / embeddings: the server's refusal is gone")
-    msg = _field_error(client.post("/sdapi/v1/txt2img", json={"prompt": "a <lora:style:0.8> cat", **FAST}), "prompt")
-    assert "cannot apply LoRAs" in msg
-    msg = _field_error(client.post("/sdapi/v1/txt2img", json={"prompt": "x", "negative_prompt": "shiny", **FAST}),
-                       "negative_prompt")
-    assert "embedding 'shiny'" in msg
-    assert client.post("/sdapi/v1/txt2img", json={"prompt": "shinyness", **FAST}).status_code == 200
+    plain, _ = txt2img("a cat")
+    styled, info = txt2img("a cat <lora:style:0.8>")
+    assert styled != plain and 'Lora hashes: "style: ' in info and "<lora:style:0.8>" in info
+    assert txt2img("a cat")[0] == plain  # the LoRA is taken off again for the next request
+    assert client.get("/sdapi/v1/embeddings").json()["loaded"]["shiny"]["vectors"] == 2
+    shiny, info = txt2img("a shiny cat")
+    assert "TI hashes" in info and "shiny" in info
+    msg = _field_error(client.post("/sdapi/v1/txt2img", json={"prompt": "a <lora:nope:1> cat", **FAST}), "prompt")
+    assert "LoRA 'nope'" in msg and "--lora-dir" in msg
 
 
 def test_auth_guards_every_route(make_client):

@@ -197,12 +197,6 @@ def _fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
 # the app
 # ------------------------------------------------------------------------------------------------------------
 
-def _pipeline_supports(method: str) -> bool:
-    from ldm.pipeline import Text2Image
-
-    return callable(getattr(Text2Image, method, None))
-
-
 class Server:
     """The routes' shared state: the config, the model files, the worker."""
 
@@ -215,7 +209,11 @@ class Server:
     def _load(self, path: Path):
         from ldm.pipeline import Text2Image
 
-        return Text2Image.from_checkpoint(path, device=self.config.device, precision=self.config.precision)
+        pipe = Text2Image.from_checkpoint(path, device=self.config.device, precision=self.config.precision)
+        pipe.lora_dir = self.config.lora_dir  # <lora:NAME:WEIGHT> tags are applied by the pipeline, per request
+        if self.config.embeddings_dir is not None:
+            pipe.load_embeddings_dir(self.config.embeddings_dir)  # those that fit this model; called by name
+        return pipe
 
     # ---- listings ---------------------------------------------------------------------------------------------
     def loras(self) -> dict[str, Path]:
@@ -263,24 +261,15 @@ class Server:
             raise reject("cfg_scale", "must be a finite number")
 
     def check_extra_networks(self, body: schema.Txt2ImgRequest) -> None:
-        """LoRA tags must name a file of --lora-dir and embeddings one of --embeddings-dir; while the pipeline
-        cannot apply them (no ``load_lora`` / ``load_embedding``), using one is a clear error, not ignored."""
-        for field in ("prompt", "negative_prompt"):
-            text = getattr(body, field)
-            loras = self.loras()
-            for match in _EXTRA_NETWORK.finditer(text):
-                name = match.group(2).strip()
-                if name not in loras:
-                    where = ("the server has no --lora-dir" if self.config.lora_dir is None else
-                             "not found in the server's --lora-dir; GET /sdapi/v1/loras lists them")
-                    raise reject(field, f"LoRA {name!r}: {where}")
-                if not _pipeline_supports("load_lora"):
-                    raise reject(field, f"{match.group(0)}: this build cannot apply LoRAs yet; remove the tag")
-            if not _pipeline_supports("load_embedding"):
-                for name in self.embeddings():
-                    if re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text):
-                        raise reject(field, f"embedding {name!r} in the prompt: this build cannot apply textual "
-                                            "inversion embeddings yet; remove the word")
+        """A ``<lora:NAME:...>`` tag of the prompt must name a file of --lora-dir (the pipeline merges it for the
+        request); a wrong name is the request's 422, before it waits in the queue."""
+        loras = self.loras()
+        for match in _EXTRA_NETWORK.finditer(body.prompt):
+            name = match.group(2).strip()
+            if name not in loras:
+                where = ("the server has no --lora-dir" if self.config.lora_dir is None else
+                         "not found in the server's --lora-dir; GET /sdapi/v1/loras lists them")
+                raise reject("prompt", f"LoRA {name!r}: {where}")
 
     def generation_job(self, kind: str, body: schema.Txt2ImgRequest) -> Job:
         self.check_limits(body)
@@ -449,10 +438,10 @@ def create_app(config: ServerConfig, worker: Worker | None = None, *, preload: b
 
     @app.get("/sdapi/v1/embeddings")
     async def embeddings():
+        loaded = server.worker.current_embeddings()
         items = {name: _embedding_item(path) for name, path in server.embeddings().items()}
-        if _pipeline_supports("load_embedding"):
-            return {"loaded": items, "skipped": {}}
-        return {"loaded": {}, "skipped": items}  # listed, but this build cannot apply them
+        return {"loaded": {k: v for k, v in items.items() if k in loaded},
+                "skipped": {k: v for k, v in items.items() if k not in loaded}}  # e.g. made for another model
 
     @app.get("/sdapi/v1/scripts")
     async def scripts():

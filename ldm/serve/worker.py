@@ -227,6 +227,11 @@ class Worker:
             self._cond.notify()
         return job.future
 
+    def current_embeddings(self) -> set[str]:
+        """The names of the embeddings the loaded model can use (empty before a model is loaded)."""
+        pipes = self._pipes
+        return {e.name for e in pipes["txt2img"].embeddings} if pipes else set()
+
     def interrupt(self) -> None:
         """Stop the running job after its current step (it returns the batches it finished)."""
         with self._cond:
