@@ -35,6 +35,7 @@ __all__ = [
     "materialize",
     "model_hash",
     "read_state_dict",
+    "read_training_checkpoint",
     "save_checkpoint",
 ]
 
@@ -168,21 +169,7 @@ def read_state_dict(path: str | os.PathLike, *, lazy: bool = False
     fmt = detect_format(path)
     if fmt == "safetensors":
         return _read_safetensors(path, lazy)
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            if lazy and fmt == "zip" and path.suffix != ".safetensors":
-                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            else:
-                # a file object, not the name: torch.load must not pick a reader from the file's extension
-                with open(path, "rb") as f:
-                    obj = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg, full = _first_line(e), str(e).lower()
-        if any(s in full for s in ("weights only", "weights_only", "unsupported global", "unpickl")):
-            raise CheckpointError(
-                f"refusing to load {path}: the pickle asks to run code or build objects that are not plain tensors "
-                f"({msg[:200]}); convert it to .safetensors from a trusted source") from e
-        raise CheckpointError(f"{path} is a corrupt or truncated checkpoint ({msg[:200]})") from e
+    obj = _torch_load(path, mmap=lazy and fmt == "zip" and path.suffix != ".safetensors")
     meta: dict[str, str] = {}
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         for k in ("global_step", "epoch"):
@@ -194,6 +181,41 @@ def read_state_dict(path: str | os.PathLike, *, lazy: bool = False
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors; is it a model checkpoint?")
     return dict(obj), meta
+
+
+def _torch_load(path: Path, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)`` of a torch file (memory-mapped with ``mmap``: a zip file's tensors are
+    not read); a refused pickle or a corrupt file is a one-line CheckpointError."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            if mmap:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            # a file object, not the name: torch.load must not pick a reader from the file's extension
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg, full = _first_line(e), str(e).lower()
+        if any(s in full for s in ("weights only", "weights_only", "unsupported global", "unpickl")):
+            raise CheckpointError(
+                f"refusing to load {path}: the pickle asks to run code or build objects that are not plain tensors "
+                f"({msg[:200]}); convert it to .safetensors from a trusted source") from e
+        raise CheckpointError(f"{path} is a corrupt or truncated checkpoint ({msg[:200]})") from e
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A training (Lightning) checkpoint, read weights-only and memory-mapped where it is a zip file, so that
+    checking one costs little; a CheckpointError unless it is a readable mapping with ``state_dict`` and
+    ``global_step``."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        raise CheckpointError(f"{path} is a safetensors file, not a training checkpoint; resume from a .ckpt "
+                              "in the run's checkpoints/ folder (or start from it with --init)")
+    obj = _torch_load(path, mmap=fmt == "zip")
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping) or "global_step" not in obj:
+        raise CheckpointError(f"{path} is not a training checkpoint (no state_dict and global_step); "
+                              "resume from a .ckpt in the run's checkpoints/ folder")
+    return dict(obj)
 
 
 def _first_line(e: BaseException) -> str:

@@ -306,3 +306,48 @@ def test_fsdp_with_ema_is_refused_before_work(monkeypatch):
     ldm.params.use_ema = False
     _check_fsdp({"strategy": "fsdp", "accelerator": "gpu"}, ldm)
     _check_fsdp({"strategy": "ddp"}, OmegaConf.create({"target": "x.y", "params": {"use_ema": True}}))
+
+
+# ---- resume from a damaged or hostile checkpoint ------------------------------------------------------------------
+class _Payload:
+    """Pickles as a call of os.system: a checkpoint that would run a command when unpickled without weights_only."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_falls_back_from_a_damaged_last_ckpt_or_stops_in_one_line(tmp_path):
+    base = tiny_run_config(tmp_path)
+    assert main(["--base", str(base), "--logdir", str(tmp_path / "logs"), "--name", "d", "--max_steps", "2",
+                 "lightning.callbacks.checkpoint.keep_last=-1"] + FAST) == 0
+    ckpts = tmp_path / "logs" / "d" / "checkpoints"
+    last, step1, step2 = ckpts / "last.ckpt", ckpts / "step-00000001.ckpt", ckpts / "step-00000002.ckpt"
+    for damaged in (last, step2):  # a crash in the middle of a write (of a copy made without the atomic writer)
+        with open(damaged, "r+b") as f:
+            f.truncate(damaged.stat().st_size // 2)
+    proc = run_train(["--resume", str(tmp_path / "logs" / "d"), "--max_steps", "3"] + FAST)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    warning = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln and "cannot resume from" in ln]
+    assert len(warning) == 1 and str(last) in warning[0] and str(step1) in warning[0], proc.stderr[-3000:]
+    assert last_step(tmp_path / "logs" / "d") == 3  # step 1 + 2 more: the new last.ckpt replaced the broken one
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-00000001.ckpt", "step-00000002.ckpt",
+                                                       "step-00000003.ckpt"]  # replaced, no -v1 copies beside
+    assert torch.load(step2, weights_only=True)["global_step"] == 2
+
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {}, "global_step": 9, "payload": _Payload(marker)}, last)
+    for other in ckpts.glob("step-*.ckpt"):
+        other.unlink()
+    proc = run_train(["--resume", str(tmp_path / "logs" / "d"), "--max_steps", "4"] + FAST)
+    errors = [ln for ln in proc.stderr.splitlines() if "ERROR" in ln]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "refusing to load" in errors[0] and str(last) in errors[0], proc.stderr[-3000:]
+    assert not marker.exists()
+    # an explicitly named checkpoint that is damaged is not swapped for another one
+    with open(last, "wb") as f:
+        f.write(b"PK\x03\x04" + bytes(100))
+    (ckpts / "step-00000003.ckpt").write_bytes(last.read_bytes())
+    assert main(["--resume", str(ckpts / "step-00000003.ckpt"), "--max_steps", "4"] + FAST) == 2

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import CONFIG_DIR, ConfigError, check_config, get_obj_from_str, instantiate_from_config, load_config, to_plain
-from ldm.io import CheckpointError, atomic_write
+from ldm.io import CheckpointError, atomic_write, read_training_checkpoint
 
 log = logging.getLogger("ldm.train")
 
@@ -104,6 +104,35 @@ def resolve_run(args: argparse.Namespace) -> tuple[Path, Path | None, list[str]]
         raise CheckpointError(f"run folder {run_dir} already has checkpoints/last.ckpt; pass --resume to continue "
                               "it or choose another --name")
     return run_dir, None, bases
+
+
+def readable_checkpoint(ckpt: Path) -> Path:
+    """``ckpt`` if it reads as a training checkpoint. An unreadable ``last.ckpt`` (truncated by a crash, corrupt,
+    or a pickle that is refused) falls back, with a warning naming both files, to the readable checkpoint of its
+    folder with the highest step; with none, or for another file named by --resume, a one-line CheckpointError."""
+    try:
+        read_training_checkpoint(ckpt)
+        return ckpt
+    except CheckpointError as e:
+        if ckpt.name != "last.ckpt":
+            raise
+        error = e
+    readable = []
+    for other in ckpt.parent.glob("*.ckpt"):
+        if other.name == ckpt.name:
+            continue
+        try:
+            step = int(read_training_checkpoint(other)["global_step"])
+        except (CheckpointError, TypeError, ValueError):
+            continue
+        readable.append((step, other.stat().st_mtime, other))
+    if not readable:
+        raise CheckpointError(f"cannot resume: {error}; no other readable checkpoint in {ckpt.parent} to fall "
+                              "back to") from error
+    step, _, other = max(readable)
+    log.warning("cannot resume from %s (%s); resuming from %s instead (step %d), the newest readable checkpoint "
+                "of %s", ckpt, error, other, step, ckpt.parent)
+    return other
 
 
 def _name(args: argparse.Namespace, bases: Sequence[str] = ()) -> str:
@@ -301,6 +330,8 @@ def _split_overrides(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     run_dir, ckpt, bases = resolve_run(args)
+    if ckpt is not None:
+        ckpt = readable_checkpoint(ckpt)
     if args.export_only:
         return _export_only(run_dir, ckpt, args)
     cfg = build_config(args, bases)

@@ -64,14 +64,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def make_checkpoint_callback(dirpath: str | os.PathLike, every_n_train_steps: int = 1000,
                              keep_last: int = 3) -> ModelCheckpoint:
     """Save every ``every_n_train_steps`` optimizer steps: ``step-XXXXXXXX.ckpt`` (the last ``keep_last``
-    kept, 0 = none, -1 = all) and always ``last.ckpt``."""
+    kept, 0 = none, -1 = all) and always ``last.ckpt``. A file of the same name is replaced, never kept beside
+    as ``-v1`` (the run folder is this run's: after a resume from an older or fallback checkpoint, ``last.ckpt``
+    is again the newest)."""
     if not isinstance(every_n_train_steps, int) or every_n_train_steps < 1:
         raise ValueError(f"every_n_train_steps={every_n_train_steps!r} must be a positive int")
     if not isinstance(keep_last, int) or keep_last < -1:
         raise ValueError(f"keep_last={keep_last!r} must be an int >= -1 (-1 keeps all)")
     return ModelCheckpoint(dirpath=str(dirpath), filename="step-{step:08d}", auto_insert_metric_name=False,
                            monitor="step", mode="max", save_top_k=keep_last, save_last=True,
-                           every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=False)
+                           every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=False,
+                           enable_version_counter=False)
 
 
 def make_lr_monitor(logging_interval: str = "step") -> LearningRateMonitor:
