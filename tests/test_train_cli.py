@@ -142,6 +142,20 @@ def test_resume_refuse_and_export_only(tmp_path, caplog):
     ("lightning.logger=wandb", "lightning.logger"),
     ("model.target=ldm.models.unet.Nope", "model.target"),
     ("lightning.trainer.strategy=fsdp", "lightning.trainer.strategy"),  # no CUDA here; FSDP needs it
+    # values checked against the constructors' annotations, before anything is built
+    ("lightning.trainer.max_steps=abc", "lightning.trainer.max_steps: 'abc' is not valid here; expected an int"),
+    ("model.params.base_learning_rate=fast", "model.params.base_learning_rate: 'fast' is not valid here; "
+                                             "expected a number"),
+    ("model.params.unet_config.params.channel_mult=abc", "model.params.unet_config.params.channel_mult: 'abc' "
+                                                         "is not valid here; expected a list of ints"),
+    ("model.params.unet_config.params.channel_mult=[1,x]", "channel_mult: [1, 'x']"),
+    ("model.params.use_ema=maybe", "model.params.use_ema: 'maybe' is not valid here; expected true or false"),
+    ("data.params.batch_size=2.5", "data.params.batch_size: 2.5"),
+    ("lightning.trainer.precision=17", "lightning.trainer.precision: 17 is not valid here; expected one of 64"),
+    ("lightning.callbacks.checkpoint.keep_last=all", "lightning.callbacks.checkpoint.keep_last: 'all'"),
+    ("model.params.first_stage_config.params.ddconfig=3", "ddconfig: 3 is not valid here; expected a mapping"),
+    # a value only Lightning can judge: its error, mapped back to the key, still before the model is built
+    ("lightning.trainer.max_time=abc", "lightning.trainer.max_time: not accepted by pytorch_lightning.Trainer"),
 ])
 def test_bad_config_fails_fast_naming_the_key(tmp_path, caplog, override, key):
     base = tiny_run_config(tmp_path)
@@ -162,12 +176,20 @@ def test_missing_required_value_and_bad_file(tmp_path, caplog):
     assert "model.params.sample_stepz" in caplog.text and "LatentDiffusionModule" in caplog.text
 
 
-def test_bad_config_in_a_subprocess_reports_one_error_line(tmp_path):
-    proc = run_train(["--base", str(tiny_run_config(tmp_path)), "--logdir", str(tmp_path), "model.params.ema_decay=7"])
+@pytest.mark.parametrize("args,key", [
+    (["model.params.ema_decay=7"], "ema_decay"),
+    (["--max_steps", "abc"], "lightning.trainer.max_steps: 'abc'"),
+    (["model.params.base_learning_rate=fast"], "model.params.base_learning_rate: 'fast'"),
+    (["model.params.unet_config.params.channel_mult=abc"], "model.params.unet_config.params.channel_mult: 'abc'"),
+])
+def test_bad_config_in_a_subprocess_reports_one_error_line(tmp_path, args, key):
+    proc = run_train(["--base", str(tiny_run_config(tmp_path)), "--logdir", str(tmp_path)] + args)
     assert proc.returncode == 2
     lines = proc.stderr.splitlines()
     errors = [ln for ln in lines if "ERROR" in ln]
-    assert len(errors) == 1 and "ema_decay" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and key in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    if key != "ema_decay":  # (a range the module checks when it is built)
+        assert "Seed set" not in proc.stderr  # refused before the seeding and the model
 
 
 # ---- the shipped configs ------------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import CONFIG_DIR, ConfigError, check_config, get_obj_from_str, instantiate_from_config, load_config, to_plain
+from ldm.config import (CONFIG_DIR, ConfigError, check_config, check_value, get_obj_from_str, instantiate_from_config,
+                        load_config, param_types, to_plain)
 from ldm.io import CheckpointError, atomic_write, read_training_checkpoint
 
 log = logging.getLogger("ldm.train")
@@ -262,6 +263,10 @@ def check_params(target: str, params: dict, path: str) -> None:
     for key in params:
         if key not in accepted:
             raise ConfigError(f"{path}.{key}: unknown parameter for {target} (accepted: {', '.join(sorted(accepted))})")
+    hints = param_types(fn)
+    for key, value in params.items():
+        if key in hints:
+            check_value(value, hints[key], f"{path}.{key}")
 
 
 def validate(cfg: DictConfig, callbacks: dict[str, dict]) -> None:
@@ -340,7 +345,12 @@ def _run(args: argparse.Namespace) -> int:
 
     import pytorch_lightning as pl
 
-    from ldm.training.callbacks import AtomicCheckpointIO, make_logger
+    from ldm.training.callbacks import make_logger
+
+    cb = [instantiate_from_config(node, f"lightning.callbacks.{key}") for key, node in callbacks.items()]
+    logger_kind = cfg.lightning.get("logger", "auto")
+    logger = make_logger(run_dir, logger_kind) if logger_kind else False
+    trainer = build_trainer(cfg, run_dir, logger, cb, enable_checkpointing="checkpoint" in callbacks)
 
     saved = cfg.get("seed")
     seed = args.seed if args.seed is not None else int(saved if saved is not None else DEFAULT_SEED)
@@ -361,19 +371,33 @@ def _run(args: argparse.Namespace) -> int:
     if hasattr(model, "run_config"):
         model.run_config = to_plain(cfg)
     data = instantiate_from_config(cfg.data, "data")
-    cb = [instantiate_from_config(node, f"lightning.callbacks.{key}") for key, node in callbacks.items()]
-    logger_kind = cfg.lightning.get("logger", "auto")
-    logger = make_logger(run_dir, logger_kind) if logger_kind else False
 
     if _is_global_zero():
         text = OmegaConf.to_yaml(cfg)
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     log.info("run folder %s%s", run_dir, f", resuming from {ckpt}" if ckpt else "")
-    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=cb,
-                         plugins=[AtomicCheckpointIO()], enable_checkpointing="checkpoint" in callbacks,
-                         **to_plain(cfg.lightning.trainer))
     trainer.fit(model, datamodule=data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     return 0
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list, enable_checkpointing: bool):
+    """The ``pytorch_lightning.Trainer`` of ``lightning.trainer`` (built before the model, so that a value only
+    Lightning can judge fails before the model's minutes of setup); its errors name the section's keys."""
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from ldm.training.callbacks import AtomicCheckpointIO
+
+    settings = to_plain(cfg.lightning.trainer)
+    try:
+        return pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=callbacks,
+                          plugins=[AtomicCheckpointIO()], enable_checkpointing=enable_checkpointing, **settings)
+    except (MisconfigurationException, ValueError, TypeError) as e:
+        named = [k for k in settings if k in str(e)]  # the key, else the one value the message quotes
+        named = named if len(named) == 1 else [k for k, v in settings.items() if repr(v) in str(e)]
+        where = (f"lightning.trainer.{named[0]}" if len(named) == 1 else
+                 f"lightning.trainer ({', '.join(f'{k}={v!r}' for k, v in settings.items())})")
+        raise ConfigError(f"{where}: not accepted by pytorch_lightning.Trainer: {str(e).strip().splitlines()[0]}") from e
 
 
 def _export_only(run_dir: Path, ckpt: Path | None, args: argparse.Namespace) -> int:
