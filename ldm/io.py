@@ -17,8 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -36,6 +39,7 @@ __all__ = [
     "model_hash",
     "read_state_dict",
     "read_training_checkpoint",
+    "remove_stale_temp_files",
     "save_checkpoint",
 ]
 
@@ -276,7 +280,8 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], Any]) -> Non
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    # the name says which process writes it, so that remove_stale_temp_files can tell an orphan
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     try:
         write_fn(tmp)
@@ -286,6 +291,60 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], Any]) -> Non
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# atomic_write's temporary files: ".<name>.<host>-<pid>.<8 random chars>.tmp" (before the writer was named in
+# them: ".<name>.<8 random chars>.tmp")
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<host>[A-Za-z0-9-]*?)-(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:40]
+
+
+def _writer() -> str:
+    return f"{_host()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no permission to signal it: it exists
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, min_age_s: float = 900.0) -> list[Path]:
+    """Delete the temporary files that interrupted :func:`atomic_write` calls left in ``folder`` (a crash or
+    ``kill -9`` in the middle of writing a checkpoint) and return their paths.
+
+    Only files named as the writer names them, and only those no process can still be writing: written by a
+    process of this host that is gone, or (another host's, on a shared file system, or of an older version that
+    named no process) not modified for ``min_age_s`` seconds.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed, now, host = [], time.time(), _host()
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        try:
+            if match["pid"] is not None and match["host"] == host:
+                stale = not _alive(int(match["pid"]))
+            else:
+                stale = now - path.stat().st_mtime > min_age_s
+            if stale:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # renamed or removed meanwhile
+            continue
+    return removed
 
 
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, *, config: Any = None,

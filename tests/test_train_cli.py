@@ -373,3 +373,47 @@ def test_resume_falls_back_from_a_damaged_last_ckpt_or_stops_in_one_line(tmp_pat
         f.write(b"PK\x03\x04" + bytes(100))
     (ckpts / "step-00000003.ckpt").write_bytes(last.read_bytes())
     assert main(["--resume", str(ckpts / "step-00000003.ckpt"), "--max_steps", "4"] + FAST) == 2
+
+
+class KillAt(pl.Callback):
+    """Ends the process at once after optimizer step ``step``, as ``kill -9`` would (no cleanup, no flush)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            os._exit(137)
+
+
+def _logged_steps(run: Path) -> list[int]:
+    import csv
+
+    with open(run / "logs" / "metrics.csv", newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def test_kill_keeps_metrics_to_the_last_checkpoint_and_resume_removes_orphaned_temp_files(tmp_path):
+    from ldm.io import _host
+
+    base = tiny_run_config(tmp_path)
+    run = tmp_path / "logs" / "k"
+    kill = "lightning.callbacks.kill={target: test_train_cli.KillAt, params: {step: 5}}"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--base", str(base), "--logdir",
+                             str(tmp_path / "logs"), "--name", "k", "--max_steps", "8",
+                             "lightning.callbacks.checkpoint.every_n_train_steps=2", kill] + FAST,
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 137, stderr[-3000:]
+    assert last_step(run) == 4
+    assert _logged_steps(run) == [0, 1, 2, 3]  # the 4 steps up to the checkpoint (Lightning counts from 0)
+    # what a kill in the middle of writing a checkpoint leaves: the writer's temporary file, named after it
+    orphan = run / "checkpoints" / f".last.ckpt.{_host()}-{proc.pid}.abcd1234.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    proc = run_train(["--resume", str(run), "--max_steps", "6", "lightning.callbacks.kill=false"] + FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not orphan.exists() and f"removed {orphan}" in proc.stderr
+    # the resumed run appends to metrics.csv (Lightning's CSV writer deleted the file of the run it resumed)
+    assert last_step(run) == 6 and _logged_steps(run) == [0, 1, 2, 3, 4, 5]  # each step once
+

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import (CONFIG_DIR, ConfigError, check_config, check_value, get_obj_from_str, instantiate_from_config,
                         load_config, param_types, to_plain)
-from ldm.io import CheckpointError, atomic_write, read_training_checkpoint
+from ldm.io import CheckpointError, atomic_write, read_training_checkpoint, remove_stale_temp_files
 
 log = logging.getLogger("ldm.train")
 
@@ -134,6 +134,14 @@ def readable_checkpoint(ckpt: Path) -> Path:
     log.warning("cannot resume from %s (%s); resuming from %s instead (step %d), the newest readable checkpoint "
                 "of %s", ckpt, error, other, step, ckpt.parent)
     return other
+
+
+def remove_orphans(run_dir: Path) -> None:
+    """Delete the temporary files of interrupted writes (a checkpoint, an export, a grid) that a crashed or
+    killed process of this run left in its folders; see :func:`ldm.io.remove_stale_temp_files`."""
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "images"):
+        for path in remove_stale_temp_files(folder):
+            log.info("removed %s, left by an interrupted write", path)
 
 
 def _name(args: argparse.Namespace, bases: Sequence[str] = ()) -> str:
@@ -335,6 +343,8 @@ def _split_overrides(args: argparse.Namespace) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     run_dir, ckpt, bases = resolve_run(args)
+    if _is_global_zero():
+        remove_orphans(run_dir)
     if ckpt is not None:
         ckpt = readable_checkpoint(ckpt)
     if args.export_only:

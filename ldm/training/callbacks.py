@@ -10,6 +10,7 @@ Run directory layout (``<logdir>/<name>/``)::
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -21,7 +22,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -83,8 +87,8 @@ def make_lr_monitor(logging_interval: str = "step") -> LearningRateMonitor:
 
 def make_logger(save_dir: str | os.PathLike, kind: str = "auto"):
     """TensorBoard (``kind="tensorboard"``, or ``"auto"`` when it is installed), else CSV, under
-    ``<save_dir>/logs``; resumed runs append to the same folder."""
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    ``<save_dir>/logs``; resumed runs append to the same folder (and to the same metrics.csv)."""
+    from pytorch_lightning.loggers import TensorBoardLogger
 
     if kind not in ("auto", "tensorboard", "csv"):
         raise ValueError(f"logger {kind!r} is unknown; use auto, tensorboard or csv")
@@ -96,7 +100,27 @@ def make_logger(save_dir: str | os.PathLike, kind: str = "auto"):
             if kind == "tensorboard":
                 raise ValueError("logger tensorboard needs the tensorboard package; pip install tensorboard "
                                  "or set lightning.logger=csv") from None
-    return CSVLogger(save_dir=str(save_dir), name="logs", version="")
+    return _AppendingCSVLogger(save_dir=str(save_dir), name="logs", version="")
+
+
+class _AppendingCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that the metrics.csv of the run being resumed is appended to (under its
+    header) instead of deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+
+class _AppendingCSVLogger(CSVLogger):
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingCSVWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingCSVWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 # ---- image grids ------------------------------------------------------------------------------------------------
@@ -256,3 +280,4 @@ class AccelCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         accel.optimize(pl_module, device=trainer.strategy.root_device, precision=_accel_precision(trainer.precision))
+
