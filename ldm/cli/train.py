@@ -86,8 +86,8 @@ def resolve_run(args: argparse.Namespace) -> tuple[Path, Path | None, list[str]]
         path = Path(resume)
         if path.is_dir():
             run_dir, ckpt = path, path / "checkpoints" / "last.ckpt"
-            if not ckpt.is_file():
-                raise CheckpointError(f"--resume {path}: no checkpoints/last.ckpt in it; check the run folder")
+            if not _has_checkpoints(run_dir):
+                raise CheckpointError(f"--resume {path}: no checkpoints/*.ckpt in it; check the run folder")
         elif path.is_file():
             ckpt = path
             run_dir = path.parent.parent if path.parent.name == "checkpoints" else Path(args.logdir) / _name(args)
@@ -100,11 +100,17 @@ def resolve_run(args: argparse.Namespace) -> tuple[Path, Path | None, list[str]]
     run_dir = Path(args.logdir) / _name(args, bases)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume == "auto":
-        return run_dir, (last if last.is_file() else None), bases
-    if last.is_file():
-        raise CheckpointError(f"run folder {run_dir} already has checkpoints/last.ckpt; pass --resume to continue "
-                              "it or choose another --name")
+        return run_dir, (last if _has_checkpoints(run_dir) else None), bases
+    if _has_checkpoints(run_dir):
+        raise CheckpointError(f"run folder {run_dir} already has checkpoints (checkpoints/*.ckpt); pass --resume to "
+                              "continue it or choose another --name")
     return run_dir, None, bases
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    """Whether the run has a checkpoint to resume from (its last.ckpt, or another one when that is gone:
+    :func:`readable_checkpoint` falls back to it)."""
+    return any((run_dir / "checkpoints").glob("*.ckpt"))
 
 
 def readable_checkpoint(ckpt: Path) -> Path:
@@ -131,8 +137,9 @@ def readable_checkpoint(ckpt: Path) -> Path:
         raise CheckpointError(f"cannot resume: {error}; no other readable checkpoint in {ckpt.parent} to fall "
                               "back to") from error
     step, _, other = max(readable)
-    log.warning("cannot resume from %s (%s); resuming from %s instead (step %d), the newest readable checkpoint "
-                "of %s", ckpt, error, other, step, ckpt.parent)
+    warn = log.warning if _is_global_zero() else log.debug  # (every rank checks; one says so)
+    warn("cannot resume from %s (%s); resuming from %s instead (step %d), the newest readable checkpoint of %s",
+         ckpt, error, other, step, ckpt.parent)
     return other
 
 
