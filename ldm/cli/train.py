@@ -414,7 +414,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list, 
         named = named if len(named) == 1 else [k for k, v in settings.items() if repr(v) in str(e)]
         where = (f"lightning.trainer.{named[0]}" if len(named) == 1 else
                  f"lightning.trainer ({', '.join(f'{k}={v!r}' for k, v in settings.items())})")
-        raise ConfigError(f"{where}: not accepted by pytorch_lightning.Trainer: {str(e).strip().splitlines()[0]}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: not accepted by pytorch_lightning.Trainer: {reason}") from e
 
 
 def _export_only(run_dir: Path, ckpt: Path | None, args: argparse.Namespace) -> int:
