@@ -378,12 +378,12 @@ def test_resume_falls_back_from_a_damaged_last_ckpt_or_stops_in_one_line(tmp_pat
 
 
 class KillAt(pl.Callback):
-    """Ends the process at once after optimizer step ``step``, as ``kill -9`` would (no cleanup, no flush)."""
+    """Ends the process at once after optimizer step ``step`` (and its logging), as ``kill -9`` would."""
 
     def __init__(self, step: int):
         self.step = step
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step >= self.step:
             os._exit(137)
 
@@ -409,13 +409,14 @@ def test_kill_keeps_metrics_to_the_last_checkpoint_and_resume_removes_orphaned_t
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 137, stderr[-3000:]
     assert last_step(run) == 4
-    assert _logged_steps(run) == [0, 1, 2, 3]  # the 4 steps up to the checkpoint (Lightning counts from 0)
+    assert _logged_steps(run) == [0, 1, 2, 3, 4]  # the steps up to the checkpoint and after (counted from 0)
     # what a kill in the middle of writing a checkpoint leaves: the writer's temporary file, named after it
     orphan = run / "checkpoints" / f".last.ckpt.{_host()}-{proc.pid}.abcd1234.tmp"
     orphan.write_bytes(b"half a checkpoint")
     proc = run_train(["--resume", str(run), "--max_steps", "6", "lightning.callbacks.kill=false"] + FAST)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not orphan.exists() and f"removed {orphan}" in proc.stderr
-    # the resumed run appends to metrics.csv (Lightning's CSV writer deleted the file of the run it resumed)
-    assert last_step(run) == 6 and _logged_steps(run) == [0, 1, 2, 3, 4, 5]  # each step once
+    # the resumed run appends to metrics.csv (Lightning's CSV writer deleted the file of the run it resumed), and
+    # the row of step 5, which it trains again, is not there twice
+    assert last_step(run) == 6 and _logged_steps(run) == [0, 1, 2, 3, 4, 5]
 

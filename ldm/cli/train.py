@@ -366,7 +366,8 @@ def _run(args: argparse.Namespace) -> int:
 
     cb = [instantiate_from_config(node, f"lightning.callbacks.{key}") for key, node in callbacks.items()]
     logger_kind = cfg.lightning.get("logger", "auto")
-    logger = make_logger(run_dir, logger_kind) if logger_kind else False
+    resume_step = int(read_training_checkpoint(ckpt)["global_step"]) if ckpt is not None else None
+    logger = make_logger(run_dir, logger_kind, resume_step) if logger_kind else False
     trainer = build_trainer(cfg, run_dir, logger, cb, enable_checkpointing="checkpoint" in callbacks)
 
     saved = cfg.get("seed")

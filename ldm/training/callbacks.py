@@ -85,9 +85,10 @@ def make_lr_monitor(logging_interval: str = "step") -> LearningRateMonitor:
     return LearningRateMonitor(logging_interval=logging_interval)
 
 
-def make_logger(save_dir: str | os.PathLike, kind: str = "auto"):
+def make_logger(save_dir: str | os.PathLike, kind: str = "auto", resume_step: int | None = None):
     """TensorBoard (``kind="tensorboard"``, or ``"auto"`` when it is installed), else CSV, under
-    ``<save_dir>/logs``; resumed runs append to the same folder (and to the same metrics.csv)."""
+    ``<save_dir>/logs``; resumed runs append to the same folder (and to the same metrics.csv, less its rows of
+    the steps from ``resume_step``, the resumed checkpoint's, on)."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
     if kind not in ("auto", "tensorboard", "csv"):
@@ -100,26 +101,44 @@ def make_logger(save_dir: str | os.PathLike, kind: str = "auto"):
             if kind == "tensorboard":
                 raise ValueError("logger tensorboard needs the tensorboard package; pip install tensorboard "
                                  "or set lightning.logger=csv") from None
-    return _AppendingCSVLogger(save_dir=str(save_dir), name="logs", version="")
+    return _AppendingCSVLogger(save_dir=str(save_dir), name="logs", version="", resume_step=resume_step)
 
 
 class _AppendingCSVWriter(ExperimentWriter):
-    """Lightning's CSV writer, except that the metrics.csv of the run being resumed is appended to (under its
-    header) instead of deleted."""
+    """Lightning's CSV writer, except that the metrics.csv of the run being resumed is kept and appended to
+    (under its header) instead of deleted; its rows of steps from ``resume_step`` on (logged after the
+    checkpoint, before the run stopped) are dropped, as the resumed run logs those steps again."""
+
+    def __init__(self, log_dir: str, resume_step: int | None = None):
+        self.resume_step = resume_step
+        super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = next(csv.reader(f), [])
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            self.metrics_keys, rows = list(reader.fieldnames or []), list(reader)
+        kept = [r for r in rows if self.resume_step is None or not r.get("step", "").isdigit()
+                or int(r["step"]) < self.resume_step]
+        if len(kept) < len(rows):
+            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
 
 
 class _AppendingCSVLogger(CSVLogger):
+    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
     @property
     @rank_zero_experiment
     def experiment(self) -> _AppendingCSVWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingCSVWriter(log_dir=self.log_dir)
+            self._experiment = _AppendingCSVWriter(log_dir=self.log_dir, resume_step=self.resume_step)
         return self._experiment
 
 
