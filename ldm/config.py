@@ -9,10 +9,13 @@ imports every target and binds its params against the constructor's signature.
 """
 from __future__ import annotations
 
+import collections.abc
 import contextvars
 import importlib
 import inspect
 import os
+import types
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -28,6 +31,8 @@ __all__ = [
     "find_config",
     "instantiate_from_config",
     "check_config",
+    "check_value",
+    "param_types",
     "get_obj_from_str",
     "to_plain",
 ]
@@ -158,6 +163,115 @@ def _accepted(fn: Any) -> tuple[set[str], bool]:
     return names, var_kw
 
 
+# ---- values against the constructors' type annotations ----------------------------------------------------------
+_SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.Iterable, collections.abc.Collection)
+_MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+_BASIC = {int: "an int", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def param_types(fn: Any) -> dict[str, Any]:
+    """The type annotations of ``fn``'s parameters (a class: of its ``__init__``); an annotation that cannot be
+    resolved is left out (and its value is not checked)."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # a name only imported for type checkers: resolve what can be, one by one
+        hints = {}
+        namespace = getattr(inspect.getmodule(target), "__dict__", {})
+        for name, ann in getattr(target, "__annotations__", {}).items():
+            try:
+                hints[name] = eval(ann, namespace) if isinstance(ann, str) else ann  # noqa: S307 (the code's own)
+            except Exception:
+                pass
+        return hints
+
+
+def _matches(value: Any, ann: Any) -> bool | None:
+    """Whether a plain config value fits the annotation; None where the annotation is beyond what a config
+    value can be judged against (a class of the code, a callable, a type variable)."""
+    if ann is Any or ann is inspect.Parameter.empty:
+        return None
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_matches(value, a) for a in args]
+        return True if True in verdicts else (None if None in verdicts else False)
+    if origin is typing.Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if ann in _BASIC:
+        if ann is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ann is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, ann)
+    base = origin or ann
+    if base in _MAPPINGS:
+        if not isinstance(value, Mapping):
+            return False
+        if len(args) == 2:
+            verdicts = [_matches(k, args[0]) for k in value] + [_matches(v, args[1]) for v in value.values()]
+            return False not in verdicts
+        return True
+    if base in _SEQUENCES:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            return False  # a string is not a list of anything here ("abc" for channel_mult)
+        if base is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                return False
+            verdicts = [_matches(v, a) for v, a in zip(value, args)]
+        else:
+            verdicts = [_matches(v, args[0]) for v in value] if args else []
+        return False not in verdicts
+    if ann in (os.PathLike, Path):
+        return isinstance(value, str)
+    return None
+
+
+def _describe(ann: Any) -> str:
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin in (typing.Union, types.UnionType) or origin is typing.Literal:
+        literals = _literals(ann)
+        others = [_describe(a) for a in args if typing.get_origin(a) is not typing.Literal] if origin else []
+        if literals:
+            others.insert(0, "one of " + ", ".join(repr(a) for a in literals))
+        return " or ".join(dict.fromkeys(others))
+    if ann in _BASIC:
+        return _BASIC[ann]
+    base = origin or ann
+    if base in _MAPPINGS:
+        return "a mapping"
+    if base in _SEQUENCES:
+        if base is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+        return f"a list of {_plural(args[0])}" if args else "a list"
+    if ann in (os.PathLike, Path):
+        return "a path"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _literals(ann: Any) -> list:
+    """The values of the ``Literal`` s in ``ann`` (a Literal or a union with Literals in it)."""
+    if typing.get_origin(ann) is typing.Literal:
+        return list(typing.get_args(ann))
+    return [v for a in typing.get_args(ann) if typing.get_origin(a) is typing.Literal for v in typing.get_args(a)]
+
+
+def _plural(ann: Any) -> str:
+    text = _describe(ann)
+    return {"an int": "ints", "a number": "numbers", "a string": "strings", "true or false": "booleans"}.get(text, text)
+
+
+def check_value(value: Any, annotation: Any, path: str) -> None:
+    """Raise a one-line ConfigError naming ``path`` unless the config value fits the parameter's annotation
+    (``int``, ``float``, ``bool``, ``str``, ``None``, ``Literal``, unions, sequences and mappings of them; other
+    annotations are not judged)."""
+    try:
+        plain = to_plain(value)
+    except OmegaConfBaseException as e:  # e.g. an interpolation that does not resolve
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from e
+    if _matches(plain, annotation) is False:
+        raise ConfigError(f"{path}: {plain!r} is not valid here; expected {_describe(annotation)}")
+
+
 def check_config(node: Any, path: str | None = None) -> None:
     """Import every target in the tree and check its params against the constructor; raise ConfigError."""
     path = _node_path(node, path)
@@ -183,6 +297,13 @@ def check_config(node: Any, path: str | None = None) -> None:
     missing = sorted(required - set(params))
     if missing and names:
         raise ConfigError(f"{path}.params: missing required parameter(s) {', '.join(missing)} for {node['target']}")
+    hints = param_types(obj)
+    for key in params:
+        if isinstance(params, DictConfig) and OmegaConf.is_missing(params, key):
+            continue  # ??? : the caller reports missing values
+        value = params[key]
+        if key in hints and not _is_target_node(value):
+            check_value(value, hints[key], f"{path}.params.{key}")
     for key, value in params.items():
         if _is_target_node(value):
             check_config(value, f"{path}.params.{key}")

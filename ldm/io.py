@@ -17,8 +17,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import socket
 import struct
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -35,6 +38,8 @@ __all__ = [
     "materialize",
     "model_hash",
     "read_state_dict",
+    "read_training_checkpoint",
+    "remove_stale_temp_files",
     "save_checkpoint",
 ]
 
@@ -172,21 +177,7 @@ def read_state_dict(path: str | os.PathLike, *, lazy: bool = False, nested: bool
     fmt = detect_format(path)
     if fmt == "safetensors":
         return _read_safetensors(path, lazy)
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            if lazy and fmt == "zip" and path.suffix != ".safetensors":
-                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            else:
-                # a file object, not the name: torch.load must not pick a reader from the file's extension
-                with open(path, "rb") as f:
-                    obj = torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:
-        msg, full = _first_line(e), str(e).lower()
-        if any(s in full for s in ("weights only", "weights_only", "unsupported global", "unpickl")):
-            raise CheckpointError(
-                f"refusing to load {path}: the pickle asks to run code or build objects that are not plain tensors "
-                f"({msg[:200]}); convert it to .safetensors from a trusted source") from e
-        raise CheckpointError(f"{path} is a corrupt or truncated checkpoint ({msg[:200]})") from e
+    obj = _torch_load(path, mmap=lazy and fmt == "zip" and path.suffix != ".safetensors")
     meta: dict[str, str] = {}
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         for k in ("global_step", "epoch"):
@@ -211,6 +202,41 @@ def _flat_tensors(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
         elif isinstance(value, Mapping):
             out.update(_flat_tensors(value, f"{prefix}{key}."))
     return out
+
+
+def _torch_load(path: Path, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)`` of a torch file (memory-mapped with ``mmap``: a zip file's tensors are
+    not read); a refused pickle or a corrupt file is a one-line CheckpointError."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            if mmap:
+                return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            # a file object, not the name: torch.load must not pick a reader from the file's extension
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg, full = _first_line(e), str(e).lower()
+        if any(s in full for s in ("weights only", "weights_only", "unsupported global", "unpickl")):
+            raise CheckpointError(
+                f"refusing to load {path}: the pickle asks to run code or build objects that are not plain tensors "
+                f"({msg[:200]}); convert it to .safetensors from a trusted source") from e
+        raise CheckpointError(f"{path} is a corrupt or truncated checkpoint ({msg[:200]})") from e
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A training (Lightning) checkpoint, read weights-only and memory-mapped where it is a zip file, so that
+    checking one costs little; a CheckpointError unless it is a readable mapping with ``state_dict`` and
+    ``global_step``."""
+    path = Path(path)
+    fmt = detect_format(path)
+    if fmt == "safetensors":
+        raise CheckpointError(f"{path} is a safetensors file, not a training checkpoint; resume from a .ckpt "
+                              "in the run's checkpoints/ folder (or start from it with --init)")
+    obj = _torch_load(path, mmap=fmt == "zip")
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("state_dict"), Mapping) or "global_step" not in obj:
+        raise CheckpointError(f"{path} is not a training checkpoint (no state_dict and global_step); "
+                              "resume from a .ckpt in the run's checkpoints/ folder")
+    return dict(obj)
 
 
 def _first_line(e: BaseException) -> str:
@@ -271,7 +297,8 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], Any]) -> Non
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    # the name says which process writes it, so that remove_stale_temp_files can tell an orphan
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=".tmp", dir=str(path.parent))
     os.close(fd)
     try:
         write_fn(tmp)
@@ -281,6 +308,60 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], Any]) -> Non
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# atomic_write's temporary files: ".<name>.<host>-<pid>.<8 random chars>.tmp" (before the writer was named in
+# them: ".<name>.<8 random chars>.tmp")
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(?:(?P<host>[A-Za-z0-9-]*?)-(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname().split(".")[0])[:40]
+
+
+def _writer() -> str:
+    return f"{_host()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # no permission to signal it: it exists
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, min_age_s: float = 900.0) -> list[Path]:
+    """Delete the temporary files that interrupted :func:`atomic_write` calls left in ``folder`` (a crash or
+    ``kill -9`` in the middle of writing a checkpoint) and return their paths.
+
+    Only files named as the writer names them, and only those no process can still be writing: written by a
+    process of this host that is gone, or (another host's, on a shared file system, or of an older version that
+    named no process) not modified for ``min_age_s`` seconds.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed, now, host = [], time.time(), _host()
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if match is None or not path.is_file():
+            continue
+        try:
+            if match["pid"] is not None and match["host"] == host:
+                stale = not _alive(int(match["pid"]))
+            else:
+                stale = now - path.stat().st_mtime > min_age_s
+            if stale:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:  # renamed or removed meanwhile
+            continue
+    return removed
 
 
 def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, *, config: Any = None,

@@ -213,3 +213,36 @@ def test_lazy_read_refuses_a_file_replaced_while_loading(tmp_path, monkeypatch):
     save_checkpoint({"a": torch.ones(4), "b": torch.ones(4)}, path)  # e.g. a training run exports again
     with pytest.raises(CheckpointError, match="replaced while it was being read"):
         materialize(lazy["b"])
+
+
+def test_remove_stale_temp_files_only_removes_orphans(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from ldm.io import _host, atomic_write, remove_stale_temp_files
+
+    seen = []
+    atomic_write(tmp_path / "last.ckpt", lambda tmp: seen.append(os.path.basename(tmp)) or open(tmp, "w").close())
+    assert seen[0].startswith(f".last.ckpt.{_host()}-{os.getpid()}.") and seen[0].endswith(".tmp")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a process that has exited
+    old = time.time() - 3600
+    files = {
+        f".last.ckpt.{_host()}-{dead}.abcd1234.tmp": (None, True),  # its writer is gone
+        f".step-00000002.ckpt.{_host()}-{os.getpid()}.abcd1234.tmp": (old, False),  # its writer is alive
+        ".last.ckpt.otherhost-12.abcd1234.tmp": (old, True),  # another machine's, untouched for an hour
+        ".last.ckpt.otherhost-13.abcd1234.tmp": (None, False),  # another machine's, being written
+        ".config.yaml.abcd_123.tmp": (old, True),  # an older writer's name (no process in it), an hour old
+        ".config.yaml.abcd_124.tmp": (None, False),  # the same, just written
+        ".notes.tmp": (old, False), "notes.tmp": (old, False), "step-00000001.ckpt": (old, False),
+    }
+    for name, (mtime, _) in files.items():
+        (tmp_path / name).write_bytes(b"x")
+        if mtime is not None:
+            os.utime(tmp_path / name, (mtime, mtime))
+    removed = remove_stale_temp_files(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(n for n, (_, stale) in files.items() if stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["last.ckpt"] + [n for n, (_, stale) in files.items() if not stale])
+    assert remove_stale_temp_files(tmp_path / "missing") == []

@@ -62,3 +62,23 @@ def test_missing_file_and_bad_override(tmp_path):
     (tmp_path / "a.yaml").write_text("a: 1\n")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(tmp_path / "a.yaml", overrides=["oops"])
+
+
+def test_check_value_judges_config_values_against_annotations():
+    import os
+    import typing
+
+    from ldm.config import check_value
+
+    ok = [(3, int), (3, float), (0.5, float | None), (None, typing.Optional[int]), ([1, 2], typing.Sequence[int]),
+          ((1, 2), tuple[int, int]), ({"a": 1}, dict[str, int]), ("x", str | os.PathLike), ("32", typing.Literal["32"]),
+          (True, bool), ([1, 2], typing.Union[int, typing.Sequence[int]]), ({"anything": 1}, typing.Any),
+          ("a string", typing.Union[str, os.PathLike]), (object(), pytest.Session)]  # classes of code: not judged
+    for value, ann in ok:
+        check_value(value, ann, "k")
+    bad = [("abc", int), (True, int), (2.5, int), ("fast", float), (True, float), ("abc", typing.Sequence[int]),
+           ([1, "x"], list[int]), ((1, 2, 3), tuple[int, int]), (32, typing.Literal["32"]), ("x", bool),
+           (3, dict), ({"a": "b"}, dict[str, int]), (None, int)]
+    for value, ann in bad:
+        with pytest.raises(ConfigError, match=r"^k: .* is not valid here; expected "):
+            check_value(value, ann, "k")

@@ -376,6 +376,24 @@ def test_image_folder_empty_caption_policy_and_bad_image(tmp_path):
     assert dm.stats["bad_samples"] == 1 and dm.stats["missing_caption"] == 1
 
 
+def test_image_folder_skips_and_counts_a_caption_that_is_not_utf8(tmp_path, caplog):
+    make_folder(tmp_path / "data")
+    bad = tmp_path / "data" / "img2.jpg"
+    bad.with_suffix(".txt").write_bytes(b"caf\xe9 au lait\n")  # latin-1, not UTF-8
+    with caplog.at_level(logging.WARNING, logger="ldm.data.folder"):
+        dm = ImageFolderDataModule(tmp_path / "data", batch_size=4, size=16, num_workers=0, val_fraction=0.0)
+    assert dm.stats["bad_samples"] == 1 and dm.stats["missing_caption"] == 1
+    assert str(bad.with_suffix(".txt")) in caplog.text and "UnicodeDecodeError" in caplog.text
+    captions, sizes = read_epoch(dm.train_dataloader())
+    assert sorted(captions) == ["caption 0", "caption 1", "caption 3", "caption 4"] and sizes == [4]
+    # in a captions.jsonl a line that is not UTF-8 is an error of that line, like a line that is not JSON
+    make_folder(tmp_path / "j", captions="jsonl")
+    with open(tmp_path / "j" / "captions.jsonl", "ab") as f:
+        f.write(b'{"file": "img0.jpg", "text": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"captions.jsonl:7: not UTF-8 text"):
+        ImageFolderDataModule(tmp_path / "j", batch_size=2)
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(ConfigError, match="image folder '.*missing' not found; check data.params.root"):
         ImageFolderDataModule(tmp_path / "missing", batch_size=2)

@@ -155,6 +155,20 @@ def test_resume_refuse_and_export_only(tmp_path, caplog):
     ("lightning.logger=wandb", "lightning.logger"),
     ("model.target=ldm.models.unet.Nope", "model.target"),
     ("lightning.trainer.strategy=fsdp", "lightning.trainer.strategy"),  # no CUDA here; FSDP needs it
+    # values checked against the constructors' annotations, before anything is built
+    ("lightning.trainer.max_steps=abc", "lightning.trainer.max_steps: 'abc' is not valid here; expected an int"),
+    ("model.params.base_learning_rate=fast", "model.params.base_learning_rate: 'fast' is not valid here; "
+                                             "expected a number"),
+    ("model.params.unet_config.params.channel_mult=abc", "model.params.unet_config.params.channel_mult: 'abc' "
+                                                         "is not valid here; expected a list of ints"),
+    ("model.params.unet_config.params.channel_mult=[1,x]", "channel_mult: [1, 'x']"),
+    ("model.params.use_ema=maybe", "model.params.use_ema: 'maybe' is not valid here; expected true or false"),
+    ("data.params.batch_size=2.5", "data.params.batch_size: 2.5"),
+    ("lightning.trainer.precision=17", "lightning.trainer.precision: 17 is not valid here; expected one of 64"),
+    ("lightning.callbacks.checkpoint.keep_last=all", "lightning.callbacks.checkpoint.keep_last: 'all'"),
+    ("model.params.first_stage_config.params.ddconfig=3", "ddconfig: 3 is not valid here; expected a mapping"),
+    # a value only Lightning can judge: its error, mapped back to the key, still before the model is built
+    ("lightning.trainer.max_time=abc", "lightning.trainer.max_time: not accepted by pytorch_lightning.Trainer"),
 ])
 def test_bad_config_fails_fast_naming_the_key(tmp_path, caplog, override, key):
     base = tiny_run_config(tmp_path)
@@ -200,12 +214,18 @@ def test_bad_paths_fail_before_the_model_is_built(tmp_path, caplog, monkeypatch,
     assert rc == 2 and message in caplog.text, caplog.text
 
 
-def test_bad_config_in_a_subprocess_reports_one_error_line(tmp_path):
-    proc = run_train(["--base", str(tiny_run_config(tmp_path)), "--logdir", str(tmp_path), "model.params.ema_decay=7"])
+@pytest.mark.parametrize("args,key", [
+    (["model.params.ema_decay=7"], "ema_decay"),
+    (["--max_steps", "abc"], "lightning.trainer.max_steps: 'abc'"),  # was a traceback; the others: in process
+])
+def test_bad_config_in_a_subprocess_reports_one_error_line(tmp_path, args, key):
+    proc = run_train(["--base", str(tiny_run_config(tmp_path)), "--logdir", str(tmp_path)] + args)
     assert proc.returncode == 2
     lines = proc.stderr.splitlines()
     errors = [ln for ln in lines if "ERROR" in ln]
-    assert len(errors) == 1 and "ema_decay" in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and key in errors[0] and "Traceback" not in proc.stderr, proc.stderr
+    if key != "ema_decay":  # (a range the module checks when it is built)
+        assert "Seed set" not in proc.stderr  # refused before the seeding and the model
 
 
 # ---- the shipped configs ------------------------------------------------------------------------------------------
@@ -344,3 +364,97 @@ def test_fsdp_with_ema_is_refused_before_work(monkeypatch):
     ldm.params.use_ema = False
     _check_fsdp({"strategy": "fsdp", "accelerator": "gpu"}, ldm)
     _check_fsdp({"strategy": "ddp"}, OmegaConf.create({"target": "x.y", "params": {"use_ema": True}}))
+
+
+# ---- resume from a damaged or hostile checkpoint ------------------------------------------------------------------
+class _Payload:
+    """Pickles as a call of os.system: a checkpoint that would run a command when unpickled without weights_only."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_resume_falls_back_from_a_damaged_last_ckpt_or_stops_in_one_line(tmp_path):
+    base = tiny_run_config(tmp_path)
+    assert main(["--base", str(base), "--logdir", str(tmp_path / "logs"), "--name", "d", "--max_steps", "2",
+                 "lightning.callbacks.checkpoint.keep_last=-1"] + FAST) == 0
+    ckpts = tmp_path / "logs" / "d" / "checkpoints"
+    last, step1, step2 = ckpts / "last.ckpt", ckpts / "step-00000001.ckpt", ckpts / "step-00000002.ckpt"
+    for damaged in (last, step2):  # a crash in the middle of a write (of a copy made without the atomic writer)
+        with open(damaged, "r+b") as f:
+            f.truncate(damaged.stat().st_size // 2)
+    proc = run_train(["--resume", str(tmp_path / "logs" / "d"), "--max_steps", "3"] + FAST)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    warning = [ln for ln in proc.stderr.splitlines() if "WARNING" in ln and "cannot resume from" in ln]
+    assert len(warning) == 1 and str(last) in warning[0] and str(step1) in warning[0], proc.stderr[-3000:]
+    assert last_step(tmp_path / "logs" / "d") == 3  # step 1 + 2 more: the new last.ckpt replaced the broken one
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-00000001.ckpt", "step-00000002.ckpt",
+                                                       "step-00000003.ckpt"]  # replaced, no -v1 copies beside
+    assert torch.load(step2, weights_only=True)["global_step"] == 2
+    last.unlink()  # gone altogether: the newest step file, as well
+    assert main(["--resume", str(tmp_path / "logs" / "d"), "--max_steps", "4"] + FAST) == 0
+    assert last_step(tmp_path / "logs" / "d") == 4
+    assert main(["--base", str(base), "--logdir", str(tmp_path / "logs"), "--name", "d"] + FAST) == 2  # not anew
+
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {}, "global_step": 9, "payload": _Payload(marker)}, last)
+    for other in ckpts.glob("step-*.ckpt"):
+        other.unlink()
+    proc = run_train(["--resume", str(tmp_path / "logs" / "d"), "--max_steps", "4"] + FAST)
+    errors = [ln for ln in proc.stderr.splitlines() if "ERROR" in ln]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "refusing to load" in errors[0] and str(last) in errors[0], proc.stderr[-3000:]
+    assert not marker.exists()
+    # an explicitly named checkpoint that is damaged is not swapped for another one
+    with open(last, "wb") as f:
+        f.write(b"PK\x03\x04" + bytes(100))
+    (ckpts / "step-00000003.ckpt").write_bytes(last.read_bytes())
+    assert main(["--resume", str(ckpts / "step-00000003.ckpt"), "--max_steps", "4"] + FAST) == 2
+
+
+class KillAt(pl.Callback):
+    """Ends the process at once after optimizer step ``step`` (and its logging), as ``kill -9`` would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            os._exit(137)
+
+
+def _logged_steps(run: Path) -> list[int]:
+    import csv
+
+    with open(run / "logs" / "metrics.csv", newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+def test_kill_keeps_metrics_to_the_last_checkpoint_and_resume_removes_orphaned_temp_files(tmp_path):
+    from ldm.io import _host
+
+    base = tiny_run_config(tmp_path)
+    run = tmp_path / "logs" / "k"
+    kill = "lightning.callbacks.kill={target: test_train_cli.KillAt, params: {step: 5}}"
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--base", str(base), "--logdir",
+                             str(tmp_path / "logs"), "--name", "k", "--max_steps", "8",
+                             "lightning.callbacks.checkpoint.every_n_train_steps=2", kill] + FAST,
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 137, stderr[-3000:]
+    assert last_step(run) == 4
+    assert _logged_steps(run) == [0, 1, 2, 3, 4]  # the steps up to the checkpoint and after (counted from 0)
+    # what a kill in the middle of writing a checkpoint leaves: the writer's temporary file, named after it
+    orphan = run / "checkpoints" / f".last.ckpt.{_host()}-{proc.pid}.abcd1234.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    proc = run_train(["--resume", str(run), "--max_steps", "6", "lightning.callbacks.kill=false"] + FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not orphan.exists() and f"removed {orphan}" in proc.stderr
+    # the resumed run appends to metrics.csv (Lightning's CSV writer deleted the file of the run it resumed), and
+    # the row of step 5, which it trains again, is not there twice
+    assert last_step(run) == 6 and _logged_steps(run) == [0, 1, 2, 3, 4, 5]
+

@@ -32,8 +32,9 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import CONFIG_DIR, ConfigError, check_config, get_obj_from_str, instantiate_from_config, load_config, to_plain
-from ldm.io import CheckpointError, atomic_write
+from ldm.config import (CONFIG_DIR, ConfigError, check_config, check_value, get_obj_from_str, instantiate_from_config,
+                        load_config, param_types, to_plain)
+from ldm.io import CheckpointError, atomic_write, read_training_checkpoint, remove_stale_temp_files
 
 log = logging.getLogger("ldm.train")
 
@@ -86,8 +87,8 @@ def resolve_run(args: argparse.Namespace) -> tuple[Path, Path | None, list[str]]
         path = Path(resume)
         if path.is_dir():
             run_dir, ckpt = path, path / "checkpoints" / "last.ckpt"
-            if not ckpt.is_file():
-                raise CheckpointError(f"--resume {path}: no checkpoints/last.ckpt in it; check the run folder")
+            if not _has_checkpoints(run_dir):
+                raise CheckpointError(f"--resume {path}: no checkpoints/*.ckpt in it; check the run folder")
         elif path.is_file():
             ckpt = path
             run_dir = path.parent.parent if path.parent.name == "checkpoints" else Path(args.logdir) / _name(args)
@@ -100,11 +101,55 @@ def resolve_run(args: argparse.Namespace) -> tuple[Path, Path | None, list[str]]
     run_dir = Path(args.logdir) / _name(args, bases)
     last = run_dir / "checkpoints" / "last.ckpt"
     if resume == "auto":
-        return run_dir, (last if last.is_file() else None), bases
-    if last.is_file():
-        raise CheckpointError(f"run folder {run_dir} already has checkpoints/last.ckpt; pass --resume to continue "
-                              "it or choose another --name")
+        return run_dir, (last if _has_checkpoints(run_dir) else None), bases
+    if _has_checkpoints(run_dir):
+        raise CheckpointError(f"run folder {run_dir} already has checkpoints (checkpoints/*.ckpt); pass --resume to "
+                              "continue it or choose another --name")
     return run_dir, None, bases
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    """Whether the run has a checkpoint to resume from (its last.ckpt, or another one when that is gone:
+    :func:`readable_checkpoint` falls back to it)."""
+    return any((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+def readable_checkpoint(ckpt: Path) -> Path:
+    """``ckpt`` if it reads as a training checkpoint. An unreadable ``last.ckpt`` (truncated by a crash, corrupt,
+    or a pickle that is refused) falls back, with a warning naming both files, to the readable checkpoint of its
+    folder with the highest step; with none, or for another file named by --resume, a one-line CheckpointError."""
+    try:
+        read_training_checkpoint(ckpt)
+        return ckpt
+    except CheckpointError as e:
+        if ckpt.name != "last.ckpt":
+            raise
+        error = e
+    readable = []
+    for other in ckpt.parent.glob("*.ckpt"):
+        if other.name == ckpt.name:
+            continue
+        try:
+            step = int(read_training_checkpoint(other)["global_step"])
+        except (CheckpointError, TypeError, ValueError):
+            continue
+        readable.append((step, other.stat().st_mtime, other))
+    if not readable:
+        raise CheckpointError(f"cannot resume: {error}; no other readable checkpoint in {ckpt.parent} to fall "
+                              "back to") from error
+    step, _, other = max(readable)
+    warn = log.warning if _is_global_zero() else log.debug  # (every rank checks; one says so)
+    warn("cannot resume from %s (%s); resuming from %s instead (step %d), the newest readable checkpoint of %s",
+         ckpt, error, other, step, ckpt.parent)
+    return other
+
+
+def remove_orphans(run_dir: Path) -> None:
+    """Delete the temporary files of interrupted writes (a checkpoint, an export, a grid) that a crashed or
+    killed process of this run left in its folders; see :func:`ldm.io.remove_stale_temp_files`."""
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "images"):
+        for path in remove_stale_temp_files(folder):
+            log.info("removed %s, left by an interrupted write", path)
 
 
 def _name(args: argparse.Namespace, bases: Sequence[str] = ()) -> str:
@@ -234,6 +279,10 @@ def check_params(target: str, params: dict, path: str) -> None:
     for key in params:
         if key not in accepted:
             raise ConfigError(f"{path}.{key}: unknown parameter for {target} (accepted: {', '.join(sorted(accepted))})")
+    hints = param_types(fn)
+    for key, value in params.items():
+        if key in hints:
+            check_value(value, hints[key], f"{path}.{key}")
 
 
 def validate(cfg: DictConfig, callbacks: dict[str, dict]) -> None:
@@ -323,6 +372,10 @@ def _quiet_lightning() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     run_dir, ckpt, bases = resolve_run(args)
+    if _is_global_zero():
+        remove_orphans(run_dir)
+    if ckpt is not None:
+        ckpt = readable_checkpoint(ckpt)
     if args.export_only:
         return _export_only(run_dir, ckpt, args)
     cfg = build_config(args, bases)
@@ -331,7 +384,14 @@ def _run(args: argparse.Namespace) -> int:
 
     import pytorch_lightning as pl
 
-    from ldm.training.callbacks import AtomicCheckpointIO, make_logger
+    from ldm.training.callbacks import make_logger
+
+    cb = [instantiate_from_config(node, f"lightning.callbacks.{key}") for key, node in callbacks.items()]
+    logger_kind = cfg.lightning.get("logger", "auto")
+    resume_step = int(read_training_checkpoint(ckpt)["global_step"]) if ckpt is not None else None
+    logger = make_logger(run_dir, logger_kind, resume_step, run_dir.name) if logger_kind else False
+    _quiet_lightning()
+    trainer = build_trainer(cfg, run_dir, logger, cb, enable_checkpointing="checkpoint" in callbacks)
 
     saved = cfg.get("seed")
     seed = args.seed if args.seed is not None else int(saved if saved is not None else DEFAULT_SEED)
@@ -352,10 +412,6 @@ def _run(args: argparse.Namespace) -> int:
                           "as ldm.training.latent_diffusion.LatentDiffusionModule")
     if hasattr(model, "run_config"):
         model.run_config = to_plain(cfg)
-    cb = [instantiate_from_config(node, f"lightning.callbacks.{key}") for key, node in callbacks.items()]
-    logger_kind = cfg.lightning.get("logger", "auto")
-    logger = make_logger(run_dir, logger_kind, run_dir.name) if logger_kind else False
-    _quiet_lightning()
 
     if _is_global_zero():
         text = OmegaConf.to_yaml(cfg)
@@ -366,11 +422,29 @@ def _run(args: argparse.Namespace) -> int:
         where = f"tensorboard --logdir {log_dir}" if type(logger).__name__ == "TensorBoardLogger" else str(log_dir)
         log.info("loss curves%s: %s; sample grids: %s", " and sample grids" if "tensorboard" in where else "",
                  where, run_dir / "images")
-    trainer = pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=cb,
-                         plugins=[AtomicCheckpointIO()], enable_checkpointing="checkpoint" in callbacks,
-                         **to_plain(cfg.lightning.trainer))
     trainer.fit(model, datamodule=data, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     return 0
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list, enable_checkpointing: bool):
+    """The ``pytorch_lightning.Trainer`` of ``lightning.trainer`` (built before the model, so that a value only
+    Lightning can judge fails before the model's minutes of setup); its errors name the section's keys."""
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from ldm.training.callbacks import AtomicCheckpointIO
+
+    settings = to_plain(cfg.lightning.trainer)
+    try:
+        return pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=callbacks,
+                          plugins=[AtomicCheckpointIO()], enable_checkpointing=enable_checkpointing, **settings)
+    except (MisconfigurationException, ValueError, TypeError) as e:
+        named = [k for k in settings if k in str(e)]  # the key, else the one value the message quotes
+        named = named if len(named) == 1 else [k for k, v in settings.items() if repr(v) in str(e)]
+        where = (f"lightning.trainer.{named[0]}" if len(named) == 1 else
+                 f"lightning.trainer ({', '.join(f'{k}={v!r}' for k, v in settings.items())})")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{where}: not accepted by pytorch_lightning.Trainer: {reason}") from e
 
 
 def _export_only(run_dir: Path, ckpt: Path | None, args: argparse.Namespace) -> int:

@@ -7,7 +7,9 @@ Two layouts are read (searched recursively, images ending in .jpg/.jpeg/.png/.we
   to the folder); when it exists it is the only caption source.
 
 Images without a caption are counted (``datamodule.stats["missing_caption"]``) and dropped or given ""
-(``missing_caption="drop"|"empty"``). The validation split is a fixed, seeded choice of files.
+(``missing_caption="drop"|"empty"``). An image whose ``.txt`` cannot be read as UTF-8 text is skipped, named in
+a warning and counted in ``stats["bad_samples"]`` (as the shard reader does with a bad sample). The validation
+split is a fixed, seeded choice of files.
 """
 from __future__ import annotations
 
@@ -29,11 +31,16 @@ __all__ = ["ImageFolderDataModule", "ImageFolderDataset", "scan_image_folder", "
 logger = logging.getLogger(__name__)
 
 FOLDER_STATS = ("samples", "bad_samples", "missing_caption")
+_NAMED = 10  # unreadable caption files named one by one in warnings (and the last one, with the total)
 Item = tuple[str, "str | None"]  # (image path, caption or None when it has none)
 
 
-def scan_image_folder(root: str | os.PathLike, captions_file: str = "captions.jsonl") -> list[Item]:
-    """All (image path, caption) pairs under ``root``, sorted by path; caption is None when missing."""
+def scan_image_folder(root: str | os.PathLike, captions_file: str = "captions.jsonl",
+                      unreadable: list[tuple[str, str]] | None = None) -> list[Item]:
+    """All (image path, caption) pairs under ``root``, sorted by path; caption is None when missing.
+
+    An image whose caption file cannot be read (not UTF-8 text, no permission) is left out and, with
+    ``unreadable``, appended there as (caption file, reason)."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"image folder '{root}' not found; check data.params.root")
@@ -44,19 +51,27 @@ def scan_image_folder(root: str | os.PathLike, captions_file: str = "captions.js
     if jsonl.is_file():
         captions = _read_jsonl(jsonl, root)
         return [(str(p), captions.get(p.resolve())) for p in images]
-    return [(str(p), _read_txt(p.with_suffix(".txt"))) for p in images]
-
-
-def _read_txt(path: Path) -> str | None:
-    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+    items = []
+    for p in images:
+        txt = p.with_suffix(".txt")
+        try:
+            items.append((str(p), txt.read_text(encoding="utf-8").strip() if txt.is_file() else None))
+        except (UnicodeDecodeError, OSError) as e:
+            if unreadable is not None:
+                unreadable.append((str(txt), f"{type(e).__name__}: {e}"))
+    return items
 
 
 def _read_jsonl(path: Path, root: Path) -> dict[Path, str]:
     """``{resolved image path: caption}`` from a captions.jsonl; malformed lines are config errors."""
     captions = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
             continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}:{number}: not UTF-8 text ({e}); fix that line") from e
         try:
             record = json.loads(line)
             file, text = record["file"], record.get("text")
@@ -127,7 +142,13 @@ class ImageFolderDataModule(MapDataModule):
         self.val_transform = ImageTransform(size)
         self.stats = WorkerCounters(FOLDER_STATS, num_workers)
         self.val_stats = WorkerCounters(FOLDER_STATS, num_workers)
-        self.items = self._captioned(scan_image_folder(root, captions_file))  # errors now, not mid-run
+        unreadable: list[tuple[str, str]] = []
+        self.items = self._captioned(scan_image_folder(root, captions_file, unreadable))  # errors now, not mid-run
+        for number, (txt, reason) in enumerate(unreadable, start=1):
+            self.stats.add("bad_samples")
+            if number <= _NAMED or number == len(unreadable):
+                logger.warning("skipping the image of '%s': its caption cannot be read (%s) [%d of %d unreadable "
+                               "captions]", txt, reason[:200], number, len(unreadable))
         self.train_set: ImageFolderDataset | None = None
         self.val_set: ImageFolderDataset | None = None
 

@@ -136,7 +136,8 @@ class Conditioner(nn.Module):
 
     def enable_cache(self, enabled: bool = True) -> None:
         """Keep the outputs of frozen embedders of strings per string (a training run's repeated captions
-        are then encoded once; the cache holds ``L * D`` floats per distinct caption, on the CPU)."""
+        are then encoded once, each on its own; the cache holds ``L * D`` floats per distinct caption, on the
+        CPU)."""
         self.cache = {} if enabled else None
 
     # ---- forward ------------------------------------------------------------------------------------------
@@ -185,11 +186,10 @@ class Conditioner(nn.Module):
         if self.cache is None or spec.is_trainable or not strings:
             return embedder(*inputs)
         new = sorted({s for s in inputs[0] if (index, s) not in self.cache})
-        if new:
-            fresh = embedder(new)
+        for s in new:  # one at a time, so that an entry does not depend on the strings encoded with it
+            fresh = embedder([s])
             fresh = tuple(fresh) if isinstance(fresh, (tuple, list)) else (fresh,)
-            for j, s in enumerate(new):
-                self.cache[(index, s)] = tuple(t[j].detach().cpu() for t in fresh)
+            self.cache[(index, s)] = tuple(t[0].detach().cpu() for t in fresh)
         device = next(embedder.parameters()).device
         parts = zip(*(self.cache[(index, s)] for s in inputs[0]))
         stacked = tuple(torch.stack(p).to(device) for p in parts)

@@ -308,7 +308,7 @@ class UNetModel(nn.Module):
     def __init__(self, image_size: Optional[int], in_channels: int, model_channels: int, out_channels: int,
                  num_res_blocks: IntOrList, attention_resolutions: Sequence[int], dropout: float = 0.0,
                  channel_mult: Sequence[int] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
-                 num_classes: Optional[int] = None, use_checkpoint: bool = False, use_fp16: bool = False,
+                 num_classes: Union[int, str, None] = None, use_checkpoint: bool = False, use_fp16: bool = False,
                  use_bf16: bool = False, num_heads: int = -1, num_head_channels: int = -1,
                  num_heads_upsample: int = -1, use_scale_shift_norm: bool = False, resblock_updown: bool = False,
                  use_new_attention_order: bool = False, use_spatial_transformer: bool = False,

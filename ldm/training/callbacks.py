@@ -10,6 +10,7 @@ Run directory layout (``<logdir>/<name>/``)::
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -21,7 +22,10 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -64,14 +68,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def make_checkpoint_callback(dirpath: str | os.PathLike, every_n_train_steps: int = 1000,
                              keep_last: int = 3) -> ModelCheckpoint:
     """Save every ``every_n_train_steps`` optimizer steps: ``step-XXXXXXXX.ckpt`` (the last ``keep_last``
-    kept, 0 = none, -1 = all) and always ``last.ckpt``."""
+    kept, 0 = none, -1 = all) and always ``last.ckpt``. A file of the same name is replaced, never kept beside
+    as ``-v1`` (the run folder is this run's: after a resume from an older or fallback checkpoint, ``last.ckpt``
+    is again the newest)."""
     if not isinstance(every_n_train_steps, int) or every_n_train_steps < 1:
         raise ValueError(f"every_n_train_steps={every_n_train_steps!r} must be a positive int")
     if not isinstance(keep_last, int) or keep_last < -1:
         raise ValueError(f"keep_last={keep_last!r} must be an int >= -1 (-1 keeps all)")
     return ModelCheckpoint(dirpath=str(dirpath), filename="step-{step:08d}", auto_insert_metric_name=False,
                            monitor="step", mode="max", save_top_k=keep_last, save_last=True,
-                           every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=False)
+                           every_n_train_steps=every_n_train_steps, save_on_train_epoch_end=False,
+                           enable_version_counter=False)
 
 
 def make_lr_monitor(logging_interval: str = "step") -> LearningRateMonitor:
@@ -81,11 +88,14 @@ def make_lr_monitor(logging_interval: str = "step") -> LearningRateMonitor:
 LOGGERS = ("auto", "tensorboard", "csv", "wandb")
 
 
-def make_logger(save_dir: str | os.PathLike, kind: str = "auto", name: str | None = None):
-    """The run's Lightning logger under ``<save_dir>/logs`` (resumed runs append to it): TensorBoard (``"auto"``, the
-    default, and ``"tensorboard"``; a core dependency), CSV (``metrics.csv``), or Weights & Biases (``"wandb"``:
-    needs ``pip install wandb``; offline unless ``WANDB_MODE`` says otherwise, project ``name``)."""
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+def make_logger(save_dir: str | os.PathLike, kind: str = "auto", resume_step: int | None = None,
+                name: str | None = None):
+    """The run's Lightning logger under ``<save_dir>/logs``: TensorBoard (``"auto"``, the default, and
+    ``"tensorboard"``; a core dependency), CSV (``metrics.csv``), or Weights & Biases (``"wandb"``: needs ``pip
+    install wandb``; offline unless ``WANDB_MODE`` says otherwise, project ``name``). Resumed runs append to the same
+    folder (and to the same metrics.csv, less its rows of the steps from ``resume_step``, the resumed checkpoint's,
+    on)."""
+    from pytorch_lightning.loggers import TensorBoardLogger
 
     if kind not in LOGGERS:
         raise ValueError(f"logger {kind!r} is unknown; use {', '.join(LOGGERS)}")
@@ -108,7 +118,45 @@ def make_logger(save_dir: str | os.PathLike, kind: str = "auto", name: str | Non
                 raise ValueError("logger tensorboard needs the tensorboard package; pip install tensorboard "
                                  "or set lightning.logger=csv") from None
             log.warning("tensorboard is not installed: logging to CSV (%s/logs/metrics.csv)", save_dir)
-    return CSVLogger(save_dir=str(save_dir), name="logs", version="")
+    return _AppendingCSVLogger(save_dir=str(save_dir), name="logs", version="", resume_step=resume_step)
+
+
+class _AppendingCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that the metrics.csv of the run being resumed is kept and appended to
+    (under its header) instead of deleted; its rows of steps from ``resume_step`` on (logged after the
+    checkpoint, before the run stopped) are dropped, as the resumed run logs those steps again."""
+
+    def __init__(self, log_dir: str, resume_step: int | None = None):
+        self.resume_step = resume_step
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            self.metrics_keys, rows = list(reader.fieldnames or []), list(reader)
+        kept = [r for r in rows if self.resume_step is None or not r.get("step", "").isdigit()
+                or int(r["step"]) < self.resume_step]
+        if len(kept) < len(rows):
+            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+
+
+class _AppendingCSVLogger(CSVLogger):
+    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingCSVWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingCSVWriter(log_dir=self.log_dir, resume_step=self.resume_step)
+        return self._experiment
 
 
 # ---- image grids ------------------------------------------------------------------------------------------------
@@ -288,3 +336,4 @@ class AccelCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         accel.optimize(pl_module, device=trainer.strategy.root_device, precision=_accel_precision(trainer.precision))
+

@@ -15,7 +15,10 @@ posterior moments (mean and log-variance, on the CPU) are kept under a hash of t
 embeddings under the caption (only while the text encoder is frozen). From the second epoch on every step
 reuses them; a new posterior sample is still drawn each step, so training is unchanged. Images that differ
 (random crops, flips) simply miss the cache. It costs host memory: about ``2 * C * h * w`` floats per image
-plus ``L * D`` per distinct caption; use it for datasets that fit in memory.
+plus ``L * D`` per distinct caption; use it for datasets that fit in memory. Each entry is computed on its own
+(a batch of one), so that it does not depend on which images were encoded with it: the kernels of a batch of
+one and of a batch of several differ in the last bits, and a resumed run, whose cache starts empty, would
+otherwise drift from the uninterrupted run after the next epoch boundary.
 """
 from __future__ import annotations
 
@@ -245,11 +248,11 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             with torch.no_grad():
                 return self.first_stage_model.encode(images).parameters.float()
         missing = [i for i, k in enumerate(keys) if k not in self._moments_cache]
-        if missing:
-            with torch.no_grad():
-                fresh = self.first_stage_model.encode(images[missing]).parameters.float()
-            for i, m in zip(missing, fresh):
-                self._moments_cache[keys[i]] = m.cpu()
+        for i in missing:  # one at a time: an entry must not depend on its batch (see the module docstring)
+            if keys[i] not in self._moments_cache:  # (the same image twice in one batch)
+                with torch.no_grad():
+                    fresh = self.first_stage_model.encode(images[i:i + 1]).parameters.float()
+                self._moments_cache[keys[i]] = fresh[0].cpu()
         return torch.stack([self._moments_cache[k] for k in keys]).to(images.device)
 
     def latents(self, images: torch.Tensor, generator: torch.Generator | None,
