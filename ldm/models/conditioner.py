@@ -245,8 +245,9 @@ class TextEmbedder(OpenCLIPTextEncoder):
         if pooled and self.long_prompts != "truncate":
             raise ValueError("pooled=true encodes one window per prompt: use long_prompts='truncate'")
         self.pooled = pooled
-        if pooled and not self.frozen:  # the projection is used now: train it with the rest
+        if pooled and not self.frozen:  # the projection (and ln_final) are used now: train them with the rest
             self.model.text_projection.requires_grad_(True)
+            self.model.ln_final.requires_grad_(True)
 
     def forward(self, prompts: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not self.pooled:
@@ -260,7 +261,8 @@ class TextEmbedder(OpenCLIPTextEncoder):
         return context, pooled
 
     def _context_and_last(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ln_final of the output of block ``layer`` (the context) and of the last block (for pooling)."""
+        """The output of block ``layer`` (the context; through ln_final unless ``final_norm=False``) and
+        ln_final of the last block's (for pooling)."""
         model, length = self.model, tokens.shape[1]
         x = model.token_embedding(tokens) + model.positional_embedding[:length]
         mask = model.attn_mask[:length, :length]
@@ -271,7 +273,7 @@ class TextEmbedder(OpenCLIPTextEncoder):
             else:
                 x = block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
             if n == self.layers_run:
-                context = model.ln_final(x)
+                context = model.ln_final(x) if self.final_norm else x
         return context, model.ln_final(x)
 
 
