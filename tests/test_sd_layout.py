@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ldm.config import load_config
-from ldm.convert import build_model, load_model, load_weights, normalize_state_dict, to_hf_clip_text_state_dict
+from ldm.convert import (build_model, infer_config, load_model, load_weights, normalize_state_dict,
+                         to_hf_clip_text_state_dict)
 from ldm.ema import EMA, ema_name
 from ldm.io import CheckpointError, check_state_dict, read_state_dict, save_checkpoint
 from sd_layout import read_layout
@@ -196,3 +197,22 @@ def test_sdxl_transformer_depth_per_level_and_override():
             depth[prefix] = max(depth.get(prefix, 0), int(rest.split(".")[0]) + 1)
     assert depth["input_blocks.4.1"] == 2 and depth["input_blocks.7.1"] == 2 and depth["middle_block.1"] == 2
     assert not any(k.startswith("input_blocks.1.1") for k in unet.state_dict())  # no attention at level 0
+
+
+@pytest.mark.parametrize("tsv,config", SDXL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sdxl_architecture_is_inferred_from_the_tensors(tsv, config, dtype):
+    ckpt = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _layout(tsv).items()}
+    cfg = infer_config(ckpt, {}, source=tsv)
+    assert cfg == load_config(ROOT / "configs" / "sd" / config)
+    assert cfg.model.params.scale_factor == 0.13025
+
+
+def test_sdxl_inference_names_a_mismatch():
+    ckpt = _layout("sdxl-base.tsv")
+    ckpt["model.diffusion_model.label_emb.0.0.weight"] = torch.empty(1280, 2560, device="meta")
+    with pytest.raises(CheckpointError, match=r"label_emb\.0\.0\.weight has width \(2560,\), not 2816"):
+        infer_config(ckpt, {}, source="x")
+    odd = {k.replace("conditioner.embedders.1.", "conditioner.embedders.2."): v for k, v in _layout("sdxl-base.tsv").items()}
+    with pytest.raises(CheckpointError, match="neither SDXL base's"):
+        infer_config(odd, {}, source="x")
