@@ -200,11 +200,13 @@ class LatentDiffusion(nn.Module):
                              f"{self.conditioner.input_keys}")
         return cond["crossattn"]
 
-    def get_unconditional_conditioning(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def get_unconditional_conditioning(self, batch: Mapping[str, Any],
+                                       only_empty: bool = False) -> dict[str, torch.Tensor]:
         """The unconditional (negative) branch for classifier-free guidance: ``batch`` as for
         :meth:`get_learned_conditioning`, with the negative prompts (``""`` for none) under ``txt``; embedders the
-        conditioner zeroes for the unconditional branch give zeros."""
-        return self.conditioner.unconditional(batch)
+        conditioner zeroes for the unconditional branch give zeros (with ``only_empty``: for the samples with
+        no negative prompt only, see :meth:`Conditioner.unconditional`)."""
+        return self.conditioner.unconditional(batch, only_empty=only_empty)
 
     # ---- denoising ---------------------------------------------------------------------------------------
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | torch.Tensor | None) -> torch.Tensor:

@@ -11,10 +11,13 @@ FrozenOpenCLIPEmbedder2(layer="penultimate", legacy=False, always_return_pooled=
 """
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
 
 from ldm.convert import load_model, to_hf_clip_text_state_dict
 from ldm.io import read_state_dict
@@ -173,3 +176,221 @@ def test_sdxl_layout_file_round_trip(tmp_path, refiner, dtype):
     if dtype is None:
         torch.testing.assert_close(loaded.get_learned_conditioning(batch)["vector"], ref["vector"], rtol=0, atol=0)
     assert torch.equal(loaded.alphas_cumprod, model.alphas_cumprod)
+
+
+# ---- sampling: micro-conditioning, empty negative prompts, the refiner -----------------------------------
+
+from ldm.cli import common  # noqa: E402
+from ldm.cli import sample as cli  # noqa: E402
+from ldm.diffusion import samplers as _samplers  # noqa: E402
+from ldm.diffusion.samplers import SAMPLERS  # noqa: E402
+from ldm.pipeline import Image2Image, Inpaint, Text2Image  # noqa: E402
+
+FAST = dict(steps=3, height=64, width=64)
+
+
+@pytest.fixture(scope="module")
+def xl_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("xl")
+    return (tiny_sdxl_checkpoint(folder / "xl-base.safetensors"),
+            tiny_sdxl_checkpoint(folder / "xl-refiner.safetensors", seed=1, refiner=True))
+
+
+@pytest.fixture(scope="module")
+def base(xl_files):
+    return Text2Image.from_checkpoint(xl_files[0], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def refiner(xl_files):
+    return Text2Image.from_checkpoint(xl_files[1], device="cpu")
+
+
+@pytest.fixture
+def with_refiner(base, refiner):
+    base.set_refiner(refiner, 0.5)
+    yield base
+    base.set_refiner(None)
+
+
+def spy_conditioning(pipe, monkeypatch):
+    """Record (inputs, unconditional, result) of every encode_conditioning call."""
+    calls, encode = [], pipe.encode_conditioning
+
+    def spy(inputs, unconditional=False):
+        out = encode(inputs, unconditional)
+        calls.append((inputs, unconditional, out))
+        return out
+
+    monkeypatch.setattr(pipe, "encode_conditioning", spy)
+    return calls
+
+
+def test_sdxl_config_default_size_is_1024():
+    from ldm.config import load_config
+    from test_sd_layout import ROOT
+
+    for name in ("sdxl-base.yaml", "sdxl-refiner.yaml"):
+        cfg = load_config(ROOT / "configs" / "sd" / name)
+        assert cfg.model.params.image_size * 8 == 1024
+
+
+def test_micro_conditioning_defaults_and_values(base, monkeypatch):
+    calls = spy_conditioning(base, monkeypatch)
+    base(["a red circle"], seeds=1, guidance_scale=5.0, **FAST)
+    (cond_in, _, _), (uncond_in, unconditional, _) = calls
+    assert unconditional and uncond_in["txt"] == [""]
+    for inputs in (cond_in, uncond_in):
+        assert inputs["original_size_as_tuple"].tolist() == [[64, 64]]  # (height, width) of the output
+        assert inputs["crop_coords_top_left"].tolist() == [[0, 0]]
+        assert inputs["target_size_as_tuple"].tolist() == [[64, 64]]
+        assert "aesthetic_score" not in inputs
+    calls.clear()
+    out = base(["a"], seeds=1, original_size=(512, 768), crop_coords_top_left=(16, 48), target_size=(64, 128),
+               **{**FAST, "width": 128})
+    assert calls[0][0]["original_size_as_tuple"].tolist() == [[512, 768]]
+    assert calls[0][0]["crop_coords_top_left"].tolist() == [[16, 48]]
+    assert out.parameters[0]["original_size"] == (512, 768) and "target_size" not in out.parameters[0]
+    text = common.format_parameters(out.parameters[0])
+    assert "Original size: 768x512, Crop top left: 16x48" in text
+    assert common.parse_parameters(text)["original_size"] == (512, 768)
+
+
+def test_micro_conditioning_changes_the_image(base):
+    a = base("a red circle", seeds=3, **FAST).images[0]
+    b = base("a red circle", seeds=3, original_size=(256, 256), crop_coords_top_left=(32, 0), **FAST).images[0]
+    assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() > 0
+
+
+def test_bad_micro_conditioning_is_one_line(base):
+    with pytest.raises(ValueError, match=r"original_size=\(64,\) must be two non-negative ints \(height, width\)"):
+        base("a", original_size=(64,), **FAST)
+    with pytest.raises(ValueError, match="aesthetic_score given but this model does not read it"):
+        base("a", aesthetic_score=5.0, **FAST)
+    with pytest.raises(TypeError, match="unknown keyword"):
+        base("a", orig_size=(1, 2), **FAST)
+
+
+def test_empty_negative_prompt_is_zeros_a_given_one_is_encoded(base, monkeypatch):
+    calls = spy_conditioning(base, monkeypatch)
+    base(["a red circle", "a blue square"], negative_prompts=["", "blurry"], seeds=1, **FAST)
+    uc = calls[1][2]
+    assert not uc["crossattn"][0].any() and not uc["vector"][0, :48].any()
+    assert uc["crossattn"][1].abs().sum() > 0
+    expected = base.model.get_learned_conditioning({**calls[1][0], "txt": ["blurry", "blurry"]})
+    torch.testing.assert_close(uc["crossattn"][1], expected["crossattn"][1])
+    torch.testing.assert_close(uc["vector"][1], expected["vector"][1])
+
+
+def test_refiner_takes_the_last_steps_on_the_same_latents(with_refiner, refiner, monkeypatch):
+    base = with_refiner
+    seen = {"base": [], "refiner": []}
+    for name, pipe in (("base", base), ("refiner", refiner)):
+        forward = pipe.model.apply_model
+
+        def spy(x, t, cond, forward=forward, name=name):
+            seen[name].append(float(t.flatten()[0]))
+            return forward(x, t, cond)
+
+        monkeypatch.setattr(pipe.model, "apply_model", spy)
+    calls = spy_conditioning(refiner, monkeypatch)
+    steps = []
+    out = base("a red circle", seeds=5, steps=4, height=64, width=64, sampler="Euler",
+               callback=lambda info: steps.append(info["i"]))
+    assert steps == [0, 1, 2, 3]
+    assert len(seen["base"]) == 2 and len(seen["refiner"]) == 2  # switch 0.5 of 4 steps, one CFG batch each
+    assert min(seen["base"]) > max(seen["refiner"])  # the base runs the high-noise part
+    # the refiner's own conditioning: aesthetic score 6, and 2.5 for the (encoded, not zeroed) negative
+    (cond_in, _, _), (uncond_in, unconditional, uc) = calls
+    assert cond_in["aesthetic_score"].tolist() == [6.0] and uncond_in["aesthetic_score"].tolist() == [2.5]
+    assert uc["crossattn"].abs().sum() > 0
+    params = out.parameters[0]
+    assert params["refiner"] == "xl-refiner" and params["refiner_switch"] == 0.5
+    text = common.format_parameters(params)
+    assert f"Refiner: xl-refiner [{refiner.model_hash}], Refiner switch at: 0.5" in text
+
+
+def test_refiner_hand_off_is_the_two_halves(with_refiner, refiner):
+    """The result equals sampling sigmas[:k+1] with the base and sigmas[k:] with the refiner by hand."""
+    base = with_refiner
+    spec = _samplers.get_sampler("DPM++ 2M")
+    latents = []
+    decode = base._decode
+    base._decode = lambda z: (latents.append(z), decode(z))[1]
+    try:
+        base("a red circle", seeds=5, steps=4, height=64, width=64, sampler="DPM++ 2M", guidance_scale=3.0)
+    finally:
+        del base._decode
+    sigmas = base.sigmas(spec, 4)
+    noise = _samplers.randn_like(torch.empty(1, 4, 8, 8), [torch.Generator().manual_seed(5)])
+    x = spec.initial_x(noise, sigmas[0])
+    for pipe, part in ((base, sigmas[:3]), (refiner, sigmas[2:])):
+        req = pipe._request(["a red circle"], None, 64, 64, 4, "DPM++ 2M", 3.0, 0.0, None, 5, None)
+        cond, uncond = pipe._conditioning(req, slice(0, 1))
+        x = spec.fn(pipe._denoiser(req, uncond, None, None, noise), x, part, extra_args={"cond": cond})
+    torch.testing.assert_close(latents[0], x)
+
+
+def test_refiner_switch_one_is_the_base_alone(base, refiner):
+    alone = base("a red circle", seeds=2, **FAST).images[0]
+    base.set_refiner(refiner, 1.0)
+    try:
+        out = base("a red circle", seeds=2, **FAST)
+    finally:
+        base.set_refiner(None)
+    assert np.array_equal(np.asarray(out.images[0]), np.asarray(alone)) and "refiner" not in out.parameters[0]
+    with pytest.raises(ValueError, match="refiner switch 1.5 is outside"):
+        base.set_refiner(refiner, 1.5)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_with_base_and_refiner(with_refiner, name):
+    out = with_refiner("a red circle", seeds=1, sampler=name, steps=2, height=64, width=64)
+    assert np.asarray(out.images[0]).std() > 0
+
+
+def test_img2img_and_inpainting_with_refiner(with_refiner):
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    img = Image2Image.from_pipeline(with_refiner)("a red circle", init, strength=0.7, seeds=1, steps=4)
+    assert img.images[0].size == (64, 64) and img.parameters[0]["refiner_switch"] == 0.5
+    out = Inpaint.from_pipeline(with_refiner)("a red circle", init, mask, seeds=1, steps=4)
+    right = np.asarray(out.images[0])[:, 40:].astype(int) - np.asarray(init)[:, 40:].astype(int)
+    left = np.asarray(out.images[0])[:, :24].astype(int) - np.asarray(init)[:, :24].astype(int)
+    assert np.abs(left).mean() > np.abs(right).mean()  # repainted where the mask is white
+
+
+def test_sample_cli_with_refiner_and_micro_conditioning(xl_files, tmp_path, capsys):
+    base_file, refiner_file = xl_files
+    code = cli.main([str(a) for a in ("--ckpt", base_file, "--refiner", refiner_file, "--refiner-switch", 0.5,
+                                      "--aesthetic-score", 7, "--original-size", 512, 256, "--crop-coords", 8, 0,
+                                      "--prompt", "a red circle", "--n_samples", 1, "--steps", 2,
+                                      "--device", "cpu", "--outdir", tmp_path, "--skip_grid")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    (png,) = (tmp_path / "samples").glob("*.png")
+    params = common.read_png_parameters(png)
+    assert Image.open(png).size == (64, 64)  # the model's default size (SDXL: 1024)
+    assert params["original_size"] == (512, 256) and params["crop_coords_top_left"] == (8, 0)
+    assert params["refiner"] == "xl-refiner" and params["refiner_switch"] == 0.5
+    assert params["aesthetic_score"] == 7.0
+
+
+def test_sample_cli_sdxl_errors(xl_files, tmp_path, capsys):
+    code = cli.main(["--ckpt", str(xl_files[0]), "--aesthetic-score", "7", "--outdir", str(tmp_path)])
+    assert code == 2 and "--aesthetic-score is the refiner's conditioning: it needs --refiner" in capsys.readouterr().err
+    code = cli.main(["--ckpt", str(xl_files[0]), "--refiner", str(xl_files[1]), "--refiner-switch", "2"])
+    assert code == 2 and "--refiner-switch 2.0 is outside [0, 1]" in capsys.readouterr().err
+
+
+def test_conditioner_only_empty_zeroes_the_samples_without_a_negative_prompt():
+    model = tiny_sdxl_model()
+    batch = {"txt": ["", "blurry"], **sizes(2)}
+    every = model.get_unconditional_conditioning(batch)  # sgm: zeros for every sample
+    assert not every["crossattn"].any()
+    some = model.get_unconditional_conditioning(batch, only_empty=True)
+    encoded = model.get_learned_conditioning(batch)
+    torch.testing.assert_close(some["crossattn"][0], every["crossattn"][0])
+    torch.testing.assert_close(some["crossattn"][1], encoded["crossattn"][1])
+    torch.testing.assert_close(some["vector"], torch.stack([every["vector"][0], encoded["vector"][1]]))

@@ -172,12 +172,31 @@ class Conditioner(nn.Module):
         return {kind: torch.cat(embs, dim=_CAT_DIM[kind]) if len(embs) > 1 else embs[0]
                 for kind, embs in outputs.items()}
 
-    def unconditional(self, batch: Mapping[str, Any], force_zero: Sequence[str] | None = None
-                      ) -> dict[str, torch.Tensor]:
+    def unconditional(self, batch: Mapping[str, Any], force_zero: Sequence[str] | None = None,
+                      only_empty: bool = False) -> dict[str, torch.Tensor]:
         """The unconditional (negative) branch: ``batch`` holds its inputs (the negative prompts, ``""`` for
         none, under ``txt``; the other entries as for the conditional branch); the embedders of
-        ``force_zero`` (default: ``zero_uncond``) give zeros."""
-        return self(batch, force_zero=self.zero_uncond if force_zero is None else force_zero)
+        ``force_zero`` (default: ``zero_uncond``) give zeros. ``only_empty``: zeros only for the samples whose
+        ``force_zero`` inputs are empty strings (no negative prompt); a given negative prompt is embedded
+        (what diffusers' SDXL pipeline does with ``force_zeros_for_empty_prompt``)."""
+        keys = tuple(self.zero_uncond if force_zero is None else force_zero)
+        if not only_empty or not keys:
+            return self(batch, force_zero=keys)
+        size = _batch_size(batch, self.input_keys)
+        empty = torch.ones(size, dtype=torch.bool)
+        for key in keys:
+            values = _entry(batch, key, -1)
+            if not _is_strings(values):
+                raise ValueError(f"only_empty needs strings under {key!r} (prompts); use only_empty=False")
+            empty &= torch.tensor([v == "" for v in values], dtype=torch.bool)
+        if bool(empty.all()):
+            return self(batch, force_zero=keys)
+        given = self(batch)
+        if not bool(empty.any()):
+            return given
+        zero = self(batch, force_zero=keys)
+        return {kind: torch.where(empty.to(value.device).view(-1, *([1] * (value.ndim - 1))), zero[kind], value)
+                for kind, value in given.items()}
 
     def _embed(self, index: int, embedder: nn.Module, spec: EmbedderSpec, inputs: list) -> Any:
         strings = len(inputs) == 1 and _is_strings(inputs[0])
