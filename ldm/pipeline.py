@@ -40,6 +40,7 @@ from ldm.diffusion.guidance import CFGDenoiser, check_guidance_rescale
 from ldm.diffusion.inpaint import InpaintDenoiser
 from ldm.diffusion.schedules import is_zero_terminal_snr
 from ldm.model import PROMPT_KEY
+from ldm.models.conditioner import micro_inputs
 
 log = logging.getLogger(__name__)
 
@@ -224,13 +225,9 @@ def _micro_conditioning(options: dict[str, Any], height: int, width: int) -> dic
 def _micro_inputs(micro: dict[str, Any], keys: Sequence[str], n: int, negative: bool = False
                   ) -> dict[str, torch.Tensor]:
     """The batch entries a conditioner reading ``keys`` needs (n rows each), from a call's micro-conditioning."""
-    out = {}
-    for name, (_, key) in MICRO_CONDITIONING.items():
-        if key not in keys or (key == "aesthetic_score" and name.startswith("negative") != negative):
-            continue
-        value = torch.tensor(micro[name], dtype=torch.float32)
-        out[key] = value.expand(n, *value.shape).clone() if value.ndim else value.expand(n).clone()
-    return out
+    score = micro["negative_aesthetic_score" if negative else "aesthetic_score"]
+    return micro_inputs(keys, n, original_size=micro["original_size"], target_size=micro["target_size"],
+                        crop_coords_top_left=micro["crop_coords_top_left"], aesthetic_score=score)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ FrozenOpenCLIPEmbedder2(layer="penultimate", legacy=False, always_return_pooled=
   top, left), fourier(target h, w)) (refiner: bigG only, and fourier(aesthetic score) in place of the target).
 """
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -394,3 +395,114 @@ def test_conditioner_only_empty_zeroes_the_samples_without_a_negative_prompt():
     torch.testing.assert_close(some["crossattn"][0], every["crossattn"][0])
     torch.testing.assert_close(some["crossattn"][1], encoded["crossattn"][1])
     torch.testing.assert_close(some["vector"], torch.stack([every["vector"][0], encoded["vector"][1]]))
+
+
+# ---- training: micro-conditioning from the data, dropout per embedder, one step of configs/sdxl_txt2img.yaml ------
+
+def test_image_transform_records_original_size_and_crop():
+    from ldm.data.transforms import ImageTransform
+
+    image = Image.new("RGB", (96, 48))
+    torch.manual_seed(0)
+    plain = ImageTransform(32, random_crop=True)(image)
+    torch.manual_seed(0)
+    sample = ImageTransform(32, random_crop=True, micro_conditioning=True).sample(image)
+    assert torch.equal(sample["image"], plain)  # the same random draws
+    assert sample["original_size_as_tuple"].tolist() == [48, 96]  # (height, width) before resizing
+    top, left = sample["crop_coords_top_left"].tolist()
+    assert top == 0 and 0 <= left <= 64  # resized to 64x32, a 32 square taken at (0, left)
+    assert sample["target_size_as_tuple"].tolist() == [32, 32]
+    assert ImageTransform(32, micro_conditioning=True).sample(image)["crop_coords_top_left"].tolist() == [0, 16]
+    assert set(ImageTransform(32).sample(image)) == {"image"}
+
+
+def test_image_folder_batches_carry_micro_conditioning(tmp_path):
+    from ldm.data.folder import ImageFolderDataModule
+
+    for i, size in enumerate([(80, 64), (64, 96)]):
+        Image.new("RGB", size).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"image {i}")
+    data = ImageFolderDataModule(tmp_path, batch_size=2, size=64, num_workers=0, val_fraction=0.0,
+                                 micro_conditioning=True)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert sorted(batch["original_size_as_tuple"].tolist()) == [[64, 80], [96, 64]]
+    assert sorted(batch["crop_coords_top_left"].tolist()) == [[0, 8], [16, 0]]
+    assert batch["target_size_as_tuple"].tolist() == [[64, 64], [64, 64]]
+
+
+SHRINK_SDXL = ["model.params.validation_prompts=[a red circle]", "model.params.sample_steps=2",
+               "data.params.num_train=4", "data.params.num_val=0", "data.params.batch_size=2",
+               "lightning.trainer.max_steps=1", "lightning.trainer.accelerator=cpu",
+               "lightning.trainer.enable_progress_bar=false", "lightning.trainer.enable_model_summary=false",
+               "lightning.callbacks.image_logger=false"]
+
+
+def test_sdxl_txt2img_config_trains_one_step_and_exports(tmp_path):
+    from ldm.cli.train import main
+
+    root = Path(__file__).resolve().parent.parent
+    args = ["--base", str(root / "configs" / "sdxl_txt2img.yaml"), "--logdir", str(tmp_path / "logs")] + SHRINK_SDXL
+    assert main(args) == 0
+    run = tmp_path / "logs" / "sdxl_txt2img"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    model = load_model(None, run / "sdxl_txt2img.safetensors")
+    assert "conditioner.embedders.1.model.text_projection" in model.state_dict()
+    pipe = Text2Image(model, device="cpu")
+    out = pipe("a red circle", seeds=0, steps=2, original_size=(32, 32))
+    assert out.images[0].size == (64, 64)
+
+
+def test_training_step_reads_micro_conditioning_and_drops_per_embedder():
+    from ldm.config import load_config
+    from ldm.convert import build_model
+    from ldm.data.datamodule import ShapesDataModule, collate
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "sdxl_txt2img.yaml")
+    module = build_model(cfg, inference=False)
+    data = ShapesDataModule(num_train=2, num_val=0, size=64, batch_size=2, micro_conditioning=True)
+    data.setup()
+    batch = collate([data.train_set[0], data.train_set[1]])
+    seen = []
+    forward = module.conditioner.forward
+
+    def spy(inputs, **kwargs):
+        seen.append(inputs)
+        return forward(inputs, **kwargs)
+
+    module.conditioner.forward = spy
+    loss = module._loss(batch, torch.Generator().manual_seed(0), drop=True)
+    assert torch.isfinite(loss) and seen[0]["original_size_as_tuple"].tolist() == [[64, 64], [64, 64]]
+    loss.backward()
+    assert module.conditioner.embedders[1].model.text_projection.grad is not None  # pooled path trains
+    # each text embedder drops on its own: rate 1 for the CLIP-L-like one zeroes its 128 features only
+    module.conditioner.specs[1] = module.conditioner.specs[1].__class__(("txt",), 0.0)
+    module.conditioner.specs[0] = module.conditioner.specs[0].__class__(("txt",), 1.0, None, True)
+    cond = module.conditioner(batch | {"txt": batch["caption"]}, generator=torch.Generator().manual_seed(0), drop=True)
+    assert not cond["crossattn"][..., :128].any() and cond["crossattn"][..., 128:].abs().sum() > 0
+
+
+def test_training_module_samples_images_with_micro_conditioning():
+    from ldm.config import load_config
+    from ldm.convert import build_model
+
+    root = Path(__file__).resolve().parent.parent
+    module = build_model(load_config(root / "configs" / "sdxl_txt2img.yaml"), inference=False)
+    images = module.sample_images(["a red circle", "two blue squares"], steps=1)
+    assert images.shape == (2, 3, 64, 64)
+
+
+def test_fine_tuning_an_sdxl_layout_file_with_init_from(tmp_path):
+    from ldm.config import instantiate_from_config
+
+    path = tiny_sdxl_checkpoint(tmp_path / "xl.safetensors", seed=4, dtype=torch.float16)
+    node = tiny_sdxl_config()["model"]
+    node["target"] = "ldm.training.latent_diffusion.LatentDiffusionModule"
+    node["params"].update({"init_from": str(path), "use_ema": False})
+    module = instantiate_from_config(node, "model")
+    reference = tiny_sdxl_model(seed=4).state_dict()
+    key = "conditioner.embedders.0.model.transformer.resblocks.0.attn.in_proj_weight"  # from q/k/v_proj
+    assert torch.equal(module.state_dict()[key], reference[key].half().float())
+    assert torch.equal(module.state_dict()["model.diffusion_model.label_emb.0.0.weight"],
+                       reference["model.diffusion_model.label_emb.0.0.weight"].half().float())

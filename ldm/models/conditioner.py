@@ -37,7 +37,7 @@ from ldm.models.text_encoder import OpenCLIPTextEncoder, _is_plain_block, _plain
 from ldm.models.unet import timestep_embedding
 
 __all__ = ["Conditioner", "EmbedderSpec", "TextEmbedder", "ConcatTimestepEmbedderND", "InpaintingConcat",
-           "KINDS"]
+           "KINDS", "micro_inputs"]
 
 KINDS = ("crossattn", "vector", "concat")
 _KIND_OF_NDIM = {2: "vector", 3: "crossattn", 4: "concat"}
@@ -294,6 +294,23 @@ class TextEmbedder(OpenCLIPTextEncoder):
             if n == self.layers_run:
                 context = model.ln_final(x) if self.final_norm else x
         return context, model.ln_final(x)
+
+
+def micro_inputs(keys: Sequence[str], n: int, *, original_size: tuple[int, int], target_size: tuple[int, int],
+                 crop_coords_top_left: tuple[int, int] = (0, 0), aesthetic_score: float = 6.0
+                 ) -> dict[str, torch.Tensor]:
+    """SDXL's micro-conditioning as batch entries (``n`` rows each, float32), for those of sgm's keys
+    (``original_size_as_tuple``, ``crop_coords_top_left``, ``target_size_as_tuple``, ``aesthetic_score``) that
+    are in ``keys`` (a conditioner's :attr:`Conditioner.input_keys`). Sizes are (height, width), the crop
+    (top, left)."""
+    values = {"original_size_as_tuple": original_size, "crop_coords_top_left": crop_coords_top_left,
+              "target_size_as_tuple": target_size, "aesthetic_score": aesthetic_score}
+    out = {}
+    for key, value in values.items():
+        if key in keys:
+            row = torch.as_tensor(value, dtype=torch.float32)
+            out[key] = row.expand(n, *row.shape).clone()
+    return out
 
 
 class ConcatTimestepEmbedderND(nn.Module):
