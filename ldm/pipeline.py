@@ -460,6 +460,8 @@ class _Pipeline:
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         self.check_size(height, width)
+        if self.refiner is not None:
+            self.refiner.check_size(height, width)  # its UNet may halve the latents more often
         given = {k: v for k, v in (extra.get("micro") or {}).items() if v is not None}
         extra["micro"] = _micro_conditioning(given, int(height), int(width))
         read = set(self.model.conditioner.input_keys)

@@ -213,6 +213,7 @@ def test_sdxl_inference_names_a_mismatch():
     ckpt["model.diffusion_model.label_emb.0.0.weight"] = torch.empty(1280, 2560, device="meta")
     with pytest.raises(CheckpointError, match=r"label_emb\.0\.0\.weight has width \(2560,\), not 2816"):
         infer_config(ckpt, {}, source="x")
-    odd = {k.replace("conditioner.embedders.1.", "conditioner.embedders.2."): v for k, v in _layout("sdxl-base.tsv").items()}
+    odd = {k.replace("conditioner.embedders.1.", "conditioner.embedders.2."): v
+           for k, v in _layout("sdxl-base.tsv").items()}
     with pytest.raises(CheckpointError, match="neither SDXL base's"):
         infer_config(odd, {}, source="x")

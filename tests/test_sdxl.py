@@ -61,7 +61,8 @@ def quick_gelu(x):
 
 def ref_clip_l_hidden(hf, tokens, heads, layers_run):
     """transformers-named CLIP text weights (``text_model.*``) -> hidden_states[layers_run] (no final norm)."""
-    x = hf["text_model.embeddings.token_embedding.weight"][tokens] + hf["text_model.embeddings.position_embedding.weight"]
+    embeddings = "text_model.embeddings."
+    x = hf[embeddings + "token_embedding.weight"][tokens] + hf[embeddings + "position_embedding.weight"]
     for i in range(layers_run):
         p = f"text_model.encoder.layers.{i}."
         w = {"ln_1.weight": hf[p + "layer_norm1.weight"], "ln_1.bias": hf[p + "layer_norm1.bias"],
@@ -380,7 +381,8 @@ def test_sample_cli_with_refiner_and_micro_conditioning(xl_files, tmp_path, caps
 
 def test_sample_cli_sdxl_errors(xl_files, tmp_path, capsys):
     code = cli.main(["--ckpt", str(xl_files[0]), "--aesthetic-score", "7", "--outdir", str(tmp_path)])
-    assert code == 2 and "--aesthetic-score is the refiner's conditioning: it needs --refiner" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "--aesthetic-score is the refiner's conditioning: it needs --refiner" in err
     code = cli.main(["--ckpt", str(xl_files[0]), "--refiner", str(xl_files[1]), "--refiner-switch", "2"])
     assert code == 2 and "--refiner-switch 2.0 is outside [0, 1]" in capsys.readouterr().err
 
@@ -506,3 +508,49 @@ def test_fine_tuning_an_sdxl_layout_file_with_init_from(tmp_path):
     assert torch.equal(module.state_dict()[key], reference[key].half().float())
     assert torch.equal(module.state_dict()["model.diffusion_model.label_emb.0.0.weight"],
                        reference["model.diffusion_model.label_emb.0.0.weight"].half().float())
+
+
+def test_small_sdxl_unet_matches_diffusers():
+    """The SDXL UNet (sdxl-base.yaml at width 64, depth [1, 2, 2]) against diffusers' UNet2DConditionModel made
+    from the same weights by diffusers' single-file functions; its "text_time" input embeds (pooled, time ids)
+    itself, ours gets y = cat(pooled, Fourier(time ids)) as the conditioner builds it."""
+    diffusers = pytest.importorskip("diffusers")
+    single_file = pytest.importorskip("diffusers.loaders.single_file_utils")
+    from ldm.config import instantiate_from_config, load_config, to_plain
+    from ldm.models.conditioner import ConcatTimestepEmbedderND
+    from test_sd_layout import ROOT
+
+    cfg = to_plain(load_config(ROOT / "configs" / "sd" / "sdxl-base.yaml"))
+    unet_cfg = cfg["model"]["params"]["unet_config"]
+    # diffusers' converter takes a "sequential" UNet for SDXL's when context_dim is 1280 or 2048
+    unet_cfg["params"].update(model_channels=64, transformer_depth=[1, 2, 2], context_dim=1280,
+                              adm_in_channels=32 + 6 * 256)
+    torch.manual_seed(0)
+    ours = instantiate_from_config(unet_cfg).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.05 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    ckpt = {"model.diffusion_model." + k: v.contiguous() for k, v in ours.state_dict().items()}
+    config = single_file.create_unet_diffusers_config_from_ldm(cfg, ckpt)
+    ref = diffusers.UNet2DConditionModel(**config).eval()
+    ref.load_state_dict(single_file.convert_ldm_unet_checkpoint(ckpt, config), strict=True)
+    g = torch.Generator().manual_seed(1)
+    x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 1280, generator=g)
+    pooled = torch.randn(2, 32, generator=g)
+    t = torch.tensor([17, 803])
+    time_ids = torch.tensor([[1024.0, 768, 0, 32, 1024, 1024], [512, 512, 16, 0, 896, 1152]])
+    y = torch.cat([pooled, ConcatTimestepEmbedderND(256)(time_ids)], dim=1)
+    with torch.no_grad():
+        out = ours(x, t, context, y=y)
+        expected = ref(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        other = ours(x, t, context, y=torch.cat([pooled, ConcatTimestepEmbedderND(256)(time_ids.flip(0))], dim=1))
+    scale = expected.abs().max()
+    assert (out - expected).abs().max() <= 1e-4 * scale
+    assert (other - expected).abs().max() > 1e-2 * scale  # the vector input matters
+
+
+def test_refiner_size_multiple_is_checked_before_sampling(with_refiner, refiner):
+    assert with_refiner.size_multiple == 16 and refiner.size_multiple == 32  # tiny: 8 x 2 and 8 x 4
+    with pytest.raises(ValueError, match="height 48 is not a positive multiple of 32"):
+        with_refiner("a", height=48, width=64, steps=2)
+    with_refiner.check_size(48, 64)  # the base alone would take it

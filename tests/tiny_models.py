@@ -149,7 +149,7 @@ def tiny_sdxl_config(refiner: bool = False) -> dict[str, Any]:
     if refiner:
         embedders = [copy.deepcopy(_BIGG_LIKE), _size_embedder("original_size_as_tuple"),
                      _size_embedder("crop_coords_top_left"), _size_embedder("aesthetic_score")]
-        p.update({"context_dim": 64, "adm_in_channels": 88, "model_channels": 64, "channel_mult": [1, 1],
+        p.update({"context_dim": 64, "adm_in_channels": 88, "model_channels": 64, "channel_mult": [1, 1, 1],
                   "transformer_depth": 1})
         zero_uncond = []
     else:
