@@ -554,3 +554,24 @@ def test_refiner_size_multiple_is_checked_before_sampling(with_refiner, refiner)
     with pytest.raises(ValueError, match="height 48 is not a positive multiple of 32"):
         with_refiner("a", height=48, width=64, steps=2)
     with_refiner.check_size(48, 64)  # the base alone would take it
+
+
+def test_webdataset_batches_carry_micro_conditioning(tmp_path):
+    import io
+
+    import webdataset as wds
+
+    from ldm.data.webdataset import WebDatasetDataModule
+
+    with wds.TarWriter(str(tmp_path / "s-0.tar")) as sink:
+        for i, size in enumerate([(48, 32), (32, 40)]):
+            buf = io.BytesIO()
+            Image.new("RGB", size).save(buf, format="PNG")
+            sink.write({"__key__": f"{i:04d}", "png": buf.getvalue(), "txt": f"image {i}".encode()})
+    data = WebDatasetDataModule(str(tmp_path / "s-0.tar"), batch_size=2, num_workers=0, size=16, shuffle_buffer=1,
+                                micro_conditioning=True)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    rows = sorted(zip(batch["original_size_as_tuple"].tolist(), batch["crop_coords_top_left"].tolist()))
+    assert rows == [([32, 48], [0, 4]), ([40, 32], [2, 0])]  # (h, w); resized to 24x16 / 16x20, centre crops
+    assert batch["target_size_as_tuple"].tolist() == [[16, 16], [16, 16]]
