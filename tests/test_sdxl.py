@@ -575,3 +575,19 @@ def test_webdataset_batches_carry_micro_conditioning(tmp_path):
     rows = sorted(zip(batch["original_size_as_tuple"].tolist(), batch["crop_coords_top_left"].tolist()))
     assert rows == [([32, 48], [0, 4]), ([40, 32], [2, 0])]  # (h, w); resized to 24x16 / 16x20, centre crops
     assert batch["target_size_as_tuple"].tolist() == [[16, 16], [16, 16]]
+
+
+@pytest.mark.slow
+def test_sdxl_base_architecture_under_the_training_target_is_the_file_layout():
+    """Fine-tuning SDXL 1.0: configs/sd/sdxl-base.yaml's params under the training module take the real file
+    strictly (what --init / init_from checks), built on the meta device."""
+    from ldm.config import instantiate_from_config, load_config
+    from ldm.convert import normalize_state_dict
+    from ldm.io import check_state_dict
+    from test_sd_layout import ROOT, _layout
+
+    cfg = load_config(ROOT / "configs" / "sd" / "sdxl-base.yaml")
+    cfg.model.target = "ldm.training.latent_diffusion.LatentDiffusionModule"
+    with torch.device("meta"):
+        module = instantiate_from_config(cfg.model, "model")
+    check_state_dict(module.state_dict(), normalize_state_dict(_layout("sdxl-base.tsv")))
