@@ -591,3 +591,26 @@ def test_sdxl_base_architecture_under_the_training_target_is_the_file_layout():
     with torch.device("meta"):
         module = instantiate_from_config(cfg.model, "model")
     check_state_dict(module.state_dict(), normalize_state_dict(_layout("sdxl-base.tsv")))
+
+
+def test_blocked_attention_hands_onednn_contiguous_rows(monkeypatch):
+    """Batch 1 with heads interleaved in the projection (SDXL's linear proj_in): q and k reach oneDNN's matmul
+    contiguous (strided rows made it ~1000x slower); the result is the math kernel's."""
+    from ldm.accel import attention as accel_attention
+    from ldm.accel import onednn
+
+    seen, linear = [], onednn.linear
+
+    def spy(x, weight, bias=None):
+        seen.append(x.is_contiguous() and weight.is_contiguous())
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(onednn, "linear", spy)
+    g = torch.Generator().manual_seed(0)
+    projected = [torch.randn(1, 256, 4 * 16, generator=g).to(torch.bfloat16) for _ in range(3)]  # [b, n, h * d]
+    q, k, v = (p.view(1, 256, 4, 16).permute(0, 2, 1, 3) for p in projected)  # [b, h, n, d] views
+    with torch.no_grad():
+        out = accel_attention.attention(q, k, v, backend="blocked")
+        ref = accel_attention.attention(q, k, v, backend="math")
+    assert seen and all(seen)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
