@@ -59,6 +59,9 @@ class LatentDiffusion(nn.Module):
       (:class:`~ldm.models.conditioner.InpaintingConcat`). Its conditioner adds no state-dict entries.
     - ``conditioner_config``: a :class:`~ldm.models.conditioner.Conditioner` node, stored as
       ``conditioner.embedders.N.*`` (sgm's layout), for any mix of text, vector and concat inputs.
+
+    ``schedule_in_state_dict: false`` keeps the schedule buffers out of the state dict (SDXL's files, made by
+    sgm, have none; the buffers are computed from the schedule parameters).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class LatentDiffusion(nn.Module):
         monitor: str | None = None,
         clip_denoised: bool = False,
         scheduler_config: Any = None,
+        schedule_in_state_dict: bool = True,
     ):
         super().__init__()
         check_parameterization(parameterization)
@@ -125,8 +129,9 @@ class LatentDiffusion(nn.Module):
                                      linear_end=linear_end, cosine_s=cosine_s)
         if zero_terminal_snr:
             betas = schedules.rescale_zero_terminal_snr(betas)
+        # SD 1/2 files store the 12 schedule buffers; SDXL files (sgm) do not: there they are derived, not saved
         for name, value in schedules.register_schedule_buffers(betas).items():
-            self.register_buffer(name, value)
+            self.register_buffer(name, value, persistent=schedule_in_state_dict)
 
         # As in the original: a buffer (saved) only when it is estimated from data, a plain float otherwise.
         if scale_by_std:
@@ -195,11 +200,13 @@ class LatentDiffusion(nn.Module):
                              f"{self.conditioner.input_keys}")
         return cond["crossattn"]
 
-    def get_unconditional_conditioning(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def get_unconditional_conditioning(self, batch: Mapping[str, Any],
+                                       only_empty: bool = False) -> dict[str, torch.Tensor]:
         """The unconditional (negative) branch for classifier-free guidance: ``batch`` as for
         :meth:`get_learned_conditioning`, with the negative prompts (``""`` for none) under ``txt``; embedders the
-        conditioner zeroes for the unconditional branch give zeros."""
-        return self.conditioner.unconditional(batch)
+        conditioner zeroes for the unconditional branch give zeros (with ``only_empty``: for the samples with
+        no negative prompt only, see :meth:`Conditioner.unconditional`)."""
+        return self.conditioner.unconditional(batch, only_empty=only_empty)
 
     # ---- denoising ---------------------------------------------------------------------------------------
     def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict | torch.Tensor | None) -> torch.Tensor:

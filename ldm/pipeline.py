@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import math
 import random
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -42,6 +43,7 @@ from ldm.diffusion.guidance import CFGDenoiser, check_guidance_rescale, check_gu
 from ldm.diffusion.inpaint import InpaintDenoiser
 from ldm.diffusion.schedules import is_zero_terminal_snr, sigmas_from_alphas_cumprod
 from ldm.model import PROMPT_KEY
+from ldm.models.conditioner import micro_inputs
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +203,55 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# SDXL micro-conditioning
+# ------------------------------------------------------------------------------------------------------------
+
+# pipeline keyword -> (default, the conditioner's batch key); sizes are (height, width), crops (top, left), as
+# in sgm and diffusers. None: the output size.
+MICRO_CONDITIONING = {
+    "original_size": (None, "original_size_as_tuple"),
+    "crop_coords_top_left": ((0, 0), "crop_coords_top_left"),
+    "target_size": (None, "target_size_as_tuple"),
+    "aesthetic_score": (6.0, "aesthetic_score"),
+    "negative_aesthetic_score": (2.5, "aesthetic_score"),
+}
+
+
+def _micro_conditioning(options: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+    """The SDXL micro-conditioning of a call (every key of :data:`MICRO_CONDITIONING`), defaults filled in:
+    original and target size = the output size, crop (0, 0), aesthetic score 6 and 2.5 for the negative branch
+    (the reference scripts' values). Unknown keywords and malformed values are one-line errors."""
+    unknown = sorted(set(options) - set(MICRO_CONDITIONING))
+    if unknown:
+        raise TypeError(f"unknown keyword argument(s) {unknown}; the micro-conditioning options are "
+                        f"{list(MICRO_CONDITIONING)}")
+    out = {}
+    for name, (default, _) in MICRO_CONDITIONING.items():
+        value = options.get(name)
+        if value is None:
+            value = (height, width) if default is None else default
+        if name.endswith("aesthetic_score"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r} must be a number (the reference uses 6 and 2.5 for the negative)")
+            out[name] = float(value)
+            continue
+        pair = tuple(value) if isinstance(value, (tuple, list)) else None
+        if pair is None or len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 0 for v in pair):
+            what = "(top, left)" if name.startswith("crop") else "(height, width)"
+            raise ValueError(f"{name}={value!r} must be two non-negative ints {what}")
+        out[name] = (int(pair[0]), int(pair[1]))
+    return out
+
+
+def _micro_inputs(micro: dict[str, Any], keys: Sequence[str], n: int, negative: bool = False
+                  ) -> dict[str, torch.Tensor]:
+    """The batch entries a conditioner reading ``keys`` needs (n rows each), from a call's micro-conditioning."""
+    score = micro["negative_aesthetic_score" if negative else "aesthetic_score"]
+    return micro_inputs(keys, n, original_size=micro["original_size"], target_size=micro["target_size"],
+                        crop_coords_top_left=micro["crop_coords_top_left"], aesthetic_score=score)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # the pipeline
 # ------------------------------------------------------------------------------------------------------------
 
@@ -241,6 +292,7 @@ class _Request:
     masks: list | None = None
     shown_prompts: list[str] | None = None  # the prompts as given (with <lora:...> tags), for the parameters
     hires: _Hires | None = None
+    micro: dict = field(default_factory=dict)  # SDXL micro-conditioning, see _micro_conditioning
 
 
 class _Pipeline:
@@ -278,6 +330,8 @@ class _Pipeline:
     """
 
     task = "txt2img"
+    refiner: "_Pipeline | None" = None  # see set_refiner
+    refiner_switch: float = 0.8
 
     def __init__(self, model: nn.Module, device: str | torch.device | None = None, precision: str = "fp32", *,
                  vae_precision: str = "auto", unet_weights: str = "fp32", attention: str | None = None,
@@ -336,6 +390,22 @@ class _Pipeline:
         new = cls.__new__(cls)
         new.__dict__.update({k: v for k, v in other.__dict__.items() if k != "model_hash"})
         return new
+
+    def set_refiner(self, refiner: "_Pipeline | None", switch: float = 0.8) -> None:
+        """Hand the last ``1 - switch`` of every sigma schedule to ``refiner`` (a pipeline of an SDXL refiner,
+        on this pipeline's device): this model denoises the first ``round(switch * steps)`` steps, the refiner
+        the rest on the same latents, with its own conditioning (the aesthetic score); None: no refiner."""
+        if refiner is not None:
+            if not 0.0 <= float(switch) <= 1.0:
+                raise ValueError(f"refiner switch {switch} is outside [0, 1]: use e.g. 0.8 (the refiner does the "
+                                 "last 20% of the steps)")
+            if refiner.device != self.device:
+                raise ValueError(f"the refiner is on {refiner.device} but this pipeline on {self.device}: load "
+                                 "both on one device")
+            if refiner.model.latent_channels != self.model.latent_channels or refiner.is_inpainting_model:
+                raise ValueError("the refiner must be a plain model with this model's latent channels "
+                                 f"({self.model.latent_channels})")
+        self.refiner, self.refiner_switch = refiner, float(switch)
 
     # ---- set-up ---------------------------------------------------------------------------------------------
     def _configure(self, attention, attention_slicing, vae_tiling, channels_last, compile) -> None:
@@ -470,6 +540,17 @@ class _Pipeline:
         width = self.default_size if width is None else width
         self.check_size(height, width)
         self.check_memory(min(batch_size, n), height, width)
+        if self.refiner is not None:
+            self.refiner.check_size(height, width)  # its UNet may halve the latents more often
+        given = {k: v for k, v in (extra.get("micro") or {}).items() if v is not None}
+        extra["micro"] = _micro_conditioning(given, int(height), int(width))
+        read = set(self.model.conditioner.input_keys)
+        if self.refiner is not None:
+            read |= set(self.refiner.model.conditioner.input_keys)
+        unread = [name for name in given if MICRO_CONDITIONING[name][1] not in read]
+        if unread:
+            raise ValueError(f"{', '.join(unread)} given but this model does not read it (SDXL's micro-conditioning; "
+                             "the aesthetic score is the refiner's): leave it out")
         return _Request(prompts, negatives, _seed_list(seeds, n), int(height), int(width), int(steps),
                         _samplers.get_sampler(sampler).name, float(guidance_scale), float(guidance_rescale),
                         None if eta is None else float(eta), batch_size, **extra)
@@ -504,6 +585,11 @@ class _Pipeline:
             hashes = self.embeddings.hashes(used.values())
             if hashes:
                 params["ti_hashes"] = hashes
+        params.update(self._micro_parameters(req))
+        if self._refiner_split(req.steps) is not None:
+            params.update({"refiner": self.refiner.model_name, "refiner_hash": self.refiner.model_hash,
+                           "refiner_switch": self.refiner_switch})
+            params.update(self.refiner._micro_parameters(req))
         return params
 
     # ---- adapters: LoRA and VAE files -----------------------------------------------------------------------
@@ -628,13 +714,22 @@ class _Pipeline:
                                                   empty.repeat(1, missing // empty.shape[1], 1)], dim=1)}
         return (cond, short) if short_is_uncond else (short, uncond)
 
+
+    def _micro_parameters(self, req: _Request) -> dict[str, Any]:
+        """The micro-conditioning values this model reads and that differ from their defaults (for the UIs'
+        ``parameters`` text: what is needed to make the image again)."""
+        keys = self.model.conditioner.input_keys
+        defaults = _micro_conditioning({}, req.height, req.width)
+        return {name: value for name, value in req.micro.items()
+                if MICRO_CONDITIONING[name][1] in keys and value != defaults[name]}
+
     @torch.no_grad()
     def encode_conditioning(self, inputs: dict[str, Any], unconditional: bool = False) -> dict[str, torch.Tensor]:
         """The model's conditioning dict of ``inputs`` (``txt``: the prompts, and what else the model's conditioner
         reads) on the device, float32; ``unconditional``: the negative branch (negative prompts under ``txt``)."""
         with self._running(self.model.conditioner), self._autocast():
-            if unconditional:
-                cond = self.model.get_unconditional_conditioning(inputs)
+            if unconditional:  # an empty negative prompt gives zeros where the model says so (SDXL base)
+                cond = self.model.get_unconditional_conditioning(inputs, only_empty=True)
             else:
                 cond = self.model.get_learned_conditioning(inputs)
         return {kind: value.float() for kind, value in cond.items()}
@@ -691,9 +786,14 @@ class _Pipeline:
         options = {} if req.eta is None or "eta" not in inspect.signature(spec.fn).parameters else {"eta": req.eta}
         if "discrete_sigmas" in inspect.signature(spec.fn).parameters:  # TCD steps to timesteps between its sigmas
             options["discrete_sigmas"] = sigmas_from_alphas_cumprod(self.model.alphas_cumprod.double()).float()
-        with self._running(self.unet):
-            x = _samplers.sample(spec, denoiser, noise, sigmas, init_latent=init, extra_args={"cond": cond},
-                                 callback=step_callback, generator=generators, **options)
+        split = self._refiner_split(len(sigmas) - 1)
+        if split is not None:
+            x = self._sample_with_refiner(req, batch, spec, denoiser, cond, noise, sigmas, split, init, mask,
+                                          step_callback, generators, options)
+        else:
+            with self._running(self.unet):
+                x = _samplers.sample(spec, denoiser, noise, sigmas, init_latent=init, extra_args={"cond": cond},
+                                     callback=step_callback, generator=generators, **options)
         if mask is not None and not self.is_inpainting_model:
             x = init + mask * (x - init)  # exactly the original outside the mask
         return x
@@ -722,7 +822,8 @@ class _Pipeline:
         sigmas = self.sigmas(spec, total)[total - steps:].to(self.device)
         cond, uncond = self._conditioning(big, batch)
         denoiser = self._denoiser(big, uncond, init, None, noise)
-        step_callback = None if callback is None else _BatchCallback(callback, first_index, len(init), steps)
+        step_callback = _FiniteCheck(self, steps, None if callback is None else
+                                     _BatchCallback(callback, first_index, len(init), steps))
         options = {} if req.eta is None or "eta" not in inspect.signature(spec.fn).parameters else {"eta": req.eta}
         with self._running(self.unet):
             return _samplers.sample(spec, denoiser, noise, sigmas, init_latent=init, extra_args={"cond": cond},
@@ -746,6 +847,34 @@ class _Pipeline:
             log.info("hires size %dx%d rounded down to %dx%d (multiples of %d)", int(width * scale),
                      int(height * scale), size[0], size[1], m)
         return _Hires(float(scale), strength, steps, upscaler, *size)
+
+    def _refiner_split(self, steps: int) -> int | None:
+        """How many of ``steps`` this model runs before the refiner takes over; None: no refiner step."""
+        if self.refiner is None:
+            return None
+        split = math.floor(self.refiner_switch * steps + 0.5)
+        return None if split >= steps else split
+
+    def _sample_with_refiner(self, req: _Request, batch: slice, spec: _samplers.SamplerSpec, denoiser, cond,
+                             noise: torch.Tensor, sigmas: torch.Tensor, split: int, init, mask, step_callback,
+                             generators, options: dict) -> torch.Tensor:
+        """The sampler over ``sigmas[:split + 1]`` with this model, then over ``sigmas[split:]`` with the refiner
+        (its own conditioning and guidance) on the same latents; one start and one end as in
+        :func:`ldm.diffusion.samplers.sample`."""
+        x = (spec.initial_x(noise, sigmas[0]) if init is None
+             else _samplers.noise_latent(init, sigmas[0], noise=noise))
+        if split > 0:
+            with self._running(self.unet):
+                x = spec.fn(denoiser, x, sigmas[:split + 1], extra_args={"cond": cond}, callback=step_callback,
+                            generator=generators, **options)
+        refiner = self.refiner
+        refiner_cond, refiner_uncond = refiner._conditioning(req, batch)
+        refiner_denoiser = refiner._denoiser(req, refiner_uncond, init, mask, noise)
+        callback = None if step_callback is None else _OffsetCallback(step_callback, split)
+        with refiner._running(refiner.unet):
+            x = spec.fn(refiner_denoiser, x, sigmas[split:], extra_args={"cond": refiner_cond}, callback=callback,
+                        generator=generators, **options)
+        return spec.final_x(x, sigmas[-1])
 
     def sigmas(self, sampler: str | _samplers.SamplerSpec, steps: int) -> torch.Tensor:
         """The sampler's sigma schedule for this model; a zero-terminal-SNR model gets "trailing" spacing
@@ -772,14 +901,16 @@ class _Pipeline:
         9-channel inpainting UNet also reads the mask and the masked image's latents (for txt2img/img2img: the
         whole image masked)."""
         inputs: dict[str, Any] = {PROMPT_KEY: self.prompt_inputs(req.prompts[batch])}
+        n, keys = len(inputs[PROMPT_KEY]), self.model.conditioner.input_keys
         if self.is_inpainting_model:
-            inputs.update(self._inpainting_inputs(req, batch, len(inputs[PROMPT_KEY])))
-        cond = self.encode_conditioning(inputs)
+            inputs.update(self._inpainting_inputs(req, batch, n))
+        cond = self.encode_conditioning({**inputs, **_micro_inputs(req.micro, keys, n)})
         if req.guidance_scale == 1.0:
             return cond, None
-        uncond = self.encode_conditioning({**inputs, PROMPT_KEY: self.prompt_inputs(req.negative_prompts[batch])},
-                                          unconditional=True)
-        return self._same_length(cond, uncond, inputs)
+        negative = {**inputs, **_micro_inputs(req.micro, keys, n, negative=True),
+                    PROMPT_KEY: self.prompt_inputs(req.negative_prompts[batch])}
+        uncond = self.encode_conditioning(negative, unconditional=True)
+        return self._same_length(cond, uncond, {**inputs, **_micro_inputs(req.micro, keys, n)})
 
     def _inpainting_inputs(self, req: _Request, batch: slice, n: int) -> dict[str, torch.Tensor]:
         """``mask`` (1 = repaint, image size) and ``masked_image_latents`` for an inpainting UNet."""
@@ -837,6 +968,16 @@ class _FiniteCheck:
             self.callback(info)
 
 
+class _OffsetCallback:
+    """Reports the refiner's steps after the base model's: ``info["i"] + offset``."""
+
+    def __init__(self, callback: Callable[[dict], None], offset: int):
+        self.callback, self.offset = callback, offset
+
+    def __call__(self, info: dict) -> None:
+        self.callback({**info, "i": info["i"] + self.offset})
+
+
 class _BatchCallback:
     """Adds ``batch_start``, ``batch_size`` and ``total_steps`` to the sampler's per-step info dict."""
 
@@ -858,18 +999,21 @@ class Text2Image(_Pipeline):
                  sampler: str = DEFAULT_SAMPLER, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  eta: float = 0.0, seeds: int | Sequence[int] | None = None, batch_size: int | None = None,
                  callback: Callable[[dict], None] | None = None, hires_scale: float | None = None,
-                 hires_strength: float = 0.7, hires_steps: int | None = None,
-                 hires_upscaler: str = "latent") -> PipelineOutput:
+                 hires_strength: float = 0.7, hires_steps: int | None = None, hires_upscaler: str = "latent",
+                 **micro: Any) -> PipelineOutput:
         """One image per prompt. ``seeds``: an int s (image i gets s + i), one per image, or None (random).
         ``batch_size``: images per forward pass (default all). ``callback(info)`` after every sampler step,
         ``info`` holding the sampler's fields (``i``, ``sigma``, ...) plus ``batch_start`` and ``batch_size``.
+        ``micro``: SDXL's micro-conditioning for models that read it: ``original_size`` and ``target_size``
+        (height, width; default the output size), ``crop_coords_top_left`` (top, left; default (0, 0)),
+        ``aesthetic_score`` (refiner; default 6) and ``negative_aesthetic_score`` (default 2.5).
 
         Hires fix (A1111's): with ``hires_scale`` (e.g. 2) each image is sampled at ``height`` x ``width``, then
         upscaled (``hires_upscaler``: "latent" bilinear on the latents, "latent-nearest", or "image": decoded and
         resized with Lanczos) and sampled again as img2img with ``hires_strength`` for ``hires_steps`` steps
         (default: ``steps``). The parameters record the first pass's size, as A1111 does."""
         req = self._request(prompts, negative_prompts, height, width, steps, sampler, guidance_scale,
-                            guidance_rescale, eta, seeds, batch_size)
+                            guidance_rescale, eta, seeds, batch_size, micro=micro)
         req.hires = self._hires(hires_scale, hires_strength, hires_steps, hires_upscaler, req.height, req.width)
         if req.hires is not None:  # the second pass decodes at the larger size
             self.check_memory(min(req.batch_size, len(req.prompts)), req.hires.height, req.hires.width)
@@ -886,15 +1030,16 @@ class Image2Image(_Pipeline):
                  height: int | None = None, width: int | None = None, steps: int = 20,
                  sampler: str = DEFAULT_SAMPLER, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
                  eta: float = 0.0, seeds: int | Sequence[int] | None = None, batch_size: int | None = None,
-                 callback: Callable[[dict], None] | None = None) -> PipelineOutput:
+                 callback: Callable[[dict], None] | None = None, **micro: Any) -> PipelineOutput:
         """As :meth:`Text2Image.__call__`, plus ``init_images`` (one, or one per prompt: PIL images, paths or
         ``[3, H, W]`` tensors in [-1, 1]) and ``strength`` in (0, 1]. The size defaults to the first init
         image's, rounded down to a multiple of :attr:`size_multiple`."""
         return self._run(self._image_request(prompts, init_images, None, strength, negative_prompts, height,
                                              width, steps, sampler, guidance_scale, guidance_rescale, eta, seeds,
-                                             batch_size), callback)
+                                             batch_size, micro=micro), callback)
 
-    def _image_request(self, prompts, init_images, masks, strength, negative_prompts, height, width, *rest):
+    def _image_request(self, prompts, init_images, masks, strength, negative_prompts, height, width, *rest,
+                       micro=None):
         n = 1 if isinstance(prompts, str) else len(prompts)
         images = [_load_if_path(img) for img in _as_list(init_images, n, "init images")]
         if any(img is None for img in images):
@@ -903,7 +1048,7 @@ class Image2Image(_Pipeline):
         width, height = self._size_from_image(images[0], height, width)
         mask_list = None if masks is None else [_load_if_path(m, "L") for m in _as_list(masks, n, "masks")]
         return self._request(prompts, negative_prompts, height, width, *rest, init_images=images,
-                             strength=float(strength), masks=mask_list)
+                             strength=float(strength), masks=mask_list, micro=micro)
 
     def _size_from_image(self, image, height, width) -> tuple[int, int]:
         if height is not None and width is not None:
@@ -937,12 +1082,12 @@ class Inpaint(Image2Image):
                  width: int | None = None, steps: int = 20, sampler: str = DEFAULT_SAMPLER,
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, eta: float = 0.0,
                  seeds: int | Sequence[int] | None = None, batch_size: int | None = None,
-                 callback: Callable[[dict], None] | None = None) -> PipelineOutput:
+                 callback: Callable[[dict], None] | None = None, **micro: Any) -> PipelineOutput:
         """As :meth:`Image2Image.__call__`, plus ``masks`` (white = repaint) of the init images' size."""
         if masks is None:
             raise ValueError("masks is missing: pass a mask image (white = repaint) for inpainting")
         req = self._image_request(prompts, init_images, masks, strength, negative_prompts, height, width, steps,
-                                  sampler, guidance_scale, guidance_rescale, eta, seeds, batch_size)
+                                  sampler, guidance_scale, guidance_rescale, eta, seeds, batch_size, micro=micro)
         self._check_mask_sizes(req)
         return self._run(req, callback)
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ldm.config import load_config
-from ldm.convert import build_model, load_model, load_weights, normalize_state_dict, to_hf_clip_text_state_dict
+from ldm.convert import (build_model, infer_config, load_model, load_weights, normalize_state_dict,
+                         to_hf_clip_text_state_dict)
 from ldm.ema import EMA, ema_name
 from ldm.io import CheckpointError, check_state_dict, read_state_dict, save_checkpoint
 from sd_layout import read_layout
@@ -152,3 +153,67 @@ def test_load_weights_rejects_other_architecture():
     other["model"]["params"]["unet_config"]["params"]["model_channels"] = 64
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_weights(small, build_model(other).state_dict())
+
+
+# ---- SDXL: base and refiner ------------------------------------------------------------------------------
+
+SDXL = [("sdxl-base.tsv", "sdxl-base.yaml"), ("sdxl-refiner.tsv", "sdxl-refiner.yaml")]
+
+
+@pytest.mark.parametrize("tsv,config", SDXL)
+def test_sdxl_full_size_layout_is_strict(tsv, config):
+    ckpt = _layout(tsv)
+    model_sd = _meta_model(config).state_dict()
+    check_state_dict(model_sd, normalize_state_dict(ckpt))
+    assert not any(k in model_sd for k in ("alphas_cumprod", "betas"))  # sgm files have no schedule buffers
+    # files written by newer transformers versions lack embeddings.position_ids
+    without = {k: v for k, v in ckpt.items() if not k.endswith("embeddings.position_ids")}
+    check_state_dict(model_sd, normalize_state_dict(without))
+    # text_projection and logit_scale belong to the bigG tower
+    bigg = "conditioner.embedders.1.model." if "base" in tsv else "conditioner.embedders.0.model."
+    assert {bigg + "text_projection", bigg + "logit_scale"} <= set(model_sd)
+    missing = {k: v for k, v in ckpt.items() if k != bigg + "text_projection"}
+    with pytest.raises(CheckpointError, match=r"1 missing \(" + bigg.replace(".", r"\.") + "text_projection"):
+        check_state_dict(model_sd, normalize_state_dict(missing))
+
+
+def test_sdxl_base_is_not_the_refiner():
+    with pytest.raises(CheckpointError, match="missing"):
+        check_state_dict(_meta_model("sdxl-refiner.yaml").state_dict(), normalize_state_dict(_layout("sdxl-base.tsv")))
+
+
+def test_sdxl_transformer_depth_per_level_and_override():
+    cfg = load_config(ROOT / "configs" / "sd" / "sdxl-base.yaml",
+                      overrides=["model.params.unet_config.params.transformer_depth=[1,2,2]"])
+    assert list(cfg.model.params.unet_config.params.transformer_depth) == [1, 2, 2]
+    with torch.device("meta"):
+        model = build_model(cfg)
+    unet = model.model.diffusion_model
+    assert unet.transformer_depth == [1, 2, 2]
+    depth = {}
+    for k in unet.state_dict():
+        if ".transformer_blocks." in k:
+            prefix, rest = k.split(".transformer_blocks.")
+            depth[prefix] = max(depth.get(prefix, 0), int(rest.split(".")[0]) + 1)
+    assert depth["input_blocks.4.1"] == 2 and depth["input_blocks.7.1"] == 2 and depth["middle_block.1"] == 2
+    assert not any(k.startswith("input_blocks.1.1") for k in unet.state_dict())  # no attention at level 0
+
+
+@pytest.mark.parametrize("tsv,config", SDXL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sdxl_architecture_is_inferred_from_the_tensors(tsv, config, dtype):
+    ckpt = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _layout(tsv).items()}
+    cfg = infer_config(ckpt, {}, source=tsv)
+    assert cfg == load_config(ROOT / "configs" / "sd" / config)
+    assert cfg.model.params.scale_factor == 0.13025
+
+
+def test_sdxl_inference_names_a_mismatch():
+    ckpt = _layout("sdxl-base.tsv")
+    ckpt["model.diffusion_model.label_emb.0.0.weight"] = torch.empty(1280, 2560, device="meta")
+    with pytest.raises(CheckpointError, match=r"label_emb\.0\.0\.weight has width \(2560,\), not 2816"):
+        infer_config(ckpt, {}, source="x")
+    odd = {k.replace("conditioner.embedders.1.", "conditioner.embedders.2."): v
+           for k, v in _layout("sdxl-base.tsv").items()}
+    with pytest.raises(CheckpointError, match="neither SDXL base's"):
+        infer_config(odd, {}, source="x")

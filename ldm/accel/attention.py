@@ -43,8 +43,10 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
     b, h, n, d = q.shape
     rows = max(16, _BLOCK_SCORES // max(k.shape[2], 1))
     with torch.autocast(device_type=q.device.type, enabled=False):
-        qf = (q.float() * d ** -0.5).reshape(b * h, n, d)
-        kf = k.float().expand(b, h, -1, -1).reshape(b * h, -1, d)
+        # contiguous: with batch 1 the reshapes are views of the heads-interleaved projections, and oneDNN's
+        # matmul on such row strides is ~1000x slower (SDXL, 1024 tokens: 2.8 s instead of 4.7 ms per head)
+        qf = (q.float() * d ** -0.5).reshape(b * h, n, d).contiguous()
+        kf = k.float().expand(b, h, -1, -1).reshape(b * h, -1, d).contiguous()
         vv = v.expand(b, h, -1, -1).reshape(b * h, -1, v.shape[-1])
         if mask is not None:
             mask = mask.expand(b, h, n, k.shape[2]).reshape(b * h, n, k.shape[2])

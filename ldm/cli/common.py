@@ -52,10 +52,21 @@ _LABELS = {
     "hires_steps": "Hires steps",
     "hires_upscaler": "Hires upscaler",
     "ti_hashes": "TI hashes",
+    # SDXL: micro-conditioning that differs from the defaults, and the refiner as A1111 writes it
+    "original_size": "Original size",
+    "crop_coords_top_left": "Crop top left",
+    "target_size": "Target size",
+    "aesthetic_score": "Aesthetic score",
+    "negative_aesthetic_score": "Negative aesthetic score",
+    "refiner": "Refiner",
+    "refiner_switch": "Refiner switch at",
 }
+# (height, width) / (top, left) pairs, written "WxH" like Size and "TOPxLEFT"
+_PAIR_KEYS = ("original_size", "target_size", "crop_coords_top_left")
 _KEYS = {label: key for key, label in _LABELS.items()}
 _INT_KEYS = ("steps", "seed", "hires_steps")
-_FLOAT_KEYS = ("cfg_scale", "strength", "eta", "guidance_rescale", "hires_scale")
+_FLOAT_KEYS = ("cfg_scale", "strength", "eta", "guidance_rescale", "hires_scale", "aesthetic_score",
+               "negative_aesthetic_score", "refiner_switch")
 # "Label: value" pairs of the last line; a value is a JSON string or runs to the next comma
 _PARAM_RE = re.compile(r'\s*([\w][\w \-/+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 _NEGATIVE = "Negative prompt:"
@@ -97,6 +108,11 @@ def format_parameters(params: Mapping[str, Any]) -> str:
         value = params.get(key)
         if value is None or (key in ("eta", "guidance_rescale") and not value):
             continue
+        if key in _PAIR_KEYS:
+            first, second = value
+            value = f"{first}x{second}" if key.startswith("crop") else f"{second}x{first}"
+        elif key == "refiner" and params.get("refiner_hash"):
+            value = f"{value} [{params['refiner_hash']}]"
         fields.append(f"{label}: {_quote(_format_number(value))}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
@@ -136,6 +152,17 @@ def parse_parameters(text: str) -> dict[str, Any]:
             match = re.fullmatch(r"(\d+)x(\d+)", value)
             if match:
                 out["width"], out["height"] = int(match.group(1)), int(match.group(2))
+                continue
+        if key in _PAIR_KEYS:
+            match = re.fullmatch(r"(\d+)x(\d+)", value)
+            if match:
+                a, b = int(match.group(1)), int(match.group(2))
+                out[key] = (a, b) if key.startswith("crop") else (b, a)
+                continue
+        if key == "refiner":
+            match = re.fullmatch(r"(.*) \[([0-9a-fA-F]+)\]", value)
+            if match:
+                out["refiner"], out["refiner_hash"] = match.group(1), match.group(2)
                 continue
         out[key] = _typed(key, value)
     return out

@@ -4,6 +4,7 @@
     python sample.py --ckpt sd-v1-5.safetensors --prompt "a cactus in a straw hat" --H 512 --W 512
     python sample.py --ckpt model.safetensors --init-img in.png --strength 0.6 --prompt "..."
     python sample.py --ckpt model.safetensors --init-img in.png --mask mask.png --prompt "..."
+    python sample.py --ckpt sd_xl_base_1.0.safetensors --refiner sd_xl_refiner_1.0.safetensors --prompt "..."
 
 Images go to ``<outdir>/samples/NNNNN.png`` (numbered on from what is there) and a grid of the run to
 ``<outdir>/grid-NNNN.png`` (one row per --n_iter), each with an A1111-style ``parameters`` PNG text chunk.
@@ -107,6 +108,21 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    choices=("latent", "latent-nearest", "image"),
                    help="latent (default): resize the latents (bilinear; latent-nearest: nearest); image: decode, "
                         "resize with Lanczos and encode")
+    g = p.add_argument_group("SDXL (micro-conditioning and the refiner)")
+    g.add_argument(*_names("--original-size"), dest="original_size", type=int, nargs=2, metavar=("H", "W"),
+                   default=None, help="the original image size the model is told (default: the output size)")
+    g.add_argument(*_names("--crop-coords"), dest="crop_coords", type=int, nargs=2, metavar=("TOP", "LEFT"),
+                   default=None, help="the crop's top-left corner the model is told (default: 0 0)")
+    g.add_argument(*_names("--target-size"), dest="target_size", type=int, nargs=2, metavar=("H", "W"),
+                   default=None, help="the target size the model is told (default: the output size)")
+    g.add_argument(*_names("--refiner"), default=None,
+                   help="an SDXL refiner checkpoint: it denoises the last steps (see --refiner-switch)")
+    g.add_argument(*_names("--refiner-switch"), dest="refiner_switch", type=float, default=0.8,
+                   help="fraction of the steps the base model runs before the refiner (default %(default)s)")
+    g.add_argument(*_names("--aesthetic-score"), dest="aesthetic_score", type=float, default=None,
+                   help="the refiner's aesthetic-score conditioning (default 6)")
+    g.add_argument(*_names("--negative-aesthetic-score"), dest="negative_aesthetic_score", type=float,
+                   default=None, help="the refiner's aesthetic score for the negative branch (default 2.5)")
 
     g = p.add_argument_group("model")
     g.add_argument(*_names("--ckpt"), default=None,
@@ -285,6 +301,7 @@ def check_args(args: argparse.Namespace) -> None:
         _owner_check(check_seed, args.seed, "--seed")
     _owner_check(check_eta, args.eta, "--eta")
     _check_sampler(args.sampler)
+    _check_sdxl_args(args)
     if args.ckpt is not None and Path(args.ckpt).is_dir():
         if not (Path(args.ckpt) / "model_index.json").is_file():
             raise UsageError(f"{args.ckpt} is a folder without model_index.json: pass a checkpoint file or a "
@@ -342,6 +359,20 @@ def _check_loras(args: argparse.Namespace, prompts: list[str]) -> None:
             find_lora(tag.name, args.lora_dir)
 
 
+def _check_sdxl_args(args: argparse.Namespace) -> None:
+    for flag, value in (("--original-size", args.original_size), ("--crop-coords", args.crop_coords),
+                        ("--target-size", args.target_size)):
+        if value is not None and min(value) < 0:
+            raise UsageError(f"{flag} {value[0]} {value[1]} has a negative number: use sizes/offsets in pixels >= 0")
+    if not 0.0 <= args.refiner_switch <= 1.0:
+        raise UsageError(f"--refiner-switch {args.refiner_switch} is outside [0, 1]: use e.g. 0.8")
+    _require_file(args.refiner, "refiner checkpoint", "--refiner")
+    for flag, value in (("--aesthetic-score", args.aesthetic_score),
+                        ("--negative-aesthetic-score", args.negative_aesthetic_score)):
+        if value is not None and args.refiner is None:
+            raise UsageError(f"{flag} is the refiner's conditioning: it needs --refiner")
+
+
 def resolve_checkpoint(ckpt: str | None) -> Path:
     """--ckpt, or the embedded demo model; a one-line error when there is neither."""
     if ckpt is not None:
@@ -366,13 +397,14 @@ def load_pipeline(args: argparse.Namespace):
 
     cls = {"txt2img": pipeline.Text2Image, "img2img": pipeline.Image2Image, "inpaint": pipeline.Inpaint}[_task(args)]
     ckpt = resolve_checkpoint(args.ckpt)
-    pipe = cls.from_checkpoint(ckpt, args.config, use_ema=args.use_ema, device=args.device,
-                               precision=args.precision, parameterization=args.parameterization,
-                               attention=args.attention, attention_slicing=args.attention_slicing,
-                               vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
-                               channels_last=args.channels_last, compile=args.compile,
-                               unet_weights=args.unet_weights, vae_precision=args.vae_precision,
-                               prompt_syntax=args.prompt_syntax)
+    options = dict(use_ema=args.use_ema, device=args.device, precision=args.precision,
+                   attention=args.attention, attention_slicing=args.attention_slicing,
+                   vae_tiling=args.vae_tiling, cpu_offload=args.cpu_offload,
+                   channels_last=args.channels_last, compile=args.compile,
+                   unet_weights=args.unet_weights, vae_precision=args.vae_precision, prompt_syntax=args.prompt_syntax)
+    pipe = cls.from_checkpoint(ckpt, args.config, parameterization=args.parameterization, **options)
+    if args.refiner is not None:  # its config is inferred from its own file
+        pipe.set_refiner(cls.from_checkpoint(args.refiner, None, **options), args.refiner_switch)
     if args.vae is not None:
         pipe.load_vae(args.vae)
     pipe.lora_dir = args.lora_dir
@@ -429,6 +461,10 @@ def _call_kwargs(args: argparse.Namespace, pipe) -> dict:
     kwargs = dict(negative_prompts=args.negative_prompt, height=args.H, width=args.W, steps=args.steps,
                   sampler=args.sampler, guidance_scale=args.scale, guidance_rescale=args.guidance_rescale,
                   eta=args.eta)
+    micro = {"original_size": args.original_size, "crop_coords_top_left": args.crop_coords,
+             "target_size": args.target_size, "aesthetic_score": args.aesthetic_score,
+             "negative_aesthetic_score": args.negative_aesthetic_score}
+    kwargs.update({k: tuple(v) if isinstance(v, list) else v for k, v in micro.items() if v is not None})
     task = _task(args)
     if task != "txt2img":
         kwargs["init_images"] = Image.open(args.init_img).convert("RGB")

@@ -1,5 +1,5 @@
-"""What model a checkpoint holds: its stored config (data, checked against an allow-list), else SD v1 / v2 from
-the tensors' shapes.
+"""What model a checkpoint holds: its stored config (data, checked against an allow-list), else SD v1 / v2 /
+SDXL base / SDXL refiner from the tensors' names and shapes.
 
 A config stored in a file someone else made is data, never code: every ``target`` in it must name one of the
 project's own model classes (:data:`STORED_TARGET_MODULES`), checked for the whole tree before anything is built.
@@ -102,10 +102,38 @@ def check_stored_config(node: Any, source: str = "checkpoint", path: str = "mode
             raise _refuse(source, key, target, f"not a {kind} defined in {module}")
 
 
+_SDXL_BASE_KEYS = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")
+_SDXL_REFINER_KEY = "conditioner.embedders.0.model."
+
+
+def _sdxl_config_name(sd: Mapping[str, torch.Tensor], source: str) -> str | None:
+    """"sdxl-base.yaml" / "sdxl-refiner.yaml" for an SDXL file (sgm's conditioner layout), None for others.
+
+    Base: CLIP ViT-L/14 (transformers names) as embedder 0 and OpenCLIP bigG as embedder 1; refiner: bigG alone
+    as embedder 0. The UNet's vector input (``label_emb.0.0.weight``: 2816 = base, 2560 = refiner) must agree.
+    """
+    if not any(k.startswith("conditioner.embedders.") for k in sd):
+        return None
+    if all(any(k.startswith(p) for k in sd) for p in _SDXL_BASE_KEYS):
+        name, adm = "sdxl-base.yaml", 2816
+    elif any(k.startswith(_SDXL_REFINER_KEY) for k in sd) and not any(
+            k.startswith("conditioner.embedders.1.") for k in sd):
+        name, adm = "sdxl-refiner.yaml", 2560
+    else:
+        raise CheckpointError(f"cannot tell the architecture of {source}: its conditioner.embedders.* are neither "
+                              "SDXL base's (CLIP-L + bigG) nor the refiner's (bigG); pass --config")
+    w = sd.get(UNET_PREFIX + "label_emb.0.0.weight")
+    if w is None or tuple(w.shape)[1:] != (adm,):
+        found = "none" if w is None else f"width {tuple(w.shape)[1:]}"
+        raise CheckpointError(f"{source}: the text encoders are SDXL's ({name}) but the UNet's vector input "
+                              f"label_emb.0.0.weight has {found}, not {adm}; pass --config")
+    return name
+
+
 def infer_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None = None,
                  parameterization: str | None = None, source: str = "checkpoint") -> DictConfig:
     """The config of a checkpoint: its stored JSON config (checked by :func:`check_stored_config`), else SD v1 / v2
-    from the tensors' shapes."""
+    / SDXL base / SDXL refiner from the tensors' names and shapes."""
     if meta and meta.get("config"):
         try:
             stored = json.loads(meta["config"])
@@ -118,7 +146,10 @@ def infer_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None 
         check_stored_config(stored.get("model", stored), source, "model" if "model" in stored else "config")
         cfg = OmegaConf.create(stored)
     else:
-        if any(k.startswith(SD1_TEXT_PREFIX) for k in sd):
+        sdxl = _sdxl_config_name(sd, source)
+        if sdxl is not None:
+            name = sdxl
+        elif any(k.startswith(SD1_TEXT_PREFIX) for k in sd):
             name = "v1-inference.yaml"
         elif any(k.startswith(SD2_TEXT_PREFIX) for k in sd):
             name = "v2-inference-v.yaml" if parameterization == "v" else "v2-inference.yaml"
@@ -127,6 +158,9 @@ def infer_config(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str] | None 
                                   "stored config); pass --config")
         cfg = load_config(CONFIG_DIR / "sd" / name)
         w = sd.get(UNET_PREFIX + "input_blocks.0.0.weight")
+        if sdxl is not None and w is not None and w.shape[1] != cfg.model.params.unet_config.params.in_channels:
+            raise CheckpointError(f"{source}: an SDXL UNet with {w.shape[1]} input channels (an inpainting or "
+                                  "other special SDXL model) is not supported; pass --config")
         if w is not None and w.shape[1] != cfg.model.params.unet_config.params.in_channels:
             # an inpainting (9-channel) UNet: mask + masked-image latents are concatenated to the input
             cfg.model.params.unet_config.params.in_channels = int(w.shape[1])

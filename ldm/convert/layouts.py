@@ -1,7 +1,8 @@
 """State-dict layouts: the names a file uses -> the names of this project's modules, and back.
 
-- :func:`normalize_state_dict`: a full SD-layout file (v1 or v2, with or without ``model_ema.*``) onto
-  ``LatentDiffusion``'s names.
+- :func:`normalize_state_dict`: a full SD-layout file (v1, v2 or SDXL, with or without ``model_ema.*``) onto
+  ``LatentDiffusion``'s names (SDXL's ``conditioner.embedders.N.transformer.*`` CLIP text weights become the
+  OpenCLIP tower's ``conditioner.embedders.N.model.*``).
 - :func:`convert_hf_clip_text_state_dict` / :func:`to_hf_clip_text_state_dict`: SD1's OpenAI CLIP text model in
   transformers naming (``cond_stage_model.transformer.text_model.*``) <-> the OpenCLIP text tower of
   :class:`ldm.models.text_encoder.OpenCLIPTextEncoder` (``model.*``).
@@ -22,6 +23,7 @@ from ldm.io import CheckpointError, materialize
 __all__ = [
     "SD1_TEXT_PREFIX",
     "SD2_TEXT_PREFIX",
+    "SDXL_HF_TEXT_KEY",
     "UNET_PREFIX",
     "EMA_PREFIX",
     "normalize_state_dict",
@@ -36,6 +38,8 @@ SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
+# SDXL: an embedder holding a transformers CLIP text model (sgm's FrozenCLIPEmbedder, CLIP ViT-L/14)
+SDXL_HF_TEXT_KEY = re.compile(r"(conditioner\.embedders\.\d+\.)transformer\.(.+)")
 _IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",
                  "cond_stage_model.transformer.embeddings.position_ids")
 
@@ -54,11 +58,15 @@ def normalize_state_dict(sd: Mapping[str, torch.Tensor], *, use_ema: bool = Fals
     """
     out: dict[str, torch.Tensor] = {}
     sd1_text: dict[str, torch.Tensor] = {}
+    hf_text: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)  # SDXL embedder prefix -> its text keys
     ema: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if k in _IGNORED_KEYS:
             continue
-        if k.startswith(SD1_TEXT_PREFIX):
+        hf_match = SDXL_HF_TEXT_KEY.fullmatch(k)
+        if hf_match:
+            hf_text[hf_match.group(1)][hf_match.group(2)] = v
+        elif k.startswith(SD1_TEXT_PREFIX):
             sd1_text[k[len(SD1_TEXT_PREFIX):]] = v
         elif k.startswith(EMA_PREFIX):
             ema[k[len(EMA_PREFIX):]] = v
@@ -68,6 +76,10 @@ def normalize_state_dict(sd: Mapping[str, torch.Tensor], *, use_ema: bool = Fals
         sd1_text = {k: materialize(v) for k, v in sd1_text.items()}
         for k, v in convert_hf_clip_text_state_dict(sd1_text).items():
             out["cond_stage_model." + k] = v
+    for prefix, text in hf_text.items():
+        text = {k: materialize(v) for k, v in text.items()}
+        for k, v in convert_hf_clip_text_state_dict(text).items():
+            out[prefix + k] = v
     if ema:
         if has_ema_module:
             out.update({EMA_PREFIX + k: v for k, v in ema.items()})

@@ -379,11 +379,13 @@ class ShapesDataModule(MapDataModule):
     Train and validation sets use different seeds so that they do not share images. ``color_drop`` is the share
     of training captions that leave the colors out (``ldm.data.shapes.caption``) and ``kinds`` the scene kinds
     the training pictures are drawn from, uniformly (a kind listed twice is drawn twice as often; default: each
-    of ``ldm.data.shapes.KINDS`` once); validation keeps the defaults.
+    of ``ldm.data.shapes.KINDS`` once); validation keeps the defaults. ``micro_conditioning``: samples carry
+    SDXL's size and crop entries too.
     """
 
     def __init__(self, num_train: int = 1000, num_val: int = 64, size: int = 64, batch_size: int = 16,
-                 num_workers: int = 0, seed: int = 0, color_drop: float = 0.15, kinds: Sequence[str] | None = None):
+                 num_workers: int = 0, seed: int = 0, color_drop: float = 0.15, kinds: Sequence[str] | None = None,
+                 micro_conditioning: bool = False):
         super().__init__()
         check_loader_args(batch_size, num_workers)
         if num_train < 1 or num_val < 0:
@@ -396,6 +398,7 @@ class ShapesDataModule(MapDataModule):
         if unknown:
             raise ValueError(f"data.params.kinds has unknown scene kind {unknown[0]!r}; use any of {', '.join(KINDS)}")
         self.color_drop = float(color_drop)
+        self.micro_conditioning = bool(micro_conditioning)
         self.kinds = list(kinds) if kinds else None
         self.num_train, self.num_val, self.size = num_train, num_val, size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
@@ -406,7 +409,9 @@ class ShapesDataModule(MapDataModule):
         from ldm.data.shapes import ShapesDataset  # imported late: only this module needs it
 
         if self.train_set is None:
+            micro = {"micro_conditioning": True} if self.micro_conditioning else {}
             self.train_set = ShapesDataset(self.num_train, size=self.size, seed=self.seed, kinds=self.kinds,
-                                           color_drop=self.color_drop)
-            self.val_set = ShapesDataset(self.num_val, size=self.size, seed=self.seed + 1) if self.num_val else None
+                                           color_drop=self.color_drop, **micro)
+            self.val_set = (ShapesDataset(self.num_val, size=self.size, seed=self.seed + 1, **micro)
+                            if self.num_val else None)
 

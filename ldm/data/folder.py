@@ -108,14 +108,14 @@ class ImageFolderDataset(Dataset):
         for offset in range(len(self.items)):
             path, caption = self.items[(index + offset) % len(self.items)]
             try:
-                image = self.transform(load_image(path))
+                sample = self.transform.sample(load_image(path))
             except Exception as exn:  # corrupt or unreadable file: count it, use the next one
                 count = self.stats.add("bad_samples")
                 logger.warning("skipping unreadable image '%s': %s: %s [%d bad in this worker]",
                                path, type(exn).__name__, exn, count)
                 continue
             self.stats.add("samples")
-            return {"image": image, "caption": caption}
+            return {**sample, "caption": caption}
         raise RuntimeError(f"none of the {len(self.items)} images could be read; check data.params.root")
 
 
@@ -123,11 +123,14 @@ class ImageFolderDataModule(MapDataModule):
     """Lightning data module over an image folder; batches are ``{"image": [B,3,S,S], "caption": [str]}``.
 
     ``val_fraction`` of the files (at least one when > 0) go to validation, chosen by ``seed``.
+    ``micro_conditioning``: each sample also holds SDXL's ``original_size_as_tuple``, ``crop_coords_top_left``
+    and ``target_size_as_tuple`` (see :class:`ldm.data.transforms.ImageTransform`).
     """
 
     def __init__(self, root: str | os.PathLike, batch_size: int, size: int = 256, num_workers: int = 2,
                  val_fraction: float = 0.05, seed: int = 0, random_crop: bool = False, flip_p: float = 0.0,
-                 missing_caption: str = "drop", captions_file: str = "captions.jsonl"):
+                 missing_caption: str = "drop", captions_file: str = "captions.jsonl",
+                 micro_conditioning: bool = False):
         super().__init__()
         check_loader_args(batch_size, num_workers)
         if missing_caption not in ("drop", "empty"):
@@ -138,8 +141,9 @@ class ImageFolderDataModule(MapDataModule):
         self.root, self.captions_file = root, captions_file
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_fraction, self.seed, self.missing_caption = val_fraction, seed, missing_caption
-        self.train_transform = ImageTransform(size, random_crop=random_crop, flip_p=flip_p)
-        self.val_transform = ImageTransform(size)
+        self.train_transform = ImageTransform(size, random_crop=random_crop, flip_p=flip_p,
+                                              micro_conditioning=micro_conditioning)
+        self.val_transform = ImageTransform(size, micro_conditioning=micro_conditioning)
         self.stats = WorkerCounters(FOLDER_STATS, num_workers)
         self.val_stats = WorkerCounters(FOLDER_STATS, num_workers)
         unreadable: list[tuple[str, str]] = []

@@ -386,12 +386,14 @@ def image_to_tensor(img: Image.Image) -> torch.Tensor:
 class ShapesDataset(Dataset):
     """Map-style dataset of captioned shapes: item ``i`` depends only on (split, seed, i), whatever the worker.
 
-    Returns ``{"image": float [3, size, size] in [-1, 1], "caption": str}``. No random flips here: a flip
+    Returns ``{"image": float [3, size, size] in [-1, 1], "caption": str}`` (with ``micro_conditioning``
+    also SDXL's ``original_size_as_tuple`` = ``target_size_as_tuple`` = (size, size), ``crop_coords_top_left``
+    = (0, 0)). No random flips here: a flip
     would contradict left/right captions. ``split="eval"`` reads the held-out seed stream.
     """
 
     def __init__(self, num_samples: int, size: int = 64, seed: int = 0, kinds: Sequence[str] | None = None,
-                 split: str = "train", color_drop: float = COLOR_DROP):
+                 split: str = "train", color_drop: float = COLOR_DROP, micro_conditioning: bool = False):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not isinstance(size, int) or size < 32:
@@ -405,6 +407,7 @@ class ShapesDataset(Dataset):
         scene_rng(seed, 0, split)  # validates split
         self.num_samples, self.size, self.seed, self.kinds, self.split = num_samples, size, seed, kinds, split
         self.color_drop = float(color_drop)
+        self.micro_conditioning = bool(micro_conditioning)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -419,7 +422,12 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene, text = self.scene(index)
-        return {"image": image_to_tensor(render(scene, self.size)), "caption": text}
+        sample = {"image": image_to_tensor(render(scene, self.size)), "caption": text}
+        if self.micro_conditioning:  # rendered at its size: no crop (see ldm.data.transforms.ImageTransform.sample)
+            size = torch.tensor((self.size, self.size))
+            sample.update({"original_size_as_tuple": size, "crop_coords_top_left": torch.zeros(2, dtype=torch.long),
+                           "target_size_as_tuple": size.clone()})
+        return sample
 
 
 # ----------------------------------------------------------------------------------------------- shards

@@ -6,6 +6,14 @@
 Resizing keeps the aspect ratio (the shorter side becomes ``size``); the crop then takes a ``size`` x ``size``
 square from the centre, or from a random place with ``random_crop=True``. Horizontal flips are off by default
 because they turn "a dog left of a cat" into an image that contradicts its caption.
+
+With ``micro_conditioning=True`` (SDXL), :meth:`ImageTransform.sample` also records each image's original size
+``(height, width)``, the crop's top-left offset ``(top, left)`` in the resized image and the target size, under
+sgm's batch keys (``original_size_as_tuple``, ``crop_coords_top_left``, ``target_size_as_tuple``)::
+
+    ImageTransform(256, random_crop=True, micro_conditioning=True).sample(img)
+    # {"image": [3, 256, 256], "original_size_as_tuple": tensor([h, w]), "crop_coords_top_left": tensor([t, l]),
+    #  "target_size_as_tuple": tensor([256, 256])}
 """
 from __future__ import annotations
 
@@ -54,7 +62,7 @@ class ImageTransform:
     wherever a resumed run starts.
     """
 
-    def __init__(self, size: int, random_crop: bool = False, flip_p: float = 0.0):
+    def __init__(self, size: int, random_crop: bool = False, flip_p: float = 0.0, micro_conditioning: bool = False):
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"image size must be a positive int, got {size!r}; set data.params.size (e.g. 256)")
         if not 0.0 <= flip_p <= 1.0:
@@ -63,15 +71,30 @@ class ImageTransform:
         self.size = size
         self.random_crop = random_crop
         self.flip_p = float(flip_p)
+        self.micro_conditioning = bool(micro_conditioning)
 
     def __repr__(self) -> str:
-        return f"ImageTransform(size={self.size}, random_crop={self.random_crop}, flip_p={self.flip_p})"
+        micro = ", micro_conditioning=True" if self.micro_conditioning else ""
+        return f"ImageTransform(size={self.size}, random_crop={self.random_crop}, flip_p={self.flip_p}{micro})"
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = self.crop(self.resize(img))
+        return self.sample(img)["image"]
+
+    def sample(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        """``{"image": tensor}``, plus the micro-conditioning entries with ``micro_conditioning`` (the crop
+        offsets are those of the resized image, before a flip, as in SDXL's training)."""
+        original = (img.height, img.width)
+        resized = self.resize(img)
+        top, left = self.crop_offsets(resized)
+        img = resized.crop((left, top, left + self.size, top + self.size))
         if self.flip_p > 0 and torch.rand(()).item() < self.flip_p:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(img)
+        out = {"image": to_tensor(img)}
+        if self.micro_conditioning:
+            out.update({"original_size_as_tuple": torch.tensor(original),
+                        "crop_coords_top_left": torch.tensor((top, left)),
+                        "target_size_as_tuple": torch.tensor((self.size, self.size))})
+        return out
 
     def resize(self, img: Image.Image) -> Image.Image:
         """Scale so that the shorter side is exactly ``size`` (PIL's resize antialiases when shrinking)."""
@@ -84,10 +107,15 @@ class ImageTransform:
 
     def crop(self, img: Image.Image) -> Image.Image:
         """Take a ``size`` x ``size`` square: centred, or at a random offset with ``random_crop``."""
+        top, left = self.crop_offsets(img)
+        return img.crop((left, top, left + self.size, top + self.size))
+
+    def crop_offsets(self, img: Image.Image) -> tuple[int, int]:
+        """(top, left) of the ``size`` square :meth:`crop` takes (random draws: left first, then top)."""
         w, h = img.size
         if self.random_crop:
             left = int(torch.randint(0, w - self.size + 1, ()).item())
             top = int(torch.randint(0, h - self.size + 1, ()).item())
         else:
             left, top = (w - self.size) // 2, (h - self.size) // 2
-        return img.crop((left, top, left + self.size, top + self.size))
+        return top, left

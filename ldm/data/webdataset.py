@@ -296,7 +296,7 @@ class CaptionedShards(IterableDataset):
             if self.missing_caption == "drop":
                 return None
             caption = ""
-        return {"image": self.transform(load_image(raw[image_key])), "caption": caption}
+        return {**self.transform.sample(load_image(raw[image_key])), "caption": caption}
 
     def _caption(self, raw: dict) -> str | None:
         data = raw.get(self.caption_key)
@@ -346,6 +346,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
     Captions come from ``{key}.{caption_key}`` (default ``txt``; ``json`` when ``caption_json_field`` is
     set, e.g. ``caption_json_field="caption"`` reads ``{"caption": "..."}``). ``rank``/``world_size`` override
     what torch.distributed or the Lightning trainer report (custom launchers, tests).
+    ``micro_conditioning``: each sample also holds SDXL's ``original_size_as_tuple``, ``crop_coords_top_left``
+    and ``target_size_as_tuple`` (see :class:`ldm.data.transforms.ImageTransform`).
     """
 
     def __init__(self, urls: str | Sequence[str], batch_size: int, num_workers: int = 2, size: int = 256,
@@ -353,7 +355,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
                  caption_json_field: str | None = None, missing_caption: str = "drop", resampled: bool = False,
                  epoch_length: int | None = None, shuffle_buffer: int = 1000,
                  val_urls: str | Sequence[str] | None = None, seed: int = 0, random_crop: bool = False,
-                 flip_p: float = 0.0, rank: int | None = None, world_size: int | None = None):
+                 flip_p: float = 0.0, rank: int | None = None, world_size: int | None = None,
+                 micro_conditioning: bool = False):
         super().__init__()
         check_loader_args(batch_size, num_workers)
         if missing_caption not in ("drop", "empty"):
@@ -368,8 +371,9 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self.urls = expand_shards(urls, "data.params.urls")
         self.val_urls = expand_shards(val_urls, "data.params.val_urls") if val_urls else None
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.train_transform = ImageTransform(size, random_crop=random_crop, flip_p=flip_p)
-        self.val_transform = ImageTransform(size)
+        self.train_transform = ImageTransform(size, random_crop=random_crop, flip_p=flip_p,
+                                              micro_conditioning=micro_conditioning)
+        self.val_transform = ImageTransform(size, micro_conditioning=micro_conditioning)
         self.shard_options = dict(
             image_keys=tuple(image_keys), caption_key=caption_key or ("json" if caption_json_field else "txt"),
             caption_json_field=caption_json_field, missing_caption=missing_caption, seed=seed,

@@ -38,7 +38,7 @@ from ldm.models.text_encoder import (OpenCLIPTextEncoder, _is_plain_block, _is_p
 from ldm.models.unet import timestep_embedding
 
 __all__ = ["Conditioner", "EmbedderSpec", "TextEmbedder", "ConcatTimestepEmbedderND", "InpaintingConcat",
-           "KINDS"]
+           "KINDS", "micro_inputs"]
 
 KINDS = ("crossattn", "vector", "concat")
 _KIND_OF_NDIM = {2: "vector", 3: "crossattn", 4: "concat"}
@@ -174,12 +174,32 @@ class Conditioner(nn.Module):
         return {kind: torch.cat(embs, dim=_CAT_DIM[kind]) if len(embs) > 1 else embs[0]
                 for kind, embs in outputs.items()}
 
-    def unconditional(self, batch: Mapping[str, Any], force_zero: Sequence[str] | None = None
-                      ) -> dict[str, torch.Tensor]:
+    def unconditional(self, batch: Mapping[str, Any], force_zero: Sequence[str] | None = None,
+                      only_empty: bool = False) -> dict[str, torch.Tensor]:
         """The unconditional (negative) branch: ``batch`` holds its inputs (the negative prompts, ``""`` for
         none, under ``txt``; the other entries as for the conditional branch); the embedders of
-        ``force_zero`` (default: ``zero_uncond``) give zeros."""
-        return self(batch, force_zero=self.zero_uncond if force_zero is None else force_zero)
+        ``force_zero`` (default: ``zero_uncond``) give zeros. ``only_empty``: zeros only for the samples whose
+        ``force_zero`` inputs are empty strings (no negative prompt); a given negative prompt is embedded
+        (what diffusers' SDXL pipeline does with ``force_zeros_for_empty_prompt``)."""
+        keys = tuple(self.zero_uncond if force_zero is None else force_zero)
+        if not only_empty or not keys:
+            return self(batch, force_zero=keys)
+        size = _batch_size(batch, self.input_keys)
+        empty = torch.ones(size, dtype=torch.bool)
+        for key in keys:
+            values = _entry(batch, key, -1)
+            if not isinstance(values, (list, tuple)):
+                raise ValueError(f"only_empty needs prompts under {key!r}; use only_empty=False")
+            # a prompt is a string or a prompt object (ldm.adapters.prompts.WeightedPrompt) whose str() is its text
+            empty &= torch.tensor([str(v) == "" for v in values], dtype=torch.bool)
+        if bool(empty.all()):
+            return self(batch, force_zero=keys)
+        given = self(batch)
+        if not bool(empty.any()):
+            return given
+        zero = self(batch, force_zero=keys)
+        return {kind: torch.where(empty.to(value.device).view(-1, *([1] * (value.ndim - 1))), zero[kind], value)
+                for kind, value in given.items()}
 
     def _embed(self, index: int, embedder: nn.Module, spec: EmbedderSpec, inputs: list) -> Any:
         strings = len(inputs) == 1 and _is_strings(inputs[0])
@@ -247,8 +267,9 @@ class TextEmbedder(OpenCLIPTextEncoder):
             raise ValueError("pooled=true encodes one window per prompt: use long_prompts='truncate' (prompt "
                              "objects of ldm.adapters.prompts chunk long prompts and pool the first window)")
         self.pooled = pooled
-        if pooled and not self.frozen:  # the projection is used now: train it with the rest
+        if pooled and not self.frozen:  # the projection (and ln_final) are used now: train them with the rest
             self.model.text_projection.requires_grad_(True)
+            self.model.ln_final.requires_grad_(True)
 
     def forward(self, prompts: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not self.pooled:
@@ -273,8 +294,8 @@ class TextEmbedder(OpenCLIPTextEncoder):
 
     def _context_and_last(self, tokens: torch.Tensor, token_embeddings: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ln_final of the output of block ``layer`` (the context) and of the last block (for pooling);
-        ``token_embeddings`` in place of ``token_embedding(tokens)`` when given."""
+        """The output of block ``layer`` (the context; through ln_final unless ``final_norm=False``) and ln_final of
+        the last block's (for pooling); ``token_embeddings`` in place of ``token_embedding(tokens)`` when given."""
         model, length = self.model, tokens.shape[1]
         if token_embeddings is None:
             token_embeddings = model.token_embedding(tokens)
@@ -287,8 +308,25 @@ class TextEmbedder(OpenCLIPTextEncoder):
             else:
                 x = block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
             if n == self.layers_run:
-                context = model.ln_final(x)
+                context = model.ln_final(x) if self.final_norm else x
         return context, model.ln_final(x)
+
+
+def micro_inputs(keys: Sequence[str], n: int, *, original_size: tuple[int, int], target_size: tuple[int, int],
+                 crop_coords_top_left: tuple[int, int] = (0, 0), aesthetic_score: float = 6.0
+                 ) -> dict[str, torch.Tensor]:
+    """SDXL's micro-conditioning as batch entries (``n`` rows each, float32), for those of sgm's keys
+    (``original_size_as_tuple``, ``crop_coords_top_left``, ``target_size_as_tuple``, ``aesthetic_score``) that
+    are in ``keys`` (a conditioner's :attr:`Conditioner.input_keys`). Sizes are (height, width), the crop
+    (top, left)."""
+    values = {"original_size_as_tuple": original_size, "crop_coords_top_left": crop_coords_top_left,
+              "target_size_as_tuple": target_size, "aesthetic_score": aesthetic_score}
+    out = {}
+    for key, value in values.items():
+        if key in keys:
+            row = torch.as_tensor(value, dtype=torch.float32)
+            out[key] = row.expand(n, *row.shape).clone()
+    return out
 
 
 class ConcatTimestepEmbedderND(nn.Module):

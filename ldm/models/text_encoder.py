@@ -220,13 +220,16 @@ class OpenCLIPTextEncoder(nn.Module):
             them as several ``max_length`` windows of ``max_length - 2`` tokens each, concatenated along the
             sequence axis (all prompts of a batch padded with empty windows to the same count).
         projection: build ``text_projection`` and ``logit_scale`` (SD2 checkpoints have them, SD1 not).
+        final_norm: apply ``ln_final`` to the output of block ``layer`` (SD1, SD2). SDXL's text encoders use
+            the block's output as it is (``final_norm=False``: transformers' ``hidden_states[layer + 1]``).
     """
 
     def __init__(self, arch: str = "ViT-H-14", layer: str | int = "penultimate", max_length: int = 77,
                  pad: str = "zero", quick_gelu: bool = False, freeze: bool = True,
                  ckpt_path: str | os.PathLike | None = None, long_prompts: str = "truncate",
-                 projection: bool = True):
+                 projection: bool = True, final_norm: bool = True):
         super().__init__()
+        self.final_norm = bool(final_norm)
         self.frozen = False
         cfg = text_arch_config(arch)
         self.model = _build_text_tower(cfg, quick_gelu or bool(cfg.get("quick_gelu")), projection)
@@ -266,6 +269,8 @@ class OpenCLIPTextEncoder(nn.Module):
         unused = list(self.model.transformer.resblocks[self.layers_run:].parameters())
         unused += [p for n, p in self.model.named_parameters(recurse=False) if n in ("text_projection",
                                                                                       "logit_scale")]
+        if not self.final_norm:
+            unused += list(self.model.ln_final.parameters())
         for p in unused:
             p.requires_grad_(False)
 
@@ -393,7 +398,7 @@ class OpenCLIPTextEncoder(nn.Module):
                 x = block(x, attn_mask=mask)
             else:
                 x = block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
-        return model.ln_final(x)
+        return model.ln_final(x) if self.final_norm else x
 
     # --- weights ---
 

@@ -37,6 +37,7 @@ import torch
 from ldm.config import instantiate_from_config, to_plain
 from ldm.ema import EMA, ema_name
 from ldm.model import PROMPT_KEY, LatentDiffusion
+from ldm.models.conditioner import micro_inputs
 from ldm.training.common import TrainingModuleMixin, build_optimizer, check_optimizer
 from ldm.training.init_from import PARTS, InitSource, init_from_files, parse_init_from
 from ldm.training.lr import LinearWarmup
@@ -394,8 +395,13 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         self.eval()
         try:
             with self.ema_scope() if use_ema else contextlib.nullcontext():
-                cond = self.get_learned_conditioning({PROMPT_KEY: prompts})
-                uncond = self.get_unconditional_conditioning({PROMPT_KEY: [""]})
+                size = (side * self.downsample_factor,) * 2  # SDXL-like models: the defaults of sample.py
+                keys, n = self.conditioner.input_keys, len(prompts)
+                cond = self.get_learned_conditioning(
+                    {PROMPT_KEY: prompts, **micro_inputs(keys, n, original_size=size, target_size=size)})
+                uncond = self.get_unconditional_conditioning(
+                    {PROMPT_KEY: [""], **micro_inputs(keys, 1, original_size=size, target_size=size,
+                                                      aesthetic_score=2.5)})
                 scale = self.sample_cfg_scale if cfg_scale is None else cfg_scale
                 denoiser = CFGDenoiser(self.denoiser(), scale, uncond)
                 z = sample(spec, denoiser, noise.to(self.device), sigmas, extra_args={"cond": cond},
