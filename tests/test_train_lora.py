@@ -212,3 +212,71 @@ def test_lora_trained_by_train_py_loads_in_sample_py(tmp_path, base_file):
     assert images["lora"] == images["merged"]
     base = load_model(None, base_file).state_dict()
     assert any(not torch.equal(v, base[k]) for k, v in merged.state_dict().items())
+
+
+def test_accel_fast_paths_keep_the_lora(base_file):
+    """The acceleration pass swaps the layers' classes; the LoRA hooks stay: the fp32 oneDNN path gives the
+    plain numbers, the cached bf16 inference path keeps the LoRA (its error is far below the LoRA's effect)."""
+    from ldm import accel
+
+    module = lora_module(base_file)
+    with torch.no_grad():
+        for name, p in module.lora.named_parameters():
+            if name.endswith("lora_up.weight"):
+                p.normal_(0, 0.3)
+    module.eval()
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    with torch.no_grad():
+        cond = module.conditioning(fixed_batch(2))
+        ref = module.apply_model(x, t, cond)
+        accel.optimize(module, device="cpu", precision="bf16")
+        assert any(type(m).__module__ == "ldm.accel.onednn" for m in module.model.modules())
+        torch.testing.assert_close(module.apply_model(x, t, cond), ref, atol=1e-5, rtol=1e-4)
+        with torch.autocast("cpu", torch.bfloat16):
+            bf16 = module.apply_model(x, t, cond).float()
+        module.lora.remove()
+        without = module.apply_model(x, t, cond)
+    effect = (without - ref).abs().max()
+    assert effect > 0.1 and (bf16 - ref).abs().max() < effect / 10
+
+
+def test_sdxl_like_model_two_text_encoders_export_and_merge(tmp_path):
+    """An SDXL-style model (conditioner of two text towers, the second pooled; a UNet with label_emb): kohya's
+    SDXL names (original UNet names, lora_te1_ / lora_te2_), and the file merges to the hooked model's output."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from ldm.adapters.lora_train import LoraNetwork
+    from test_lora import tiny_sdxl_like
+
+    model = tiny_sdxl_like()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():  # zero-initialised output layers: make the UNet depend on everything
+                p.normal_(0, 0.02)
+    merged, base = copy.deepcopy(model), copy.deepcopy(model)
+    network = LoraNetwork(model, parse_lora_config({"rank": 2, "alpha": 1, "targets": ALL}))
+    with torch.no_grad():
+        for name, p in network.named_parameters():
+            if name.endswith("lora_up.weight"):
+                p.normal_(0, 0.3)
+    network.eval()
+    state = network.kohya_state_dict()
+    prefixes = {k.split("_")[1] if k.startswith("lora_te") else "_".join(k.split("_")[:4]) for k in state}
+    assert {"te1", "te2", "lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks"} <= prefixes
+    path = tmp_path / "sdxl.safetensors"
+    save_file(state, str(path))
+    load_lora(merged, path)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500])
+    batch = {"txt": ["a red circle", "two blue squares"]}
+    with torch.no_grad():
+        cond = model.get_learned_conditioning(batch)
+        cond_merged = merged.get_learned_conditioning(batch)
+        for kind in cond:
+            torch.testing.assert_close(cond_merged[kind], cond[kind], atol=1e-5, rtol=1e-4)
+        out = model.apply_model(x, t, cond)
+        torch.testing.assert_close(merged.apply_model(x, t, cond), out, atol=1e-5, rtol=1e-4)
+        cond_base = base.get_learned_conditioning(batch)
+        assert all(not torch.allclose(cond_base[kind], cond[kind], atol=1e-3) for kind in cond)
+        assert not torch.allclose(base.apply_model(x, t, cond), out, atol=1e-3)
