@@ -195,6 +195,11 @@ def test_lora_trained_by_train_py_loads_in_sample_py(tmp_path, base_file):
     lora = tmp_path / "logs" / "mylora" / "mylora.safetensors"
     assert lora.is_file() and read_state_dict(lora)[1]["ss_network_module"] == "networks.lora"
     assert read_state_dict(lora)[1]["ss_steps"] == "3"
+    exported = read_state_dict(lora)[0]
+    lora.unlink()  # --export-only writes it again from the checkpoint, without building the model
+    assert main(["--resume", str(run_dir), "--export-only"]) == 0
+    again = read_state_dict(lora)[0]
+    assert exported.keys() == again.keys() and all(torch.equal(exported[k], again[k]) for k in exported)
     merged = load_model(None, base_file)
     load_lora(merged, lora)  # the merge sample.py does, written out as a full model
     _, meta = read_state_dict(base_file)
