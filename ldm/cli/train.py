@@ -401,7 +401,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg.seed = seed  # recorded in config.yaml, so that --resume continues with the same random stream
     pl.seed_everything(seed, workers=True)
     model_node = cfg.model
-    if ckpt is not None and (model_node.get("params") or {}).get("init_from"):
+    params = model_node.get("params") or {}
+    if ckpt is not None and params.get("init_from") and not params.get("lora"):  # a LoRA checkpoint has no base
         log.info("resuming: model.params.init_from is not loaded again (the checkpoint has the weights)")
         model_node = copy.deepcopy(model_node)
         model_node.params.init_from = None

@@ -34,6 +34,7 @@ from ldm.config import get_obj_from_str
 from ldm.convert import check_stored_config
 from ldm.io import atomic_write, read_state_dict, save_checkpoint
 from ldm.training.common import ExportableModule, SamplingModule
+from ldm.training.lora import export_lora, is_lora_state
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +274,8 @@ def export_model(module: ExportableModule, path: str | os.PathLike, *, use_ema: 
     """Write ``module`` as an inference checkpoint: its ``export_state_dict`` with its ``inference_config``
     (for the latent diffusion stage an SD-layout ``ldm.model.LatentDiffusion``, for the first stage a plain
     ``AutoencoderKL``)."""
+    if getattr(module, "lora", None) is not None:  # a LoRA run: the kohya-format LoRA file
+        return module.export_lora(path, use_ema=use_ema, fp16=fp16)
     _check_exportable(module)
     sd = module.export_state_dict(use_ema=use_ema, include_ema=include_ema)
     step = getattr(getattr(module, "_trainer", None), "global_step", None)
@@ -289,6 +292,9 @@ def export_from_checkpoint(ckpt: str | os.PathLike, path: str | os.PathLike, *, 
     config = json.loads(meta["config"])
     node = config.get("model", config)
     check_stored_config(node, str(ckpt))  # the file's config is data: only the project's own classes
+    if is_lora_state(sd):  # a LoRA run's checkpoint: the kohya-format LoRA file
+        return export_lora(sd, path, config, use_ema=use_ema, fp16=fp16,
+                           step=int(meta["global_step"]) if str(meta.get("global_step", "")).isdigit() else None)
     cls = get_obj_from_str(node["target"], "model")
     _check_exportable(cls)
     out = cls.export_weights(sd, use_ema=use_ema, include_ema=include_ema)

@@ -109,6 +109,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         init_from: start from weights in a file (see :mod:`ldm.training.init_from`): a path, or a list of
             ``{path, parts, ema, keep_new}`` entries.
         cache_latents: cache first-stage moments and text embeddings (see the module docstring).
+        lora: ``{rank, alpha, targets: [attn, ff, conv, text], dropout}``: train a LoRA / LoCon on the frozen model
+            instead of the model (see :mod:`ldm.training.lora`); checkpoints hold only the LoRA, the export is a
+            kohya-format file.
         validation_prompts, sample_*: what the image logger samples (EMA weights, CFG).
     """
 
@@ -137,6 +140,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         gradient_checkpointing: bool = False,
         first_stage_ckpt: str | None = None,
         init_from: Any = None,
+        lora: Any = None,
         cache_latents: bool = False,
         validation_prompts: Sequence[str] | None = None,
         sample_steps: int = 20,
@@ -191,9 +195,25 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                         "ckpt_path, no init_from text_encoder): the prompts will barely steer the model. Give it "
                         "weights (cond_stage_config.params.ckpt_path, or --init a model file) or train it "
                         "(cond_stage_trainable: true, freeze: false)")
-        self.model_ema = EMA(self.model, decay=ema_decay) if use_ema else None  # starts from the loaded weights
+        self.lora = self._attach_lora(lora) if lora is not None else None
+        self._lora_base: str | None = None  # fingerprint of the frozen base weights, made at the first save
+        # starts from the loaded weights; a LoRA run averages only the LoRA
+        self.model_ema = EMA(self._ema_target(), decay=ema_decay) if use_ema else None
 
     # ---- construction helpers -------------------------------------------------------------------------------
+    def _attach_lora(self, lora: Any) -> torch.nn.Module:
+        """Freeze every weight and hook a LoRA network into the model (:mod:`ldm.training.lora`)."""
+        from ldm.adapters.lora_train import LoraNetwork, parse_lora_config
+
+        self.requires_grad_(False)
+        network = LoraNetwork(self, parse_lora_config(lora))
+        log.info("LoRA: %d layers, %d trainable parameters; the model's weights are frozen", len(network.branches),
+                 sum(p.numel() for p in network.parameters()))
+        return network
+
+    def _ema_target(self) -> torch.nn.Module:
+        return self.lora if self.lora is not None else self.model
+
     def _random_frozen_text_encoder(self, cond_stage_config: Any, init_sources: list[InitSource]) -> bool:
         """Whether the (SD 1/2-style) text encoder has no weights from anywhere and will not be trained."""
         if self.cond_stage_model is None or self.cond_stage_trainable:
@@ -210,6 +230,13 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                                  "each embedder its ucg_rate")
         _check_range("ema_decay", hp["ema_decay"], 0.0, 1.0)
         check_optimizer(hp["optimizer"])
+        if hp["lora"] is not None:
+            from ldm.adapters.lora_train import parse_lora_config
+
+            parse_lora_config(hp["lora"])
+            if model_args["cond_stage_trainable"]:
+                raise ValueError("model.params.lora trains a LoRA on a frozen model: set cond_stage_trainable=false "
+                                 "(the text encoder gets a LoRA with lora.targets: [..., text])")
         if hp["base_learning_rate"] <= 0 or (hp["learning_rate"] is not None and hp["learning_rate"] <= 0):
             raise ValueError("base_learning_rate/learning_rate must be > 0 (e.g. 1e-4)")
         if len(hp["adam_betas"]) != 2:
@@ -315,7 +342,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         if self.model_ema is None:
             yield
             return
-        with self.model_ema.swapped_in(self.model):
+        with self.model_ema.swapped_in(self._ema_target()):
             yield
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -337,10 +364,12 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         and before any callback (e.g. the checkpoint of this step) sees the weights."""
         super().optimizer_step(*args, **kwargs)
         if self.model_ema is not None:
-            self.model_ema.update(self.model)
+            self.model_ema.update(self._ema_target())
 
     # ---- optimizer ------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if self.lora is not None:
+            return list(self.lora.parameters())
         return [p for module in (self.model, self.conditioner) for p in module.parameters() if p.requires_grad]
 
     def configure_optimizers(self) -> dict:
@@ -356,10 +385,46 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         """Plain containers only: the run config as a dict, and the RNG states as tensors/ints."""
         checkpoint["ldm_config"] = to_plain(self.run_config) if self.run_config else {"model": self.model_config()}
         checkpoint["rng_states"] = _rng_states()
+        if self.lora is not None:  # only the LoRA (and its EMA): the base is rebuilt from the config on resume
+            from ldm.training.lora import base_fingerprint, checkpoint_state
+
+            state = checkpoint["state_dict"]
+            if self._lora_base is None:
+                self._lora_base = base_fingerprint(state)
+            checkpoint["state_dict"] = checkpoint_state(state)
+            checkpoint["lora_base"] = self._lora_base
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
+        if self.lora is not None:
+            self._restore_lora_base(checkpoint)
+
+    def _restore_lora_base(self, checkpoint: dict) -> None:
+        """A LoRA checkpoint holds no base weights: they come from this module (built from the config), checked
+        against the checkpoint's fingerprint, so that the state dict loads strictly."""
+        from ldm.training.lora import base_fingerprint, is_lora_state
+
+        from ldm.io import CheckpointError
+
+        if not is_lora_state(checkpoint["state_dict"]) or "lora_base" not in checkpoint:
+            raise CheckpointError("this checkpoint is not a LoRA run's, but model.params.lora is set: resume it "
+                                  "without lora, or start a new run")
+        own = self.state_dict()
+        base = {k: v for k, v in own.items() if not k.startswith(("lora.", "model_ema."))}
+        if base_fingerprint(base) != checkpoint["lora_base"]:
+            raise CheckpointError("the LoRA checkpoint was trained on other base weights than this config builds "
+                                  "(model.params.init_from / first_stage_ckpt changed?): use the run's base model")
+        self._lora_base = checkpoint["lora_base"]
+        checkpoint["state_dict"] = {**base, **checkpoint["state_dict"]}
+
+    def export_lora(self, path: str | os.PathLike, *, use_ema: bool = True, fp16: bool = False):
+        """Write the LoRA as a kohya-format ``.safetensors`` (:func:`ldm.training.lora.export_lora`)."""
+        from ldm.training.lora import checkpoint_state, export_lora
+
+        config = to_plain(self.run_config) if self.run_config else {"model": self.model_config()}
+        step = getattr(getattr(self, "_trainer", None), "global_step", None)
+        return export_lora(checkpoint_state(self.state_dict()), path, config, use_ema=use_ema, step=step, fp16=fp16)
 
     # the export (ldm.training.common.ExportableModule): an SD-layout ldm.model.LatentDiffusion
     @staticmethod

@@ -1,0 +1,273 @@
+"""Trainable LoRA / LoCon layers on a plain model, saved as a kohya-format file.
+
+    config = parse_lora_config({"rank": 8, "alpha": 8, "targets": ["attn", "ff"], "dropout": 0.0})
+    network = LoraNetwork(model, config)     # model: a LatentDiffusion; its own weights are left as they are
+    ...train network.parameters()...
+    kohya = network.kohya_state_dict()       # lora_unet_* / lora_te_* .lora_down / .lora_up / .alpha
+
+The network keeps its layers to itself (kohya's design): the model's modules keep their classes, parameter names and
+state dict (the Stable Diffusion layout); each targeted layer gets a forward hook that adds
+``alpha / rank * up(down(dropout(x)))`` to its output. The CPU acceleration pass (:mod:`ldm.accel`) swaps the
+classes of the model's layers for faster ones in place; a hook stays on its module whatever its class, so training
+and sampling with the accelerated layers add the same branch. The text encoders' q/k/v projections are one fused
+``in_proj_weight`` (OpenCLIP), read directly by the encoder's fast path: there the branch is one LoRA over the three
+row blocks, and ``W + alpha / rank * up @ down`` stands in for the weight while the encoder runs (its dropout drops
+whole rank components, as kohya's ``rank_dropout``, since there is no input to drop). Exported, that LoRA is three
+kohya LoRAs (q, k, v) sharing the down matrix, which merge to exactly the same weight.
+
+Why not peft: peft replaces each targeted layer with a wrapper (``to_q.base_layer.weight``), which renames the
+model's state dict (the SD layout every checkpoint and export relies on), hides the layers from the acceleration
+pass, and has no LoRA for a fused ``in_proj_weight`` read outside ``nn.MultiheadAttention.forward``; it is also
+not installed here. The layers below are the few lines LoRA needs.
+
+Targets (``targets``):
+    attn: the UNet's attention projections (to_q, to_k, to_v, to_out.0) and the transformers' proj_in / proj_out;
+    ff: the transformers' feed-forward layers (ff.net.0.proj, ff.net.2);
+    conv: LoCon, the ResBlocks' and down/upsamplers' convolutions and time-embedding projections;
+    text: every block of the text encoder(s) the model runs: q/k/v, out_proj, fc1, fc2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.adapters.lora import _text_towers
+from ldm.convert.module_names import diffusers_unet_names
+
+__all__ = ["LORA_TARGETS", "LoraConfig", "parse_lora_config", "LoraBranch", "LoraNetwork", "kohya_state_dict"]
+
+LORA_TARGETS = ("attn", "ff", "conv", "text")
+_FUSED = "_self_attn_in_proj"  # the branch of a fused q/k/v projection; exported as _q_proj, _k_proj, _v_proj
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """``model.params.lora``: rank, alpha (default: rank, a scale of 1), targets and dropout."""
+
+    rank: int = 4
+    alpha: float | None = None
+    targets: tuple[str, ...] = ("attn", "ff")
+    dropout: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+
+def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
+    """A ``{rank, alpha, targets, dropout}`` mapping -> :class:`LoraConfig`; a one-line ValueError names a wrong
+    key or value."""
+    if isinstance(value, LoraConfig):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key} must be a mapping such as {{rank: 8, alpha: 8, targets: [attn, ff]}}, got {value!r}")
+    fields = [f.name for f in dataclasses.fields(LoraConfig)]
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise ValueError(f"{key}.{unknown[0]} is unknown; the keys are {', '.join(fields)}")
+    rank = value.get("rank", LoraConfig.rank)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{key}.rank={rank!r} must be a positive int (e.g. 8)")
+    alpha = value.get("alpha")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or alpha <= 0):
+        raise ValueError(f"{key}.alpha={alpha!r} must be a number > 0 (the update is scaled by alpha / rank)")
+    targets = value.get("targets", list(LoraConfig.targets))
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise ValueError(f"{key}.targets={targets!r} must be a non-empty list of {', '.join(LORA_TARGETS)}")
+    bad = [t for t in targets if t not in LORA_TARGETS]
+    if bad:
+        raise ValueError(f"{key}.targets: {bad[0]!r} is unknown; use some of {', '.join(LORA_TARGETS)}")
+    dropout = value.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{key}.dropout={dropout!r} must be a number in [0, 1)")
+    return LoraConfig(rank, None if alpha is None else float(alpha), tuple(dict.fromkeys(targets)), float(dropout))
+
+
+class LoraBranch(nn.Module):
+    """``alpha / rank * up(down(x))`` beside one ``nn.Linear`` or ``nn.Conv2d`` (LoCon: ``down`` a conv of the
+    layer's kernel, stride and padding, ``up`` a 1x1 conv), with kohya's parameter names and initialisation
+    (``down`` Kaiming-uniform, ``up`` zero: a new branch changes nothing)."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if isinstance(base, nn.Conv2d):
+            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding,
+                                       base.dilation, bias=False)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.rank, self.dropout = rank, dropout
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return self.lora_up(self.lora_down(x)) * self.scale
+
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The forward hook on the base layer: its output plus the branch of its input."""
+        return output + self(args[0]).to(output.dtype)
+
+    def delta(self, weight_shape: torch.Size) -> torch.Tensor:
+        """``alpha / rank * up @ down`` shaped like the base weight (the fused q/k/v path)."""
+        down = self.lora_down.weight.flatten(1)
+        if self.dropout and self.training:  # rank dropout: whole components, rescaled
+            keep = torch.rand(down.shape[0], 1, device=down.device) >= self.dropout
+            down = down * keep / (1 - self.dropout)
+        return (self.lora_up.weight.flatten(1) @ down * self.scale).reshape(weight_shape)
+
+
+class _FusedWeights:
+    """Forward hooks on a text encoder: while it runs, each fused ``in_proj_weight`` with a branch is
+    ``W + delta`` (the original parameter is put back afterwards, also when the forward fails)."""
+
+    def __init__(self, pairs: list[tuple[nn.Module, LoraBranch]]):
+        self.pairs = pairs
+        self.saved: list[torch.Tensor] | None = None
+
+    def before(self, module: nn.Module, args: tuple) -> None:
+        if self.saved is not None:  # re-entered: already swapped
+            return
+        self.saved = []
+        for attn, branch in self.pairs:
+            weight = attn._parameters["in_proj_weight"]
+            self.saved.append(weight)
+            attn._parameters["in_proj_weight"] = weight + branch.delta(weight.shape).to(weight.dtype)
+
+    def after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.saved is None:
+            return
+        for (attn, _), weight in zip(self.pairs, self.saved):
+            attn._parameters["in_proj_weight"] = weight
+        self.saved = None
+
+
+def _unet_category(name: str, diffusers_name: str) -> str | None:
+    if ".transformer_blocks." in name and (".attn1." in name or ".attn2." in name):
+        return "attn"
+    if name.endswith(".proj_in") or name.endswith(".proj_out"):
+        return "attn"
+    if ".transformer_blocks." in name and ".ff." in name:
+        return "ff"
+    if ".resnets." in diffusers_name or "samplers.0." in diffusers_name:
+        return "conv"
+    return None
+
+
+class LoraNetwork(nn.Module):
+    """The LoRA branches of one model (``branches``: kohya name -> :class:`LoraBranch`), hooked into its layers.
+
+    UNet layers are named as kohya names them: diffusers' module names for SD 1.x/2.x UNets, the original ones for
+    an SDXL-style UNet (one with a ``label_emb``); text layers by transformers' CLIP names (``lora_te_``, or
+    ``lora_te1_`` / ``lora_te2_`` for two text encoders). :meth:`remove` takes the hooks off again."""
+
+    def __init__(self, model: nn.Module, config: LoraConfig):
+        super().__init__()
+        self.config = config
+        alpha = config.rank if config.alpha is None else config.alpha
+        self.branches = nn.ModuleDict()
+        self._handles: list = []
+        unet = model.model.diffusion_model
+        sdxl = getattr(unet, "label_emb", None) is not None
+        diffusers = diffusers_unet_names(unet)
+        for name, module in unet.named_modules():
+            if name not in diffusers or not isinstance(module, (nn.Linear, nn.Conv2d)):
+                continue
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                continue
+            if _unet_category(name, diffusers[name]) not in config.targets:
+                continue
+            key = "lora_unet_" + (name if sdxl else diffusers[name]).replace(".", "_")
+            self._add(key, module, LoraBranch(module, config.rank, alpha, config.dropout))
+        if "text" in config.targets:
+            self._add_text(model, alpha)
+        if not len(self.branches):
+            raise ValueError(f"model.params.lora.targets {list(config.targets)} select no layer of this model")
+
+    def _add(self, key: str, module: nn.Module, branch: LoraBranch) -> None:
+        self.branches[key] = branch
+        self._handles.append(module.register_forward_hook(branch.hook))
+
+    def _add_text(self, model: nn.Module, alpha: float) -> None:
+        conditioner = getattr(model, "conditioner", None)
+        towers = _text_towers(model)
+        if not towers:
+            raise ValueError("model.params.lora.targets: 'text' but the model has no OpenCLIP text encoder")
+        for index, (_, tower) in enumerate(towers):
+            prefix = "lora_te_" if len(towers) == 1 else f"lora_te{index + 1}_"
+            embedder = next((e for e in (conditioner.embedders if conditioner is not None else [])
+                             if any(m is tower for m in e.modules())), None)
+            if embedder is None:
+                raise ValueError("model.params.lora.targets: 'text' but the text encoder is not one of the "
+                                 "conditioner's embedders")
+            blocks = tower.transformer.resblocks
+            run = min(len(blocks), getattr(embedder, "layers_run", len(blocks)))  # skipped blocks get no LoRA
+            fused = []
+            for i in range(run):
+                block, hf = blocks[i], f"text_model_encoder_layers_{i}"
+                attn = block.attn
+                branch = LoraBranch(nn.Linear(attn.embed_dim, 3 * attn.embed_dim, device="meta"), self.config.rank,
+                                    alpha, self.config.dropout)
+                self.branches[prefix + hf + _FUSED] = branch
+                fused.append((attn, branch))
+                for name, module in (("self_attn_out_proj", attn.out_proj), ("mlp_fc1", block.mlp.c_fc),
+                                     ("mlp_fc2", block.mlp.c_proj)):
+                    self._add(f"{prefix}{hf}_{name}", module, LoraBranch(module, self.config.rank, alpha,
+                                                                         self.config.dropout))
+            swap = _FusedWeights(fused)
+            self._handles.append(embedder.register_forward_pre_hook(swap.before))
+            self._handles.append(embedder.register_forward_hook(swap.after, always_call=True))
+            _make_trainable(conditioner, embedder)
+
+    def remove(self) -> None:
+        """Take every hook off the model (the branches stay, unused)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def kohya_state_dict(self) -> dict[str, torch.Tensor]:
+        """The kohya file's tensors (float32, detached copies)."""
+        return kohya_state_dict({k: v for k, v in self.state_dict().items()})
+
+
+def _make_trainable(conditioner: nn.Module, embedder: nn.Module) -> None:
+    """Let gradients flow through a frozen text encoder (to its LoRA branches) and keep its outputs out of the
+    conditioner's text cache: its spec says trainable; its own weights stay frozen."""
+    for i, e in enumerate(conditioner.embedders):
+        if e is embedder:
+            conditioner.specs[i] = dataclasses.replace(conditioner.specs[i], is_trainable=True)
+
+
+def kohya_state_dict(state: Mapping[str, torch.Tensor], prefix: str = "branches.") -> dict[str, torch.Tensor]:
+    """A :class:`LoraNetwork` state dict (keys ``{prefix}<kohya name>.lora_down.weight`` ...) -> the kohya file's
+    tensors: the fused q/k/v branches as three LoRAs (q, k, v) with the same down matrix and alpha and a third of
+    the up rows each, which merge to exactly the same weight."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        name, _, role = key[len(prefix):].partition(".")
+        value = value.detach().float().clone()
+        if not name.endswith(_FUSED):
+            out[f"{name}.{role}"] = value
+            continue
+        base = name[:-len(_FUSED)]
+        for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            piece = value.chunk(3, dim=0)[part].clone() if role == "lora_up.weight" else value.clone()
+            out[f"{base}_self_attn_{proj}.{role}"] = piece
+    return out
