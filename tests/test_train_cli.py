@@ -37,7 +37,7 @@ SHRINK_TXT2IMG = SHRINK_UNET + [
     "model.params.first_stage_config.params.ddconfig.ch_mult=[1,1,1,1]",
     "model.params.first_stage_config.params.ddconfig.num_res_blocks=1",
     "model.params.first_stage_config.params.ddconfig.resolution=64",
-    "model.params.cond_stage_config.params.arch=ldm-tiny-text",
+    "model.params.cond_stage_config.params.arch=ldm-tiny-text", "model.params.init_from=null",
     "model.params.cond_stage_config.params.projection=false",
     "model.params.validation_prompts=[a red circle]", "model.params.sample_steps=2",
     "data.params.size=64", "data.params.batch_size=2", "data.params.num_workers=0",
@@ -264,7 +264,7 @@ def test_shapes_demo_config_with_webdataset_data(tmp_path):
             f"data.params.urls={urls}", "--logdir", str(tmp_path / "logs"), "--name", "demo",
             "lightning.trainer.max_steps=1", "data.params.batch_size=2", "data.params.size=64",
             "data.params.num_workers=0", "lightning.trainer.accelerator=cpu",
-            "model.params.cond_stage_config.params.arch=ldm-tiny-text",
+            "model.params.cond_stage_config.params.arch=ldm-tiny-text", "model.params.init_from=null",
             "model.params.unet_config.params.context_dim=32"] + SHRINK_UNET + FAST
     assert main(args) == 0
     assert last_step(tmp_path / "logs" / "demo") == 1
@@ -285,6 +285,7 @@ def test_shapes_demo_config_with_image_folder_data(tmp_path):
             f"data.params.root={folder}", "--logdir", str(tmp_path / "logs"), "--name", "folder",
             "lightning.trainer.max_steps=1", "data.params.batch_size=2", "data.params.num_workers=0",
             "lightning.trainer.accelerator=cpu", "model.params.cond_stage_config.params.arch=ldm-tiny-text",
+            "model.params.init_from=null",
             "model.params.unet_config.params.context_dim=32"] + SHRINK_UNET + FAST
     assert main(args) == 0
     assert last_step(tmp_path / "logs" / "folder") == 1

@@ -13,8 +13,8 @@ Config sections: ``model`` and ``data`` (``target``/``params`` nodes; no ``data`
 ``lightning.callbacks`` (``checkpoint``, ``image_logger``, ``export``, ``lr_monitor``, ``accel`` (the
 :func:`ldm.accel.optimize` pass for the trainer's device and precision): their parameters, or ``false`` to switch
 one off; any other entry is a ``target``/``params`` node of an extra callback) and
-``lightning.logger`` (auto = tensorboard / tensorboard / csv / wandb). The whole config is checked before anything is built; a bad
-key or value is reported in one line naming it, with exit status 2.
+``lightning.logger`` (auto = tensorboard / tensorboard / csv / wandb). The whole config is checked before anything is
+built; a bad key or value is reported in one line naming it, with exit status 2.
 
 Multi-node runs use Lightning's cluster environments as they are (torchrun variables, SLURM, or
 ``MASTER_ADDR``/``MASTER_PORT``/``NODE_RANK`` with ``--num_nodes``): start the same command on every node.
