@@ -31,6 +31,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
+from ldm.config import ConfigError
+
 __all__ = ["collate", "make_loader", "worker_id", "node_info", "WorkerCounters", "ShapesDataModule",
            "ResumableSampler", "ResumableLoader", "StreamLoader", "sample_rng"]
 
@@ -344,12 +346,16 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bo
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, **common)
 
 
-def check_loader_args(batch_size: int, num_workers: int) -> None:
-    """One-line errors for the arguments every data module shares."""
+def check_loader_args(batch_size: int, num_workers: int, missing_caption: str | None = None) -> None:
+    """One-line errors for the arguments every data module shares (``missing_caption``: the captioned-image
+    modules')."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}; set data.params.batch_size")
     if not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}; set data.params.num_workers")
+    if missing_caption is not None and missing_caption not in ("drop", "empty"):
+        raise ConfigError(f"missing_caption={missing_caption!r} is not 'drop' or 'empty'; "
+                          "set data.params.missing_caption")
 
 
 class MapDataModule(pl.LightningDataModule):

@@ -132,10 +132,7 @@ class ImageFolderDataModule(MapDataModule):
                  missing_caption: str = "drop", captions_file: str = "captions.jsonl",
                  micro_conditioning: bool = False):
         super().__init__()
-        check_loader_args(batch_size, num_workers)
-        if missing_caption not in ("drop", "empty"):
-            raise ConfigError(f"missing_caption={missing_caption!r} is not 'drop' or 'empty'; "
-                              "set data.params.missing_caption")
+        check_loader_args(batch_size, num_workers, missing_caption)
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"val_fraction={val_fraction!r} must be in [0, 1); set data.params.val_fraction")
         self.root, self.captions_file = root, captions_file

@@ -358,10 +358,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
                  flip_p: float = 0.0, rank: int | None = None, world_size: int | None = None,
                  micro_conditioning: bool = False):
         super().__init__()
-        check_loader_args(batch_size, num_workers)
-        if missing_caption not in ("drop", "empty"):
-            raise ConfigError(f"missing_caption={missing_caption!r} is not 'drop' or 'empty'; "
-                              "set data.params.missing_caption")
+        check_loader_args(batch_size, num_workers, missing_caption)
         if resampled and not epoch_length:
             raise ConfigError("resampled=True needs epoch_length (samples per rank per epoch); "
                               "set data.params.epoch_length")
