@@ -114,6 +114,20 @@ def test_import_gives_back_the_exported_model(tmp_path, config):
     torch.testing.assert_close(back.get_learned_conditioning(PROMPTS), model.get_learned_conditioning(PROMPTS))
 
 
+def test_import_reads_safetensors_only_never_a_pickle(tmp_path):
+    """A folder someone else made: a UNet stored only as a pickle (.bin) is refused, torch.load never sees it."""
+    from safetensors.torch import load_file
+
+    from ldm.convert.diffusers_folder import import_diffusers
+
+    folder = export_diffusers(_model(_sd1_like_config()), tmp_path / "diffusers")
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(OSError, match="safetensors"):
+        import_diffusers(folder)
+
+
 def test_import_refuses_a_folder_without_model_index(tmp_path):
     from ldm.convert.diffusers_folder import import_diffusers
 

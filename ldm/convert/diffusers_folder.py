@@ -317,9 +317,10 @@ def import_diffusers(folder: str | os.PathLike) -> Any:
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json: pass a diffusers pipeline folder")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
-    text = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+    # weights from .safetensors only: a folder someone else made must not hand torch.load a pickle
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True, use_safetensors=True)
+    text = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, use_safetensors=True)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     pad = "eot" if tokenizer.pad_token_id in (None, tokenizer.eos_token_id) else "zero"
