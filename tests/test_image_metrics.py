@@ -155,12 +155,26 @@ def test_recon_reports_lpips_with_local_weights(tmp_path):
 
 
 def test_image_logger_logs_the_clip_score_of_its_grid(tiny_clip, tmp_path):
+    from types import SimpleNamespace
+
     from ldm.training.callbacks import ImageLogger
 
     with pytest.raises(ValueError, match="clip_weights .*nope.safetensors not found"):
         ImageLogger(clip_weights=str(tmp_path / "nope.safetensors"))
-    logger = ImageLogger(clip_weights=str(tiny_clip), clip_arch="ldm-tiny-text")
     images = torch.rand(2, 3, 32, 32)
     prompts = ["a red circle", "two blue squares"]
+
+    class Module:  # what the logger needs of a SamplingModule
+        validation_prompts = prompts
+
+        def sample_images(self, prompts=None, **kwargs):
+            return images
+
+    logged = []
+    trainer = SimpleNamespace(global_step=7, is_global_zero=True, default_root_dir=str(tmp_path),
+                              logger=SimpleNamespace(log_metrics=lambda metrics, step: logged.append((metrics, step))))
+    ImageLogger(clip_weights=str(tiny_clip), clip_arch="ldm-tiny-text").log_images(trainer, Module())
     expected = clip_score(images, prompts, load_clip("ldm-tiny-text", tiny_clip), value_range=(0, 1)).mean().item()
-    assert logger.clip_score(images, prompts) == pytest.approx(expected)
+    assert len(logged) == 1 and logged[0][1] == 7
+    assert logged[0][0]["val/clip_score"] == pytest.approx(expected)
+    assert (tmp_path / "images" / "step-00000007.png").is_file()
