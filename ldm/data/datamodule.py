@@ -267,8 +267,11 @@ class StreamLoader(DataLoader):
     """
 
     def __init__(self, dataset: IterableDataset, batch_size: int, num_workers: int, **kwargs: Any):
-        super().__init__(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_with_source,
-                         **kwargs)
+        # a stream of whole batches (aspect-ratio buckets: lists of samples of one bucket) is collated as it is
+        batched = getattr(dataset, "yields_batches", False)
+        super().__init__(dataset, batch_size=None if batched else batch_size, num_workers=num_workers,
+                         collate_fn=_collate_with_source, **kwargs)
+        self.samples_per_batch = batch_size
         self.streams = max(1, num_workers)
         self.epoch = dataset.next_epoch()  # the epoch being read (or read next, before the first batch)
         self.consumed = [0] * self.streams  # samples of this epoch delivered, per stream
@@ -282,7 +285,7 @@ class StreamLoader(DataLoader):
         shares = self._shares()
         if shares is None:
             raise TypeError("this stream has no length (no epoch_length)")
-        return sum(math.ceil(share / self.batch_size) for share in shares)
+        return sum(math.ceil(share / self.samples_per_batch) for share in shares)
 
     def __iter__(self) -> Iterator[dict]:
         return self._deliver()
@@ -328,22 +331,31 @@ class StreamLoader(DataLoader):
 
 
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False, *, seed: int = 0,
-                rank: int = 0, world_size: int = 1) -> DataLoader:
+                rank: int = 0, world_size: int = 1, bucket_ids: Sequence[int] | None = None) -> DataLoader:
     """DataLoader with the project's collate; workers stay alive between epochs.
 
     ``shuffle=True`` asks for a resumable training loader: over a map-style dataset a :class:`ResumableLoader`
     (order seeded by ``seed`` and the epoch, this ``rank``'s share of ``world_size``); over a stream with
     ``start_epoch`` (webdataset shards, which shuffle themselves) a :class:`StreamLoader`. Otherwise
-    (validation, other iterables) a plain DataLoader.
+    (validation, other iterables) a plain DataLoader. ``bucket_ids`` (aspect-ratio buckets of a map-style
+    dataset, one per item): every batch from one bucket, the same number of batches per rank
+    (:class:`ldm.data.buckets.BucketLoader`; without ``shuffle`` in index order).
     """
     common = dict(num_workers=num_workers, persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+    if bucket_ids is not None:
+        from ldm.data.buckets import BucketLoader, BucketSampler
+
+        sampler = BucketSampler(bucket_ids, batch_size, seed=seed, rank=rank, world_size=world_size,
+                                shuffle=shuffle)
+        return BucketLoader(dataset, sampler, collate_fn=collate, **common)
     if isinstance(dataset, IterableDataset):
         if shuffle and hasattr(dataset, "start_epoch"):
             return StreamLoader(dataset, batch_size, **common)
     elif shuffle:
         sampler = ResumableSampler(dataset, seed=seed, rank=rank, world_size=world_size)
         return ResumableLoader(dataset, batch_size, sampler, collate_fn=collate, **common)
-    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, **common)
+    batched = getattr(dataset, "yields_batches", False)  # bucketed shards: items are whole batches
+    return DataLoader(dataset, batch_size=None if batched else batch_size, collate_fn=collate, **common)
 
 
 def check_loader_args(batch_size: int, num_workers: int, missing_caption: str | None = None) -> None:
@@ -370,12 +382,17 @@ class MapDataModule(pl.LightningDataModule):
         self.setup("fit")
         rank, world_size = node_info(self.trainer)
         return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed,
-                           rank=rank, world_size=world_size)
+                           rank=rank, world_size=world_size, bucket_ids=getattr(self.train_set, "bucket_ids", None))
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
         if self.val_set is None:
             return []
+        bucket_ids = getattr(self.val_set, "bucket_ids", None)
+        if bucket_ids is not None:  # bucketed: one bucket per batch, this rank's share
+            rank, world_size = node_info(self.trainer)
+            return make_loader(self.val_set, self.batch_size, self.num_workers, seed=self.seed, rank=rank,
+                               world_size=world_size, bucket_ids=bucket_ids)
         return make_loader(self.val_set, self.batch_size, self.num_workers)
 
 

@@ -6,6 +6,10 @@ Two layouts are read (searched recursively, images ending in .jpg/.jpeg/.png/.we
 * a ``captions.jsonl`` in the folder, one ``{"file": "cat.jpg", "text": "a cat"}`` per line (paths relative
   to the folder); when it exists it is the only caption source.
 
+With ``buckets`` (``{base, step, max_aspect}``, :mod:`ldm.data.buckets`) each picture is resized and cropped
+to its aspect-ratio bucket instead of a ``size`` square, and every batch holds one bucket; a picture whose size
+cannot be read is skipped with a warning and counted in ``stats["bad_samples"]``.
+
 Images without a caption are counted (``datamodule.stats["missing_caption"]``) and dropped or given ""
 (``missing_caption="drop"|"empty"``). An image whose ``.txt`` cannot be read as UTF-8 text is skipped, named in
 a warning and counted in ``stats["bad_samples"]`` (as the shard reader does with a bad sample). The validation
@@ -20,9 +24,11 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.config import ConfigError
+from ldm.data.buckets import Buckets, parse_buckets
 from ldm.data.datamodule import MapDataModule, WorkerCounters, check_loader_args
 from ldm.data.transforms import IMAGE_EXTENSIONS, ImageTransform, load_image
 
@@ -90,25 +96,36 @@ class ImageFolderDataset(Dataset):
     """Map-style dataset of ``{"image": FloatTensor[3, S, S] in [-1, 1], "caption": str}``.
 
     An image that cannot be decoded is logged, counted in ``stats["bad_samples"]`` and replaced by the
-    next readable one, so batches keep their size.
+    next readable one, so batches keep their size. With ``sizes`` (one ``(height, width)`` per item: its
+    aspect-ratio bucket) item ``i`` is cropped to ``sizes[i]`` (a replacement comes from the same bucket), and
+    ``bucket_ids`` numbers the distinct sizes for the loader's bucket sampler.
     """
 
     def __init__(self, items: Sequence[tuple[str, str]], transform: ImageTransform,
-                 stats: WorkerCounters | None = None):
+                 stats: WorkerCounters | None = None, sizes: Sequence[tuple[int, int]] | None = None):
         if not items:
             raise ValueError("ImageFolderDataset got no images; check data.params.root and val_fraction")
+        if sizes is not None and len(sizes) != len(items):
+            raise ValueError(f"got {len(sizes)} bucket sizes for {len(items)} images")
         self.items = list(items)
         self.transform = transform
         self.stats = stats if stats is not None else WorkerCounters(FOLDER_STATS)
+        self.sizes = None if sizes is None else [tuple(s) for s in sizes]
+        ids = {size: n for n, size in enumerate(sorted(set(self.sizes or ())))}
+        self.bucket_ids = None if sizes is None else [ids[s] for s in self.sizes]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
+        size = None if self.sizes is None else self.sizes[index]
         for offset in range(len(self.items)):
-            path, caption = self.items[(index + offset) % len(self.items)]
+            other = (index + offset) % len(self.items)
+            if size is not None and self.sizes[other] != size:
+                continue  # a replacement must fit the batch's bucket
+            path, caption = self.items[other]
             try:
-                sample = self.transform.sample(load_image(path))
+                sample = self.transform.sample(load_image(path), size)
             except Exception as exn:  # corrupt or unreadable file: count it, use the next one
                 count = self.stats.add("bad_samples")
                 logger.warning("skipping unreadable image '%s': %s: %s [%d bad in this worker]",
@@ -125,14 +142,17 @@ class ImageFolderDataModule(MapDataModule):
     ``val_fraction`` of the files (at least one when > 0) go to validation, chosen by ``seed``.
     ``micro_conditioning``: each sample also holds SDXL's ``original_size_as_tuple``, ``crop_coords_top_left``
     and ``target_size_as_tuple`` (see :class:`ldm.data.transforms.ImageTransform`).
+    ``buckets``: ``{base, step, max_aspect}``: aspect-ratio buckets (:mod:`ldm.data.buckets`) instead of
+    ``size`` squares; ``random_crop`` then picks the crop inside the bucket.
     """
 
     def __init__(self, root: str | os.PathLike, batch_size: int, size: int = 256, num_workers: int = 2,
                  val_fraction: float = 0.05, seed: int = 0, random_crop: bool = False, flip_p: float = 0.0,
                  missing_caption: str = "drop", captions_file: str = "captions.jsonl",
-                 micro_conditioning: bool = False):
+                 micro_conditioning: bool = False, buckets: dict[str, float] | bool | None = None):
         super().__init__()
         check_loader_args(batch_size, num_workers, missing_caption)
+        self.buckets: Buckets | None = parse_buckets(buckets)
         if not 0.0 <= val_fraction < 1.0:
             raise ConfigError(f"val_fraction={val_fraction!r} must be in [0, 1); set data.params.val_fraction")
         self.root, self.captions_file = root, captions_file
@@ -179,6 +199,31 @@ class ImageFolderDataModule(MapDataModule):
         if self.train_set is not None:
             return
         train, val = self.split()
-        self.train_set = ImageFolderDataset(train, self.train_transform, self.stats)
-        self.val_set = ImageFolderDataset(val, self.val_transform, self.val_stats) if val else None
+        if self.buckets is not None:
+            train, train_sizes = self._bucketed(train, self.stats)
+            val, val_sizes = self._bucketed(val, self.val_stats)
+        else:
+            train_sizes = val_sizes = None
+        self.train_set = ImageFolderDataset(train, self.train_transform, self.stats, train_sizes)
+        self.val_set = ImageFolderDataset(val, self.val_transform, self.val_stats, val_sizes) if val else None
+
+    def _bucketed(self, items: list[tuple[str, str]], stats: WorkerCounters
+                  ) -> tuple[list[tuple[str, str]], list[tuple[int, int]]]:
+        """The items whose size can be read, and the bucket size of each (from the files' headers)."""
+        kept, sizes = [], []
+        for path, caption in items:
+            try:
+                with Image.open(path) as img:
+                    height, width = img.height, img.width
+            except Exception as exn:  # not an image: skipped now, as a bad image would be when read
+                count = stats.add("bad_samples")
+                logger.warning("skipping unreadable image '%s': %s: %s [%d bad]", path, type(exn).__name__, exn,
+                               count)
+                continue
+            kept.append((path, caption))
+            sizes.append(self.buckets.size(height, width))
+        if items and not kept:
+            raise ConfigError(f"none of the {len(items)} images in '{self.root}' could be read; "
+                              "check data.params.root")
+        return kept, sizes
 

@@ -80,42 +80,50 @@ class ImageTransform:
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return self.sample(img)["image"]
 
-    def sample(self, img: Image.Image) -> dict[str, torch.Tensor]:
+    def sample(self, img: Image.Image, size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
         """``{"image": tensor}``, plus the micro-conditioning entries with ``micro_conditioning`` (the crop
-        offsets are those of the resized image, before a flip, as in SDXL's training)."""
+        offsets are those of the resized image, before a flip, as in SDXL's training). ``size``: the target
+        ``(height, width)`` (an aspect-ratio bucket, :mod:`ldm.data.buckets`) in place of the ``size`` square."""
+        height, width = size if size is not None else (self.size, self.size)
         original = (img.height, img.width)
-        resized = self.resize(img)
-        top, left = self.crop_offsets(resized)
-        img = resized.crop((left, top, left + self.size, top + self.size))
+        resized = self.resize(img, (height, width))
+        top, left = self.crop_offsets(resized, (height, width))
+        img = resized.crop((left, top, left + width, top + height))
         if self.flip_p > 0 and torch.rand(()).item() < self.flip_p:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out = {"image": to_tensor(img)}
         if self.micro_conditioning:
             out.update({"original_size_as_tuple": torch.tensor(original),
                         "crop_coords_top_left": torch.tensor((top, left)),
-                        "target_size_as_tuple": torch.tensor((self.size, self.size))})
+                        "target_size_as_tuple": torch.tensor((height, width))})
         return out
 
-    def resize(self, img: Image.Image) -> Image.Image:
-        """Scale so that the shorter side is exactly ``size`` (PIL's resize antialiases when shrinking)."""
+    def resize(self, img: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
+        """Scale to cover the target (the ``size`` square, or ``size=(height, width)``): the smallest scale at
+        which both sides reach it, so that for a square the shorter side becomes exactly ``size`` (PIL's resize
+        antialiases when shrinking)."""
+        height, width = size if size is not None else (self.size, self.size)
         w, h = img.size
-        scale = self.size / min(w, h)
-        new_size = (max(self.size, round(w * scale)), max(self.size, round(h * scale)))
+        scale = max(width / w, height / h)
+        new_size = (max(width, round(w * scale)), max(height, round(h * scale)))
         if new_size == (w, h):
             return img
         return img.resize(new_size, resample=Image.Resampling.BICUBIC)
 
-    def crop(self, img: Image.Image) -> Image.Image:
-        """Take a ``size`` x ``size`` square: centred, or at a random offset with ``random_crop``."""
-        top, left = self.crop_offsets(img)
-        return img.crop((left, top, left + self.size, top + self.size))
+    def crop(self, img: Image.Image, size: tuple[int, int] | None = None) -> Image.Image:
+        """Take a ``size`` x ``size`` square (or a ``size=(height, width)`` rectangle): centred, or at a random
+        offset with ``random_crop``."""
+        height, width = size if size is not None else (self.size, self.size)
+        top, left = self.crop_offsets(img, size)
+        return img.crop((left, top, left + width, top + height))
 
-    def crop_offsets(self, img: Image.Image) -> tuple[int, int]:
-        """(top, left) of the ``size`` square :meth:`crop` takes (random draws: left first, then top)."""
+    def crop_offsets(self, img: Image.Image, size: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(top, left) of the rectangle :meth:`crop` takes (random draws: left first, then top)."""
+        height, width = size if size is not None else (self.size, self.size)
         w, h = img.size
         if self.random_crop:
-            left = int(torch.randint(0, w - self.size + 1, ()).item())
-            top = int(torch.randint(0, h - self.size + 1, ()).item())
+            left = int(torch.randint(0, w - width + 1, ()).item())
+            top = int(torch.randint(0, h - height + 1, ()).item())
         else:
-            left, top = (w - self.size) // 2, (h - self.size) // 2
+            left, top = (w - width) // 2, (h - height) // 2
         return top, left

@@ -27,6 +27,13 @@ the same turn as before. Exact with ``epoch_length`` (the loader then has a leng
 reads one batch ahead and a resume skips that batch. Skipped samples are read and decoded again (the shuffle buffer
 needs them), so resuming late in a long epoch takes as long as reading that part of the epoch. Shards that
 changed in between (files added, removed or rewritten) give other streams: then nothing is exact.
+
+Aspect-ratio buckets (``buckets: {base, step, max_aspect}``, :mod:`ldm.data.buckets`): each picture is cropped to
+its bucket and each worker keeps one buffer per bucket, yielding a batch when one is full
+(:func:`ldm.data.buckets.bucket_batches`). With ``epoch_length`` every worker yields exactly
+``ceil(its share / batch_size)`` full batches per epoch, so every rank runs the same number of steps (several
+ranks need ``epoch_length``); without it the part-filled buffers come last, as smaller batches. Resuming skips
+whole batches of the worker's (deterministic) batch stream.
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.tariterators import group_by_keys
 
 from ldm.config import ConfigError
+from ldm.data.buckets import Buckets, bucket_batches, parse_buckets, stream_batches
 from ldm.data.datamodule import WorkerCounters, check_loader_args, make_loader, node_info, sample_rng, worker_id
 from ldm.data.transforms import IMAGE_EXTENSIONS, ImageTransform, load_image
 
@@ -135,15 +143,20 @@ class CaptionedShards(IterableDataset):
 
     One training process (``rank`` of ``world_size``) and each DataLoader worker in it read their own
     part of the shard list (see the module docstring for ``resampled``). ``stats`` and the per-worker epoch
-    counter live in shared memory and must be sized for the DataLoader's ``num_workers``.
+    counter live in shared memory and must be sized for the DataLoader's ``num_workers``. With ``buckets``
+    it yields lists of ``batch_size`` samples of one bucket instead (``yields_batches``).
     """
 
     def __init__(self, urls: Sequence[str], transform: ImageTransform, *, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0, image_keys: Sequence[str] = IMAGE_EXTENSIONS, caption_key: str = "txt",
                  caption_json_field: str | None = None, missing_caption: str = "drop", resampled: bool = False,
                  epoch_length: int | None = None, shuffle: bool = True, shuffle_buffer: int = 1000, seed: int = 0,
-                 stats: WorkerCounters | None = None):
+                 stats: WorkerCounters | None = None, buckets: Buckets | None = None,
+                 batch_size: int | None = None):
         super().__init__()
+        if buckets is not None and not batch_size:
+            raise ValueError("bucketed shards need the batch_size (one batch per bucket buffer)")
+        self.buckets, self.batch_size = buckets, batch_size
         if resampled and epoch_length is None:
             raise ConfigError("resampled=True needs epoch_length (samples per rank per epoch); "
                               "set data.params.epoch_length")
@@ -181,6 +194,11 @@ class CaptionedShards(IterableDataset):
         """The epoch that the next iteration reads: one past the latest that any worker started."""
         return max(self._epochs.get("epoch", w) for w in range(self._epochs.num_workers))
 
+    @property
+    def yields_batches(self) -> bool:
+        """Whether items are lists of samples of one bucket (``buckets``) rather than samples."""
+        return self.buckets is not None
+
     def worker_shares(self, num_workers: int) -> list[int] | None:
         """Samples each of ``num_workers`` workers yields per epoch, when ``epoch_length`` fixes them."""
         if self.epoch_length is None:
@@ -199,15 +217,32 @@ class CaptionedShards(IterableDataset):
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"samples-{self.seed}-{epoch}-{self.rank}-{stream}")
             samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
-        if self.epoch_length is not None:
-            samples = itertools.islice(samples, self.worker_shares(num_workers)[stream])
-        samples = itertools.islice(samples, skip, None)  # resumed: what was delivered before
+        if self.buckets is not None:
+            samples = self._batches(samples, stream, num_workers, skip)
+        else:
+            if self.epoch_length is not None:
+                samples = itertools.islice(samples, self.worker_shares(num_workers)[stream])
+            samples = itertools.islice(samples, skip, None)  # resumed: what was delivered before
         try:
             yield from samples
         finally:
             self._log_summary(epoch, worker)
 
     # -- stages -------------------------------------------------------------------------------------
+
+    def _batches(self, samples: Iterable[dict], stream: int, num_workers: int, skip: int) -> Iterator[list[dict]]:
+        """One bucket per batch; with ``epoch_length`` this stream's fixed number of full batches. ``skip``
+        samples delivered before a resume are whole batches of this (deterministic) batch stream."""
+        shares = self.worker_shares(num_workers)
+        count = stream_batches(None if shares is None else shares[stream], self.batch_size)
+        batches = bucket_batches(samples, self.batch_size, flush=count is None)
+        if count is not None:
+            batches = itertools.islice(batches, count)
+        for batch in batches:
+            if skip > 0:
+                skip -= len(batch)
+                continue
+            yield batch
 
     def _shard_urls(self, epoch: int, stream: int, num_workers: int) -> Iterator[str]:
         """A stream's shards: a random endless draw, or its split of the list (repeated with epoch_length).
@@ -296,7 +331,9 @@ class CaptionedShards(IterableDataset):
             if self.missing_caption == "drop":
                 return None
             caption = ""
-        return {**self.transform.sample(load_image(raw[image_key])), "caption": caption}
+        img = load_image(raw[image_key])
+        size = self.buckets.size(img.height, img.width) if self.buckets is not None else None
+        return {**self.transform.sample(img, size), "caption": caption}
 
     def _caption(self, raw: dict) -> str | None:
         data = raw.get(self.caption_key)
@@ -348,6 +385,8 @@ class WebDatasetDataModule(pl.LightningDataModule):
     what torch.distributed or the Lightning trainer report (custom launchers, tests).
     ``micro_conditioning``: each sample also holds SDXL's ``original_size_as_tuple``, ``crop_coords_top_left``
     and ``target_size_as_tuple`` (see :class:`ldm.data.transforms.ImageTransform`).
+    ``buckets``: ``{base, step, max_aspect}``: aspect-ratio buckets instead of ``size`` squares (see the
+    module docstring; several ranks need ``epoch_length``).
     """
 
     def __init__(self, urls: str | Sequence[str], batch_size: int, num_workers: int = 2, size: int = 256,
@@ -356,9 +395,10 @@ class WebDatasetDataModule(pl.LightningDataModule):
                  epoch_length: int | None = None, shuffle_buffer: int = 1000,
                  val_urls: str | Sequence[str] | None = None, seed: int = 0, random_crop: bool = False,
                  flip_p: float = 0.0, rank: int | None = None, world_size: int | None = None,
-                 micro_conditioning: bool = False):
+                 micro_conditioning: bool = False, buckets: dict[str, float] | bool | None = None):
         super().__init__()
         check_loader_args(batch_size, num_workers, missing_caption)
+        self.buckets = parse_buckets(buckets)
         if resampled and not epoch_length:
             raise ConfigError("resampled=True needs epoch_length (samples per rank per epoch); "
                               "set data.params.epoch_length")
@@ -374,7 +414,7 @@ class WebDatasetDataModule(pl.LightningDataModule):
         self.shard_options = dict(
             image_keys=tuple(image_keys), caption_key=caption_key or ("json" if caption_json_field else "txt"),
             caption_json_field=caption_json_field, missing_caption=missing_caption, seed=seed,
-            num_workers=num_workers)
+            num_workers=num_workers, buckets=self.buckets, batch_size=batch_size)
         self.resampled, self.epoch_length, self.shuffle_buffer = resampled, epoch_length, shuffle_buffer
         self._rank, self._world_size = rank, world_size
         if rank is not None or world_size is not None:
@@ -399,6 +439,9 @@ class WebDatasetDataModule(pl.LightningDataModule):
                                            shuffle=False, stats=self.val_stats, **self.shard_options)
 
     def _warn_uneven(self, rank: int, world_size: int) -> None:
+        if world_size > 1 and self.buckets is not None and self.epoch_length is None:
+            raise ConfigError(f"aspect-ratio buckets on {world_size} ranks need data.params.epoch_length (samples "
+                              "per rank per epoch), so that every rank runs the same number of batches")
         if world_size > 1 and not self.resampled and self.epoch_length is None and len(self.urls) % world_size:
             logger.warning("%d shards do not split evenly over %d ranks: ranks will see different sample counts "
                            "and DDP may stall at epoch end; set data.params.epoch_length or resampled",
