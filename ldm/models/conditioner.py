@@ -111,6 +111,7 @@ class Conditioner(nn.Module):
             raise ValueError(f"zero_uncond names {unknown}, which no embedder reads; use some of {sorted(known)}")
         self.zero_uncond = tuple(zero_uncond)
         self.cache: dict | None = None  # see enable_cache
+        self.cache_store: Any = None  # see enable_cache
 
     @property
     def input_keys(self) -> list[str]:
@@ -134,11 +135,14 @@ class Conditioner(nn.Module):
         for i in hits:
             self.specs[i] = replace(self.specs[i], ucg_rate=float(rate))
 
-    def enable_cache(self, enabled: bool = True) -> None:
+    def enable_cache(self, enabled: bool = True, store: Any = None) -> None:
         """Keep the outputs of frozen embedders of strings per string (a training run's repeated captions
         are then encoded once, each on its own; the cache holds ``L * D`` floats per distinct caption, on the
-        CPU)."""
+        CPU). ``store``: keep them there instead of in memory, an object with ``load_text(embedder, string)``
+        (the outputs, or None) and ``save_text(embedder, string, outputs)`` (``ldm.data.disk_cache.DiskCache``:
+        on disk, across runs)."""
         self.cache = {} if enabled else None
+        self.cache_store = store if enabled else None
 
     # ---- forward ------------------------------------------------------------------------------------------
     def forward(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None, drop: bool = False,
@@ -205,13 +209,21 @@ class Conditioner(nn.Module):
         strings = len(inputs) == 1 and _is_strings(inputs[0])
         if self.cache is None or spec.is_trainable or not strings:
             return embedder(*inputs)
-        new = sorted({s for s in inputs[0] if (index, s) not in self.cache})
-        for s in new:  # one at a time, so that an entry does not depend on the strings encoded with it
-            fresh = embedder([s])
-            fresh = tuple(fresh) if isinstance(fresh, (tuple, list)) else (fresh,)
-            self.cache[(index, s)] = tuple(t[0].detach().cpu() for t in fresh)
+        entries = {s: self.cache[(index, s)] for s in inputs[0] if (index, s) in self.cache}
+        for s in sorted(set(inputs[0]) - set(entries)):  # one at a time: an entry must not depend on its batch
+            store = self.cache_store
+            entry = store.load_text(embedder, s) if store is not None else None
+            if entry is None:
+                fresh = embedder([s])
+                fresh = tuple(fresh) if isinstance(fresh, (tuple, list)) else (fresh,)
+                entry = tuple(t[0].detach().cpu() for t in fresh)
+                if store is not None:
+                    store.save_text(embedder, s, entry)
+            if store is None:  # (with a store the entries live there, not in memory)
+                self.cache[(index, s)] = entry
+            entries[s] = entry
         device = next(embedder.parameters()).device
-        parts = zip(*(self.cache[(index, s)] for s in inputs[0]))
+        parts = zip(*(entries[s] for s in inputs[0]))
         stacked = tuple(torch.stack(p).to(device) for p in parts)
         return stacked if len(stacked) > 1 else stacked[0]
 

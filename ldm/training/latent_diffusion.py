@@ -19,6 +19,12 @@ plus ``L * D`` per distinct caption; use it for datasets that fit in memory. Eac
 (a batch of one), so that it does not depend on which images were encoded with it: the kernels of a batch of
 one and of a batch of several differ in the last bits, and a resumed run, whose cache starts empty, would
 otherwise drift from the uninterrupted run after the next epoch boundary.
+
+Disk cache (``cache_dir: PATH``, implies ``cache_latents``). The same entries live in files under ``PATH`` instead
+of in memory (:mod:`ldm.data.disk_cache`), keyed by the exact pixels the VAE sees (so per bucket size, crop and
+flip) or the caption, under a fingerprint of the VAE's / text encoder's weights: a second run of the same recipe
+encodes nothing, a changed VAE or text encoder misses. Random crops and flips are cached per variant (a warning
+says so when the training data uses them). A corrupt file is reported, encoded again and rewritten.
 """
 from __future__ import annotations
 
@@ -62,6 +68,14 @@ def _bind_model_args(*args: Any, **kwargs: Any) -> dict[str, Any]:
     bound = inspect.signature(LatentDiffusion).bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+def _disk_cache(cache_dir: str | None):
+    if not cache_dir:
+        return None
+    from ldm.data.disk_cache import DiskCache
+
+    return DiskCache(cache_dir)
 
 
 def _init_sources(init_from: Any, first_stage_ckpt: str | None) -> list[InitSource]:
@@ -109,6 +123,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         init_from: start from weights in a file (see :mod:`ldm.training.init_from`): a path, or a list of
             ``{path, parts, ema, keep_new}`` entries.
         cache_latents: cache first-stage moments and text embeddings (see the module docstring).
+        cache_dir: keep those caches on disk in this folder, across runs and ranks (implies cache_latents).
         lora: ``{rank, alpha, targets: [attn, ff, conv, text], dropout}``: train a LoRA / LoCon on the frozen model
             instead of the model (see :mod:`ldm.training.lora`); checkpoints hold only the LoRA, the export is a
             kohya-format file.
@@ -142,6 +157,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         init_from: Any = None,
         lora: Any = None,
         cache_latents: bool = False,
+        cache_dir: str | None = None,
         validation_prompts: Sequence[str] | None = None,
         sample_steps: int = 20,
         sample_sampler: str = "Euler a",
@@ -170,9 +186,10 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         if self.cond_stage_model is not None:  # SD 1/2: the prompt is dropped to "" (as they were trained)
             self.conditioner.set_ucg_rate(PROMPT_KEY, 0.1 if cond_drop_rate is None else float(cond_drop_rate))
         self.loss_fn = loss_fn
-        self.cache_latents = cache_latents
+        self.cache_latents = bool(cache_latents or cache_dir)
         self._moments_cache: dict[str, torch.Tensor] = {}
-        self.conditioner.enable_cache(cache_latents)  # frozen text embedders only
+        self.disk_cache = _disk_cache(cache_dir)
+        self.conditioner.enable_cache(self.cache_latents, store=self.disk_cache)  # frozen text embedders only
         self.validation_prompts = list(validation_prompts or [])
         self.sample_steps, self.sample_sampler = sample_steps, sample_sampler
         self.sample_cfg_scale, self.sample_seed = sample_cfg_scale, sample_seed
@@ -196,6 +213,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                         "weights (cond_stage_config.params.ckpt_path, or --init a model file) or train it "
                         "(cond_stage_trainable: true, freeze: false)")
         self.lora = self._attach_lora(lora) if lora is not None else None
+        if self.lora is not None and "text" in self.lora.config.targets and self.conditioner.cache is not None:
+            log.info("LoRA on the text encoder: its embeddings change as it trains, so they are not cached")
+            self.conditioner.enable_cache(False)
         self._lora_base: str | None = None  # fingerprint of the frozen base weights, made at the first save
         # starts from the loaded weights; a LoRA run averages only the LoRA
         self.model_ema = EMA(self._ema_target(), decay=ema_decay) if use_ema else None
@@ -243,7 +263,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             raise ValueError(f"adam_betas={hp['adam_betas']!r} must be two numbers, e.g. [0.9, 0.999]")
         if hp["scheduler_config"] is not None and hp["warmup_steps"]:
             raise ValueError("give either warmup_steps or scheduler_config, not both")
-        if hp["cache_latents"] and model_args["cond_stage_trainable"]:
+        if (hp["cache_latents"] or hp["cache_dir"]) and model_args["cond_stage_trainable"]:
             log.info("cache_latents with a trainable text encoder: only latents are cached, not text embeddings")
         if not isinstance(hp["sample_steps"], int) or hp["sample_steps"] < 1:
             raise ValueError(f"sample_steps={hp['sample_steps']!r} must be a positive int")
@@ -276,12 +296,20 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             with torch.no_grad():
                 return self.first_stage_model.encode(images).parameters.float()
         missing = [i for i, k in enumerate(keys) if k not in self._moments_cache]
+        disk, size = self.disk_cache, tuple(images.shape[-2:])
         for i in missing:  # one at a time: an entry must not depend on its batch (see the module docstring)
             if keys[i] not in self._moments_cache:  # (the same image twice in one batch)
-                with torch.no_grad():
-                    fresh = self.first_stage_model.encode(images[i:i + 1]).parameters.float()
-                self._moments_cache[keys[i]] = fresh[0].cpu()
-        return torch.stack([self._moments_cache[k] for k in keys]).to(images.device)
+                fresh = disk.load_moments(self.first_stage_model, keys[i], size) if disk is not None else None
+                if fresh is None:
+                    with torch.no_grad():
+                        fresh = self.first_stage_model.encode(images[i:i + 1]).parameters.float()[0].cpu()
+                    if disk is not None:
+                        disk.save_moments(self.first_stage_model, keys[i], size, fresh)
+                self._moments_cache[keys[i]] = fresh
+        moments = torch.stack([self._moments_cache[k] for k in keys]).to(images.device)
+        if disk is not None:  # the entries live on disk, not in memory
+            self._moments_cache.clear()
+        return moments
 
     def latents(self, images: torch.Tensor, generator: torch.Generator | None,
                 keys: list[str] | None = None) -> torch.Tensor:
@@ -344,6 +372,15 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             return
         with self.model_ema.swapped_in(self._ema_target()):
             yield
+
+    def on_fit_start(self) -> None:
+        if self.disk_cache is not None:
+            transform = getattr(getattr(self.trainer, "datamodule", None), "train_transform", None)
+            if getattr(transform, "random_crop", False) or getattr(transform, "flip_p", 0.0) > 0:
+                log.warning("cache_dir with random crops or flips (data.params.random_crop / flip_p): each variant "
+                            "is cached on its own, so the cache grows while new ones appear and a second run "
+                            "reuses only some; turn them off for a cache that is encoded once")
+            log.info("latent and text caches on disk in %s", self.disk_cache.root)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.scale_by_std and self.global_step == 0 and batch_idx == 0:
