@@ -282,3 +282,41 @@ def test_bucket_batches_stage():
     out = [[s["n"] for s in batch] for batch in bucket_batches(samples, 2)]
     assert out == [[0, 2], [1, 3], [6], [5], [4]]  # full ones as they fill; then the rest, smallest shape first
     assert [[s["n"] for s in b] for b in bucket_batches(samples, 2, flush=False)] == [[0, 2], [1, 3]]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_bucketed_folder(tmp_path):
+    """Two real DDP processes (gloo) over a bucketed folder for a whole epoch: the same number of steps on both
+    ranks (else DDP would hang), no picture on both."""
+    from omegaconf import OmegaConf
+
+    from test_train_cli import _seen, last_step, run_train, tiny_run_config
+
+    mixed_folder(tmp_path / "pics", n=13)
+    data = {"target": "ldm.data.folder.ImageFolderDataModule",
+            "params": {"root": str(tmp_path / "pics"), "batch_size": 2, "num_workers": 0, "val_fraction": 0.0,
+                       "buckets": {"base": 32, "step": 16, "max_aspect": 2.0}}}
+    OmegaConf.save(OmegaConf.create({"data": data}), tmp_path / "folder.yaml")
+    record = ("lightning.callbacks.record={target: test_train_cli.RecordCaptions, "
+              f"params: {{out_dir: '{tmp_path / 'seen'}'}}}}")
+    proc = run_train(["--base", str(tiny_run_config(tmp_path)), str(tmp_path / "folder.yaml"), "--logdir",
+                      str(tmp_path / "logs"), "--name", "ddp", "--accelerator", "cpu", "--strategy", "ddp",
+                      "--devices", "2", "--max_steps", "-1", "lightning.trainer.max_epochs=1",
+                      "lightning.callbacks.image_logger=false", record], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = _seen(tmp_path / "seen")
+    assert r0 and r1 and not r0 & r1
+    dm = ImageFolderDataModule(tmp_path / "pics", batch_size=2, num_workers=0, val_fraction=0.0,
+                               buckets={"base": 32, "step": 16, "max_aspect": 2.0})
+    dm.setup("fit")
+    expected = len(BucketSampler(dm.train_set.bucket_ids, 2, world_size=2))
+    assert last_step(tmp_path / "logs" / "ddp") == expected
+
+
+def test_bucketed_webdataset_validation_batches_hold_one_bucket(tmp_path):
+    urls = write_mixed_shards(tmp_path / "shards")
+    dm = WebDatasetDataModule(urls, batch_size=4, num_workers=0, buckets=TINY, val_urls=urls)
+    dm.setup("fit")
+    batches = list(dm.val_dataloader())
+    assert sum(len(b["caption"]) for b in batches) == 24
+    assert all(tuple(b["image"].shape[2:]) in dm.buckets.sizes for b in batches)

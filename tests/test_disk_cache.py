@@ -176,3 +176,9 @@ def test_train_py_twice_on_bucketed_pictures_encodes_once(tmp_path, monkeypatch,
     with caplog.at_level(logging.WARNING):
         assert main(_run_config(tmp_path, "cropped", random_crop=True)) == 0
     assert "each variant is cached on its own" in caplog.text
+
+
+def test_lora_on_the_text_encoder_turns_the_text_cache_off(tmp_path):
+    assert tiny_module(cache_dir=str(tmp_path), lora={"rank": 2, "targets": ["attn"]}).conditioner.cache == {}
+    module = tiny_module(cache_dir=str(tmp_path), lora={"rank": 2, "targets": ["attn", "text"]})
+    assert module.conditioner.cache is None and module.disk_cache is not None  # latents are still cached
