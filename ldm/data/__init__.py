@@ -1,4 +1,5 @@
-"""Training data: webdataset shards, image folders, synthetic shapes, shared transforms.
+"""Training data: webdataset shards, image folders, synthetic shapes, shared transforms, aspect-ratio buckets and
+the disk cache of encoded latents and captions.
 
 Names are imported on first use, so ``import ldm.data.shapes`` does not pull in Lightning.
 """
@@ -21,6 +22,9 @@ _EXPORTS = {
     "StreamLoader": "ldm.data.datamodule",
     "ImageTransform": "ldm.data.transforms",
     "load_image": "ldm.data.transforms",
+    "Buckets": "ldm.data.buckets",
+    "BucketSampler": "ldm.data.buckets",
+    "DiskCache": "ldm.data.disk_cache",
 }
 
 __all__ = sorted(_EXPORTS)
