@@ -89,3 +89,52 @@ def test_tokenizer_is_open_clips():
     assert (ours.sot_token_id, ours.eot_token_id, ours.vocab_size) == (theirs.sot_token_id, theirs.eot_token_id,
                                                                        theirs.vocab_size)
     assert ours.encoder == theirs.encoder and ours.bpe_ranks == theirs.bpe_ranks
+
+
+# --- model loading: no random initialisation where a strict load overwrites it -------------------------------
+
+def _count_calls(monkeypatch, name: str) -> list:
+    calls = []
+    original = getattr(torch.nn.init, name)
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, name, counting)
+    return calls
+
+
+def test_strict_load_draws_no_random_weights_and_loads_them_all(monkeypatch, tmp_path):
+    from ldm.convert import load_model
+    from ldm.io import read_state_dict
+    from tiny_models import tiny_checkpoint
+
+    path = tiny_checkpoint(tmp_path / "tiny.safetensors")
+    kaiming_calls, normal_calls = _count_calls(monkeypatch, "kaiming_uniform_"), _count_calls(monkeypatch, "normal_")
+    kaiming = torch.nn.init.kaiming_uniform_
+    model = load_model(None, path)
+    assert kaiming_calls == normal_calls == []  # nothing drawn ...
+    assert torch.nn.init.kaiming_uniform_ is kaiming  # ... and the initialisers are back
+    saved = read_state_dict(path)[0]
+    state = model.state_dict()
+    assert set(saved) == set(state)
+    for name, value in saved.items():  # ... and every weight is the file's
+        assert torch.equal(state[name], value), name
+
+    load_model(None, path, strict=False)  # a non-strict load may leave some as built: they are drawn
+    assert kaiming_calls and normal_calls
+
+
+def test_a_failed_load_restores_the_initialisers(tmp_path):
+    from ldm.convert import load_model
+    from ldm.io import CheckpointError, read_state_dict, save_checkpoint
+    from tiny_models import tiny_checkpoint, tiny_config
+
+    state = read_state_dict(tiny_checkpoint(tmp_path / "tiny.safetensors"))[0]
+    state.pop(next(iter(state)))
+    path = save_checkpoint(state, tmp_path / "partial.safetensors", config=tiny_config())
+    normal = torch.nn.init.normal_
+    with pytest.raises(CheckpointError):
+        load_model(None, path)
+    assert torch.nn.init.normal_ is normal
