@@ -4,7 +4,9 @@ Each round runs, for every source tree given (``--tree``, default this checkout;
 the shared machine's load falls on all alike):
 
 - the command as a user runs it, ``python <tree>/sample.py --prompt ... --outdir <tmp>`` with ``PYTHONPATH=<tree>``,
-  timed from the parent (spawn to exit): the "wall" row;
+  timed from the parent (spawn to exit): the "wall" row, and its CPU time (user + sys, ``getrusage`` of the
+  child; steadier than the wall time on a machine others are using, but with OpenMP threads it counts their
+  spin-waiting too, so compare it with ``OMP_NUM_THREADS=1``);
 - the same command through a phase-timing child (``--phases-child``, this file run by itself): it imports
   ``ldm.cli.sample``, wraps the functions of each phase (checks, config and model build, weight read and load, the
   acceleration pass's set-up, prompt encoding, the sampling loop, decoding, the model hash, PNG saving) with
@@ -27,6 +29,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--phases-child"]:
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -159,33 +162,41 @@ def phases_child(out_path: str, argv: list[str]) -> int:
 # the parent
 # ------------------------------------------------------------------------------------------------------------
 
-def _run(command: list[str], tree: Path) -> tuple[float, float, str]:
-    """(spawn time, seconds from spawn to exit, output) of one run; the child imports ldm from ``tree``."""
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(command: list[str], tree: Path) -> tuple[float, float, float, str]:
+    """(spawn time, seconds from spawn to exit, CPU seconds, output) of one run; the child imports ldm from
+    ``tree``."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    start, t = time.time(), time.perf_counter()
+    start, t, cpu = time.time(), time.perf_counter(), _cpu_seconds()
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    cpu = _cpu_seconds() - cpu
     if proc.returncode:
         raise SystemExit(f"{' '.join(command)} (PYTHONPATH={tree}) exited with {proc.returncode}:\n"
                          f"{proc.stderr[-3000:]}")
-    return start, wall, proc.stdout + proc.stderr
+    return start, wall, cpu, proc.stdout + proc.stderr
 
 
 def run_rounds(trees: list[Path], rounds: int, sample_args: list[str], phases: bool) -> dict[Path, dict]:
-    results = {tree: {"wall": [], "phase_runs": []} for tree in trees}
+    results = {tree: {"wall": [], "cpu": [], "phase_runs": []} for tree in trees}
     with tempfile.TemporaryDirectory(prefix="cold_start_") as tmp:
         for round_ in range(rounds):
             for tree in trees:
                 outdir = Path(tmp) / "out"
                 shutil.rmtree(outdir, ignore_errors=True)
                 base = ["--outdir", str(outdir), *sample_args]
-                _, wall, _ = _run([sys.executable, str(tree / "sample.py"), *base], tree)
+                _, wall, cpu, _ = _run([sys.executable, str(tree / "sample.py"), *base], tree)
                 results[tree]["wall"].append(wall)
-                line = f"round {round_} {tree}: wall {wall:.2f} s"
+                results[tree]["cpu"].append(cpu)
+                line = f"round {round_} {tree}: wall {wall:.2f} s, CPU {cpu:.2f} s"
                 if phases:
                     shutil.rmtree(outdir, ignore_errors=True)
                     record_path = Path(tmp) / "phases.json"
-                    start, child_wall, _ = _run([sys.executable, __file__, "--phases-child", str(record_path),
+                    start, child_wall, _, _ = _run([sys.executable, __file__, "--phases-child", str(record_path),
                                                  *base], tree)
                     record = json.loads(record_path.read_text())
                     p = dict(record["phases"])
@@ -224,6 +235,7 @@ def report(results: dict[Path, dict], trees: list[Path]) -> str:
                                                                results[t]["phase_runs"]])
                                                        if results[t]["phase_runs"] else "" for t in trees]])
     rows.append(["**`python sample.py` wall (plain run)**", *[_stats(results[t]["wall"]) for t in trees]])
+    rows.append(["`python sample.py` CPU time, user + sys (plain run)", *[_stats(results[t]["cpu"]) for t in trees]])
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
