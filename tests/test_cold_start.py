@@ -138,3 +138,11 @@ def test_a_failed_load_restores_the_initialisers(tmp_path):
     with pytest.raises(CheckpointError):
         load_model(None, path)
     assert torch.nn.init.normal_ is normal
+
+
+def test_exiting_freezes_the_collector_and_keeps_the_status():
+    code = ("import gc, sys\nfrom ldm.cli.common import exiting\nbefore = gc.get_freeze_count()\n"
+            "status = exiting(3)\nprint(before, gc.get_freeze_count() > 1000)\nsys.exit(status)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 3 and out.stdout.split() == ["0", "True"]
