@@ -155,7 +155,8 @@ def phases_child(out_path: str, argv: list[str]) -> int:
               "phases": clock.totals}
     Path(out_path).write_text(json.dumps(record))
     sys.stdout.flush()
-    return status
+    exiting = getattr(sys.modules["ldm.cli.common"], "exiting", None)  # what sample.py does before it exits
+    return status if exiting is None else exiting(status)
 
 
 # ------------------------------------------------------------------------------------------------------------
