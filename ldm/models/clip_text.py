@@ -276,8 +276,12 @@ class BPETokenizer:
 
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
-        with gzip.open(bpe_path or default_bpe()) as f:
-            merges = f.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+        count = 49152 - 256 - 2  # the merges CLIP uses: the file's first lines after its header (of ~262k)
+        text = ""
+        with gzip.open(bpe_path or default_bpe(), "rt", encoding="utf-8") as f:
+            while text.count("\n") <= count and (chunk := f.read(1 << 18)):  # no need to unzip the rest
+                text += chunk
+        merges = text.split("\n", count + 1)[1:count + 1]
         merges = [tuple(merge.split()) for merge in merges]
         vocab = list(self.byte_encoder.values())
         vocab += [v + "</w>" for v in vocab] + ["".join(merge) for merge in merges]
