@@ -146,3 +146,16 @@ def test_exiting_freezes_the_collector_and_keeps_the_status():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 3 and out.stdout.split() == ["0", "True"]
+
+
+def test_load_clip_knows_the_projects_archs_without_a_text_encoder_built(tmp_path):
+    """Building a text encoder registered the project's archs with open_clip as a side effect; it no longer imports
+    open_clip, so load_clip registers them itself (a fresh process: nothing registered before)."""
+    register_text_archs()
+    path = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model("ldm-tiny-text", pretrained=None).state_dict(), path)
+    code = f"from ldm.metrics import load_clip\nprint(type(load_clip('ldm-tiny-text', {str(path)!r})).__name__)"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "CLIP"
