@@ -5,7 +5,8 @@ The code lives in ldm/cli/sample.py; an installed package runs it as ``ldm-sampl
 """
 import sys
 
+from ldm.cli.common import exiting
 from ldm.cli.sample import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exiting(main()))

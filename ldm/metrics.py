@@ -14,6 +14,7 @@ used the valid region only; torchmetrics reflects the border: values differ in t
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
@@ -111,11 +112,16 @@ def fid_kid(real: Iterable[torch.Tensor], fake: Iterable[torch.Tensor], feature:
 
 
 # ---- CLIP score ---------------------------------------------------------------------------------------------------
+_TEXT_ARCHS = Path(__file__).resolve().parent / "models" / "text_archs"  # ldm.models.clip_text.ARCH_DIR
+
+
 def load_clip(arch: str, weights: str | os.PathLike) -> nn.Module:
     """An open_clip CLIP model (``arch``, e.g. "ViT-B-32" or "ViT-L-14") with its weights from a local file
     (safetensors or a weights-only pickle, open_clip's names), loaded strictly; in eval mode."""
     import open_clip
 
+    if arch not in open_clip.list_models() and (_TEXT_ARCHS / f"{arch}.json").is_file():
+        open_clip.add_model_config(_TEXT_ARCHS)  # the project's (tiny) CLIP architectures, as the text encoder reads them
     if arch not in open_clip.list_models():
         raise ValueError(f"unknown open_clip architecture {arch!r}; use one of open_clip.list_models(), e.g. ViT-B-32")
     if not os.path.isfile(weights):

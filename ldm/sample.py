@@ -2,12 +2,13 @@
 import sys
 
 from ldm.cli import sample
+from ldm.cli.common import exiting
 
 
 def main() -> int:
     """The ``ldm-sample`` console script."""
-    return sample.main(prog="ldm-sample")
+    return exiting(sample.main(prog="ldm-sample"))
 
 
 if __name__ == "__main__":
-    sys.exit(sample.main(prog="python -m ldm.sample"))
+    sys.exit(exiting(sample.main(prog="python -m ldm.sample")))

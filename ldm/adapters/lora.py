@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Mapping, NamedTuple
 
 import torch
-from open_clip.transformer import TextTransformer
 from torch import nn
 
 from ldm.convert.module_names import diffusers_unet_names, hf_clip_text_target
 from ldm.io import CheckpointError, detect_format, read_state_dict
+from ldm.models.clip_text import TextTransformer, text_tower_types
 
 __all__ = [
     "LORA_EXTENSIONS",
@@ -207,7 +207,7 @@ def _text_towers(model: nn.Module) -> list[tuple[str, TextTransformer]]:
     owner_names = {id(m): n for n, m in model.named_modules()}
     for embedder in embedders:
         for name, module in embedder.named_modules():
-            if isinstance(module, TextTransformer):
+            if isinstance(module, text_tower_types()):
                 prefix = owner_names.get(id(module), name)
                 towers.append((prefix, module))
                 break

@@ -9,6 +9,7 @@ The ``parameters`` text is what the popular UIs write and read back::
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -27,6 +28,7 @@ __all__ = [
     "read_png_parameters",
     "save_png",
     "save_new_png",
+    "exiting",
     "next_index",
     "make_grid",
     "model_hash",
@@ -185,6 +187,15 @@ def read_png_parameters(path: str | os.PathLike) -> dict[str, Any] | None:
     with Image.open(path) as image:
         text = image.info.get("parameters")
     return parse_parameters(text) if text else None
+
+
+def exiting(status: int) -> int:
+    """``status``, for a command line's ``sys.exit(exiting(main()))``: every object alive now is moved out of the
+    garbage collector's view (``gc.freeze``) so that the interpreter's shutdown does not walk them all again (with
+    torch loaded ~0.3 s of a quiet 2-core machine, 1-1.7 s of a busy one). Only where the process ends next: frozen
+    objects are never collected."""
+    gc.freeze()
+    return status
 
 
 def save_png(image: Image.Image, path: str | os.PathLike | BinaryIO, parameters: str | None = None

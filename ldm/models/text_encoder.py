@@ -8,7 +8,8 @@ Only the text tower is built (never the vision tower, never a download). Its sta
 ``model.<open_clip CLIP text names>``, i.e. exactly SD2's ``cond_stage_model.model.*`` entries; SD1's
 transformers-named weights are mapped onto it by :mod:`ldm.convert` (``convert_hf_clip_text_state_dict``,
 and back by ``to_hf_clip_text_state_dict``). Tiny architectures for tests and the demo model live in
-``text_archs/*.json`` (open_clip's own config format) and are registered with ``open_clip.add_model_config``.
+``text_archs/*.json`` (open_clip's own config format). The tower and tokenizer are :mod:`ldm.models.clip_text`'s
+(open_clip's, without importing open_clip).
 """
 from __future__ import annotations
 
@@ -19,15 +20,15 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
 
-import open_clip
 import torch
-from open_clip.model import CLIPTextCfg
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 from torch import nn
 from torch.nn import functional as F
 
 from ldm.io import CheckpointError, check_state_dict, read_state_dict
+from ldm.models import clip_text
+from ldm.models.clip_text import BPETokenizer as SimpleTokenizer
+from ldm.models.clip_text import LayerNorm, QuickGELU, TextTransformer
+from ldm.models.clip_text import TextConfig as CLIPTextCfg
 
 __all__ = [
     "OpenCLIPTextEncoder",
@@ -55,7 +56,10 @@ _BLOCK_OPTIONS = ("block_type", "qk_norm", "scaled_cosine_attn", "scale_heads", 
 # ----------------------------------------------------------------------------------------------------------
 
 def register_text_archs() -> None:
-    """Make the project's architectures (``text_archs/*.json``) known to open_clip by name; idempotent."""
+    """Make the project's architectures (``text_archs/*.json``) known to open_clip by name; idempotent. (This
+    encoder reads them without open_clip: :func:`ldm.models.clip_text.arch_config`.)"""
+    import open_clip
+
     known = set(open_clip.list_models())
     if any(p.stem not in known for p in ARCH_DIR.glob("*.json")):
         open_clip.add_model_config(ARCH_DIR)
@@ -63,11 +67,11 @@ def register_text_archs() -> None:
 
 def text_arch_config(arch: str) -> dict:
     """The open_clip model config (``embed_dim``, ``text_cfg``, ...) of a named architecture, read offline."""
-    register_text_archs()
-    if arch not in open_clip.list_models():
+    config = clip_text.arch_config(arch)
+    if config is None:
         raise ValueError(f"unknown text encoder arch {arch!r}: use an open_clip model name such as 'ViT-H-14', "
                          f"'ViT-L-14' or 'ldm-tiny-text' (see open_clip.list_models())")
-    return open_clip.get_model_config(arch)
+    return config
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,7 +93,10 @@ def _build_text_tower(cfg: Mapping, quick_gelu: bool, projection: bool) -> TextT
     if text_cfg.norm_kwargs:
         norm_layer = functools.partial(norm_layer, **text_cfg.norm_kwargs)
     block_options = {k: getattr(text_cfg, k) for k in _BLOCK_OPTIONS if getattr(text_cfg, k, None)}
-    tower = TextTransformer(
+    tower_cls = TextTransformer
+    if block_options:  # open_clip's custom attention blocks: its own tower
+        from open_clip.transformer import TextTransformer as tower_cls
+    tower = tower_cls(
         context_length=text_cfg.context_length, vocab_size=text_cfg.vocab_size, width=text_cfg.width,
         heads=text_cfg.heads, layers=text_cfg.layers, mlp_ratio=text_cfg.mlp_ratio,
         ls_init_value=text_cfg.ls_init_value, output_dim=cfg["embed_dim"], pool_type=text_cfg.pool_type,
