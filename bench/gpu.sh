@@ -11,7 +11,7 @@
 #                                     # at most 6 minutes, three compilations of the SD1.5 UNet)
 #   bash bench/gpu.sh fsdp DIR   # train.py --strategy fsdp on the GPU (NCCL, bf16-mixed) with EMA and
 #                                 # activation checkpointing: a tiny model, 2 steps, resume to 3, strict load of
-#                                 # the export (at most 4 minutes; CPU runs of the same are tests/test_fsdp.py)
+#                                 # the export (at most 7 minutes; CPU runs of the same are tests/test_fsdp.py)
 #
 # Each bench runs under its own `timeout`, so a slow one costs only itself, ordered by what it settles: levers +
 # utilization (fp16, bf16), text-to-image 512 px, the UNet forward and training step, the VAE decode. One
@@ -59,9 +59,9 @@ run|compiled|fsdp)
         PYTHONPATH=$PYTHONPATH:$PWD/tests python3 -c "from pathlib import Path; from test_train_cli import \
 tiny_run_config; tiny_run_config(Path('$out'), enable_progress_bar=False)" > "$out/fsdp_config.log" 2>&1
         gpu=(--accelerator gpu --devices 1 --strategy fsdp --precision bf16-mixed)
-        step fsdp_train 120 python3 train.py --base "$out/tiny.yaml" --logdir "$out/logs" --name fsdp "${gpu[@]}" \
+        step fsdp_train 180 python3 train.py --base "$out/tiny.yaml" --logdir "$out/logs" --name fsdp "${gpu[@]}" \
             --max_steps 2 model.params.gradient_checkpointing=true lightning.callbacks.export.fp16=false
-        step fsdp_resume 90 python3 train.py --resume "$out/logs/fsdp" "${gpu[@]}" --max_steps 3
+        step fsdp_resume 180 python3 train.py --resume "$out/logs/fsdp" "${gpu[@]}" --max_steps 3
         step fsdp_load 30 python3 -c "import torch; from ldm.convert import load_model; \
 load_model(None, '$out/logs/fsdp/fsdp.safetensors'); \
 ck = torch.load('$out/logs/fsdp/checkpoints/last.ckpt', weights_only=True); \
