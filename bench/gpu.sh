@@ -9,6 +9,9 @@
 #                                 # eager benches, write markdown tables and logs into DIR (at most 8 minutes)
 #   bash bench/gpu.sh compiled DIR   # a second call if device time is left: the torch.compile rows (bf16;
 #                                     # at most 6 minutes, three compilations of the SD1.5 UNet)
+#   bash bench/gpu.sh fsdp DIR   # train.py --strategy fsdp on the GPU (NCCL, bf16-mixed) with EMA and
+#                                 # activation checkpointing: a tiny model, 2 steps, resume to 3, strict load of
+#                                 # the export (at most 7 minutes; CPU runs of the same are tests/test_fsdp.py)
 #
 # Each bench runs under its own `timeout`, so a slow one costs only itself, ordered by what it settles: levers +
 # utilization (fp16, bf16), text-to-image 512 px, the UNet forward and training step, the VAE decode. One
@@ -17,7 +20,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 WHEELS=(diffusers==0.42.1 open_clip_torch==3.3.0 omegaconf==2.4.0 ftfy wcwidth lazy-importer
-        importlib_metadata xformers==0.0.35)
+        importlib_metadata xformers==0.0.35 pytorch-lightning==2.6.6 lightning-utilities==0.15.3 torchmetrics==1.9.0)
 
 case "${1:-}" in
 fetch)
@@ -28,8 +31,8 @@ fetch)
         -d .whl "${WHEELS[@]}" || exit 1
     du -sh .whl
     ;;
-run|compiled)
-    out=${2:?usage: bash bench/gpu.sh run|compiled OUT_DIR}
+run|compiled|fsdp)
+    out=${2:?usage: bash bench/gpu.sh run|compiled|fsdp OUT_DIR}
     mkdir -p "$out"
     export PYTHONUNBUFFERED=1
     if ls .whl/*.whl >/dev/null 2>&1; then
@@ -52,6 +55,19 @@ run|compiled)
         echo "   exit $? after $((SECONDS - start)) s"
         tail -n 3 "$out/$name.log"
     }
+    if [[ $1 == fsdp ]]; then
+        PYTHONPATH=$PYTHONPATH:$PWD/tests python3 -c "from pathlib import Path; from test_train_cli import \
+tiny_run_config; tiny_run_config(Path('$out'), enable_progress_bar=False)" > "$out/fsdp_config.log" 2>&1
+        gpu=(--accelerator gpu --devices 1 --strategy fsdp --precision bf16-mixed)
+        step fsdp_train 180 python3 train.py --base "$out/tiny.yaml" --logdir "$out/logs" --name fsdp "${gpu[@]}" \
+            --max_steps 2 model.params.gradient_checkpointing=true lightning.callbacks.export.fp16=false
+        step fsdp_resume 180 python3 train.py --resume "$out/logs/fsdp" "${gpu[@]}" --max_steps 3
+        step fsdp_load 30 python3 -c "import torch; from ldm.convert import load_model; \
+load_model(None, '$out/logs/fsdp/fsdp.safetensors'); \
+ck = torch.load('$out/logs/fsdp/checkpoints/last.ckpt', weights_only=True); \
+print('step', ck['global_step'], 'ema updates', int(ck['state_dict']['model_ema.num_updates']))"
+        exit 0
+    fi
     if [[ $1 == compiled ]]; then
         step gpu_compiled 360 python3 bench/bench_gpu.py --device cuda --precisions bf16 --compile --reps 5 \
             --out "$out/gpu_compiled.md"
@@ -67,7 +83,7 @@ run|compiled)
         --out "$out/gpu_vae.md"
     ;;
 *)
-    echo "usage: bash bench/gpu.sh fetch | bash bench/gpu.sh run OUT_DIR | bash bench/gpu.sh compiled OUT_DIR" >&2
+    echo "usage: bash bench/gpu.sh fetch | bash bench/gpu.sh run|compiled|fsdp OUT_DIR" >&2
     exit 2
     ;;
 esac

@@ -13,13 +13,20 @@ import torch
 from torch import nn
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP's parameters and the EMA buffers sharded like them), else ``t``: each rank
+    averages and swaps its own shards, without communication."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def ema_name(param_name: str) -> str:
     """``diffusion_model.out.2.weight`` -> ``diffusion_modelout2weight`` (the original EMA buffer name)."""
     return param_name.replace(".", "")
 
 
 class EMA(nn.Module):
-    """EMA of a module's trainable parameters. ``decay`` warms up as in the original: min(decay, (1+n)/(10+n))."""
+    """EMA of a module's trainable parameters. ``decay`` warms up as in the original: min(decay, (1+n)/(10+n)).
+    Under FSDP the buffers are sharded like the parameters (:func:`ldm.training.fsdp.shard`)."""
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, use_num_updates: bool = True):
         super().__init__()
@@ -53,8 +60,8 @@ class EMA(nn.Module):
             s_name = self.m_name2s_name.get(name)
             if s_name is None:
                 continue
-            s = shadow[s_name]
-            s.sub_(one_minus * (s - p.detach().to(s.dtype)))
+            s = _local(shadow[s_name])
+            s.sub_(one_minus * (s - _local(p.detach()).to(s.dtype)))
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
@@ -62,12 +69,12 @@ class EMA(nn.Module):
         for name, p in model.named_parameters():
             s_name = self.m_name2s_name.get(name)
             if s_name is not None:
-                p.copy_(shadow[s_name].to(p.dtype))
+                _local(p).copy_(_local(shadow[s_name]).to(p.dtype))
 
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
         """Temporarily use the EMA weights in ``model`` (for validation, sampling and export)."""
-        backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in self.m_name2s_name}
+        backup = {n: _local(p.detach()).clone() for n, p in model.named_parameters() if n in self.m_name2s_name}
         self.copy_to(model)
         try:
             yield
@@ -75,4 +82,4 @@ class EMA(nn.Module):
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     if n in backup:
-                        p.copy_(backup[n])
+                        _local(p).copy_(backup[n])

@@ -314,22 +314,24 @@ def validate(cfg: DictConfig, callbacks: dict[str, dict]) -> None:
 
 
 def _check_fsdp(trainer: dict, model: DictConfig) -> None:
-    """FSDP shards the weights: Lightning runs it on CUDA only, and the EMA here needs whole weights."""
-    import inspect
-
-    import torch
-
+    """``strategy: fsdp`` is :mod:`ldm.training.fsdp` (Lightning's ModelParallelStrategy with FSDP2, CPUs and GPUs,
+    EMA sharded with the weights); Lightning's other FSDP names (FSDP1, GPUs only) are refused in one line."""
     strategy = str(trainer.get("strategy", "auto"))
     if not strategy.startswith("fsdp"):
         return
-    if str(trainer.get("accelerator", "auto")) == "cpu" or not torch.cuda.is_available():
-        raise ConfigError(f"lightning.trainer.strategy: {strategy} needs CUDA GPUs (Lightning's FSDP does not run "
-                          "on CPU); use --strategy ddp here")
-    default = inspect.signature(get_obj_from_str(model.target, "model")).parameters.get("use_ema")
-    use_ema = (model.get("params") or {}).get("use_ema", default.default if default is not None else False)
-    if use_ema:
-        raise ConfigError("model.params.use_ema: the EMA keeps whole (unsharded) weights and is not supported "
-                          "with FSDP yet; set model.params.use_ema=false or use --strategy ddp")
+    from ldm.training.fsdp import STRATEGY
+
+    if strategy != STRATEGY:
+        raise ConfigError(f"lightning.trainer.strategy: {strategy} is Lightning's FSDP1 strategy, which train.py does "
+                          f"not use; use --strategy {STRATEGY} (FSDP2: CPUs and GPUs, EMA sharded with the weights)")
+    import pytorch_lightning as pl
+
+    configure = getattr(get_obj_from_str(model.target, "model"), "configure_model", None)
+    if configure is None or configure is pl.LightningModule.configure_model:
+        raise ConfigError(f"lightning.trainer.strategy: {STRATEGY} shards the model in its configure_model hook, "
+                          f"which {model.target} does not have; use --strategy ddp")
+    if (model.get("params") or {}).get("lora") is not None:
+        raise ConfigError(f"model.params.lora: a LoRA run trains a few MB; use --strategy ddp, not {STRATEGY}")
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
@@ -436,6 +438,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list, 
     from ldm.training.callbacks import AtomicCheckpointIO
 
     settings = to_plain(cfg.lightning.trainer)
+    if settings.get("strategy") == "fsdp":
+        from ldm.training.fsdp import make_strategy
+
+        settings["strategy"] = make_strategy()
     try:
         return pl.Trainer(default_root_dir=str(run_dir), logger=logger, callbacks=callbacks,
                           plugins=[AtomicCheckpointIO()], enable_checkpointing=enable_checkpointing, **settings)

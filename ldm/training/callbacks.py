@@ -34,6 +34,7 @@ from ldm.config import get_obj_from_str
 from ldm.convert import check_stored_config
 from ldm.io import atomic_write, read_state_dict, save_checkpoint
 from ldm.training.common import ExportableModule, SamplingModule
+from ldm.training.fsdp import full_state_dict, is_sharded
 from ldm.training.lora import export_lora, is_lora_state
 
 log = logging.getLogger(__name__)
@@ -225,9 +226,11 @@ class ImageLogger(Callback):
         if not isinstance(pl_module, SamplingModule):  # e.g. the autoencoder: nothing to sample
             return None
         prompts = self.prompts or pl_module.validation_prompts
-        if not trainer.is_global_zero or not prompts:
+        if not prompts or not (trainer.is_global_zero or is_sharded(pl_module)):
             return None
-        images = pl_module.sample_images(prompts, **self.kwargs)
+        images = pl_module.sample_images(prompts, **self.kwargs)  # a sharded model samples on every rank
+        if not trainer.is_global_zero:
+            return None
         grid = captioned_grid(images, prompts, self.cols)
         path = Path(trainer.default_root_dir) / "images" / f"step-{trainer.global_step:08d}.png"
         atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
@@ -270,14 +273,18 @@ def _write_export(sd: dict[str, torch.Tensor], path: str | os.PathLike, config: 
 
 
 def export_model(module: ExportableModule, path: str | os.PathLike, *, use_ema: bool = True,
-                 include_ema: bool = False, fp16: bool = False) -> Path:
+                 include_ema: bool = False, fp16: bool = False, state_dict: dict | None = None) -> Path:
     """Write ``module`` as an inference checkpoint: its ``export_state_dict`` with its ``inference_config``
     (for the latent diffusion stage an SD-layout ``ldm.model.LatentDiffusion``, for the first stage a plain
-    ``AutoencoderKL``)."""
+    ``AutoencoderKL``). ``state_dict``: the module's whole state dict when the module itself holds only shards
+    (FSDP: :func:`ldm.training.fsdp.full_state_dict`)."""
     if getattr(module, "lora", None) is not None:  # a LoRA run: the kohya-format LoRA file
         return module.export_lora(path, use_ema=use_ema, fp16=fp16)
     _check_exportable(module)
-    sd = module.export_state_dict(use_ema=use_ema, include_ema=include_ema)
+    if state_dict is not None:
+        sd = module.export_weights(state_dict, use_ema=use_ema, include_ema=include_ema)
+    else:
+        sd = module.export_state_dict(use_ema=use_ema, include_ema=include_ema)
     step = getattr(getattr(module, "_trainer", None), "global_step", None)
     meta = {"global_step": str(step)} if step is not None else {}
     return _write_export(sd, path, module.inference_config(), fp16, meta)
@@ -322,11 +329,14 @@ class ExportCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.path = Path(self.dirpath or trainer.default_root_dir) / f"{self.name}.safetensors"
-        self._export(pl_module)
+        # FSDP: every rank sends its shards (weights and EMA) to rank 0, which writes the usual layout
+        state = full_state_dict(pl_module) if is_sharded(pl_module) else None
+        self._export(pl_module, state)
 
     @rank_zero_only
-    def _export(self, pl_module: pl.LightningModule) -> None:
-        export_model(pl_module, self.path, use_ema=self.use_ema, include_ema=self.include_ema, fp16=self.fp16)
+    def _export(self, pl_module: pl.LightningModule, state: dict | None = None) -> None:
+        export_model(pl_module, self.path, use_ema=self.use_ema, include_ema=self.include_ema, fp16=self.fp16,
+                     state_dict=state)
 
 
 def _accel_precision(trainer_precision: str) -> str:

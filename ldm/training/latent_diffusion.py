@@ -118,7 +118,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             (classifier-free guidance; default 0.1). A ``conditioner_config`` gives each embedder its own
             ``ucg_rate`` instead.
         loss_weighting, min_snr_gamma, offset_noise: options of :class:`ldm.diffusion.loss.DiffusionLoss`.
-        gradient_checkpointing: recompute UNet activations in the backward pass (sets ``use_checkpoint``).
+        gradient_checkpointing: activation checkpointing per block: every ResBlock and transformer block of the UNet
+            recomputes its activations in the backward pass (:func:`ldm.models.unet.set_activation_checkpointing`);
+            with or without FSDP.
         first_stage_ckpt: weights of a trained autoencoder (a first-stage state dict or a full SD-layout file).
         init_from: start from weights in a file (see :mod:`ldm.training.init_from`): a path, or a list of
             ``{path, parts, ema, keep_new}`` entries.
@@ -203,9 +205,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             log.warning("no first_stage_ckpt: the autoencoder keeps its random weights (smoke tests only); set "
                         "model.params.first_stage_ckpt to a trained autoencoder")
         if gradient_checkpointing:
-            for m in self.model.diffusion_model.modules():
-                if hasattr(m, "use_checkpoint"):
-                    m.use_checkpoint = True
+            from ldm.models.unet import set_activation_checkpointing
+
+            set_activation_checkpointing(self.model.diffusion_model)
         init_from_files(self, init_sources)
         if self._random_frozen_text_encoder(cond_stage_config, init_sources):
             log.warning("model.params.cond_stage_config: the text encoder keeps RANDOM weights and is FROZEN (no "
@@ -395,6 +397,14 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         value = self.trainer.strategy.broadcast(value, src=0)
         self.scale_factor.copy_(value)
         log.info("scale_by_std: scale_factor set to %.5f", float(value))
+
+    def configure_model(self) -> None:
+        """Under ``--strategy fsdp`` (Lightning's ModelParallelStrategy): shard the UNet block by block and the EMA like
+        it (:func:`ldm.training.fsdp.shard`); nothing under other strategies."""
+        if self.device_mesh is not None:
+            from ldm.training.fsdp import shard
+
+            shard(self, self.device_mesh["data_parallel"])
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA update: once per optimizer step (not per accumulated micro-batch),
