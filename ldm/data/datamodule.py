@@ -420,8 +420,9 @@ class ShapesDataModule(MapDataModule):
 
         if self.train_set is None:
             micro = {"micro_conditioning": True} if self.micro_conditioning else {}
+            words = {"paraphrase": self.paraphrase} if self.paraphrase else {}
             self.train_set = ShapesDataset(self.num_train, size=self.size, seed=self.seed, kinds=self.kinds,
-                                           color_drop=self.color_drop, paraphrase=self.paraphrase, **micro)
+                                           color_drop=self.color_drop, **micro, **words)
             self.val_set = (ShapesDataset(self.num_val, size=self.size, seed=self.seed + 1, **micro)
                             if self.num_val else None)
 
