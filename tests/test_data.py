@@ -434,6 +434,8 @@ def test_shapes_datamodule_wiring(monkeypatch):
     assert dm.train_set.kinds == ["relation", "single"] and dm.val_set.kinds is None
     with pytest.raises(ValueError, match="color_drop"):
         ShapesDataModule(color_drop=-0.1)
+    with pytest.raises(ValueError, match="data.params.paraphrase"):
+        ShapesDataModule(paraphrase=2.0)
 
 
 def test_shapes_datamodule_with_real_dataset():
@@ -449,6 +451,9 @@ def test_shapes_datamodule_with_real_dataset():
     assert set(drawn) == {"relation", "single"} and drawn.count("relation") > drawn.count("single")
     with pytest.raises(ValueError, match="data.params.kinds has unknown scene kind 'spiral'"):
         ShapesDataModule(num_train=4, num_val=0, batch_size=2, kinds=["spiral"])  # at once, not at setup
+    dm = ShapesDataModule(num_train=4, num_val=2, batch_size=2, paraphrase=0.5)
+    dm.setup()
+    assert dm.train_set.paraphrase == 0.5 and dm.val_set.paraphrase == 0.0  # validation keeps the defaults
 
 
 @pytest.mark.slow

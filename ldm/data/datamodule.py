@@ -403,14 +403,18 @@ class ShapesDataModule(MapDataModule):
     of training captions that leave the colors out (``ldm.data.shapes.caption``) and ``kinds`` the scene kinds
     the training pictures are drawn from, uniformly (a kind listed twice is drawn twice as often; default: each
     of ``ldm.data.shapes.KINDS`` once); validation keeps the defaults. ``micro_conditioning``: samples carry
-    SDXL's size and crop entries too.
+    SDXL's size and crop entries too. ``paraphrase``: the share of training captions worded other ways
+    (``ldm.data.paraphrase``; default 0).
     """
 
     def __init__(self, num_train: int = 1000, num_val: int = 64, size: int = 64, batch_size: int = 16,
                  num_workers: int = 0, seed: int = 0, color_drop: float = 0.15, kinds: Sequence[str] | None = None,
-                 micro_conditioning: bool = False):
+                 micro_conditioning: bool = False, paraphrase: float = 0.0):
         super().__init__()
         check_loader_args(batch_size, num_workers)
+        if not 0.0 <= paraphrase <= 1.0:
+            raise ValueError(f"data.params.paraphrase={paraphrase!r} must be a probability in [0, 1]")
+        self.paraphrase = float(paraphrase)
         if num_train < 1 or num_val < 0:
             raise ValueError(f"num_train={num_train} num_val={num_val}: need num_train >= 1 and num_val >= 0")
         if not 0.0 <= color_drop <= 1.0:
@@ -433,8 +437,9 @@ class ShapesDataModule(MapDataModule):
 
         if self.train_set is None:
             micro = {"micro_conditioning": True} if self.micro_conditioning else {}
+            words = {"paraphrase": self.paraphrase} if self.paraphrase else {}
             self.train_set = ShapesDataset(self.num_train, size=self.size, seed=self.seed, kinds=self.kinds,
-                                           color_drop=self.color_drop, **micro)
+                                           color_drop=self.color_drop, **micro, **words)
             self.val_set = (ShapesDataset(self.num_val, size=self.size, seed=self.seed + 1, **micro)
                             if self.num_val else None)
 

@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 __all__ = [
-    "COLORS", "SHAPES", "SIZES", "RELATIONS", "INVERSE_RELATION", "COLOR_DROP", "SIZE_DROP", "KINDS",
+    "COLORS", "SHAPES", "SIZES", "RELATIONS", "NEXT_TO", "INVERSE_RELATION", "COLOR_DROP", "SIZE_DROP", "KINDS",
     "COUNT_WORDS", "BACKGROUND", "SIZE_RADIUS",
     "ShapeObject", "Scene", "sample_scene", "render", "caption", "caption_spec",
     "scene_to_prompt_spec", "spec_to_scene", "spec_kind", "validate_spec", "relation_holds", "scene_rng",
@@ -68,6 +68,7 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 SIZE_RADIUS = {"small": 0.10, "large": 0.17}  # half-extent, fraction of the image side
 RELATIONS = ("left of", "right of", "above", "below")
+NEXT_TO = "next_to"  # a spec's relation type for "next to": left of or right of, either side (specs only)
 KINDS = ("single", "relation", "counting", "color_attribution")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 MAX_COUNT = 4
@@ -136,6 +137,8 @@ def relation_holds(relation: str, subject: tuple[float, float], reference: tuple
         return dy < -margin
     if relation == "below":
         return dy > margin
+    if relation == NEXT_TO:
+        return abs(dx) > margin
     raise ValueError(f"unknown relation {relation!r}; use one of {', '.join(RELATIONS)}")
 
 
@@ -260,8 +263,9 @@ def validate_spec(spec: dict[str, Any]) -> None:
             raise ValueError(f"spec['objects'][{i}]['count'] = {g.get('count')!r}; use an int in 1..{MAX_COUNT}")
     rel = spec.get("relation")
     if rel is not None:
-        if rel.get("type") not in RELATIONS:
-            raise ValueError(f"spec['relation']['type'] = {rel.get('type')!r}; use one of {', '.join(RELATIONS)}")
+        if rel.get("type") not in RELATIONS + (NEXT_TO,):
+            raise ValueError(f"spec['relation']['type'] = {rel.get('type')!r}; "
+                             f"use one of {', '.join(RELATIONS + (NEXT_TO,))}")
         if len(objects) != 2 or (rel.get("subject"), rel.get("reference")) not in ((0, 1), (1, 0)):
             raise ValueError("spec['relation'] needs two object groups and subject/reference indices 0 and 1")
 
@@ -283,9 +287,10 @@ _RELATION_WORDS = {
     "right of": ("to the right of", "right of", "on the right of"),
     "above": ("above", "over"),
     "below": ("below", "under", "beneath"),
+    NEXT_TO: ("next to",),
 }
 INVERSE_RELATION = {  # the relation seen from the other object
-    "left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    "left of": "right of", "right of": "left of", "above": "below", "below": "above", NEXT_TO: NEXT_TO}
 _FRAMES = ("{}", "{}", "{}", "a picture of {}", "an image of {}", "{} on a gray background")
 
 
@@ -333,9 +338,12 @@ SIZE_DROP = 0.5    # default share of captions that leave the sizes out
 COLOR_DROP = 0.15  # default share of captions that leave the colors out
 
 
-def caption(scene: Scene, rng: random.Random, color_drop: float = COLOR_DROP, size_drop: float = SIZE_DROP) -> str:
+def caption(scene: Scene, rng: random.Random, color_drop: float = COLOR_DROP, size_drop: float = SIZE_DROP,
+            paraphrase: float = 0.0) -> str:
     """A natural caption of ``scene``; sizes are left out with probability ``size_drop`` and colors with
-    ``color_drop`` (so color-free prompts such as "three circles" are in the training distribution too)."""
+    ``color_drop`` (so color-free prompts such as "three circles" are in the training distribution too).
+    With probability ``paraphrase`` it is worded by :func:`ldm.data.paraphrase.paraphrase_spec` instead (other
+    word orders and words; 0 draws nothing more from ``rng``, so the captions stay as they were)."""
     spec = scene_to_prompt_spec(scene)
     drop_size, drop_color = rng.random() < size_drop, rng.random() < color_drop
     for g in spec["objects"]:
@@ -343,6 +351,10 @@ def caption(scene: Scene, rng: random.Random, color_drop: float = COLOR_DROP, si
             g["size"] = None
         if drop_color:
             g["color"] = None
+    if paraphrase > 0 and rng.random() < paraphrase:
+        from ldm.data.paraphrase import paraphrase_spec  # it imports this module
+
+        return paraphrase_spec(spec, rng)[0]
     return caption_spec(spec, rng)
 
 
@@ -393,7 +405,8 @@ class ShapesDataset(Dataset):
     """
 
     def __init__(self, num_samples: int, size: int = 64, seed: int = 0, kinds: Sequence[str] | None = None,
-                 split: str = "train", color_drop: float = COLOR_DROP, micro_conditioning: bool = False):
+                 split: str = "train", color_drop: float = COLOR_DROP, micro_conditioning: bool = False,
+                 paraphrase: float = 0.0):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not isinstance(size, int) or size < 32:
@@ -404,6 +417,9 @@ class ShapesDataset(Dataset):
             raise ValueError(f"unknown scene kind {bad[0]!r} in kinds; use any of {', '.join(KINDS)}")
         if not 0.0 <= color_drop <= 1.0:
             raise ValueError(f"color_drop must be a probability in [0, 1], got {color_drop!r}")
+        if not 0.0 <= paraphrase <= 1.0:
+            raise ValueError(f"paraphrase must be a probability in [0, 1], got {paraphrase!r}")
+        self.paraphrase = float(paraphrase)
         scene_rng(seed, 0, split)  # validates split
         self.num_samples, self.size, self.seed, self.kinds, self.split = num_samples, size, seed, kinds, split
         self.color_drop = float(color_drop)
@@ -418,7 +434,7 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {index} out of range for ShapesDataset of {self.num_samples} samples")
         rng = scene_rng(self.seed, index, self.split)
         scene = sample_scene(rng, rng.choice(self.kinds))
-        return scene, caption(scene, rng, color_drop=self.color_drop)
+        return scene, caption(scene, rng, color_drop=self.color_drop, paraphrase=self.paraphrase)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         scene, text = self.scene(index)

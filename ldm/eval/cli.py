@@ -1,6 +1,7 @@
 """``python -m ldm.eval``: score a checkpoint on the shapes world.
 
     python -m ldm.eval geneval --ckpt model.safetensors [--config cfg.yaml] [--n 8] [--out report.md]
+        [--prompts-file prompts.jsonl | --paraphrase]
     python -m ldm.eval recon   --ckpt model.safetensors [--config cfg.yaml] [--num 64] [--out recon.json]
     python -m ldm.eval relations --ckpt model.safetensors [--num 128] [--no-colors] [--out probe.md]
 
@@ -11,7 +12,9 @@
 
 ``geneval`` generates ``--images-per-prompt`` pictures for ``--n`` held-out prompts per category and prints
 the markdown table of :func:`ldm.eval.geneval.format_report` (and writes it, plus a ``.json`` with every
-record next to it, with ``--out``). ``recon`` encodes and decodes held-out shapes pictures with the first
+record next to it, with ``--out``); ``--prompts-file`` scores the prompts of a JSON-lines file instead
+(:func:`ldm.eval.geneval.read_prompts_file`), ``--paraphrase`` held-out prompts worded by ``ldm.data.paraphrase``.
+``recon`` encodes and decodes held-out shapes pictures with the first
 stage (``encode(x).mode()`` then ``decode``) and reports mean PSNR / SSIM. ``relations`` runs the loss-level
 probe of :mod:`ldm.eval.probe`: does the model predict worse when a caption's relation is swapped? ``fid``: FID and
 KID between two folders of images (torchmetrics, torch-fidelity's InceptionV3 from a local weights file).
@@ -32,7 +35,8 @@ import torch
 from ldm.data.shapes import ShapesDataset, positive_int
 from ldm.diffusion.guidance import check_guidance_rescale, check_guidance_scale
 from ldm.diffusion.samplers import get_sampler
-from ldm.eval.geneval import evaluate, format_report, make_eval_prompts
+from ldm.eval.geneval import (evaluate, format_report, make_eval_prompts, make_paraphrased_prompts,
+                              read_prompts_file)
 from ldm.metrics import psnr, ssim
 
 __all__ = ["main", "build_parser", "run_geneval", "run_recon", "run_fid", "run_clip_score"]
@@ -61,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--guidance-rescale", type=float, default=None,
                    help="guidance rescale in [0, 1] (Lin et al. 2023; pipeline default 0)")
+    which = g.add_mutually_exclusive_group()
+    which.add_argument("--prompts-file", default=None, metavar="FILE",
+                       help='JSON lines {"category", "prompt", "spec"} to score instead of held-out prompts (--n unused)')
+    which.add_argument("--paraphrase", action="store_true",
+                       help="the held-out prompts worded other ways (ldm.data.paraphrase; own seed stream)")
     r = sub.add_parser("recon", help="autoencoder reconstruction PSNR / SSIM on held-out shapes pictures")
     _add_common(r)
     r.add_argument("--num", type=positive_int, default=64, help="number of pictures")
@@ -104,7 +113,16 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
         raise SystemExit(f"python -m ldm.eval: error: {message}")
 
 
+def _geneval_prompts(args: argparse.Namespace) -> list:
+    if getattr(args, "prompts_file", None):
+        return _one_line(lambda: read_prompts_file(args.prompts_file))
+    if getattr(args, "paraphrase", False):
+        return make_paraphrased_prompts(args.n, args.seed)
+    return make_eval_prompts(args.n, args.seed)
+
+
 def run_geneval(args: argparse.Namespace) -> dict[str, Any]:
+    prompts = _geneval_prompts(args)  # a bad prompts file fails before the model loads
     pipe = _load_pipeline(args)
     options = {"height": args.size, "width": args.size}
     for name in ("steps", "sampler", "guidance_scale", "guidance_rescale"):
@@ -114,7 +132,7 @@ def run_geneval(args: argparse.Namespace) -> dict[str, Any]:
     def generate(prompts: list[str], seeds: list[int]) -> list:
         return pipe(prompts, seeds=seeds, **options).images
 
-    report = evaluate(generate, make_eval_prompts(args.n, args.seed), args.images_per_prompt, seed=args.seed)
+    report = evaluate(generate, prompts, args.images_per_prompt, seed=args.seed)
     table = format_report(report)
     log.info("GenEval-style report for %s\n%s", args.ckpt, table)
     if args.out:
@@ -281,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if args.out and os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a folder; give a file name such as report.md")
     if args.command == "geneval":
+        if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
+            parser.error(f"--prompts-file {args.prompts_file}: no such file; give a JSON-lines prompt file")
         if args.sampler is not None:
             try:
                 get_sampler(args.sampler)

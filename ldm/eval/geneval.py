@@ -17,13 +17,17 @@ position            "a circle to the left of a       both found and some circle'
 color_attribution   "a red circle and a blue square" a red circle and a blue square are both found
 ==================  ===============================  ===========================================================
 
-Colors and sizes are checked only when the spec says them; blobs of no known shape are ignored.
+Colors and sizes are checked only when the spec says them; blobs of no known shape are ignored. A relation of
+type ``"next_to"`` (``ldm.data.shapes.NEXT_TO``: "a circle next to a square") holds on either side, left or right.
+Prompts can also come from a file (:func:`read_prompts_file`: JSON lines ``{"category", "prompt", "spec"}``) or be
+paraphrases of the held-out specs (:func:`make_paraphrased_prompts`, ``ldm.data.paraphrase``).
 Eval prompts use the held-out seed stream ``random.Random(f"eval/{seed}/{category}/{i}")``, never the
 ``train/...`` stream of :class:`ldm.data.shapes.ShapesDataset`.
 The overall score is the mean of the category accuracies (not of all images), like GenEval's.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 from typing import Any, Callable, NamedTuple, Sequence
@@ -34,7 +38,7 @@ from ldm.data.shapes import COLORS, RELATIONS, SHAPES, caption_spec, relation_ho
 from ldm.eval.analyzer import Detection, analyze
 
 __all__ = ["CATEGORIES", "POSITION_MARGIN", "FAILURE_CAUSES", "EvalPrompt", "make_eval_prompts", "make_spec",
-           "score", "failure_cause", "evaluate", "format_report"]
+           "make_paraphrased_prompts", "read_prompts_file", "score", "failure_cause", "evaluate", "format_report"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,57 @@ def make_eval_prompts(n_per_category: int, seed: int = 0) -> list[EvalPrompt]:
             rng = random.Random(f"eval/{seed}/{category}/{i}")
             spec = make_spec(category, rng, i)
             prompts.append(EvalPrompt(category, caption_spec(spec, rng), spec))
+    return prompts
+
+
+def make_paraphrased_prompts(n_per_category: int, seed: int = 0) -> list[EvalPrompt]:
+    """``n_per_category`` held-out specs of each category worded by :func:`ldm.data.paraphrase.paraphrase_spec`
+    (streams ``eval/paraphrase/{seed}/{category}/{i}``, apart from :func:`make_eval_prompts`'); each spec is the
+    one its prompt states (a left/right relation worded "next to" becomes ``"next_to"``)."""
+    from ldm.data.paraphrase import paraphrase_spec
+
+    if not isinstance(n_per_category, int) or n_per_category < 1:
+        raise ValueError(f"n_per_category must be a positive int, got {n_per_category!r}")
+    prompts = []
+    for category in CATEGORIES:
+        for i in range(n_per_category):
+            rng = random.Random(f"eval/paraphrase/{seed}/{category}/{i}")
+            text, said = paraphrase_spec(make_spec(category, rng, i), rng)
+            prompts.append(EvalPrompt(category, text, said))
+    return prompts
+
+
+def read_prompts_file(path: str) -> list[EvalPrompt]:
+    """Eval prompts from a JSON-lines file, one ``{"category": str, "prompt": str, "spec": {...}}`` per line
+    (blank lines skipped; ``spec`` as :func:`make_spec` makes it, relation types those of ``ldm.data.shapes``
+    or ``"next_to"``; the line's category is the spec's, so "counting" asks for exact counts). A bad line raises
+    ValueError naming the file, the line and the problem."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e.msg}); write one JSON object per line") from None
+            if not isinstance(row, dict) or not {"category", "prompt", "spec"} <= set(row):
+                raise ValueError(f'{where}: needs an object with "category", "prompt" and "spec"')
+            category, prompt, spec = row["category"], row["prompt"], row["spec"]
+            if not isinstance(category, str) or not category.strip():
+                raise ValueError(f'{where}: "category" must be a non-empty string, got {category!r}')
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f'{where}: "prompt" must be a non-empty string, got {prompt!r}')
+            if not isinstance(spec, dict):
+                raise ValueError(f'{where}: "spec" must be an object with "objects" and "relation"')
+            try:
+                validate_spec(spec)
+            except (ValueError, AttributeError, TypeError) as e:
+                raise ValueError(f"{where}: {e}") from None
+            prompts.append(EvalPrompt(category, prompt, dict(spec, category=category)))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts; write one JSON object per line")
     return prompts
 
 

@@ -16,6 +16,12 @@ held-out pictures, how often the true caption beats the inverted one, and ``text
 colors exchanged ("a red circle and a blue square" against "a blue circle and a red square"), and the report
 adds how often held-out color-attribution pictures score their caption above the swapped one. A tower trained
 on relation negatives alone codes a color exchange about half as strongly as the jointly trained one did.
+
+``--shape-swaps``: relation pictures get a second hard negative, their caption with the two objects' shapes
+exchanged ("a red circle below a blue triangle" against "a red triangle below a blue circle"): the demo model v6
+kept the colors bound and let the shapes trade places. ``--paraphrase P``: a share P of the captions and their
+negatives (worded alike) come from ``ldm.data.paraphrase`` (other words and word orders); a negative that reads
+like its caption (a left/right relation worded "next to" names no side) is left out.
 """
 from __future__ import annotations
 
@@ -28,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm.data.shapes import ShapesDataset, caption_spec, image_to_tensor, render, scene_to_prompt_spec
-from ldm.eval.probe import relation_captions, text_change
+from ldm.data.paraphrase import paraphrase_spec
+from ldm.data.shapes import (INVERSE_RELATION, ShapesDataset, caption_spec, image_to_tensor, render,
+                             scene_to_prompt_spec)
+from ldm.eval.probe import text_change
 from ldm.io import read_state_dict, save_checkpoint
 from ldm.models.text_encoder import OpenCLIPTextEncoder
 from ldm.training.lr import WarmupCosine
@@ -72,25 +80,70 @@ def color_swapped_captions(spec: dict, seed: int) -> tuple[str, str]:
             caption_spec({"objects": swapped, "relation": relation}, random.Random(seed)))
 
 
-def batch(data: ShapesDataset, indices: Sequence[int], rng: random.Random, color_swaps: bool = False
-          ) -> tuple[torch.Tensor, list, list]:
-    """Images, captions, and for relation scenes the caption with the relation inverted (with ``color_swaps``,
-    for color-attribution scenes the caption with the colors exchanged; else None)."""
-    images, captions, inverted = [], [], []
+def shape_swapped_captions(spec: dict, seed: int) -> tuple[str, str]:
+    """The caption of a two-object spec, and the same caption with the two objects' shapes exchanged (colors,
+    sizes, counts and the relation stay where they were; same wording otherwise)."""
+    objects = [dict(g) for g in spec["objects"]]
+    swapped = [dict(g) for g in objects]
+    swapped[0]["shape"], swapped[1]["shape"] = objects[1]["shape"], objects[0]["shape"]
+    relation = spec.get("relation")
+    return (caption_spec({"objects": objects, "relation": relation}, random.Random(seed)),
+            caption_spec({"objects": swapped, "relation": relation}, random.Random(seed)))
+
+
+def changed_spec(spec: dict, change: str) -> dict:
+    """``spec`` with its relation inverted (``change`` "relation"), or the two objects' colors or shapes
+    exchanged ("colors", "shapes")."""
+    objects = [dict(g) for g in spec["objects"]]
+    relation = dict(spec["relation"]) if spec.get("relation") else None
+    if change == "relation":
+        relation["type"] = INVERSE_RELATION[relation["type"]]
+    else:
+        key = {"colors": "color", "shapes": "shape"}[change]
+        objects[0][key], objects[1][key] = spec["objects"][1][key], spec["objects"][0][key]
+    return {"objects": objects, "relation": relation}
+
+
+def paraphrased_pair(spec: dict, change: str, seed: int) -> tuple[str, str | None]:
+    """The paraphrased caption of ``spec`` and of :func:`changed_spec` worded alike (same draws); the second is
+    None when both read the same ("next to" names no side, so an inverted left/right is no negative then)."""
+    true = paraphrase_spec(spec, random.Random(seed))[0]
+    other = paraphrase_spec(changed_spec(spec, change), random.Random(seed))[0]
+    return true, (other if other != true else None)
+
+
+def batch(data: ShapesDataset, indices: Sequence[int], rng: random.Random, color_swaps: bool = False,
+          shape_swaps: bool = False, paraphrase: float = 0.0) -> tuple[torch.Tensor, list, list]:
+    """Images, captions, and each image's hard negatives, a dict {change: caption} (empty for most scenes):
+    relation scenes the caption with the relation inverted ("relation"; with ``shape_swaps`` also the shapes
+    exchanged, "shapes"), with ``color_swaps`` color-attribution scenes the caption with the colors exchanged
+    ("colors"). With ``paraphrase`` that share of the captions (and their negatives) are paraphrases."""
+    images, captions, negatives = [], [], []
     for i in indices:
         scene, caption = data.scene(i)
         images.append(image_to_tensor(render(scene, data.size)))  # data[i] would draw the scene a second time
+        changes = []
         if scene.relation is not None:
-            caption, swapped = relation_captions(scene_to_prompt_spec(scene), seed=rng.randrange(1 << 30),
-                                                 colors=rng.random() > 0.4)
-            inverted.append(swapped)
+            changes = ["relation", "shapes"] if shape_swaps else ["relation"]
         elif color_swaps and scene.kind == "color_attribution":
-            caption, swapped = color_swapped_captions(scene_to_prompt_spec(scene), seed=rng.randrange(1 << 30))
-            inverted.append(swapped)
-        else:
-            inverted.append(None)
+            changes = ["colors"]
+        negs = {}
+        if changes:
+            spec, seed = scene_to_prompt_spec(scene), rng.randrange(1 << 30)
+            if scene.relation is not None and not rng.random() > 0.4:  # 40% color-free, as the position prompts
+                for g in spec["objects"]:
+                    g["color"] = g["size"] = None
+            words = rng.random() < paraphrase if paraphrase else False
+            for change in changes:
+                if words:
+                    caption, negs[change] = paraphrased_pair(spec, change, seed)
+                else:
+                    caption, negs[change] = caption_spec(spec, random.Random(seed)), caption_spec(
+                        changed_spec(spec, change), random.Random(seed))
+            negs = {k: v for k, v in negs.items() if v is not None and v != caption}
         captions.append(caption)
-    return torch.stack(images), captions, inverted
+        negatives.append(negs)
+    return torch.stack(images), captions, negatives
 
 
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, neg_rows: torch.Tensor,
@@ -112,14 +165,16 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, ne
 
 @torch.no_grad()
 def hard_negative_accuracy(tower: OpenCLIPTextEncoder, images: ImageEncoder, num: int = 128,
-                           kind: str = "relation") -> float:
-    """Share of held-out relation pictures whose true caption scores above the relation-inverted one (``kind``
-    "color_attribution": color-attribution pictures against their colors-exchanged caption)."""
+                           kind: str = "relation", change: str = "relation", paraphrase: float = 0.0) -> float:
+    """Share of ``num`` held-out pictures of ``kind`` whose caption scores above its ``change`` negative (the
+    relation inverted, "colors" or "shapes" exchanged), among those that have one."""
     data = ShapesDataset(num, kinds=[kind], split="eval")
-    pics, caps, inv = batch(data, range(num), random.Random(0), color_swaps=True)
-    img = F.normalize(images(pics), dim=-1)
-    true = (img * F.normalize(text_embeddings(tower, caps), dim=-1)).sum(-1)
-    swapped = (img * F.normalize(text_embeddings(tower, inv), dim=-1)).sum(-1)
+    pics, caps, negs = batch(data, range(num), random.Random(0), color_swaps=True, shape_swaps=True,
+                             paraphrase=paraphrase)
+    rows = [i for i, n in enumerate(negs) if change in n]
+    img = F.normalize(images(pics[rows]), dim=-1)
+    true = (img * F.normalize(text_embeddings(tower, [caps[i] for i in rows]), dim=-1)).sum(-1)
+    swapped = (img * F.normalize(text_embeddings(tower, [negs[i][change] for i in rows]), dim=-1)).sum(-1)
     return (true > swapped).float().mean().item()
 
 
@@ -132,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the true-vs-inverted caption loss (0: InfoNCE only)")
     p.add_argument("--color-swaps", action="store_true",
                    help="color-attribution pictures' captions with the colors exchanged as hard negatives too")
+    p.add_argument("--shape-swaps", action="store_true",
+                   help="relation pictures' captions with the two objects' shapes exchanged as hard negatives too")
+    p.add_argument("--paraphrase", type=float, default=0.0,
+                   help="share of captions (and their negatives) worded by ldm.data.paraphrase (default 0)")
     p.add_argument("--num-train", type=int, default=50000)
     p.add_argument("--init", default=None, help="a model file whose cond_stage_model.* starts the tower")
     p.add_argument("--out", required=True, help="where to write the tower (safetensors)")
@@ -144,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.batch_size < 2:
         raise SystemExit(f"--steps {args.steps} must be >= 1 and --batch-size {args.batch_size} >= 2")
+    if not 0.0 <= args.paraphrase <= 1.0:
+        raise SystemExit(f"--paraphrase {args.paraphrase} must be a share in [0, 1]")
     torch.manual_seed(args.seed)
     tower = OpenCLIPTextEncoder("ldm-small-text", layer="last", pad="zero", max_length=20, projection=False,
                                 freeze=False)
@@ -160,13 +221,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup_steps=max(1, args.steps // 20),
                                                                 total_steps=args.steps, final=0.1))
-    data = ShapesDataset(args.num_train, kinds=KINDS, seed=args.seed, color_drop=0.4)
+    data = ShapesDataset(args.num_train, kinds=KINDS, seed=args.seed, color_drop=0.4, paraphrase=args.paraphrase)
     rng = random.Random(args.seed)
     tower.train()
     for step in range(1, args.steps + 1):
-        pics, caps, inv = batch(data, rng.sample(range(len(data)), args.batch_size), rng, args.color_swaps)
-        rows = torch.tensor([i for i, c in enumerate(inv) if c is not None], dtype=torch.long)
-        txt = text_embeddings(tower, caps + [c for c in inv if c is not None])
+        pics, caps, negs = batch(data, rng.sample(range(len(data)), args.batch_size), rng, args.color_swaps,
+                                 args.shape_swaps, args.paraphrase)
+        rows = torch.tensor([i for i, n in enumerate(negs) for _ in n], dtype=torch.long)
+        txt = text_embeddings(tower, caps + [c for n in negs for c in n.values()])
         loss = contrastive_loss(images(pics), txt[:len(caps)], txt[len(caps):], rows, scale.exp().clamp(max=100),
                                 args.pair_weight)
         opt.zero_grad(set_to_none=True)
@@ -179,9 +241,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     images.eval()
     report = {"relation_accuracy": hard_negative_accuracy(tower, images)}
     if args.color_swaps:
-        report["color_accuracy"] = hard_negative_accuracy(tower, images, kind="color_attribution")
+        report["color_accuracy"] = hard_negative_accuracy(tower, images, kind="color_attribution", change="colors")
         log.info("held-out color-attribution pictures whose caption beats the colors-exchanged one: %.1f%%",
                  100 * report["color_accuracy"])
+    if args.shape_swaps:
+        report["shape_accuracy"] = hard_negative_accuracy(tower, images, change="shapes")
+        log.info("held-out relation pictures whose caption beats the shapes-exchanged one: %.1f%%",
+                 100 * report["shape_accuracy"])
+    if args.paraphrase:
+        report["paraphrased_relation_accuracy"] = hard_negative_accuracy(tower, images, paraphrase=1.0)
+        log.info("the same for relation inversions, paraphrased: %.1f%%", 100 * report["paraphrased_relation_accuracy"])
     shim = type("M", (), {"get_learned_conditioning": staticmethod(lambda caps: tower.encode(list(caps)))})()
     with torch.no_grad():
         report.update({f"text_change_{k}": v for k, v in text_change(shim, num=128).items()})

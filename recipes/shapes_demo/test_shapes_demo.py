@@ -149,6 +149,48 @@ def test_pretrain_text_tower_with_color_swaps_reports_them(tmp_path):
     assert 0.0 <= report["color_accuracy"] <= 1.0
 
 
+def test_shape_swapped_captions_exchange_only_the_shapes():
+    spec = {"objects": [{"shape": "circle", "color": "red", "size": None, "count": 2},
+                        {"shape": "square", "color": "blue", "size": None, "count": 1}],
+            "relation": {"type": "below", "subject": 0, "reference": 1}}
+    true, swapped = pretrain_text_tower.shape_swapped_captions(spec, seed=3)
+    assert "red circles" in true and "blue square" in true
+    assert "red squares" in swapped and "blue circle" in swapped
+    assert true.replace("circle", "X").replace("square", "circle").replace("X", "square") == swapped
+
+
+def test_batch_gives_relation_pictures_shape_swapped_and_paraphrased_negatives():
+    import random
+    import re
+
+    from ldm.data.shapes import ShapesDataset
+
+    data = ShapesDataset(64, kinds=["relation", "color_attribution"])
+    _, caps, negs = pretrain_text_tower.batch(data, range(64), random.Random(0), color_swaps=True,
+                                              shape_swaps=True, paraphrase=1.0)
+    kinds = [data.scene(i)[0].kind for i in range(64)]
+    assert all(set(n) <= {"relation", "shapes"} and "shapes" in n for n, k in zip(negs, kinds) if k == "relation")
+    assert all(set(n) == {"colors"} for n, k in zip(negs, kinds) if k == "color_attribution")
+    def words(text):  # the words, plurals made singular
+        return sorted(re.sub(r"(circle|square|triangle)s\b", r"\1", text.replace(",", " ")).split())
+
+    for cap, n in zip(caps, negs):
+        assert all(other != cap for other in n.values())
+        if "shapes" in n:  # worded alike: the same words, the two shape nouns exchanged
+            assert words(cap) == words(n["shapes"])
+    # without the new options the negatives are the ones of before: the relation inverted only
+    _, _, plain = pretrain_text_tower.batch(data, range(64), random.Random(0), color_swaps=True)
+    assert all(set(n) == ({"relation"} if k == "relation" else {"colors"}) for n, k in zip(plain, kinds))
+
+
+def test_pretrain_text_tower_with_shape_swaps_and_paraphrases_reports_them(tmp_path):
+    report = pretrain_text_tower.main(["--steps", "2", "--batch-size", "8", "--num-train", "16", "--shape-swaps",
+                                       "--paraphrase", "0.5", "--out", str(tmp_path / "tower.safetensors")])
+    assert 0.0 <= report["shape_accuracy"] <= 1.0 and 0.0 <= report["paraphrased_relation_accuracy"] <= 1.0
+    with pytest.raises(SystemExit, match="--paraphrase"):
+        pretrain_text_tower.main(["--steps", "1", "--paraphrase", "2", "--out", str(tmp_path / "t.safetensors")])
+
+
 # ---- train.sh, run with a stand-in `python` that records each command instead of running it ----------------------
 FAKE_PYTHON = """#!{python}
 import json, os, sys
