@@ -9,6 +9,8 @@
     python -m ldm.eval clip-score --images outputs/txt2img-samples/samples --clip-arch ViT-B-32 \
         --clip-weights open_clip_vit_b_32.safetensors
 
+    python -m ldm.eval geneval --ckpt model.safetensors --lora star.safetensors[:W] [--focus-shape star]
+
 ``geneval`` generates ``--images-per-prompt`` pictures for ``--n`` held-out prompts per category and prints
 the markdown table of :func:`ldm.eval.geneval.format_report` (and writes it, plus a ``.json`` with every
 record next to it, with ``--out``). ``recon`` encodes and decodes held-out shapes pictures with the first
@@ -18,6 +20,10 @@ KID between two folders of images (torchmetrics, torch-fidelity's InceptionV3 fr
 ``clip-score``: the CLIP score of each image against its prompt, read from the PNG's ``parameters`` chunk (what
 sample.py writes) or from ``--prompts`` (one line per image, in file-name order). ``recon --lpips-weights`` adds LPIPS.
 Weights always come from files you name: nothing is downloaded.
+
+``geneval --lora FILE[:WEIGHT]`` merges LoRAs into the model first (the pipeline's ``load_lora``);
+``--focus-shape star`` makes every prompt name that opt-in shape (``ldm.data.shapes.EXTRA_SHAPES``), lets the
+analyzer find it and reports the share of images that show it.
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ldm.data.shapes import ShapesDataset, positive_int
+from ldm.data.shapes import EXTRA_SHAPES, SHAPES, ShapesDataset, positive_int
 from ldm.diffusion.guidance import check_guidance_rescale, check_guidance_scale
 from ldm.diffusion.samplers import get_sampler
 from ldm.eval.geneval import evaluate, format_report, make_eval_prompts
@@ -61,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--guidance-rescale", type=float, default=None,
                    help="guidance rescale in [0, 1] (Lin et al. 2023; pipeline default 0)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge this LoRA into the model before sampling (repeatable; as sample.py --lora)")
+    g.add_argument("--focus-shape", default=None, choices=EXTRA_SHAPES,
+                   help="prompts that all name this opt-in shape; the analyzer finds it too")
     r = sub.add_parser("recon", help="autoencoder reconstruction PSNR / SSIM on held-out shapes pictures")
     _add_common(r)
     r.add_argument("--num", type=positive_int, default=64, help="number of pictures")
@@ -106,6 +116,12 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
 
 def run_geneval(args: argparse.Namespace) -> dict[str, Any]:
     pipe = _load_pipeline(args)
+    if args.lora:
+        from ldm.cli.sample import parse_lora_arg
+
+        for value in args.lora:
+            path, weight = parse_lora_arg(value)
+            _one_line(lambda: pipe.load_lora(path, weight))
     options = {"height": args.size, "width": args.size}
     for name in ("steps", "sampler", "guidance_scale", "guidance_rescale"):
         if getattr(args, name) is not None:
@@ -114,7 +130,10 @@ def run_geneval(args: argparse.Namespace) -> dict[str, Any]:
     def generate(prompts: list[str], seeds: list[int]) -> list:
         return pipe(prompts, seeds=seeds, **options).images
 
-    report = evaluate(generate, make_eval_prompts(args.n, args.seed), args.images_per_prompt, seed=args.seed)
+    focus = args.focus_shape
+    shapes = SHAPES + (focus,) if focus else SHAPES
+    report = evaluate(generate, make_eval_prompts(args.n, args.seed, focus=focus), args.images_per_prompt,
+                      seed=args.seed, shapes=shapes, focus=focus)
     table = format_report(report)
     log.info("GenEval-style report for %s\n%s", args.ckpt, table)
     if args.out:
@@ -281,6 +300,11 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if args.out and os.path.isdir(args.out):
         parser.error(f"--out {args.out} is a folder; give a file name such as report.md")
     if args.command == "geneval":
+        from ldm.cli.sample import parse_lora_arg
+
+        for value in args.lora:
+            if not parse_lora_arg(value)[0].is_file():
+                parser.error(f"--lora {value}: no such file; give a LoRA .safetensors file (FILE or FILE:WEIGHT)")
         if args.sampler is not None:
             try:
                 get_sampler(args.sampler)
