@@ -412,10 +412,11 @@ class ShapesDataModule(MapDataModule):
         if (focus is None) != (not num_focus) or num_focus < 0:
             raise ValueError(f"data.params.focus={focus!r} and num_focus={num_focus!r} go together: name a shape "
                              "and how many pictures of it (e.g. focus: star, num_focus: 500), or neither")
-        try:  # the shapes and the focus shape checked as the data sets will take them
-            ShapesDataset(1, shapes=shapes or None, focus=focus, sizes=focus_sizes)
-        except ValueError as e:
-            raise ValueError(f"data.params: {e}") from None
+        if shapes or focus is not None or focus_sizes:
+            try:  # the shapes and the focus shape checked as the data sets will take them
+                ShapesDataset(1, shapes=shapes or None, focus=focus, sizes=focus_sizes)
+            except ValueError as e:
+                raise ValueError(f"data.params: {e}") from None
         self.shapes = list(shapes) if shapes else None
         self.focus, self.num_focus = focus, int(num_focus)
         self.focus_sizes = list(focus_sizes) if focus_sizes else None
@@ -432,8 +433,9 @@ class ShapesDataModule(MapDataModule):
 
         if self.train_set is None:
             micro = {"micro_conditioning": True} if self.micro_conditioning else {}
+            shapes = {"shapes": self.shapes} if self.shapes else {}
             self.train_set = ShapesDataset(self.num_train, size=self.size, seed=self.seed, kinds=self.kinds,
-                                           color_drop=self.color_drop, shapes=self.shapes, **micro)
+                                           color_drop=self.color_drop, **shapes, **micro)
             if self.focus is not None:
                 focused = ShapesDataset(self.num_focus, size=self.size, seed=self.seed, kinds=self.kinds,
                                         color_drop=self.color_drop, shapes=self.shapes, focus=self.focus,
