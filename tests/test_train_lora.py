@@ -174,14 +174,16 @@ def test_parse_lora_config_defaults():
 
 
 def test_lora_trained_by_train_py_loads_in_sample_py(tmp_path, base_file):
-    """The whole path: train.py with --init and model.params.lora, then sample.py --lora in a subprocess gives
-    the image of the trained LoRA merged into the base model."""
+    """The whole path: train.py with --init and model.params.lora on pictures of the shapes world's new shape
+    (stars, data.params.focus), then sample.py --lora in a subprocess gives the image of the trained LoRA merged
+    into the base model."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     config = tmp_path / "lora.yaml"
     config.write_text(json.dumps({
         "model": tiny_model_node(lora={"rank": 4, "targets": ["attn", "ff", "text"]}, learning_rate=1e-2),
         "data": {"target": "ldm.data.datamodule.ShapesDataModule",
-                 "params": {"num_train": 8, "num_val": 0, "size": 32, "batch_size": 4, "num_workers": 0}},
+                 "params": {"num_train": 4, "focus": "star", "num_focus": 4, "num_val": 0, "size": 32,
+                            "batch_size": 4, "num_workers": 0}},
         "lightning": {"trainer": {"max_steps": 2, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False},
                       "logger": "csv", "callbacks": {"image_logger": False}},
     }))
@@ -205,7 +207,7 @@ def test_lora_trained_by_train_py_loads_in_sample_py(tmp_path, base_file):
     _, meta = read_state_dict(base_file)
     merged_file = save_checkpoint(merged.state_dict(), tmp_path / "merged.safetensors",
                                   config=json.loads(meta["config"]))
-    args = ["--prompt", "a red circle", "--steps", "2", "--seed", "1", "--H", "32", "--W", "32", "--n_samples", "1"]
+    args = ["--prompt", "a red star", "--steps", "2", "--seed", "1", "--H", "32", "--W", "32", "--n_samples", "1"]
     images = {}
     for name, extra in (("lora", ["--ckpt", str(base_file), "--lora", str(lora)]),
                         ("merged", ["--ckpt", str(merged_file)])):

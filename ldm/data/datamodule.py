@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from ldm.config import ConfigError
 
@@ -404,12 +404,16 @@ class ShapesDataModule(MapDataModule):
     the training pictures are drawn from, uniformly (a kind listed twice is drawn twice as often; default: each
     of ``ldm.data.shapes.KINDS`` once); validation keeps the defaults. ``micro_conditioning``: samples carry
     SDXL's size and crop entries too. ``paraphrase``: the share of training captions worded other ways
-    (``ldm.data.paraphrase``; default 0).
+    (``ldm.data.paraphrase``; default 0). An opt-in shape (``ldm.data.shapes.EXTRA_SHAPES``): ``shapes`` draws the
+    ``num_train`` scenes from these shapes, and ``focus`` with ``num_focus`` adds that many scenes that all show
+    the ``focus`` shape to them (e.g. 500 pictures of stars among 1000 of the default world, for a LoRA), their
+    objects of ``focus_sizes`` (default: both sizes).
     """
 
     def __init__(self, num_train: int = 1000, num_val: int = 64, size: int = 64, batch_size: int = 16,
                  num_workers: int = 0, seed: int = 0, color_drop: float = 0.15, kinds: Sequence[str] | None = None,
-                 micro_conditioning: bool = False, paraphrase: float = 0.0):
+                 micro_conditioning: bool = False, paraphrase: float = 0.0, shapes: Sequence[str] | None = None,
+                 focus: str | None = None, num_focus: int = 0, focus_sizes: Sequence[str] | None = None):
         super().__init__()
         check_loader_args(batch_size, num_workers)
         if not 0.0 <= paraphrase <= 1.0:
@@ -424,6 +428,19 @@ class ShapesDataModule(MapDataModule):
         unknown = [k for k in (kinds or ()) if k not in KINDS]
         if unknown:
             raise ValueError(f"data.params.kinds has unknown scene kind {unknown[0]!r}; use any of {', '.join(KINDS)}")
+        from ldm.data.shapes import ShapesDataset
+
+        if (focus is None) != (not num_focus) or num_focus < 0:
+            raise ValueError(f"data.params.focus={focus!r} and num_focus={num_focus!r} go together: name a shape "
+                             "and how many pictures of it (e.g. focus: star, num_focus: 500), or neither")
+        if shapes or focus is not None or focus_sizes:
+            try:  # the shapes and the focus shape checked as the data sets will take them
+                ShapesDataset(1, shapes=shapes or None, focus=focus, sizes=focus_sizes)
+            except ValueError as e:
+                raise ValueError(f"data.params: {e}") from None
+        self.shapes = list(shapes) if shapes else None
+        self.focus, self.num_focus = focus, int(num_focus)
+        self.focus_sizes = list(focus_sizes) if focus_sizes else None
         self.color_drop = float(color_drop)
         self.micro_conditioning = bool(micro_conditioning)
         self.kinds = list(kinds) if kinds else None
@@ -438,8 +455,14 @@ class ShapesDataModule(MapDataModule):
         if self.train_set is None:
             micro = {"micro_conditioning": True} if self.micro_conditioning else {}
             words = {"paraphrase": self.paraphrase} if self.paraphrase else {}
+            shapes = {"shapes": self.shapes} if self.shapes else {}
             self.train_set = ShapesDataset(self.num_train, size=self.size, seed=self.seed, kinds=self.kinds,
-                                           color_drop=self.color_drop, **micro, **words)
+                                           color_drop=self.color_drop, **shapes, **micro, **words)
+            if self.focus is not None:
+                focused = ShapesDataset(self.num_focus, size=self.size, seed=self.seed, kinds=self.kinds,
+                                        color_drop=self.color_drop, shapes=self.shapes, focus=self.focus,
+                                        sizes=self.focus_sizes, **micro, **words)
+                self.train_set = ConcatDataset([self.train_set, focused])
             self.val_set = (ShapesDataset(self.num_val, size=self.size, seed=self.seed + 1, **micro)
                             if self.num_val else None)
 

@@ -24,6 +24,11 @@ streams named ``eval/...``: ``f"eval/{seed}/{index}"`` (``split="eval"``: recons
 world is small, so a held-out prompt's *text* can equal a training caption: the split holds out scenes and
 seeds, not word combinations.
 
+Opt-in shapes (:data:`EXTRA_SHAPES`): a five-point star is part of the world only where asked for, so the
+default world, its captions and its random streams stay as they are. ``ShapesDataset(..., shapes=SHAPES +
+("star",))`` draws it among the others; ``focus="star"`` makes every scene show one (the pictures a LoRA of the
+new shape learns from), drawn from their own stream ``random.Random(f"{split}/{seed}/{focus}/{index}")``.
+
 Run ``python -m ldm.data.shapes --out DIR --num N --shard-size K`` to write webdataset shards.
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ import argparse
 import io
 import json
 import logging
+import math
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -44,7 +50,7 @@ from torch.utils.data import Dataset
 
 __all__ = [
     "COLORS", "SHAPES", "SIZES", "RELATIONS", "NEXT_TO", "INVERSE_RELATION", "COLOR_DROP", "SIZE_DROP", "KINDS",
-    "COUNT_WORDS", "BACKGROUND", "SIZE_RADIUS",
+    "COUNT_WORDS", "BACKGROUND", "SIZE_RADIUS", "EXTRA_SHAPES", "ALL_SHAPES", "STAR_INNER", "check_shapes",
     "ShapeObject", "Scene", "sample_scene", "render", "caption", "caption_spec",
     "scene_to_prompt_spec", "spec_to_scene", "spec_kind", "validate_spec", "relation_holds", "scene_rng",
     "image_to_tensor", "ShapesDataset", "write_shards", "main",
@@ -65,6 +71,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle")
+# Opt-in shapes (not in the default world; see the module docstring). A five-point star, its inner vertices at
+# STAR_INNER of the outer radius: concave (solidity ~0.47), so the analyzer tells it from the convex shapes.
+EXTRA_SHAPES = ("star",)
+ALL_SHAPES = SHAPES + EXTRA_SHAPES
+STAR_INNER = 0.4
 SIZES = ("small", "large")
 SIZE_RADIUS = {"small": 0.10, "large": 0.17}  # half-extent, fraction of the image side
 RELATIONS = ("left of", "right of", "above", "below")
@@ -188,7 +199,38 @@ def _scene_from_groups(kind: str, groups: list[tuple[str, str, str, int]], rng: 
     return Scene(kind=kind, objects=objects, relation=relation)
 
 
-def sample_scene(rng: random.Random, kind: str | None = None) -> Scene:
+def check_shapes(shapes: Sequence[str], focus: str | None = None) -> tuple[str, ...]:
+    """``shapes`` as a tuple of at least two distinct known shapes (``ALL_SHAPES``) that holds ``focus``;
+    a one-line ValueError otherwise."""
+    shapes = tuple(shapes)
+    bad = [s for s in shapes if s not in ALL_SHAPES]
+    if bad:
+        raise ValueError(f"unknown shape {bad[0]!r} in shapes; use any of {', '.join(ALL_SHAPES)}")
+    if len(set(shapes)) != len(shapes) or len(shapes) < 2:
+        raise ValueError(f"shapes={list(shapes)} must be at least two distinct shapes")
+    if focus is not None and focus not in shapes:
+        raise ValueError(f"focus shape {focus!r} is not among shapes {list(shapes)}; add it, e.g. "
+                         f"shapes={list(SHAPES) + [focus]}")
+    return shapes
+
+
+def _check_sizes(sizes: Sequence[str]) -> tuple[str, ...]:
+    sizes = tuple(sizes)
+    if not sizes or any(z not in SIZES for z in sizes):
+        raise ValueError(f"sizes={list(sizes)} must be a non-empty list of {', '.join(SIZES)}")
+    return sizes
+
+
+def _two_with(rng: random.Random, pool: Sequence[str], focus: str | None) -> tuple[str, str]:
+    """Two distinct shapes of ``pool``; with ``focus``, one of them is ``focus`` (first or second at random)."""
+    if focus is None:
+        return _two_distinct(rng, pool)
+    other = rng.choice([s for s in pool if s != focus])
+    return (focus, other) if rng.random() < 0.5 else (other, focus)
+
+
+def sample_scene(rng: random.Random, kind: str | None = None, shapes: Sequence[str] = SHAPES,
+                 focus: str | None = None, sizes: Sequence[str] = SIZES) -> Scene:
     """A random scene of ``kind`` (one of KINDS; ``None`` picks one uniformly):
 
     - ``single``: one object;
@@ -196,20 +238,29 @@ def sample_scene(rng: random.Random, kind: str | None = None) -> Scene:
       object of a different shape;
     - ``counting``: 1..4 identical objects;
     - ``color_attribution``: two objects of different shapes and different colors.
+
+    ``shapes``: the shapes to draw from (default: the default world's, with its exact random draws);
+    ``focus``: a shape of ``shapes`` that every scene shows (the single/counting shape, one of the two others);
+    ``sizes``: the sizes to draw from (a large group that does not fit is still made small).
     """
     if kind is None:
         kind = rng.choice(KINDS)
-    colors, pick_size = list(COLORS), lambda: rng.choice(SIZES)
+    if shapes is not SHAPES or focus is not None:
+        shapes = check_shapes(shapes, focus)
+    if sizes is not SIZES:
+        sizes = _check_sizes(sizes)
+    colors, pick_size = list(COLORS), lambda: rng.choice(sizes)
+    pick_shape = (lambda: focus) if focus is not None else (lambda: rng.choice(shapes))
     if kind == "single":
-        return _scene_from_groups(kind, [(rng.choice(SHAPES), rng.choice(colors), pick_size(), 1)], rng)
+        return _scene_from_groups(kind, [(pick_shape(), rng.choice(colors), pick_size(), 1)], rng)
     if kind == "counting":
         n = rng.randint(1, MAX_COUNT)
-        return _scene_from_groups(kind, [(rng.choice(SHAPES), rng.choice(colors), pick_size(), n)], rng)
+        return _scene_from_groups(kind, [(pick_shape(), rng.choice(colors), pick_size(), n)], rng)
     if kind == "color_attribution":
-        (sa, sb), (ca, cb) = _two_distinct(rng, SHAPES), _two_distinct(rng, colors)
+        (sa, sb), (ca, cb) = _two_with(rng, shapes, focus), _two_distinct(rng, colors)
         return _scene_from_groups(kind, [(sa, ca, pick_size(), 1), (sb, cb, pick_size(), 1)], rng)
     if kind == "relation":
-        (sa, sb), relation = _two_distinct(rng, SHAPES), rng.choice(RELATIONS)
+        (sa, sb), relation = _two_with(rng, shapes, focus), rng.choice(RELATIONS)
         n = 2 if rng.random() < 0.25 else 1
         groups = [(sa, rng.choice(colors), pick_size(), n), (sb, rng.choice(colors), pick_size(), 1)]
         return _scene_from_groups(kind, groups, rng, relation)
@@ -253,8 +304,8 @@ def validate_spec(spec: dict[str, Any]) -> None:
     if not isinstance(objects, list) or not 1 <= len(objects) <= 2:
         raise ValueError("spec['objects'] must be a list of 1 or 2 groups")
     for i, g in enumerate(objects):
-        if g.get("shape") not in SHAPES:
-            raise ValueError(f"spec['objects'][{i}]['shape'] = {g.get('shape')!r}; use one of {', '.join(SHAPES)}")
+        if g.get("shape") not in ALL_SHAPES:
+            raise ValueError(f"spec['objects'][{i}]['shape'] = {g.get('shape')!r}; use one of {', '.join(ALL_SHAPES)}")
         if g.get("color") is not None and g["color"] not in COLORS:
             raise ValueError(f"spec['objects'][{i}]['color'] = {g['color']!r}; use one of {', '.join(COLORS)} or None")
         if g.get("size") is not None and g["size"] not in SIZES:
@@ -364,6 +415,12 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":
         return [(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
+    if shape == "star":  # five points, one up; outer radius so that it is 2r wide, its box centered on (cx, cy)
+        outer = r / math.sin(math.radians(72))
+        pts = [(math.sin(math.radians(36 * k)) * (outer if k % 2 == 0 else STAR_INNER * outer),
+                -math.cos(math.radians(36 * k)) * (outer if k % 2 == 0 else STAR_INNER * outer)) for k in range(10)]
+        dy = (min(y for _, y in pts) + max(y for _, y in pts)) / 2
+        return [(cx + x, cy + y - dy) for x, y in pts]
     return None
 
 
@@ -376,8 +433,8 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
     img = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
-        if obj.shape not in SHAPES or obj.color not in COLORS:
-            raise ValueError(f"cannot draw {obj.color} {obj.shape}; shapes: {SHAPES}, colors: {tuple(COLORS)}")
+        if obj.shape not in ALL_SHAPES or obj.color not in COLORS:
+            raise ValueError(f"cannot draw {obj.color} {obj.shape}; shapes: {ALL_SHAPES}, colors: {tuple(COLORS)}")
         cx, cy, r = obj.center[0] * big, obj.center[1] * big, obj.radius * big
         fill = COLORS[obj.color]
         poly = _polygon(obj.shape, cx, cy, r)
@@ -402,11 +459,14 @@ class ShapesDataset(Dataset):
     also SDXL's ``original_size_as_tuple`` = ``target_size_as_tuple`` = (size, size), ``crop_coords_top_left``
     = (0, 0)). No random flips here: a flip
     would contradict left/right captions. ``split="eval"`` reads the held-out seed stream.
+    ``shapes`` (default ``SHAPES``), ``focus`` (a shape every scene shows, drawn from its own stream) and
+    ``sizes`` (default ``SIZES``): see :func:`sample_scene` and the module docstring.
     """
 
     def __init__(self, num_samples: int, size: int = 64, seed: int = 0, kinds: Sequence[str] | None = None,
                  split: str = "train", color_drop: float = COLOR_DROP, micro_conditioning: bool = False,
-                 paraphrase: float = 0.0):
+                 paraphrase: float = 0.0, shapes: Sequence[str] | None = None, focus: str | None = None,
+                 sizes: Sequence[str] | None = None):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not isinstance(size, int) or size < 32:
@@ -424,6 +484,10 @@ class ShapesDataset(Dataset):
         self.num_samples, self.size, self.seed, self.kinds, self.split = num_samples, size, seed, kinds, split
         self.color_drop = float(color_drop)
         self.micro_conditioning = bool(micro_conditioning)
+        self.shapes = SHAPES if shapes is None and focus is None else check_shapes(
+            shapes if shapes is not None else SHAPES + ((focus,) if focus not in SHAPES else ()), focus)
+        self.focus = focus
+        self.sizes = SIZES if sizes is None else _check_sizes(sizes)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -432,8 +496,11 @@ class ShapesDataset(Dataset):
         """The scene and caption of item ``index``."""
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for ShapesDataset of {self.num_samples} samples")
-        rng = scene_rng(self.seed, index, self.split)
-        scene = sample_scene(rng, rng.choice(self.kinds))
+        if self.focus is None:
+            rng = scene_rng(self.seed, index, self.split)
+        else:  # a stream of its own: the focus pictures share no draw with the default world's
+            rng = random.Random(f"{self.split}/{int(self.seed)}/{self.focus}/{int(index)}")
+        scene = sample_scene(rng, rng.choice(self.kinds), self.shapes, self.focus, self.sizes)
         return scene, caption(scene, rng, color_drop=self.color_drop, paraphrase=self.paraphrase)
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -14,6 +14,10 @@
    1.0, circle 0.14, triangle 0.375) and the ratio of the top half's pixels to the bottom half's (1/3 for
    an upward triangle, 1 for the others) — and
    takes the shape whose ideal features are nearest, or ``None`` if none is near enough.
+   Opt-in shapes (``analyze(..., shapes=SHAPES + ("star",))``, see ``ldm.data.shapes.EXTRA_SHAPES``): a blob
+   is a star when it is concave: its solidity (pixels / area of their convex hull; star ~0.5, the convex
+   shapes ~1) is below ``_STAR_MAX_SOLIDITY`` and its corner patches are nearly empty. By default the analyzer
+   knows only the default world's shapes and its verdicts are those it always gave.
 4. Its size is "small" or "large" by the bounding box's half-extent (see ``ldm.data.shapes.SIZE_RADIUS``).
 
 Centers are fractions of the image side (x to the right, y downwards), like scene coordinates.
@@ -31,9 +35,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.data.shapes import BACKGROUND, COLORS, SIZE_RADIUS
+from ldm.data.shapes import BACKGROUND, COLORS, SHAPES, SIZE_RADIUS, check_shapes
 
-__all__ = ["Detection", "analyze", "to_rgb_array", "shape_features", "classify_shape"]
+__all__ = ["Detection", "analyze", "to_rgb_array", "shape_features", "classify_shape", "solidity"]
 
 ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
 
@@ -47,6 +51,8 @@ _MAX_FEATURE_DISTANCE = 0.4  # beyond this from every prototype the blob is no k
 _MAX_ASPECT = 1.6             # our shapes have square bounding boxes; allow some slack for generated images
 _SIZE_THRESHOLD = math.sqrt(SIZE_RADIUS["small"] * SIZE_RADIUS["large"])
 _MIN_MAJORITY = 0.6           # share of a component's pixels its color must hold for it to be one object
+_STAR_MAX_SOLIDITY = 0.75     # star ~0.47 (inner radius 0.4), circle / square / triangle ~1: the midpoint
+_STAR_MAX_CORNER_FILL = 0.3   # a star's box corners are nearly empty (0-0.19 rendered; triangle 0.375, square 1)
 
 
 @dataclass(frozen=True)
@@ -112,26 +118,61 @@ def shape_features(blob: np.ndarray) -> tuple[float, float, float]:
     return fill, corner_fill, min(ratio, 1.5)
 
 
-def classify_shape(blob: np.ndarray) -> str | None:
-    """Nearest shape prototype of a boolean blob cropped to its bbox, or None when nothing is near."""
+def solidity(blob: np.ndarray) -> float:
+    """Pixels of a boolean blob over the area of the convex hull of its pixel squares (1 for a convex shape)."""
+    ys, xs = np.nonzero(blob)
+    if not len(ys):
+        return 0.0
+    points = set()
+    for y in np.unique(ys):  # a row's leftmost and rightmost pixel squares hold all its hull corners
+        row = xs[ys == y]
+        for x in (row.min(), row.max() + 1):
+            points.update({(int(x), int(y)), (int(x), int(y) + 1)})
+    pts = sorted(points)
+
+    def half(seq):  # Andrew's monotone chain
+        out = []
+        for p in seq:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out[:-1]
+
+    hull = half(pts) + half(pts[::-1])
+    area = 0.5 * abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(hull, hull[1:] + hull[:1])))
+    return float(len(ys) / area) if area else 1.0
+
+
+def classify_shape(blob: np.ndarray, shapes: tuple[str, ...] = SHAPES) -> str | None:
+    """Nearest shape prototype of a boolean blob cropped to its bbox, or None when nothing is near. A
+    ``"star"`` among ``shapes`` is recognised by its concavity first (see the module docstring)."""
     h, w = blob.shape
     if max(h, w) / min(h, w) > _MAX_ASPECT:
         return None
     feats = shape_features(blob)
+    if "star" in shapes and feats[1] < _STAR_MAX_CORNER_FILL and solidity(blob) < _STAR_MAX_SOLIDITY:
+        return "star"
     best, best_dist = None, _MAX_FEATURE_DISTANCE
     for name, proto in _PROTOTYPES.items():
+        if name not in shapes:
+            continue
         dist = math.dist(feats, proto)
         if dist < best_dist:
             best, best_dist = name, dist
     return best
 
 
-def analyze(image: ImageLike, threshold: float = 60.0, min_area: float = 0.003) -> list[Detection]:
+def analyze(image: ImageLike, threshold: float = 60.0, min_area: float = 0.003,
+            shapes: tuple[str, ...] = SHAPES) -> list[Detection]:
     """Detected objects of a shapes-world picture, largest first.
 
     ``threshold``: RGB distance within which a pixel counts as a palette color; ``min_area``: smallest
-    component kept, as a fraction of the image (0.003 is 12 pixels at 64x64; a small shape covers > 80).
+    component kept, as a fraction of the image (0.003 is 12 pixels at 64x64; a small shape covers > 80);
+    ``shapes``: the shapes it can name (default: the default world's; add ``"star"`` to find stars too).
     """
+    if shapes is not SHAPES:
+        shapes = check_shapes(shapes)
     rgb = to_rgb_array(image).astype(np.float32)
     h, w, _ = rgb.shape
     names = list(COLORS)
@@ -147,7 +188,7 @@ def analyze(image: ImageLike, threshold: float = 60.0, min_area: float = 0.003) 
         blob = np.zeros((y1 - y0 + 1, x1 - x0 + 1), dtype=bool)
         blob[ys - y0, xs - x0] = True
         half_extent = max(blob.shape[0] / h, blob.shape[1] / w) / 2
-        return Detection(shape=classify_shape(blob), color=color,
+        return Detection(shape=classify_shape(blob, shapes), color=color,
                          size="large" if half_extent > _SIZE_THRESHOLD else "small",
                          center=(float((xs.mean() + 0.5) / w), float((ys.mean() + 0.5) / h)),
                          area=len(ys) / (h * w), bbox=(x0, y0, x1, y1), fill=float(blob.mean()))

@@ -10,6 +10,8 @@
     python -m ldm.eval clip-score --images outputs/txt2img-samples/samples --clip-arch ViT-B-32 \
         --clip-weights open_clip_vit_b_32.safetensors
 
+    python -m ldm.eval geneval --ckpt model.safetensors --lora star.safetensors[:W] [--focus-shape star]
+
 ``geneval`` generates ``--images-per-prompt`` pictures for ``--n`` held-out prompts per category and prints
 the markdown table of :func:`ldm.eval.geneval.format_report` (and writes it, plus a ``.json`` with every
 record next to it, with ``--out``); ``--prompts-file`` scores the prompts of a JSON-lines file instead
@@ -21,6 +23,10 @@ KID between two folders of images (torchmetrics, torch-fidelity's InceptionV3 fr
 ``clip-score``: the CLIP score of each image against its prompt, read from the PNG's ``parameters`` chunk (what
 sample.py writes) or from ``--prompts`` (one line per image, in file-name order). ``recon --lpips-weights`` adds LPIPS.
 Weights always come from files you name: nothing is downloaded.
+
+``geneval --lora FILE[:WEIGHT]`` merges LoRAs into the model first (the pipeline's ``load_lora``);
+``--focus-shape star`` makes every prompt name that opt-in shape (``ldm.data.shapes.EXTRA_SHAPES``), lets the
+analyzer find it and reports the share of images that show it.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ldm.data.shapes import ShapesDataset, positive_int
+from ldm.data.shapes import EXTRA_SHAPES, SHAPES, ShapesDataset, positive_int
 from ldm.diffusion.guidance import check_guidance_rescale, check_guidance_scale
 from ldm.diffusion.samplers import get_sampler
 from ldm.eval.geneval import (evaluate, format_report, make_eval_prompts, make_paraphrased_prompts,
@@ -70,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='JSON lines {"category", "prompt", "spec"} to score instead of held-out prompts (--n unused)')
     which.add_argument("--paraphrase", action="store_true",
                        help="the held-out prompts worded other ways (ldm.data.paraphrase; own seed stream)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge this LoRA into the model before sampling (repeatable; as sample.py --lora)")
+    g.add_argument("--focus-shape", default=None, choices=EXTRA_SHAPES,
+                   help="prompts that all name this opt-in shape; the analyzer finds it too")
     r = sub.add_parser("recon", help="autoencoder reconstruction PSNR / SSIM on held-out shapes pictures")
     _add_common(r)
     r.add_argument("--num", type=positive_int, default=64, help="number of pictures")
@@ -118,12 +128,18 @@ def _geneval_prompts(args: argparse.Namespace) -> list:
         return _one_line(lambda: read_prompts_file(args.prompts_file))
     if getattr(args, "paraphrase", False):
         return make_paraphrased_prompts(args.n, args.seed)
-    return make_eval_prompts(args.n, args.seed)
+    return make_eval_prompts(args.n, args.seed, focus=getattr(args, "focus_shape", None))
 
 
 def run_geneval(args: argparse.Namespace) -> dict[str, Any]:
     prompts = _geneval_prompts(args)  # a bad prompts file fails before the model loads
     pipe = _load_pipeline(args)
+    if args.lora:
+        from ldm.cli.sample import parse_lora_arg
+
+        for value in args.lora:
+            path, weight = parse_lora_arg(value)
+            _one_line(lambda: pipe.load_lora(path, weight))
     options = {"height": args.size, "width": args.size}
     for name in ("steps", "sampler", "guidance_scale", "guidance_rescale"):
         if getattr(args, name) is not None:
@@ -132,7 +148,9 @@ def run_geneval(args: argparse.Namespace) -> dict[str, Any]:
     def generate(prompts: list[str], seeds: list[int]) -> list:
         return pipe(prompts, seeds=seeds, **options).images
 
-    report = evaluate(generate, prompts, args.images_per_prompt, seed=args.seed)
+    focus = args.focus_shape
+    shapes = SHAPES + (focus,) if focus else SHAPES
+    report = evaluate(generate, prompts, args.images_per_prompt, seed=args.seed, shapes=shapes, focus=focus)
     table = format_report(report)
     log.info("GenEval-style report for %s\n%s", args.ckpt, table)
     if args.out:
@@ -301,6 +319,13 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if args.command == "geneval":
         if args.prompts_file is not None and not os.path.isfile(args.prompts_file):
             parser.error(f"--prompts-file {args.prompts_file}: no such file; give a JSON-lines prompt file")
+        from ldm.cli.sample import parse_lora_arg
+
+        for value in args.lora:
+            if not parse_lora_arg(value)[0].is_file():
+                parser.error(f"--lora {value}: no such file; give a LoRA .safetensors file (FILE or FILE:WEIGHT)")
+        if args.focus_shape and args.paraphrase:
+            parser.error("--focus-shape makes its own prompts: use it without --paraphrase")
         if args.sampler is not None:
             try:
                 get_sampler(args.sampler)

@@ -24,6 +24,11 @@ paraphrases of the held-out specs (:func:`make_paraphrased_prompts`, ``ldm.data.
 Eval prompts use the held-out seed stream ``random.Random(f"eval/{seed}/{category}/{i}")``, never the
 ``train/...`` stream of :class:`ldm.data.shapes.ShapesDataset`.
 The overall score is the mean of the category accuracies (not of all images), like GenEval's.
+
+A new shape (opt-in, see ``ldm.data.shapes.EXTRA_SHAPES``): ``make_eval_prompts(n, seed, focus="star")`` makes
+prompts of every category that all name a star (from their own stream ``eval/{seed}/star/{category}/{i}``),
+and ``evaluate(..., shapes=SHAPES + ("star",), focus="star")`` scores them with an analyzer that knows stars and
+reports ``focus_rate``: the share of images in which a star (of the asked color, where one is asked) is found.
 """
 from __future__ import annotations
 
@@ -34,11 +39,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from PIL import Image
 
-from ldm.data.shapes import COLORS, RELATIONS, SHAPES, caption_spec, relation_holds, validate_spec
+from ldm.data.shapes import COLORS, RELATIONS, SHAPES, caption_spec, check_shapes, relation_holds, validate_spec
 from ldm.eval.analyzer import Detection, analyze
 
 __all__ = ["CATEGORIES", "POSITION_MARGIN", "FAILURE_CAUSES", "EvalPrompt", "make_eval_prompts", "make_spec",
-           "make_paraphrased_prompts", "read_prompts_file", "score", "failure_cause", "evaluate", "format_report"]
+           "make_paraphrased_prompts", "read_prompts_file", "score", "failure_cause", "focus_found", "evaluate",
+           "format_report"]
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +64,13 @@ def _group(shape: str, color: str | None = None, count: int = 1) -> dict[str, An
     return {"shape": shape, "color": color, "size": None, "count": count}
 
 
-def make_spec(category: str, rng: random.Random, index: int = 0) -> dict[str, Any]:
-    """A random spec of ``category``; ``index`` cycles counts (1..4) and relations so they stay balanced."""
-    shape_a, shape_b = rng.sample(SHAPES, 2)
+def make_spec(category: str, rng: random.Random, index: int = 0, focus: str | None = None) -> dict[str, Any]:
+    """A random spec of ``category``; ``index`` cycles counts (1..4) and relations so they stay balanced.
+    ``focus``: a shape every spec names (the first object; in position specs the subject or the reference)."""
+    if focus is None:
+        shape_a, shape_b = rng.sample(SHAPES, 2)
+    else:
+        shape_a, shape_b = focus, rng.choice([s for s in SHAPES if s != focus])
     color_a, color_b = rng.sample(list(COLORS), 2)
     if category == "single_object":
         objects, relation = [_group(shape_a)], None
@@ -73,6 +83,8 @@ def make_spec(category: str, rng: random.Random, index: int = 0) -> dict[str, An
     elif category == "position":
         objects = [_group(shape_a), _group(shape_b)]
         relation = {"type": RELATIONS[index % len(RELATIONS)], "subject": 0, "reference": 1}
+        if focus is not None and index // len(RELATIONS) % 2:  # the new shape as the reference half the time
+            objects.reverse()
     elif category == "color_attribution":
         objects, relation = [_group(shape_a, color_a), _group(shape_b, color_b)], None
     else:
@@ -80,15 +92,19 @@ def make_spec(category: str, rng: random.Random, index: int = 0) -> dict[str, An
     return {"category": category, "objects": objects, "relation": relation}
 
 
-def make_eval_prompts(n_per_category: int, seed: int = 0) -> list[EvalPrompt]:
-    """``n_per_category`` prompts of each category from the held-out stream, as (category, prompt, spec)."""
+def make_eval_prompts(n_per_category: int, seed: int = 0, focus: str | None = None) -> list[EvalPrompt]:
+    """``n_per_category`` prompts of each category from the held-out stream, as (category, prompt, spec);
+    with ``focus`` (an opt-in shape such as ``"star"``), prompts that all name it, from a stream of their own."""
     if not isinstance(n_per_category, int) or n_per_category < 1:
         raise ValueError(f"n_per_category must be a positive int, got {n_per_category!r}")
+    if focus is not None:
+        check_shapes(SHAPES + (focus,) if focus not in SHAPES else SHAPES, focus)
     prompts = []
     for category in CATEGORIES:
         for i in range(n_per_category):
-            rng = random.Random(f"eval/{seed}/{category}/{i}")
-            spec = make_spec(category, rng, i)
+            stream = f"eval/{seed}/{category}/{i}" if focus is None else f"eval/{seed}/{focus}/{category}/{i}"
+            rng = random.Random(stream)
+            spec = make_spec(category, rng, i, focus)
             prompts.append(EvalPrompt(category, caption_spec(spec, rng), spec))
     return prompts
 
@@ -205,8 +221,14 @@ def _describe(detections: Sequence[Detection]) -> list[str]:
     return [f"{d.color} {d.shape or '?'} {d.size} ({d.center[0]:.2f}, {d.center[1]:.2f})" for d in detections]
 
 
+def focus_found(spec: dict[str, Any], focus: str, detections: Sequence[Detection]) -> bool:
+    """Some ``focus`` shape is found, of the color the spec asks for it (if it asks one)."""
+    colors = {g.get("color") for g in spec["objects"] if g["shape"] == focus}
+    return any(d.shape == focus and (None in colors or d.color in colors) for d in detections)
+
+
 def evaluate(generate_fn: GenerateFn, prompts: Sequence[EvalPrompt], images_per_prompt: int = 4,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, shapes: Sequence[str] = SHAPES, focus: str | None = None) -> dict[str, Any]:
     """Generate ``images_per_prompt`` images per prompt and score them.
 
     ``generate_fn(prompts: list[str], seeds: list[int]) -> list[PIL.Image]`` is called once per prompt;
@@ -214,7 +236,12 @@ def evaluate(generate_fn: GenerateFn, prompts: Sequence[EvalPrompt], images_per_
     ``categories`` ({name: {accuracy, correct, total, causes}}; ``causes`` counts the failed images by
     :func:`failure_cause`), ``overall`` (mean of category accuracies), ``num_images``, ``num_prompts``,
     ``images_per_prompt`` and per-image ``records`` (with the ``cause`` and what the analyzer ``found``).
+    ``shapes``: the shapes the analyzer can name; ``focus``: a shape every prompt names (see the module
+    docstring), whose share of images that show it is ``focus_rate`` (and ``focus_found`` per record).
     """
+    shapes = tuple(shapes)
+    if shapes != SHAPES or focus is not None:
+        shapes = check_shapes(shapes, focus)
     if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be a positive int, got {images_per_prompt!r}")
     if not prompts:
@@ -227,12 +254,20 @@ def evaluate(generate_fn: GenerateFn, prompts: Sequence[EvalPrompt], images_per_
             raise ValueError(f"generate_fn returned {len(images)} images for {images_per_prompt} seeds; "
                              "it must return one image per seed")
         for s, image in zip(seeds, images):
-            detections = analyze(image)
+            detections = analyze(image, shapes=shapes) if shapes != SHAPES else analyze(image)
             cause = failure_cause(spec, detections)
             records.append({"category": category, "prompt": prompt, "seed": s, "correct": cause is None,
                             "cause": cause, "found": _describe(detections)})
+            if focus is not None:
+                records[-1]["focus_found"] = focus_found(spec, focus, detections)
         log.info("[%d/%d] %s: %r", p + 1, len(prompts), category, prompt)
-    return _summarize(records, len(prompts), images_per_prompt)
+    report = _summarize(records, len(prompts), images_per_prompt)
+    if focus is not None:
+        report["focus"] = focus
+        report["focus_rate"] = sum(r["focus_found"] for r in records) / len(records)
+        for name, c in report["categories"].items():
+            c["focus_rate"] = sum(r["focus_found"] for r in records if r["category"] == name) / c["total"]
+    return report
 
 
 def _summarize(records: list[dict], num_prompts: int, images_per_prompt: int) -> dict[str, Any]:
@@ -255,6 +290,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {100 * c['accuracy']:.1f}% | {c['correct']} / {c['total']} |")
     lines.append(f"| **overall** (mean of categories) | **{100 * report['overall']:.1f}%** "
                  f"| {report['num_images']} images |")
+    if "focus_rate" in report:
+        found = sum(r["focus_found"] for r in report["records"])
+        lines += ["", f"Images that show a {report['focus']} (of the asked color, where one is asked): "
+                      f"**{100 * report['focus_rate']:.1f}%** ({found} / {report['num_images']}); by category: "
+                  + ", ".join(f"{n} {100 * c['focus_rate']:.1f}%" for n, c in report["categories"].items())]
     lines += ["", "Failed images by cause (see ``failure_cause``):", "",
               "| category | " + " | ".join(FAILURE_CAUSES) + " |", "|---|" + "---:|" * len(FAILURE_CAUSES)]
     for name, c in report["categories"].items():
