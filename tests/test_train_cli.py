@@ -142,6 +142,21 @@ def test_resume_refuse_and_export_only(tmp_path, caplog):
     assert main(["--resume", str(tmp_path / "nothing"), "--export-only"]) == 2
 
 
+def test_export_only_keeps_the_runs_export_settings(tmp_path):
+    """--export-only writes what the end of training wrote: the export callback's fp16 (and name) from the run's
+    config, not the function's defaults."""
+    base = tiny_run_config(tmp_path)
+    assert main(["--base", str(base), "--logdir", str(tmp_path / "logs"), "--name", "h", "--max_steps", "1",
+                 "lightning.callbacks.export.fp16=true", "lightning.callbacks.export.name=half"] + FAST) == 0
+    run = tmp_path / "logs" / "h"
+    export = run / "half.safetensors"
+    at_end = {k: v.dtype for k, v in read_state_dict(export)[0].items()}
+    assert torch.float16 in set(at_end.values())
+    export.unlink()
+    assert main(["--resume", str(run), "--export-only"]) == 0
+    assert {k: v.dtype for k, v in read_state_dict(export)[0].items()} == at_end
+
+
 # ---- config errors: one line naming the key, exit status 2, before any work -----------------------------------
 @pytest.mark.parametrize("override,key", [
     ("model.params.foo=1", "model.params.foo"),

@@ -379,7 +379,7 @@ def _run(args: argparse.Namespace) -> int:
     if ckpt is not None:
         ckpt = readable_checkpoint(ckpt)
     if args.export_only:
-        return _export_only(run_dir, ckpt, args)
+        return _export_only(run_dir, ckpt, build_config(args, bases))
     cfg = build_config(args, bases)
     callbacks = callback_nodes(cfg, run_dir, run_dir.name)
     validate(cfg, callbacks)
@@ -454,13 +454,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list, 
         raise ConfigError(f"{where}: not accepted by pytorch_lightning.Trainer: {reason}") from e
 
 
-def _export_only(run_dir: Path, ckpt: Path | None, args: argparse.Namespace) -> int:
+def _export_only(run_dir: Path, ckpt: Path | None, cfg: DictConfig) -> int:
+    """Write the export from a checkpoint with the settings of the run's export callback (name, folder, EMA, fp16),
+    as the end of training would."""
     from ldm.training.callbacks import export_from_checkpoint
 
     if ckpt is None:
         raise CheckpointError("--export-only needs a checkpoint: pass --resume RUN_DIR or --resume FILE.ckpt")
-    out = run_dir / f"{run_dir.name}.safetensors"
-    export_from_checkpoint(ckpt, out)
+    node = callback_nodes(cfg, run_dir, run_dir.name).get("export")
+    params = dict(node["params"]) if node and node["target"] == CALLBACK_TARGETS["export"] else {}
+    out = Path(params.get("dirpath") or run_dir) / f"{params.get('name', run_dir.name)}.safetensors"
+    export_from_checkpoint(ckpt, out, use_ema=params.get("use_ema", True), include_ema=params.get("include_ema", False),
+                           fp16=params.get("fp16", False))
     log.info("exported %s", out)
     return 0
 
