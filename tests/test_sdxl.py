@@ -198,6 +198,25 @@ def test_export_writes_the_sdxl_file_layout_and_loads_back(tmp_path, refiner):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_export_cli_writes_the_released_layout(tmp_path, capsys):
+    """``python -m ldm.cli.export --out``: a loaded SDXL file written back in its own layout (fp32 or fp16)."""
+    from ldm.cli import export
+
+    source = tiny_sdxl_checkpoint(tmp_path / "xl.safetensors")
+    want, _ = read_state_dict(source)
+    assert export.main(["--ckpt", str(source), "--out", str(tmp_path / "out.safetensors")]) == 0
+    got, meta = read_state_dict(tmp_path / "out.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert "config" in meta
+    assert export.main(["--ckpt", str(source), "--out", str(tmp_path / "half.safetensors"), "--fp16"]) == 0
+    half, _ = read_state_dict(tmp_path / "half.safetensors")
+    assert half["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"].dtype == torch.float16
+    assert torch.equal(load_model(None, tmp_path / "half.safetensors").state_dict()["model.diffusion_model.out.2.weight"],
+                       want["model.diffusion_model.out.2.weight"].half().float())
+    assert export.main(["--ckpt", str(source), "--out", str(tmp_path / "out.safetensors")]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
 # ---- sampling: micro-conditioning, empty negative prompts, the refiner -----------------------------------
 
 from ldm.cli import common  # noqa: E402
