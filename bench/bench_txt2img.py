@@ -178,19 +178,21 @@ def prepare(folder: Path, unet_width: int, vae_ch: int) -> None:
     pipe.save_pretrained(folder / "diffusers")
 
 
-def _timed(run, device: torch.device) -> float:
-    """Seconds of ``run(STEPS)`` after a 1-step warm-up, the device's queued work included."""
+def _timed(run, device: torch.device) -> tuple[float, float]:
+    """Seconds of ``run(STEPS)`` after a 1-step warm-up, the device's queued work included, and the CPU seconds
+    of this process meanwhile (with one thread, what other processes on a shared CPU take leaves them nearly
+    unchanged, unlike the wall-clock time)."""
     sync = common.synchronizer(device)
     run(1)
     sync()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run(STEPS)
     sync()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def generate_ours(folder: Path, size: int, precision: str, vae_precision: str, device: torch.device
-                  ) -> tuple[float, float]:
+                  ) -> tuple[tuple[float, float], float]:
     from ldm.pipeline import Text2Image
 
     pipe = Text2Image.from_checkpoint(folder / "ours.safetensors", device=device, precision=precision,
@@ -202,7 +204,7 @@ def generate_ours(folder: Path, size: int, precision: str, vae_precision: str, d
 
 
 def generate_diffusers(folder: Path, size: int, precision: str, vae_precision: str, device: torch.device
-                       ) -> tuple[float, float]:
+                       ) -> tuple[tuple[float, float], float]:
     from diffusers import DiffusionPipeline  # StableDiffusionPipeline or StableDiffusionXLPipeline, by the folder
 
     cuda = device.type == "cuda"
@@ -221,9 +223,9 @@ def generate_diffusers(folder: Path, size: int, precision: str, vae_precision: s
 
 def worker(args) -> None:
     fn = generate_ours if args.worker == "ours" else generate_diffusers
-    seconds, loaded = fn(Path(args.folder), args.sizes[0], args.precisions[0], args.ours_vae_precision,
-                         args.device)
-    print(json.dumps({"seconds": seconds, "rss_after_load_gb": loaded,
+    (seconds, cpu_seconds), loaded = fn(Path(args.folder), args.sizes[0], args.precisions[0],
+                                        args.ours_vae_precision, args.device)
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "rss_after_load_gb": loaded,
                       "peak_rss_gb": common.peak_memory_gb(args.device), "load_average": os.getloadavg()[0]}))
 
 
@@ -279,17 +281,20 @@ def main() -> None:
                     for name in CANDIDATES:
                         results[name].append(run_worker(name, folder, size, precision, args, threads))
                 ours, theirs = (common.median([r["seconds"] for r in results[n]]) for n in CANDIDATES)
+                cpu_ours, cpu_theirs = (common.median([r["cpu_seconds"] for r in results[n]]) for n in CANDIDATES)
                 peak = {n: max(r["peak_rss_gb"] for r in results[n]) for n in CANDIDATES}
                 loaded = {n: max(r["rss_after_load_gb"] for r in results[n]) for n in CANDIDATES}
                 loads = [r["load_average"] for n in CANDIDATES for r in results[n]]
                 rows.append([f"{size}x{size}", precision, ours, theirs, f"{theirs / ours:.2f}x",
                              f"{peak['ours']:.2f} ({loaded['ours']:.2f})",
                              f"{peak['diffusers']:.2f} ({loaded['diffusers']:.2f})",
-                             f"{min(loads):.1f}-{max(loads):.1f}"])
+                             f"{min(loads):.1f}-{max(loads):.1f}",
+                             f"{cpu_ours:.3g} / {cpu_theirs:.3g} = {cpu_theirs / cpu_ours:.2f}x"])
                 logger.info("%s", rows[-1])
     mem = "peak GPU memory" if args.device.type == "cuda" else "peak RSS"
     headers = ["image", "precision", "ours s/image", "diffusers s/image", "speed-up",
-               f"ours {mem} GiB (after load)", f"diffusers {mem} GiB (after load)", "load average (1 min) at ends"]
+               f"ours {mem} GiB (after load)", f"diffusers {mem} GiB (after load)", "load average (1 min) at ends",
+               "CPU s ours / diffusers (speed-up)"]
     width = "SD1.5 size" if (args.unet_width, args.vae_ch) == (320, 128) else \
         f"SD1 architecture, UNet width {args.unet_width}, VAE width {args.vae_ch}"
     if args.arch == "sdxl":
@@ -299,7 +304,9 @@ def main() -> None:
                  "(ours: the same zero negative conditioning), the same original/crop/target size")
     notes = [f"{width}, random weights, one prompt, {STEPS} steps DPM++ 2M (diffusers: DPMSolverMultistep "
              f"dpmsolver++ order 2), CFG {GUIDANCE}, batch 1; each number from a fresh process after a 1-step warm-up",
-             "load average: the machine's 1-minute load average as each worker ended (other sessions share it)",
+             "load average: the machine's 1-minute load average as each worker ended (other sessions share it); "
+             "CPU s: the worker's process CPU time over the timed run (user + system, all its threads), which "
+             "other processes on a shared machine change far less than the wall-clock seconds",
              f"ours decodes the VAE with vae_precision={args.ours_vae_precision!r} ('auto', our default, is the "
              "autocast with bf16); ours stores the UNet's conv/linear weights in bf16 (unet_weights='compute', "
              "from_checkpoint's default: the same numbers as autocast's casts) and uses attention 'auto'; "
