@@ -217,3 +217,29 @@ def test_sdxl_inference_names_a_mismatch():
            for k, v in _layout("sdxl-base.tsv").items()}
     with pytest.raises(CheckpointError, match="neither SDXL base's"):
         infer_config(odd, {}, source="x")
+
+
+# ---- exports write the released layout -------------------------------------------------------------------
+
+@pytest.mark.parametrize("tsv,config", [("sd-v1.tsv", "v1-inference.yaml"), ("sd-v2.tsv", "v2-inference-v.yaml"),
+                                        *SDXL])
+def test_export_writes_every_key_and_shape_of_the_released_files(tsv, config):
+    from ldm.training.latent_diffusion import export_state_dict
+
+    model_sd = _meta_model(config).state_dict()
+    exported = export_state_dict(model_sd)
+    expected = {k: row for k, row in read_layout(tsv).items() if not k.startswith("model_ema.")}
+    assert {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in exported.items()} == expected
+    check_state_dict(model_sd, normalize_state_dict(exported))  # and back, strictly
+
+
+@pytest.mark.parametrize("sd1_text", [True, False])
+def test_tiny_export_is_the_sd_file_layout(tmp_path, sd1_text):
+    from ldm.training.latent_diffusion import export_state_dict
+
+    cfg = _tiny_config(sd1_text)
+    model = _randomize(build_model(cfg))
+    exported, reference = export_state_dict(model.state_dict()), _sd_file_layout(model, sd1_text)
+    assert exported.keys() == reference.keys() and all(torch.equal(exported[k], reference[k]) for k in exported)
+    loaded = load_model(None, save_checkpoint(exported, tmp_path / "m.safetensors", config=cfg))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -180,6 +180,43 @@ def test_sdxl_layout_file_round_trip(tmp_path, refiner, dtype):
     assert torch.equal(loaded.alphas_cumprod, model.alphas_cumprod)
 
 
+@pytest.mark.parametrize("refiner", [False, True])
+def test_export_writes_the_sdxl_file_layout_and_loads_back(tmp_path, refiner):
+    """The training export writes CLIP-L as released files (and A1111, ComfyUI, diffusers) have it:
+    ``conditioner.embedders.0.transformer.text_model.*``; a strict load gives the same model back."""
+    from ldm.io import save_checkpoint
+    from ldm.training.latent_diffusion import export_state_dict
+
+    model = tiny_sdxl_model(refiner=refiner)
+    exported = export_state_dict(model.state_dict())
+    reference, _ = read_state_dict(tiny_sdxl_checkpoint(tmp_path / "ref.safetensors", refiner=refiner))
+    assert exported.keys() == reference.keys() and all(torch.equal(exported[k], reference[k]) for k in exported)
+    if not refiner:
+        assert not any(k.startswith("conditioner.embedders.0.model.") for k in exported)
+    loaded = load_model(None, save_checkpoint(exported, tmp_path / "x.safetensors", config=tiny_sdxl_config(refiner)))
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_cli_writes_the_released_layout(tmp_path, capsys):
+    """``python -m ldm.cli.export --out``: a loaded SDXL file written back in its own layout (fp32 or fp16)."""
+    from ldm.cli import export
+
+    source = tiny_sdxl_checkpoint(tmp_path / "xl.safetensors")
+    want, _ = read_state_dict(source)
+    assert export.main(["--ckpt", str(source), "--out", str(tmp_path / "out.safetensors")]) == 0
+    got, meta = read_state_dict(tmp_path / "out.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert "config" in meta
+    assert export.main(["--ckpt", str(source), "--out", str(tmp_path / "half.safetensors"), "--fp16"]) == 0
+    half, _ = read_state_dict(tmp_path / "half.safetensors")
+    assert half["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"].dtype == torch.float16
+    assert torch.equal(load_model(None, tmp_path / "half.safetensors").state_dict()["model.diffusion_model.out.2.weight"],
+                       want["model.diffusion_model.out.2.weight"].half().float())
+    assert export.main(["--ckpt", str(source), "--out", str(tmp_path / "out.safetensors")]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
 # ---- sampling: micro-conditioning, empty negative prompts, the refiner -----------------------------------
 
 from ldm.cli import common  # noqa: E402
@@ -448,6 +485,8 @@ def test_sdxl_txt2img_config_trains_one_step_and_exports(tmp_path):
     assert main(args) == 0
     run = tmp_path / "logs" / "sdxl_txt2img"
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1
+    sd, _ = read_state_dict(run / "sdxl_txt2img.safetensors")
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in sd  # the released layout
     model = load_model(None, run / "sdxl_txt2img.safetensors")
     assert "conditioner.embedders.1.model.text_projection" in model.state_dict()
     pipe = Text2Image(model, device="cpu")

@@ -191,6 +191,52 @@ def test_unet_bf16_inference_packs_every_conv_once_with_the_same_output():
         assert torch.equal(twin(x, t, ctx), shifted)
 
 
+needs_linear_packing = pytest.mark.skipif(not onednn.linear_packing_available(),
+                                          reason="no oneDNN bf16 linear packing in this build")
+
+
+@needs_linear_packing
+def test_packed_linear_matches_linear_and_repacks_when_needed():
+    layer = onednn.Linear(24, 40).to(torch.bfloat16)
+    packs = onednn.LinearPacks()
+    x = torch.randn(2, 5, 24)
+    with torch.no_grad():
+        plain = F.linear(x.bfloat16(), layer.weight, layer.bias)
+        assert torch.equal(layer(x.bfloat16()), plain) and len(packs) == 0  # no context: nn.Linear's own path
+        with onednn.packed_linears(packs):
+            packed = layer(x)                              # float32 input is cast, as autocast would
+            assert len(packs) == 1 and packed.shape == (2, 5, 40) and packed.dtype == torch.bfloat16
+            torch.testing.assert_close(packed.float(), plain.float(), atol=1e-2, rtol=1e-2)
+            first = packs._packs[id(layer)][1]
+            assert torch.equal(layer(x), packed) and packs._packs[id(layer)][1] is first  # packed once per shape
+            rows = torch.randn(24, 7).t()                  # another row count, strided rows
+            torch.testing.assert_close(layer(rows).float(), F.linear(rows.bfloat16(), layer.weight, layer.bias).float(),
+                                       atol=1e-2, rtol=1e-2)
+            layer.weight.mul_(2)                           # an in-place change makes a new pack
+            torch.testing.assert_close(layer(x).float(), (2 * plain - layer.bias).float(), atol=5e-2, rtol=2e-2)
+            assert len(packs) == 1
+    with onednn.packed_linears(packs):                     # grad enabled: not packed
+        layer.float()
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@needs_linear_packing
+def test_unet_bf16_inference_packs_every_linear_once_with_the_same_output():
+    fast = accelerated()
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3, 700]), torch.randn(2, 5, 16)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in fast.modules())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast.pack_linear_weights = False
+        plain = fast(x, t, ctx)
+        assert len(fast._weight_cache[3]) == 0
+        fast.pack_linear_weights = True
+        packed = fast(x, t, ctx)
+        assert len(fast._weight_cache[3]) == linears
+        again = fast(x, t, ctx)
+    torch.testing.assert_close(packed.float(), plain.float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(again, packed)
+
+
 needs_onednn_linear = pytest.mark.skipif(not onednn.linear_available(), reason="no oneDNN linear op in this build")
 
 

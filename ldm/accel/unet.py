@@ -52,16 +52,19 @@ class UNetModel(unet.UNetModel):
     :meth:`clear_weight_cache`; set ``cache_cast_weights = False`` to never keep one. In that call the
     convolutions also run on weights packed once into oneDNN's layout (:mod:`ldm.accel.onednn`) instead of
     being reordered in every call (``pack_conv_weights = False`` to not keep these packs, which take as much
-    memory as the bf16 conv weights); the packs live and go with the cached copy.
+    memory as the bf16 conv weights), and so do the linear layers (``pack_linear_weights``); the packs live and
+    go with the cached copy.
 
     The cached call re-enters ``forward`` through :func:`torch.func.functional_call` with the cached tensors in
     place of the parameters, so the plain forward runs unchanged on them."""
 
     #: per-instance state this class adds; :func:`ldm.accel.restore` removes it
-    ACCEL_ATTRIBUTES = ("cache_cast_weights", "pack_conv_weights", "_weight_cache", "_in_cached_call")
+    ACCEL_ATTRIBUTES = ("cache_cast_weights", "pack_conv_weights", "pack_linear_weights", "_weight_cache",
+                        "_in_cached_call")
     cache_cast_weights = True
     pack_conv_weights = True
-    _weight_cache: Optional[tuple[tuple, dict[str, torch.Tensor], onednn.ConvPacks]] = None
+    pack_linear_weights = True
+    _weight_cache: Optional[tuple[tuple, dict[str, torch.Tensor], onednn.ConvPacks, onednn.LinearPacks]] = None
     _in_cached_call = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -71,7 +74,8 @@ class UNetModel(unet.UNetModel):
         self._in_cached_call = True
         try:
             weights = self._cast_weights(dtype)
-            with onednn.packed_convolutions(self._weight_cache[2] if self.pack_conv_weights else None):
+            with onednn.packed_convolutions(self._weight_cache[2] if self.pack_conv_weights else None), \
+                    onednn.packed_linears(self._weight_cache[3] if self.pack_linear_weights else None):
                 return torch.func.functional_call(self, weights, (x, *args), kwargs)
         finally:
             self._in_cached_call = False
@@ -101,6 +105,7 @@ class UNetModel(unet.UNetModel):
         key = (dtype, tuple((name, p.data_ptr(), p._version) for name, p in params))
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = None  # drop the stale copy before making the new one
-            self._weight_cache = (key, {name: p.detach().to(dtype) for name, p in params}, onednn.ConvPacks())
+            self._weight_cache = (key, {name: p.detach().to(dtype) for name, p in params}, onednn.ConvPacks(),
+                                  onednn.LinearPacks())
             logger.debug("cached %s copies of %d UNet weights", dtype, len(params))
         return self._weight_cache[1]

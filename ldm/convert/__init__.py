@@ -11,11 +11,11 @@ from ldm.convert.architecture import STORED_TARGET_MODULES, STORED_TARGETS, chec
 from ldm.convert.build import build_model, load_model, load_text_encoder_weights, load_weights
 from ldm.convert.layouts import (EMA_PREFIX, SD1_TEXT_PREFIX, SD2_TEXT_PREFIX, UNET_PREFIX,
                                  convert_hf_clip_text_state_dict, normalize_state_dict, text_encoder_state_dict,
-                                 to_hf_clip_text_state_dict)
+                                 to_hf_clip_text_state_dict, to_sd_file_layout)
 
 __all__ = [
     "EMA_PREFIX", "SD1_TEXT_PREFIX", "SD2_TEXT_PREFIX", "UNET_PREFIX", "STORED_TARGET_MODULES", "STORED_TARGETS",
     "build_model", "check_stored_config", "convert_hf_clip_text_state_dict", "infer_config",
     "load_model", "load_text_encoder_weights", "load_weights", "normalize_state_dict", "text_encoder_state_dict",
-    "to_hf_clip_text_state_dict",
+    "to_hf_clip_text_state_dict", "to_sd_file_layout",
 ]

@@ -7,6 +7,8 @@
   transformers naming (``cond_stage_model.transformer.text_model.*``) <-> the OpenCLIP text tower of
   :class:`ldm.models.text_encoder.OpenCLIPTextEncoder` (``model.*``).
 - :func:`text_encoder_state_dict`: a transformers CLIP text-encoder file onto the encoder's names.
+- :func:`to_sd_file_layout`: the inverse of :func:`normalize_state_dict`, this project's names -> the released files'
+  (what an export writes).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ __all__ = [
     "UNET_PREFIX",
     "EMA_PREFIX",
     "normalize_state_dict",
+    "to_sd_file_layout",
     "convert_hf_clip_text_state_dict",
     "to_hf_clip_text_state_dict",
     "text_encoder_state_dict",
@@ -40,6 +43,8 @@ UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 # SDXL: an embedder holding a transformers CLIP text model (sgm's FrozenCLIPEmbedder, CLIP ViT-L/14)
 SDXL_HF_TEXT_KEY = re.compile(r"(conditioner\.embedders\.\d+\.)transformer\.(.+)")
+# a text tower of this project's (OpenCLIPTextEncoder) inside the full model: SD1/SD2's or an SDXL embedder's
+_TEXT_TOWER_KEY = re.compile(r"(cond_stage_model\.|conditioner\.embedders\.\d+\.)model\.token_embedding\.weight")
 _IGNORED_KEYS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",
                  "cond_stage_model.transformer.embeddings.position_ids")
 
@@ -97,6 +102,29 @@ def normalize_state_dict(sd: Mapping[str, torch.Tensor], *, use_ema: bool = Fals
                                       f"{missing[0]}); load without EMA (--no-ema)")
     elif use_ema and has_ema_module is False:
         log.info("checkpoint has no separate EMA weights; using the weights it has")
+    return out
+
+
+def to_sd_file_layout(sd: Mapping[str, torch.Tensor], *, position_ids: bool = True) -> dict[str, torch.Tensor]:
+    """``LatentDiffusion``'s names -> the layout of the released SD 1.x / 2.x / SDXL files (the inverse of
+    :func:`normalize_state_dict`, which reads the result back unchanged).
+
+    A text tower without ``text_projection`` is OpenAI's CLIP text model, which the released files (and A1111,
+    ComfyUI, diffusers' single-file loader) hold in transformers names: SD1's ``cond_stage_model.model.*`` becomes
+    ``cond_stage_model.transformer.text_model.*``, SDXL base's ``conditioner.embedders.0.model.*``
+    ``conditioner.embedders.0.transformer.text_model.*`` (with ``embeddings.position_ids`` unless
+    ``position_ids`` is False). OpenCLIP towers (SD2's, SDXL's bigG, with ``text_projection``) and every other key
+    stay as they are.
+    """
+    out = dict(sd)
+    for key in sd:
+        match = _TEXT_TOWER_KEY.fullmatch(key)
+        prefix = match and match.group(1)
+        if not prefix or prefix + "model.text_projection" in sd:
+            continue
+        tower = {k[len(prefix):]: out.pop(k) for k in list(out) if k.startswith(prefix + "model.")}
+        for k, v in to_hf_clip_text_state_dict(tower, position_ids=position_ids).items():
+            out[prefix + "transformer." + k] = v
     return out
 
 

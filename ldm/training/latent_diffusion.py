@@ -41,6 +41,7 @@ import pytorch_lightning as pl
 import torch
 
 from ldm.config import instantiate_from_config, to_plain
+from ldm.convert.layouts import to_sd_file_layout
 from ldm.ema import EMA, ema_name
 from ldm.model import PROMPT_KEY, LatentDiffusion
 from ldm.models.conditioner import micro_inputs
@@ -560,7 +561,8 @@ def inference_config(model_node: dict) -> dict:
 
 def export_state_dict(state_dict: dict[str, torch.Tensor], use_ema: bool = True,
                       include_ema: bool = False) -> dict[str, torch.Tensor]:
-    """A training state dict (SD layout + ``model_ema.*``) -> the inference one.
+    """A training state dict (SD layout + ``model_ema.*``) -> the inference one, in the released files' layout
+    (:func:`ldm.convert.layouts.to_sd_file_layout`: OpenAI CLIP text towers in transformers names).
 
     With ``use_ema`` and EMA weights present, they replace ``model.diffusion_model.*``; ``model_ema.*`` itself
     is kept only with ``include_ema``.
@@ -576,7 +578,7 @@ def export_state_dict(state_dict: dict[str, torch.Tensor], use_ema: bool = True,
         log.info("export: %d UNet tensors taken from the EMA weights", swapped)
     if include_ema:
         out.update({_EMA_PREFIX + k: v.detach().clone() for k, v in ema.items()})
-    return out
+    return to_sd_file_layout(out)
 
 
 # ---- RNG states (plain tensors and ints, loadable with weights_only=True) --------------------------------------
