@@ -168,4 +168,8 @@ def test_cli_geneval_refuses_a_missing_lora(tmp_path, capsys):
     assert e.value.code == 2 and "--lora" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["geneval", "--ckpt", str(ckpt), "--focus-shape", "hexagon"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # --paraphrase words the default prompts, which name no star
+        cli.main(["geneval", "--ckpt", str(ckpt), "--focus-shape", "star", "--paraphrase"])
+    assert e.value.code == 2 and "--focus-shape makes its own prompts" in capsys.readouterr().err
     assert ALL_SHAPES == SHAPES + ("star",)

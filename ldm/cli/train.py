@@ -457,15 +457,15 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger: Any, callbacks: list, 
 def _export_only(run_dir: Path, ckpt: Path | None, cfg: DictConfig) -> int:
     """Write the export from a checkpoint with the settings of the run's export callback (name, folder, EMA, fp16),
     as the end of training would."""
-    from ldm.training.callbacks import export_from_checkpoint
+    from ldm.training.callbacks import ExportCallback, export_from_checkpoint
 
     if ckpt is None:
         raise CheckpointError("--export-only needs a checkpoint: pass --resume RUN_DIR or --resume FILE.ckpt")
     node = callback_nodes(cfg, run_dir, run_dir.name).get("export")
-    params = dict(node["params"]) if node and node["target"] == CALLBACK_TARGETS["export"] else {}
-    out = Path(params.get("dirpath") or run_dir) / f"{params.get('name', run_dir.name)}.safetensors"
-    export_from_checkpoint(ckpt, out, use_ema=params.get("use_ema", True), include_ema=params.get("include_ema", False),
-                           fp16=params.get("fp16", False))
+    own = node is not None and node["target"] == CALLBACK_TARGETS["export"]
+    cb = instantiate_from_config(node, "lightning.callbacks.export") if own else ExportCallback(name=run_dir.name)
+    out = Path(cb.dirpath or run_dir) / f"{cb.name}.safetensors"
+    export_from_checkpoint(ckpt, out, use_ema=cb.use_ema, include_ema=cb.include_ema, fp16=cb.fp16)
     log.info("exported %s", out)
     return 0
 
