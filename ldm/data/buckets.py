@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ldm.config import ConfigError, to_plain
+from ldm.data.datamodule import ResumableLoader
 
 __all__ = ["Buckets", "parse_buckets", "BucketSampler", "BucketLoader", "BatchDataset", "bucket_batches"]
 
@@ -216,28 +217,13 @@ class BatchDataset(Dataset):
         return [self.keyed[key] for key in keys]
 
 
-class BucketLoader(DataLoader):
-    """DataLoader over a :class:`BucketSampler` (one whole batch per sampler item, collated by ``collate``),
-    whose position is saved in Lightning checkpoints (as :class:`ldm.data.datamodule.ResumableLoader`)."""
+class BucketLoader(ResumableLoader):
+    """:class:`ldm.data.datamodule.ResumableLoader` over a :class:`BucketSampler`: one whole batch per sampler item
+    (``batch_size=None``), collated by ``collate_fn``; its position is saved in Lightning checkpoints."""
 
     def __init__(self, dataset: Dataset, sampler: BucketSampler, collate_fn: Any, **kwargs: Any):
-        super().__init__(BatchDataset(dataset, sampler.seed), batch_size=None, sampler=sampler,
-                         collate_fn=collate_fn, **kwargs)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self._deliver()
-
-    def _deliver(self) -> Iterator[Any]:
-        for batch in super().__iter__():
-            self.sampler.advance(1)
-            yield batch
-        self.sampler.set_epoch(self.sampler.epoch + 1)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
+        DataLoader.__init__(self, BatchDataset(dataset, sampler.seed), batch_size=None, sampler=sampler,
+                            collate_fn=collate_fn, **kwargs)
 
 
 # ---- webdataset streams: one buffer per bucket -------------------------------------------------------------------

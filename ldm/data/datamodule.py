@@ -231,7 +231,7 @@ class ResumableLoader(DataLoader):
 
     def _deliver(self) -> Iterator[Any]:
         for batch in super().__iter__():
-            self.sampler.advance(self.batch_size)
+            self.sampler.advance(self.batch_size or 1)  # batch_size None: each sampler item is a whole batch
             yield batch
         self.sampler.set_epoch(self.sampler.epoch + 1)
 
