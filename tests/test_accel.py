@@ -228,3 +228,52 @@ def test_trainer_callback_optimizes_for_the_trainers_device_and_precision(lightn
     AccelCallback().setup(trainer, net, "fit")
     assert isinstance(net.time_embed[0], onednn.Linear)
     assert isinstance(net, accel_unet.UNetModel) == (precision == "bf16")
+
+
+def _bf16_call(net, x, t, ctx):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return net(x, t, ctx)
+
+
+def test_context_projections_are_kept_across_calls_and_never_stale():
+    plain, fast = _plain_and_optimized(use_linear_in_transformer=True)
+    x, t, ctx = inputs()
+    first = _bf16_call(fast, x, t, ctx)
+    store = fast._weight_cache[4]
+    layers = [m for m in fast.modules() if isinstance(m, accel_attn.CrossAttention) and m.to_k.in_features == 16]
+    assert len(store) == len(layers) > 0  # one entry per cross-attention layer
+    kept = dict(store._projections)
+    # the same context, as the same tensor and as a new equal one (CFG concatenates it anew in every step)
+    assert torch.equal(_bf16_call(fast, x, t, ctx), first)
+    assert torch.equal(_bf16_call(fast, x, t, torch.cat([ctx[:1], ctx[1:]])), first)
+    assert all(store._projections[k][0] is v[0] for k, v in kept.items())  # reused, not made again
+    fast.cache_context_projections = False
+    assert torch.equal(_bf16_call(fast, x, t, ctx), first)  # the same numbers without the store
+    fast.cache_context_projections = True
+    # another context, a context changed in place, a weight changed in place: the outputs of a fresh model
+    for change in ("new", "in place", "weight"):
+        if change == "new":
+            ctx = torch.randn_like(ctx)
+        elif change == "in place":
+            ctx.mul_(0.5)
+        else:
+            for model in (plain, fast):
+                _merge_lora_(layers[0].to_k if model is fast else
+                             [m for m in model.modules() if isinstance(m, plain_attn.CrossAttention)
+                              and m.to_k.in_features == 16][0].to_k)
+        fresh = _bf16_call(ldm.accel.optimize(copy.deepcopy(plain), device="cpu"), x, t, ctx)
+        assert torch.equal(_bf16_call(fast, x, t, ctx), fresh), change
+    torch.testing.assert_close(fresh.float(), _bf16_call(plain, x, t, ctx).float(), atol=0.05, rtol=0.05)
+
+
+def test_context_projections_skip_hooked_layers():
+    _, fast = _plain_and_optimized()
+    x, t, ctx = inputs()
+    first = _bf16_call(fast, x, t, ctx)
+    layer = next(m for m in fast.modules() if isinstance(m, accel_attn.CrossAttention) and m.to_k.in_features == 16)
+    handle = layer.to_k.register_forward_hook(lambda module, args, out: out * 2)  # e.g. an unmerged LoRA's hook
+    try:
+        assert not torch.equal(_bf16_call(fast, x, t, ctx), first)  # the hook ran: not taken from the store
+    finally:
+        handle.remove()
+    assert torch.equal(_bf16_call(fast, x, t, ctx), first)

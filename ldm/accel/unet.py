@@ -16,7 +16,7 @@ from torch import nn
 
 from ldm.models import unet
 
-from . import onednn
+from . import attention, onednn
 
 __all__ = ["GroupNorm32", "UNetModel"]
 
@@ -53,18 +53,22 @@ class UNetModel(unet.UNetModel):
     convolutions also run on weights packed once into oneDNN's layout (:mod:`ldm.accel.onednn`) instead of
     being reordered in every call (``pack_conv_weights = False`` to not keep these packs, which take as much
     memory as the bf16 conv weights), and so do the linear layers (``pack_linear_weights``); the packs live and
-    go with the cached copy.
+    go with the cached copy. The cross-attention layers' keys and values of the context are kept from one call
+    to the next while the context stays the same (:class:`ldm.accel.attention.ContextProjections`;
+    ``cache_context_projections = False`` to project it in every call); they go with the cached copy too.
 
     The cached call re-enters ``forward`` through :func:`torch.func.functional_call` with the cached tensors in
     place of the parameters, so the plain forward runs unchanged on them."""
 
     #: per-instance state this class adds; :func:`ldm.accel.restore` removes it
-    ACCEL_ATTRIBUTES = ("cache_cast_weights", "pack_conv_weights", "pack_linear_weights", "_weight_cache",
-                        "_in_cached_call")
+    ACCEL_ATTRIBUTES = ("cache_cast_weights", "pack_conv_weights", "pack_linear_weights",
+                        "cache_context_projections", "_weight_cache", "_in_cached_call")
     cache_cast_weights = True
     pack_conv_weights = True
     pack_linear_weights = True
-    _weight_cache: Optional[tuple[tuple, dict[str, torch.Tensor], onednn.ConvPacks, onednn.LinearPacks]] = None
+    cache_context_projections = True
+    _weight_cache: Optional[tuple[tuple, dict[str, torch.Tensor], onednn.ConvPacks, onednn.LinearPacks,
+                                  attention.ContextProjections]] = None
     _in_cached_call = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -74,8 +78,12 @@ class UNetModel(unet.UNetModel):
         self._in_cached_call = True
         try:
             weights = self._cast_weights(dtype)
+            context = args[1] if len(args) > 1 else kwargs.get("context")
             with onednn.packed_convolutions(self._weight_cache[2] if self.pack_conv_weights else None), \
-                    onednn.packed_linears(self._weight_cache[3] if self.pack_linear_weights else None):
+                    onednn.packed_linears(self._weight_cache[3] if self.pack_linear_weights else None), \
+                    attention.context_projections(
+                        self._weight_cache[4] if self.cache_context_projections else None, context,
+                        settings=self.pack_linear_weights):
                 return torch.func.functional_call(self, weights, (x, *args), kwargs)
         finally:
             self._in_cached_call = False
@@ -106,6 +114,6 @@ class UNetModel(unet.UNetModel):
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = None  # drop the stale copy before making the new one
             self._weight_cache = (key, {name: p.detach().to(dtype) for name, p in params}, onednn.ConvPacks(),
-                                  onednn.LinearPacks())
+                                  onednn.LinearPacks(), attention.ContextProjections())
             logger.debug("cached %s copies of %d UNet weights", dtype, len(params))
         return self._weight_cache[1]

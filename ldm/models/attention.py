@@ -190,12 +190,16 @@ class CrossAttention(AttentionBackendMixin, nn.Module):
         """[B, N, heads*d] -> [B, heads, N, d] as a view."""
         return t.view(t.shape[0], t.shape[1], self.heads, self.dim_head).transpose(1, 2)
 
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``context`` ([B, M, context_dim]), [B, heads, M, dim_head] each."""
+        return self._heads(self.to_k(context)), self._heads(self.to_v(context))
+
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [B, N, query_dim]; context: [B, M, context_dim]; mask: bool [B, M] (True = attend), as the
         reference."""
         context = x if context is None else context
-        q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(context)), self._heads(self.to_v(context))
+        q, (k, v) = self._heads(self.to_q(x)), self.keys_values(context)
         if mask is not None:
             mask = mask.reshape(mask.shape[0], 1, 1, -1)
         out = self.attend(q, k, v, mask)
