@@ -94,7 +94,15 @@ def _record_kernels(monkeypatch) -> list:
     return calls
 
 
-def test_auto_picks_by_dtype_size_and_autograd_on_cpu(monkeypatch):
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_auto_picks_by_dtype_size_and_autograd_on_cpu(monkeypatch, one_thread):
     calls = _record_kernels(monkeypatch)
     auto = functools.partial(accel_attn.attention, backend="auto")
     q, k, v = _qkv()
@@ -111,6 +119,20 @@ def test_auto_picks_by_dtype_size_and_autograd_on_cpu(monkeypatch):
     auto(*long)  # autograd on, small: math
     auto(*big)   # autograd on, large: sdpa
     assert calls == ["sdpa", "blocked", "math", "blocked", "math", "sdpa"]
+
+
+def test_auto_takes_the_flash_kernel_over_blocked_with_several_threads(monkeypatch):
+    calls = _record_kernels(monkeypatch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            accel_attn.attention(*_qkv(nq=8, nk=accel_attn.BLOCKED_MIN_KEYS, d=16, dtype=torch.bfloat16),
+                                 backend="auto")  # a feature map: one parallel region per call
+            accel_attn.attention(*_qkv(nq=8, nk=77, d=16, dtype=torch.bfloat16), backend="auto")  # text: math
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == ["sdpa", "math"]
 
 
 def test_plain_auto_is_sdpa_on_a_cpu_and_blocked_needs_accel(monkeypatch):

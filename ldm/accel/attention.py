@@ -6,7 +6,11 @@
   (faster than torch's CPU flash kernel for bf16 inference);
 - ``"auto"`` with bf16 on a CPU, where torch's flash kernel has a high fixed cost: for inference, blocked with at
   least ``BLOCKED_MIN_KEYS`` keys or ``BLOCKED_MIN_SCORES`` scores per head (self-attention over a feature map,
-  text attention at 4096 pixels), math below that; in training, math up to ``MATH_MAX_SCORES`` scores per head.
+  text attention at 4096 pixels) when torch runs one thread, sdpa (torch's flash kernel) there with more threads,
+  math below that; in training, math up to ``MATH_MAX_SCORES`` scores per head. With several threads the blocked
+  kernel's many small calls (four per block of query rows and head) each open and join an OpenMP parallel region,
+  and on a CPU shared with other work each join waits for a descheduled thread, while the flash kernel is one
+  parallel region per call (2 threads, a loaded 2-core VM: 1.9 s against 0.11 s at SDXL's 1024 tokens).
   Everything else as the model's ``"auto"`` (xformers on CUDA when installed, else sdpa). (Measured per layer
   shape in bench/README.md.)
 
@@ -72,7 +76,9 @@ def _cpu_choice(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
         return None
     queries, keys = q.shape[2], k.shape[2]
     if not torch.is_grad_enabled():
-        return "blocked" if keys >= BLOCKED_MIN_KEYS or queries * keys >= BLOCKED_MIN_SCORES else "math"
+        if keys >= BLOCKED_MIN_KEYS or queries * keys >= BLOCKED_MIN_SCORES:
+            return "blocked" if torch.get_num_threads() == 1 else None
+        return "math"
     return "math" if queries * keys <= MATH_MAX_SCORES else None
 
 
