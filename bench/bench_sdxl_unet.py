@@ -8,6 +8,11 @@ adm 2816) with the transformer depth per level, e.g. ``d1-2-10@64`` (the real SD
 reduced ``d1-2-2@32``. Example:
 
     python bench/bench_sdxl_unet.py --sizes d1-2-2@32 --precisions bf16 --threads 1 --reps 3
+
+``--without context-store blocked-choice`` adds, in the same interleaved rounds, ours with one lever taken off:
+``context-store`` projects the text context in every call (``cache_context_projections = False``);
+``blocked-choice`` has the attention over feature maps on the blocked kernel at any thread count (the choice before
+"auto" took torch's flash kernel with several threads).
 """
 from __future__ import annotations
 
@@ -48,6 +53,30 @@ class Ours:
         return self.unet(x, t, context, y=self.y)
 
 
+class Without:
+    """Ours with one lever off during its calls (``--without``)."""
+
+    def __init__(self, ours: Ours, lever: str):
+        self.ours, self.lever = ours, lever
+
+    def __call__(self, x, t, context):
+        from ldm.accel import attention
+
+        unet, max_threads = self.ours.unet, attention.BLOCKED_MAX_THREADS
+        if self.lever == "context-store":
+            unet.cache_context_projections = False
+        else:  # blocked-choice
+            attention.BLOCKED_MAX_THREADS = 1 << 20
+        try:
+            return self.ours(x, t, context)
+        finally:
+            unet.cache_context_projections = True
+            attention.BLOCKED_MAX_THREADS = max_threads
+
+
+LEVERS = ("context-store", "blocked-choice")
+
+
 class Theirs:
     """diffusers' UNet called with ``added_cond_kwargs`` (it embeds time_ids itself)."""
 
@@ -86,6 +115,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--without", nargs="*", choices=LEVERS, default=[],
+                        help="also time ours with this lever off, in the same rounds")
     parser.add_argument("--out", default=str(common.RESULTS / "sdxl_unet.md"))
     args = parser.parse_args()
     threads = common.setup(args.threads)
@@ -101,13 +132,19 @@ def main() -> None:
         for precision in args.precisions:
             pair = {"ours": forward_fn(ours, x, t, context, precision),
                     "diffusers": forward_fn(theirs, x, t, context, precision)}
+            for lever in args.without:
+                pair[f"ours without {lever}"] = forward_fn(Without(ours, lever), x, t, context, precision)
             with common.autocast(precision, "cpu"):
                 times = common.interleaved(pair, args.reps, warmup=1)
-            a, b = median(times["ours"]), median(times["diffusers"])
-            rows.append([label, precision, a, b, f"{b / a:.2f}x", f"{diff:.1e}", f"{flops / 1e9:.0f}"])
-            logger.info("%s", rows[-1])
+            b = median(times["diffusers"])
+            for name in [n for n in pair if n != "diffusers"]:
+                a = median(times[name])
+                rows.append([label, precision, name, a, b, f"{b / a:.2f}x", f"{diff:.1e}", f"{flops / 1e9:.0f}",
+                             open("/proc/loadavg").read().split()[0]])
+                logger.info("%s", rows[-1])
         del ours, theirs
-    headers = ["UNet", "precision", "ours s", "diffusers s", "speed-up", "max abs diff fp32", "GFLOP"]
+    headers = ["UNet", "precision", "ours", "ours s", "diffusers s", "speed-up", "max abs diff fp32", "GFLOP",
+               "load average at the end"]
     notes = ["times are medians of interleaved rounds (ours, diffusers, ...) after one warm-up round; speed-up = "
              "diffusers / ours; ours = our UNet after ldm.accel.optimize",
              "same random weights in both (diffusers' UNet converted from ours by diffusers' single-file functions); "

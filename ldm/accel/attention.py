@@ -6,7 +6,7 @@
   (faster than torch's CPU flash kernel for bf16 inference);
 - ``"auto"`` with bf16 on a CPU, where torch's flash kernel has a high fixed cost: for inference, blocked with at
   least ``BLOCKED_MIN_KEYS`` keys or ``BLOCKED_MIN_SCORES`` scores per head (self-attention over a feature map,
-  text attention at 4096 pixels) when torch runs one thread, sdpa (torch's flash kernel) there with more threads,
+  text attention at 4096 pixels) when torch runs at most ``BLOCKED_MAX_THREADS`` threads (one), sdpa (torch's flash kernel) there with more threads,
   math below that; in training, math up to ``MATH_MAX_SCORES`` scores per head. With several threads the blocked
   kernel's many small calls (four per block of query rows and head) each open and join an OpenMP parallel region,
   and on a CPU shared with other work each join waits for a descheduled thread, while the flash kernel is one
@@ -38,6 +38,7 @@ BACKENDS = base.BACKENDS + ("blocked",)
 BLOCKED_MIN_KEYS = 256
 BLOCKED_MIN_SCORES = 1 << 18  # queries x keys per head
 MATH_MAX_SCORES = 1 << 16
+BLOCKED_MAX_THREADS = 1  # torch threads up to which "auto" takes blocked (above: sdpa)
 _BLOCK_SCORES = 1 << 19  # fp32 scores per block (2 MiB): a block's scores and probabilities stay in cache
 
 
@@ -77,7 +78,7 @@ def _cpu_choice(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
     queries, keys = q.shape[2], k.shape[2]
     if not torch.is_grad_enabled():
         if keys >= BLOCKED_MIN_KEYS or queries * keys >= BLOCKED_MIN_SCORES:
-            return "blocked" if torch.get_num_threads() == 1 else None
+            return "blocked" if torch.get_num_threads() <= BLOCKED_MAX_THREADS else None
         return "math"
     return "math" if queries * keys <= MATH_MAX_SCORES else None
 
