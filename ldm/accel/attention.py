@@ -6,11 +6,12 @@
   (faster than torch's CPU flash kernel for bf16 inference);
 - ``"auto"`` with bf16 on a CPU, where torch's flash kernel has a high fixed cost: for inference, blocked with at
   least ``BLOCKED_MIN_KEYS`` keys or ``BLOCKED_MIN_SCORES`` scores per head (self-attention over a feature map,
-  text attention at 4096 pixels) when torch runs at most ``BLOCKED_MAX_THREADS`` threads (one), sdpa (torch's flash kernel) there with more threads,
-  math below that; in training, math up to ``MATH_MAX_SCORES`` scores per head. With several threads the blocked
-  kernel's many small calls (four per block of query rows and head) each open and join an OpenMP parallel region,
-  and on a CPU shared with other work each join waits for a descheduled thread, while the flash kernel is one
-  parallel region per call (2 threads, a loaded 2-core VM: 1.9 s against 0.11 s at SDXL's 1024 tokens).
+  text attention at 4096 pixels) when torch runs at most ``BLOCKED_MAX_THREADS`` threads (one), sdpa (torch's
+  flash kernel) there with more threads, math below that; in training, math up to ``MATH_MAX_SCORES`` scores per
+  head. With several threads the blocked kernel's many small calls (four per block of query rows and head) each
+  open and join an OpenMP parallel region, and on a CPU shared with other work each join waits for a descheduled
+  thread, while the flash kernel is one parallel region per call (2 threads, a loaded 2-core VM: 1.9 s against
+  0.11 s per layer at SDXL's 1024 tokens, batch 2).
   Everything else as the model's ``"auto"`` (xformers on CUDA when installed, else sdpa). (Measured per layer
   shape in bench/README.md.)
 
@@ -108,12 +109,14 @@ class ContextProjections:
     """The keys and values the cross-attention layers make of one context (the text embedding), kept from one UNet
     call to the next: a sampling run calls the UNet with the same context in every step, and each call would
     otherwise project it again in every layer (SDXL: 44 products of 154 x 2048 rows by 640/1280 columns per
-    forward with CFG, ~2% of it).
+    forward with CFG, ~1% of it at 64x64 latents, bench/README.md).
 
-    The UNet call announces its context with :meth:`begin`. The context counts as the same one when it is the same
-    tensor at the same ``_version`` (not changed in place since), or else when it is exactly equal, element for
-    element, to a copy kept of the last one (classifier-free guidance concatenates the negative and the positive
-    context anew in every step); otherwise every stored projection is dropped. Tied to one set of weight values,
+    The UNet call announces its context with :meth:`begin`. The context counts as the same one only when it is
+    exactly equal, element for element (same shape, dtype and device), to a copy kept of the one the projections
+    were made from; otherwise every stored projection is dropped. Comparing the values (~0.1 ms for SDXL's
+    2 x 77 x 2048) rather than the tensor's identity and ``_version`` also covers a new tensor with the same values
+    (classifier-free guidance concatenates the negative and the positive context anew in every step) and changes
+    that bypass the version counter (``.data``, memory shared with numpy). Tied to one set of weight values,
     as :class:`ldm.accel.onednn.LinearPacks`: the accelerated UNet keeps it with its cached bf16 weights, so a
     weight change (which remakes that cache) drops it too. Only layers whose ``to_k`` / ``to_v`` are the
     accelerated ``Linear`` itself, without hooks (their output is a function of the weights and the input only),
@@ -121,7 +124,6 @@ class ContextProjections:
 
     def __init__(self) -> None:
         self._copy: Optional[torch.Tensor] = None  # what the stored projections were made from
-        self._source: Optional[tuple[torch.Tensor, int]] = None  # the tensor last seen equal to it, its version
         self._current: Optional[torch.Tensor] = None  # the context of the call in progress
         self._settings: object = None  # the settings of the calls that made the stored projections
         self._projections: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -141,22 +143,18 @@ class ContextProjections:
         if settings != self._settings:
             self._projections.clear()
             self._settings = settings
-        source = self._source
-        same = source is not None and source[0] is context and source[1] == context._version
-        if not same:
-            old = self._copy
-            same = (old is not None and old.shape == context.shape and old.dtype == context.dtype
-                    and old.device == context.device and torch.equal(old, context))
-            if not same:
-                self._projections.clear()
-                self._copy = context.detach().clone()
-            self._source = (context, context._version)
+        old = self._copy
+        if not (old is not None and old.shape == context.shape and old.dtype == context.dtype
+                and old.device == context.device and torch.equal(old, context)):
+            self._projections.clear()
+            self._copy = context.detach().clone()
         self._current = context
 
     def end(self) -> None:
         self._current = None
 
-    def keys_values(self, layer: "CrossAttention", context: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def keys_values(self, layer: "CrossAttention",
+                    context: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """``layer``'s keys and values of ``context`` from the store (made on first use); None where the store
         does not apply (another context, a layer that is not plain)."""
         if context is not self._current or not (_plain_projection(layer.to_k) and _plain_projection(layer.to_v)):
