@@ -10,8 +10,8 @@
   flash kernel) there with more threads, math below that; in training, math up to ``MATH_MAX_SCORES`` scores per
   head. With several threads the blocked kernel's many small calls (four per block of query rows and head) each
   open and join an OpenMP parallel region, and on a CPU shared with other work each join waits for a descheduled
-  thread, while the flash kernel is one parallel region per call (2 threads, a loaded 2-core VM: 1.9 s against
-  0.11 s per layer at SDXL's 1024 tokens, batch 2).
+  thread, while the flash kernel is one parallel region per call (2 threads, a loaded 2-core VM: 1.5-1.8 s
+  against 0.10 s per layer at SDXL's 1024 tokens, batch 2).
   Everything else as the model's ``"auto"`` (xformers on CUDA when installed, else sdpa). (Measured per layer
   shape in bench/README.md.)
 
