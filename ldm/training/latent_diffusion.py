@@ -129,7 +129,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         cache_dir: keep those caches on disk in this folder, across runs and ranks (implies cache_latents).
         lora: ``{rank, alpha, targets: [attn, ff, conv, text], dropout}``: train a LoRA / LoCon on the frozen model
             instead of the model (see :mod:`ldm.training.lora`); checkpoints hold only the LoRA, the export is a
-            kohya-format file.
+            kohya-format file. Under ``precision: bf16-mixed`` the frozen base is stored in bf16
+            (:meth:`store_base_in_bf16`).
         validation_prompts, sample_*: what the image logger samples (EMA weights, CFG).
     """
 

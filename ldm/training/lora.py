@@ -9,8 +9,9 @@
 Only the branches of :class:`ldm.adapters.lora_train.LoraNetwork` train; every weight of the model is frozen.
 A training checkpoint holds only them (``lora.*``), their EMA (``model_ema.*``, with ``use_ema``) and the optimizer
 state, plus a fingerprint of the frozen base weights: ``--resume`` builds the base again from the config (its
-``init_from``) and refuses a base that differs. Under ``precision: bf16-mixed`` the frozen base is kept in bf16
-(:func:`store_frozen_base_in_`, as diffusers' LoRA script does) and only the LoRA in fp32. The export is a kohya-format ``.safetensors`` (see
+``init_from``) and refuses a base that differs (the fingerprint is of the base as built, in fp32, whatever the
+precision). Under ``precision: bf16-mixed`` the frozen base is kept in bf16 (:func:`store_frozen_base_in_`, as
+diffusers' LoRA script does) and only the LoRA in fp32. The export is a kohya-format ``.safetensors`` (see
 :func:`export_lora`), which sample.py ``--lora``, A1111, ComfyUI and diffusers load.
 """
 from __future__ import annotations
