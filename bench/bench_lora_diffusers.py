@@ -6,7 +6,8 @@
 Both sides hold the same random weights of the SD 1.5 UNet (no download: ``randomize_``, then diffusers'
 ``UNet2DConditionModel`` is converted from our state dict with diffusers' own single-file converters, see
 ``diffusers_port.py``; their fp32 outputs are compared first) and train a LoRA of the same layers at the same rank:
-- ours: the plain ``UNetModel`` after ``ldm.accel.optimize`` (as the trainer's AccelCallback runs it), the branches of
+- ours: the plain ``UNetModel`` after ``ldm.accel.optimize`` (as the trainer's AccelCallback runs it; in bf16 the
+  frozen weights then stored in bf16, as a LoRA run's ``store_base_in_bf16`` does), the branches of
   ``ldm.adapters.lora_train.LoraNetwork`` (targets ``attn`` less ``proj_in``/``proj_out``, which the diffusers
   script does not train), the trainer's AdamW (``fused=True``) on the LoRA parameters only;
 - diffusers: the script's recipe: ``unet.requires_grad_(False)``, ``unet.add_adapter(LoraConfig(r, lora_alpha=r,
@@ -58,6 +59,7 @@ def our_lora(unet: torch.nn.Module, rank: int):
     from ldm import accel
     from ldm.adapters import lora_train
     from ldm.training.common import AdamW
+    from ldm.training.lora import store_frozen_base_in_
 
     unet.requires_grad_(False)
     holder = nn.Module()
@@ -75,7 +77,11 @@ def our_lora(unet: torch.nn.Module, rank: int):
     unet.train()
 
     def set_precision(precision: str) -> None:
+        """The trainer's set-up: the acceleration pass, then (bf16: ``LatentDiffusionModule.store_base_in_bf16``)
+        the frozen weights stored in bf16, the LoRA kept in fp32."""
         accel.optimize(unet, device="cpu", precision=precision)
+        if precision == "bf16":
+            store_frozen_base_in_([unet], torch.bfloat16)
 
     def step(x, t, ctx, noise, precision):
         with autocast(precision):

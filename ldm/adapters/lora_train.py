@@ -147,7 +147,8 @@ class _FusedWeights:
         for attn, branch in self.pairs:
             weight = attn._parameters["in_proj_weight"]
             self.saved.append(weight)
-            attn._parameters["in_proj_weight"] = weight + branch.delta(weight.shape).to(weight.dtype)
+            delta = branch.delta(weight.shape)  # summed in the branch's fp32 also for a bf16 base
+            attn._parameters["in_proj_weight"] = (weight.to(delta.dtype) + delta).to(weight.dtype)
 
     def after(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.saved is None:

@@ -129,7 +129,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         cache_dir: keep those caches on disk in this folder, across runs and ranks (implies cache_latents).
         lora: ``{rank, alpha, targets: [attn, ff, conv, text], dropout}``: train a LoRA / LoCon on the frozen model
             instead of the model (see :mod:`ldm.training.lora`); checkpoints hold only the LoRA, the export is a
-            kohya-format file.
+            kohya-format file. Under ``precision: bf16-mixed`` the frozen base is stored in bf16
+            (:meth:`store_base_in_bf16`).
         validation_prompts, sample_*: what the image logger samples (EMA weights, CFG).
     """
 
@@ -220,6 +221,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             log.info("LoRA on the text encoder: its embeddings change as it trains, so they are not cached")
             self.conditioner.enable_cache(False)
         self._lora_base: str | None = None  # fingerprint of the frozen base weights, made at the first save
+        self._lora_base_built: str | None = None  # ... of the base as built, when it was then cast (setup)
+        self.base_dtype: torch.dtype | None = None  # the frozen base's dtype when a LoRA run stores it in bf16
         # starts from the loaded weights; a LoRA run averages only the LoRA
         self.model_ema = EMA(self._ema_target(), decay=ema_decay) if use_ema else None
 
@@ -233,6 +236,46 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         log.info("LoRA: %d layers, %d trainable parameters; the model's weights are frozen", len(network.branches),
                  sum(p.numel() for p in network.parameters()))
         return network
+
+    def setup(self, stage: str) -> None:
+        """A LoRA run under ``precision: bf16-mixed`` keeps its frozen base in bf16 (:meth:`store_base_in_bf16`).
+        Lightning calls this after the callbacks' ``setup`` (the acceleration pass) and before a checkpoint is
+        restored."""
+        if self.lora is not None and str(self.trainer.precision) == "bf16-mixed" and self.base_dtype is None:
+            self.store_base_in_bf16()
+
+    def store_base_in_bf16(self) -> None:
+        """Store the frozen UNet, autoencoder and text encoder weights of a LoRA run in bf16, as diffusers' LoRA
+        script does under bf16 (:func:`ldm.training.lora.store_frozen_base_in_`: the layers autocast runs in bf16;
+        norms, embeddings and the LoRA stay fp32): the same numbers under bf16 autocast, half the base's memory,
+        no cast of the base in every step. The base fingerprint that ``--resume`` checks and the disk caches' keys
+        are taken first, of the weights as built, so that checkpoints and caches are those of the fp32 base.
+        Afterwards the model runs under bf16 autocast only (training and validation under ``bf16-mixed``;
+        :meth:`sample_images` and the scale estimate enter it themselves)."""
+        from ldm.training.lora import base_fingerprint, store_frozen_base_in_
+
+        if self.lora is None:
+            raise ValueError("store_base_in_bf16 is for LoRA runs (model.params.lora): a full fine-tune trains "
+                             "the base weights, which stay fp32")
+        self._lora_base_built = base_fingerprint(
+            {k: v for k, v in self.state_dict().items() if not k.startswith(("lora.", "model_ema."))})
+        if self.disk_cache is not None:  # keyed by the encoders as built (the same entries under autocast)
+            for encoder in (self.first_stage_model, *self.conditioner.embedders):
+                self.disk_cache.fingerprint(encoder)
+        store_frozen_base_in_(self._frozen_base(), torch.bfloat16)
+        self.base_dtype = torch.bfloat16
+        log.info("LoRA under bf16-mixed: the frozen base weights are stored in bf16, the LoRA in fp32")
+
+    def _frozen_base(self) -> list[torch.nn.Module]:
+        """The model's networks, without the LoRA branches."""
+        nets = [self.model, self.first_stage_model, self.conditioner, getattr(self, "cond_stage_model", None)]
+        return [m for m in dict.fromkeys(nets) if m is not None]
+
+    def _base_autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to the base's dtype where it is stored in one (nothing otherwise)."""
+        if self.base_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.base_dtype)
 
     def _ema_target(self) -> torch.nn.Module:
         return self.lora if self.lora is not None else self.model
@@ -393,7 +436,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
     def _estimate_scale_factor(self, images: torch.Tensor) -> None:
         """scale_factor = 1 / std of the first batch's latents (rank 0's value, broadcast to all ranks)."""
         g = self._generator(_SALT_SCALE, 0)
-        z = self.first_stage_model.encode(images.to(self.device)).sample(g)
+        with self._base_autocast():
+            z = self.first_stage_model.encode(images.to(self.device)).sample(g)
         value = (1.0 / z.float().flatten().std()).to(self.device)
         value = self.trainer.strategy.broadcast(value, src=0)
         self.scale_factor.copy_(value)
@@ -438,7 +482,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
 
             state = checkpoint["state_dict"]
             if self._lora_base is None:
-                self._lora_base = base_fingerprint(state)
+                self._lora_base = self._lora_base_built or base_fingerprint(state)
             checkpoint["state_dict"] = checkpoint_state(state)
             checkpoint["lora_base"] = self._lora_base
 
@@ -460,7 +504,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                                   "without lora, or start a new run")
         own = self.state_dict()
         base = {k: v for k, v in own.items() if not k.startswith(("lora.", "model_ema."))}
-        if base_fingerprint(base) != checkpoint["lora_base"]:
+        if (self._lora_base_built or base_fingerprint(base)) != checkpoint["lora_base"]:
             raise CheckpointError("the LoRA checkpoint was trained on other base weights than this config builds "
                                   "(model.params.init_from / first_stage_ckpt changed?): use the run's base model")
         self._lora_base = checkpoint["lora_base"]
@@ -507,7 +551,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         was_training = self.training
         self.eval()
         try:
-            with self.ema_scope() if use_ema else contextlib.nullcontext():
+            with self.ema_scope() if use_ema else contextlib.nullcontext(), self._base_autocast():
                 size = (side * self.downsample_factor,) * 2  # SDXL-like models: the defaults of sample.py
                 keys, n = self.conditioner.input_keys, len(prompts)
                 cond = self.get_learned_conditioning(

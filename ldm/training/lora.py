@@ -9,7 +9,9 @@
 Only the branches of :class:`ldm.adapters.lora_train.LoraNetwork` train; every weight of the model is frozen.
 A training checkpoint holds only them (``lora.*``), their EMA (``model_ema.*``, with ``use_ema``) and the optimizer
 state, plus a fingerprint of the frozen base weights: ``--resume`` builds the base again from the config (its
-``init_from``) and refuses a base that differs. The export is a kohya-format ``.safetensors`` (see
+``init_from``) and refuses a base that differs (the fingerprint is of the base as built, in fp32, whatever the
+precision). Under ``precision: bf16-mixed`` the frozen base is kept in bf16 (:func:`store_frozen_base_in_`, as
+diffusers' LoRA script does) and only the LoRA in fp32. The export is a kohya-format ``.safetensors`` (see
 :func:`export_lora`), which sample.py ``--lora``, A1111, ComfyUI and diffusers load.
 """
 from __future__ import annotations
@@ -20,9 +22,10 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
+from torch import nn
 
 from ldm.config import to_plain
 from ldm.ema import ema_name
@@ -30,8 +33,8 @@ from ldm.io import CheckpointError, atomic_write
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LORA_PREFIX", "is_lora_state", "checkpoint_state", "base_fingerprint", "lora_file_state",
-           "lora_metadata", "export_lora"]
+__all__ = ["LORA_PREFIX", "is_lora_state", "checkpoint_state", "base_fingerprint", "store_frozen_base_in_",
+           "lora_file_state", "lora_metadata", "export_lora"]
 
 LORA_PREFIX = "lora."
 _EMA_PREFIX = "model_ema."
@@ -59,6 +62,24 @@ def base_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
         digest.update(t.flatten().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
+
+
+def store_frozen_base_in_(modules: Iterable[nn.Module], dtype: torch.dtype) -> None:
+    """Keep the weights (and biases) of the frozen linear and convolution layers (``nn.MultiheadAttention``'s
+    fused projection included) of ``modules`` in ``dtype`` itself, for training under autocast to ``dtype``: they
+    are what autocast casts them to in every call, so the forward computes the same numbers, without casting the
+    base again at every step and without a float32 copy beside it (half the base's memory in bf16). Norms and
+    embeddings stay float32, as autocast runs them. Lossy and in place: the float32 values are gone, and the
+    model then needs autocast (a layer of ``dtype`` does not take a float32 input). A UNet's cached inference copy
+    (:mod:`ldm.accel`) is dropped and is then the stored weights themselves. The LoRA branches must not be in
+    ``modules`` (they train in float32)."""
+    from ldm import accel
+
+    for module in modules:
+        accel.store_weights_in_(module, dtype)  # the UNets, and their cached copies
+        for layer in module.modules():
+            if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)):
+                layer.to(dtype)  # one layer at a time: each float32 tensor is freed as it is replaced
 
 
 def lora_file_state(state: Mapping[str, torch.Tensor], use_ema: bool = True) -> dict[str, torch.Tensor]:
