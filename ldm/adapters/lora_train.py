@@ -25,11 +25,20 @@ Targets (``targets``):
     ff: the transformers' feed-forward layers (ff.net.0.proj, ff.net.2);
     conv: LoCon, the ResBlocks' and down/upsamplers' convolutions and time-embedding projections;
     text: every block of the text encoder(s) the model runs: q/k/v, out_proj, fc1, fc2.
+
+Token vectors (``tokens: [star, stars]``, pivotal tuning): the input token embeddings of these words train with the
+LoRA, one set per text tower, starting from the words' own embeddings (:class:`TokenVectors`). A LoRA teaches the
+model a new word this way without changing how any other prompt is encoded (a text LoRA changes every prompt's
+encoding). The export bundles them into the LoRA file as A1111 does (``bundle_emb.<word>.string_to_param.*``, SDXL:
+``bundle_emb.<word>.clip_l`` / ``clip_g``): loading the LoRA makes the words embeddings, which replace the words'
+token vectors wherever a prompt uses them, so the loaded file gives exactly what training saw. ``token_lr``: their
+learning rate (textual inversion usually wants a higher one than the LoRA), without weight decay.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -39,21 +48,28 @@ from torch import nn
 
 from ldm.adapters.lora import _text_towers
 from ldm.convert.module_names import diffusers_unet_names
+from ldm.models.text_encoder import _bpe_tokenizer
 
-__all__ = ["LORA_TARGETS", "LoraConfig", "parse_lora_config", "LoraBranch", "LoraNetwork", "kohya_state_dict"]
+__all__ = ["LORA_TARGETS", "LoraConfig", "parse_lora_config", "LoraBranch", "TokenVectors", "LoraNetwork",
+           "kohya_state_dict", "bundled_embeddings"]
 
 LORA_TARGETS = ("attn", "ff", "conv", "text")
 _FUSED = "_self_attn_in_proj"  # the branch of a fused q/k/v projection; exported as _q_proj, _k_proj, _v_proj
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+TOKENS_PREFIX = "tokens."  # the token vectors in a LoraNetwork's state dict: tokens.<tower>.<word>
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """``model.params.lora``: rank, alpha (default: rank, a scale of 1), targets and dropout."""
+    """``model.params.lora``: rank, alpha (default: rank, a scale of 1), targets and dropout; ``tokens``: words whose
+    token vectors train too, at ``token_lr`` (default: the run's learning rate)."""
 
     rank: int = 4
     alpha: float | None = None
     targets: tuple[str, ...] = ("attn", "ff")
     dropout: float = 0.0
+    tokens: tuple[str, ...] = ()
+    token_lr: float | None = None
 
     @property
     def scale(self) -> float:
@@ -78,18 +94,31 @@ def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
                               or not math.isfinite(alpha) or alpha <= 0):
         raise ValueError(f"{key}.alpha={alpha!r} must be a number > 0 (the update is scaled by alpha / rank)")
+    tokens = value.get("tokens") or []
+    if isinstance(tokens, str):
+        tokens = [tokens]
+    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) and _WORD.fullmatch(t) for t in tokens):
+        raise ValueError(f"{key}.tokens={tokens!r} must be a list of words (letters, digits, _ or -), e.g. [star, stars]")
+    token_lr = value.get("token_lr")
+    if token_lr is not None and (isinstance(token_lr, bool) or not isinstance(token_lr, (int, float))
+                                 or not math.isfinite(token_lr) or token_lr <= 0):
+        raise ValueError(f"{key}.token_lr={token_lr!r} must be a number > 0 (the token vectors' learning rate)")
+    if token_lr is not None and not tokens:
+        raise ValueError(f"{key}.token_lr is set but no tokens train: add {key}.tokens (e.g. [star]) or drop token_lr")
     targets = value.get("targets", list(LoraConfig.targets))
     if isinstance(targets, str):
         targets = [targets]
-    if not isinstance(targets, (list, tuple)) or not targets:
-        raise ValueError(f"{key}.targets={targets!r} must be a non-empty list of {', '.join(LORA_TARGETS)}")
+    if not isinstance(targets, (list, tuple)) or not (targets or tokens):
+        raise ValueError(f"{key}.targets={targets!r} must be a non-empty list of {', '.join(LORA_TARGETS)} "
+                         "(it may be empty only with tokens)")
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad:
         raise ValueError(f"{key}.targets: {bad[0]!r} is unknown; use some of {', '.join(LORA_TARGETS)}")
     dropout = value.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{key}.dropout={dropout!r} must be a number in [0, 1)")
-    return LoraConfig(rank, None if alpha is None else float(alpha), tuple(dict.fromkeys(targets)), float(dropout))
+    return LoraConfig(rank, None if alpha is None else float(alpha), tuple(dict.fromkeys(targets)), float(dropout),
+                      tuple(dict.fromkeys(tokens)), None if token_lr is None else float(token_lr))
 
 
 class LoraBranch(nn.Module):
@@ -169,6 +198,41 @@ def _unet_category(name: str, diffusers_name: str) -> str | None:
     return None
 
 
+class TokenVectors(nn.Module):
+    """Trainable input vectors of some words in one text tower (``vectors[word]``: [n ids, width], from the word's
+    token embeddings), put in place of the tower's ``token_embedding`` output wherever the word's ids occur in a
+    row, as an A1111 embedding of that name is (its vectors replace the word's ids)."""
+
+    def __init__(self, token_embedding: nn.Embedding, words: tuple[str, ...], encode: Any):
+        super().__init__()
+        self.vectors = nn.ParameterDict()
+        self.ids: dict[str, tuple[int, ...]] = {}
+        for word in words:
+            ids = tuple(encode(word))
+            if not ids:
+                raise ValueError(f"model.params.lora.tokens: {word!r} has no tokens")
+            self.ids[word] = ids
+            self.vectors[word] = nn.Parameter(token_embedding.weight.detach()[list(ids)].float().clone())
+
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The forward hook on ``token_embedding``: its output with the words' vectors in place of their ids'."""
+        ids = args[0]
+        for word, word_ids in self.ids.items():
+            n, length = len(word_ids), ids.shape[-1]
+            if n > length:
+                continue
+            starts = torch.ones_like(ids[..., :length - n + 1], dtype=torch.bool)
+            for k, token in enumerate(word_ids):
+                starts = starts & (ids[..., k:length - n + 1 + k] == token)
+            if not bool(starts.any()):
+                continue
+            vectors = self.vectors[word].to(output.dtype)
+            for k in range(n):
+                at = F.pad(starts, (k, n - 1 - k))  # the k-th id of every occurrence
+                output = torch.where(at[..., None], vectors[k], output)
+        return output
+
+
 class LoraNetwork(nn.Module):
     """The LoRA branches of one model (``branches``: kohya name -> :class:`LoraBranch`), hooked into its layers.
 
@@ -196,8 +260,11 @@ class LoraNetwork(nn.Module):
             self._add(key, module, LoraBranch(module, config.rank, alpha, config.dropout))
         if "text" in config.targets:
             self._add_text(model, alpha)
-        if not len(self.branches):
+        if not len(self.branches) and not config.tokens:
             raise ValueError(f"model.params.lora.targets {list(config.targets)} select no layer of this model")
+        self.tokens = nn.ModuleList()
+        if config.tokens:
+            self._add_tokens(model, config.tokens)
 
     def _add(self, key: str, module: nn.Module, branch: LoraBranch) -> None:
         self.branches[key] = branch
@@ -234,6 +301,25 @@ class LoraNetwork(nn.Module):
             self._handles.append(embedder.register_forward_hook(swap.after, always_call=True))
             _make_trainable(conditioner, embedder)
 
+    def _add_tokens(self, model: nn.Module, words: tuple[str, ...]) -> None:
+        conditioner = getattr(model, "conditioner", None)
+        towers = _text_towers(model)
+        if not towers:
+            raise ValueError("model.params.lora.tokens: the model has no OpenCLIP text encoder whose tokens could train")
+        for _, tower in towers:
+            embedder = next((e for e in (conditioner.embedders if conditioner is not None else [])
+                             if any(m is tower for m in e.modules())), None)
+            if embedder is None:
+                raise ValueError("model.params.lora.tokens: the text encoder is not one of the conditioner's embedders")
+            vectors = TokenVectors(tower.token_embedding, words, _bpe_tokenizer().encode)
+            self.tokens.append(vectors)
+            self._handles.append(tower.token_embedding.register_forward_hook(vectors.hook))
+            _make_trainable(conditioner, embedder)
+
+    def token_parameters(self) -> list[nn.Parameter]:
+        """The token vectors (trained at ``token_lr``)."""
+        return list(self.tokens.parameters())
+
     def remove(self) -> None:
         """Take every hook off the model (the branches stay, unused)."""
         for handle in self._handles:
@@ -241,8 +327,9 @@ class LoraNetwork(nn.Module):
         self._handles.clear()
 
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
-        """The kohya file's tensors (float32, detached copies)."""
-        return kohya_state_dict({k: v for k, v in self.state_dict().items()})
+        """The kohya file's tensors (float32, detached copies), the token vectors as bundled embeddings."""
+        state = self.state_dict()
+        return kohya_state_dict(state) | bundled_embeddings(state)
 
 
 def _make_trainable(conditioner: nn.Module, embedder: nn.Module) -> None:
@@ -270,4 +357,24 @@ def kohya_state_dict(state: Mapping[str, torch.Tensor], prefix: str = "branches.
         for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             piece = value.chunk(3, dim=0)[part].clone() if role == "lora_up.weight" else value.clone()
             out[f"{base}_self_attn_{proj}.{role}"] = piece
+    return out
+
+
+def bundled_embeddings(state: Mapping[str, torch.Tensor], prefix: str = TOKENS_PREFIX) -> dict[str, torch.Tensor]:
+    """A :class:`LoraNetwork` state dict's token vectors (``{prefix}<tower>.vectors.<word>``) -> A1111's bundled
+    embeddings of a LoRA file: ``bundle_emb.<word>.string_to_param.*`` for one text tower, ``bundle_emb.<word>.clip_l``
+    and ``.clip_g`` for SDXL's two."""
+    found: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        tower, _, word = key[len(prefix):].partition(".vectors.")
+        found.setdefault(word, {})[int(tower)] = value.detach().float().clone()
+    out = {}
+    for word, sets in found.items():
+        if len(sets) == 1:
+            out[f"bundle_emb.{word}.string_to_param.*"] = next(iter(sets.values()))
+        else:
+            for tower, name in enumerate(("clip_l", "clip_g")):
+                out[f"bundle_emb.{word}.{name}"] = sets[tower]
     return out

@@ -216,8 +216,10 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                         "weights (cond_stage_config.params.ckpt_path, or --init a model file) or train it "
                         "(cond_stage_trainable: true, freeze: false)")
         self.lora = self._attach_lora(lora) if lora is not None else None
-        if self.lora is not None and "text" in self.lora.config.targets and self.conditioner.cache is not None:
-            log.info("LoRA on the text encoder: its embeddings change as it trains, so they are not cached")
+        if (self.lora is not None and ("text" in self.lora.config.targets or self.lora.config.tokens)
+                and self.conditioner.cache is not None):
+            log.info("LoRA on the text encoder (or its token vectors): its embeddings change as it trains, so they "
+                     "are not cached")
             self.conditioner.enable_cache(False)
         self._lora_base: str | None = None  # fingerprint of the frozen base weights, made at the first save
         # starts from the loaded weights; a LoRA run averages only the LoRA
@@ -422,7 +424,13 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
 
     def configure_optimizers(self) -> dict:
         params = self.trainable_parameters()
-        opt = build_optimizer(self.optimizer_name, params, self.effective_learning_rate(), betas=self.adam_betas,
+        groups: list = params
+        if self.lora is not None and self.lora.config.token_lr is not None:  # the token vectors at their own rate
+            tokens = {id(p) for p in self.lora.token_parameters()}
+            groups = [{"params": [p for p in params if id(p) not in tokens]},
+                      {"params": [p for p in params if id(p) in tokens], "lr": self.lora.config.token_lr,
+                       "weight_decay": 0.0}]
+        opt = build_optimizer(self.optimizer_name, groups, self.effective_learning_rate(), betas=self.adam_betas,
                               eps=self.adam_eps, weight_decay=self.weight_decay,
                               adam_options=self.adam_options(params) if self.optimizer_name == "adamw" else None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.lr_lambda)

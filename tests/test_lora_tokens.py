@@ -1,0 +1,132 @@
+"""Pivotal tuning: ``model.params.lora.tokens`` trains the token vectors of some words with the LoRA, exported as
+A1111's bundled embeddings (``bundle_emb.<word>.*``) that load with the LoRA and give the trained model's
+conditioning; prompts without the words encode as before. Tiny models as in test_train_lora.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ldm.adapters.lora import load_lora, loaded_loras, split_bundled_embeddings, unload_loras
+from ldm.adapters.lora_train import LoraNetwork, TokenVectors, bundled_embeddings, parse_lora_config
+from ldm.convert import load_model
+from ldm.io import read_state_dict
+from ldm.models.text_encoder import _bpe_tokenizer
+from ldm.pipeline import Text2Image
+from ldm.training.callbacks import export_model
+from test_train_ldm import tiny_data, tiny_model_node, trainer
+from test_train_lora import base_file, lora_module  # noqa: F401  (the module-scoped base model fixture)
+
+
+def test_parse_tokens_and_token_lr():
+    config = parse_lora_config({"rank": 2, "targets": ["attn"], "tokens": ["star", "stars"], "token_lr": 0.01})
+    assert config.tokens == ("star", "stars") and config.token_lr == 0.01
+    assert parse_lora_config({"targets": [], "tokens": "star"}).tokens == ("star",)  # tokens alone: textual inversion
+    for bad, fragment in (({"tokens": ["a star"]}, "tokens"), ({"tokens": [3]}, "tokens"),
+                          ({"token_lr": 0.1}, "no tokens train"), ({"tokens": ["x"], "token_lr": -1}, "token_lr"),
+                          ({"targets": []}, "non-empty")):
+        with pytest.raises(ValueError, match=fragment):
+            parse_lora_config(bad)
+
+
+def test_token_vectors_replace_every_occurrence_of_a_multi_id_word():
+    embedding = nn.Embedding(50, 3)
+    words = {"ab": (7, 8), "c": (9,)}
+    vectors = TokenVectors(embedding, tuple(words), lambda w: list(words[w]))
+    assert torch.equal(vectors.vectors["ab"], embedding.weight[[7, 8]])
+    with torch.no_grad():
+        vectors.vectors["ab"].copy_(torch.tensor([[1.0, 1, 1], [2, 2, 2]]))
+        vectors.vectors["c"].fill_(5)
+    handle = embedding.register_forward_hook(vectors.hook)
+    ids = torch.tensor([[7, 8, 1, 7, 8, 9], [8, 7, 2, 7, 3, 8]])  # "ab" twice and "c"; then only stray 7s and 8s
+    out = embedding(ids)
+    handle.remove()
+    plain = embedding(ids)
+    expected = plain.clone()
+    expected[0, [0, 3]] = 1.0
+    expected[0, [1, 4]] = 2.0
+    expected[0, 5] = 5.0
+    torch.testing.assert_close(out, expected)
+
+
+def test_tokens_train_with_their_own_rate_and_leave_other_prompts_alone(tmp_path, base_file):  # noqa: F811
+    word = "circle"  # a word of the tiny shapes captions
+    module = lora_module(base_file, targets=["attn"], tokens=[word], token_lr=0.05)
+    before = module.lora.tokens[0].vectors[word].detach().clone()
+    table = module.conditioner.embedders[0].model.token_embedding.weight.detach().clone()
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 0.05]
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert optimizer.param_groups[1]["params"] == module.lora.token_parameters()
+    trainer(tmp_path, max_steps=3).fit(module, datamodule=tiny_data())
+    after = module.lora.tokens[0].vectors[word].detach()
+    assert not torch.allclose(after, before)
+    assert torch.equal(module.conditioner.embedders[0].model.token_embedding.weight, table)
+
+    base = load_model(None, base_file)
+    module.eval()
+    with torch.no_grad():
+        other = {"txt": ["a red square", "two blue triangles"]}
+        torch.testing.assert_close(module.conditioning({"caption": other["txt"]})["crossattn"],
+                                   base.get_learned_conditioning(other)["crossattn"], atol=1e-6, rtol=1e-6)
+        named = {"txt": ["a red circle"]}
+        assert not torch.allclose(module.conditioning({"caption": named["txt"]})["crossattn"],
+                                  base.get_learned_conditioning(named)["crossattn"], atol=1e-4)
+
+
+def test_export_bundles_the_words_and_the_pipeline_uses_them_while_the_lora_is_loaded(tmp_path, base_file):  # noqa: F811
+    lora = {"rank": 4, "alpha": 2.0, "targets": ["attn", "ff"], "tokens": ["circle", "circles"], "token_lr": 0.05}
+    module = lora_module(base_file, **lora)
+    module.run_config = {"model": tiny_model_node(init_from=str(base_file), lora=lora),
+                         "data": {"params": {"batch_size": 4, "size": 32}}, "seed": 0}
+    trainer(tmp_path, max_steps=3).fit(module, datamodule=tiny_data())
+    path = export_model(module, tmp_path / "shape.safetensors", use_ema=False)
+    state, _ = read_state_dict(path)
+    assert {k for k in state if k.startswith("bundle_emb.")} == {"bundle_emb.circle.string_to_param.*",
+                                                                "bundle_emb.circles.string_to_param.*"}
+    ids = _bpe_tokenizer().encode("circle")
+    assert state["bundle_emb.circle.string_to_param.*"].shape == (len(ids), module.conditioner.embedders[0].width)
+
+    module.eval()
+    prompts = ["a red circle above two blue circles", "a green square"]
+    with torch.no_grad():
+        expected = module.conditioning({"caption": prompts})["crossattn"]
+    pipe = Text2Image.from_checkpoint(base_file)
+    plain = pipe.encode_prompts(prompts)["crossattn"]
+    pipe.load_lora(path)
+    assert {"circle", "circles"} <= {e.name for e in pipe.embeddings}
+    torch.testing.assert_close(pipe.encode_prompts(prompts)["crossattn"], expected, atol=1e-5, rtol=1e-5)
+    pipe.unload_loras()
+    assert len(pipe.embeddings) == 0
+    torch.testing.assert_close(pipe.encode_prompts(prompts)["crossattn"], plain)
+
+
+def test_a_file_of_bundled_embeddings_only_loads_and_a_misfit_is_refused(tmp_path, base_file):  # noqa: F811
+    model = load_model(None, base_file)
+    width = model.conditioner.embedders[0].width
+    only = tmp_path / "ti_only.safetensors"
+    save_file({"bundle_emb.zork.string_to_param.*": torch.randn(2, width)}, str(only))
+    loaded = load_lora(model, only)
+    assert [e.name for e in loaded.embeddings] == ["zork"] and loaded_loras(model) == [loaded]
+    unload_loras(model)
+    misfit = tmp_path / "misfit.safetensors"
+    save_file({"bundle_emb.zork.string_to_param.*": torch.randn(2, width + 1)}, str(misfit))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_lora(model, misfit)
+    assert loaded_loras(model) == []
+    rest, embeddings = split_bundled_embeddings({"a.lora_up.weight": torch.zeros(1), "bundle_emb.x.clip_l":
+                                                 torch.zeros(1, 4), "bundle_emb.x.clip_g": torch.zeros(1, 8)})
+    assert list(rest) == ["a.lora_up.weight"] and embeddings[0].widths == [4, 8]
+
+
+def test_sdxl_like_model_bundles_one_vector_set_per_text_encoder():
+    from test_lora import tiny_sdxl_like
+
+    model = tiny_sdxl_like()
+    network = LoraNetwork(model, parse_lora_config({"rank": 2, "targets": ["attn"], "tokens": ["star"]}))
+    assert len(network.tokens) == 2
+    bundle = bundled_embeddings(network.state_dict())
+    assert set(bundle) == {"bundle_emb.star.clip_l", "bundle_emb.star.clip_g"}
+    widths = [e.width for e in model.conditioner.embedders if hasattr(e, "tokenize_prompts")]
+    assert [bundle["bundle_emb.star.clip_l"].shape[1], bundle["bundle_emb.star.clip_g"].shape[1]] == widths
