@@ -130,3 +130,42 @@ def test_sdxl_like_model_bundles_one_vector_set_per_text_encoder():
     assert set(bundle) == {"bundle_emb.star.clip_l", "bundle_emb.star.clip_g"}
     widths = [e.width for e in model.conditioner.embedders if hasattr(e, "tokenize_prompts")]
     assert [bundle["bundle_emb.star.clip_l"].shape[1], bundle["bundle_emb.star.clip_g"].shape[1]] == widths
+
+
+def test_full_fine_tune_trains_only_the_words_rows_of_the_embedding_table(tmp_path, base_file):  # noqa: F811
+    from test_train_ldm import tiny_module
+
+    module = tiny_module(init_from=str(base_file), train_tokens=["circle"], token_lr=0.05)
+    table = module.conditioner.embedders[0].model.token_embedding.weight
+    before, unet_before = table.detach().clone(), module.model.diffusion_model.out[2].weight.detach().clone()
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.param_groups[1]["params"] == [table] and optimizer.param_groups[1]["lr"] == 0.05
+    trainer(tmp_path, max_steps=3).fit(module, datamodule=tiny_data())
+    changed = (table.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == _bpe_tokenizer().encode("circle")  # that row alone (the captions name squares etc. too)
+    assert not torch.equal(module.model.diffusion_model.out[2].weight, unet_before)
+    tower = module.conditioner.embedders[0].model
+    assert all(not p.requires_grad for n, p in tower.named_parameters() if n != "token_embedding.weight")
+
+    path = export_model(module, tmp_path / "ft.safetensors")
+    exported = load_model(None, path)
+    base = load_model(None, base_file)
+    with torch.no_grad():
+        other, named = {"txt": ["two blue squares"]}, {"txt": ["a red circle"]}
+        torch.testing.assert_close(exported.get_learned_conditioning(other)["crossattn"],
+                                   base.get_learned_conditioning(other)["crossattn"])
+        assert not torch.allclose(exported.get_learned_conditioning(named)["crossattn"],
+                                  base.get_learned_conditioning(named)["crossattn"], atol=1e-4)
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"train_tokens": ["star"], "lora": {"rank": 2}}, "lora.tokens"),
+    ({"token_lr": 0.1}, "no tokens train"),
+    ({"train_tokens": ["two words"]}, "list of words"),
+    ({"train_tokens": ["star"], "cond_stage_trainable": True}, "trains whole"),
+])
+def test_bad_train_tokens_settings_are_one_line_errors(params, fragment):
+    from test_train_ldm import tiny_module
+
+    with pytest.raises(ValueError, match=fragment):
+        tiny_module(**params)

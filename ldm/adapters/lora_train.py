@@ -50,8 +50,8 @@ from ldm.adapters.lora import _text_towers
 from ldm.convert.module_names import diffusers_unet_names
 from ldm.models.text_encoder import _bpe_tokenizer
 
-__all__ = ["LORA_TARGETS", "LoraConfig", "parse_lora_config", "LoraBranch", "TokenVectors", "LoraNetwork",
-           "kohya_state_dict", "bundled_embeddings"]
+__all__ = ["LORA_TARGETS", "LoraConfig", "parse_lora_config", "parse_tokens", "LoraBranch", "TokenVectors",
+           "LoraNetwork", "kohya_state_dict", "bundled_embeddings", "unfreeze_token_rows"]
 
 LORA_TARGETS = ("attn", "ff", "conv", "text")
 _FUSED = "_self_attn_in_proj"  # the branch of a fused q/k/v projection; exported as _q_proj, _k_proj, _v_proj
@@ -76,6 +76,20 @@ class LoraConfig:
         return (self.rank if self.alpha is None else self.alpha) / self.rank
 
 
+def parse_tokens(tokens: Any, token_lr: Any, key: str = "model.params.train_tokens",
+                 lr_key: str = "model.params.token_lr") -> tuple[tuple[str, ...], float | None]:
+    """Words whose token vectors train (a word or a list) and their learning rate, checked: one-line ValueErrors."""
+    tokens = [tokens] if isinstance(tokens, str) else (tokens or [])
+    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) and _WORD.fullmatch(t) for t in tokens):
+        raise ValueError(f"{key}={tokens!r} must be a list of words (letters, digits, _ or -), e.g. [star, stars]")
+    if token_lr is not None and (isinstance(token_lr, bool) or not isinstance(token_lr, (int, float))
+                                 or not math.isfinite(token_lr) or token_lr <= 0):
+        raise ValueError(f"{lr_key}={token_lr!r} must be a number > 0 (the token vectors' learning rate)")
+    if token_lr is not None and not tokens:
+        raise ValueError(f"{lr_key} is set but no tokens train: add {key} (e.g. [star]) or drop {lr_key}")
+    return tuple(dict.fromkeys(tokens)), None if token_lr is None else float(token_lr)
+
+
 def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
     """A ``{rank, alpha, targets, dropout}`` mapping -> :class:`LoraConfig`; a one-line ValueError names a wrong
     key or value."""
@@ -94,17 +108,7 @@ def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
                               or not math.isfinite(alpha) or alpha <= 0):
         raise ValueError(f"{key}.alpha={alpha!r} must be a number > 0 (the update is scaled by alpha / rank)")
-    tokens = value.get("tokens") or []
-    if isinstance(tokens, str):
-        tokens = [tokens]
-    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) and _WORD.fullmatch(t) for t in tokens):
-        raise ValueError(f"{key}.tokens={tokens!r} must be a list of words (letters, digits, _ or -), e.g. [star, stars]")
-    token_lr = value.get("token_lr")
-    if token_lr is not None and (isinstance(token_lr, bool) or not isinstance(token_lr, (int, float))
-                                 or not math.isfinite(token_lr) or token_lr <= 0):
-        raise ValueError(f"{key}.token_lr={token_lr!r} must be a number > 0 (the token vectors' learning rate)")
-    if token_lr is not None and not tokens:
-        raise ValueError(f"{key}.token_lr is set but no tokens train: add {key}.tokens (e.g. [star]) or drop token_lr")
+    tokens, token_lr = parse_tokens(value.get("tokens"), value.get("token_lr"), f"{key}.tokens", f"{key}.token_lr")
     targets = value.get("targets", list(LoraConfig.targets))
     if isinstance(targets, str):
         targets = [targets]
@@ -118,7 +122,7 @@ def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{key}.dropout={dropout!r} must be a number in [0, 1)")
     return LoraConfig(rank, None if alpha is None else float(alpha), tuple(dict.fromkeys(targets)), float(dropout),
-                      tuple(dict.fromkeys(tokens)), None if token_lr is None else float(token_lr))
+                      tokens, token_lr)
 
 
 class LoraBranch(nn.Module):
@@ -330,6 +334,32 @@ class LoraNetwork(nn.Module):
         """The kohya file's tensors (float32, detached copies), the token vectors as bundled embeddings."""
         state = self.state_dict()
         return kohya_state_dict(state) | bundled_embeddings(state)
+
+
+def unfreeze_token_rows(model: nn.Module, words: tuple[str, ...]) -> list[nn.Parameter]:
+    """A full fine-tune's ``train_tokens``: every text tower's ``token_embedding.weight`` trains, but only in the
+    rows of the words' token ids (its gradient is masked to them; trained without weight decay, the other rows
+    never move), so the export holds the new words in the model's own embedding table. A word of several ids
+    moves those ids wherever they occur."""
+    conditioner = getattr(model, "conditioner", None)
+    towers = _text_towers(model)
+    if not towers:
+        raise ValueError("model.params.train_tokens: the model has no OpenCLIP text encoder whose tokens could train")
+    ids = sorted({i for word in words for i in _bpe_tokenizer().encode(word)})
+    params = []
+    for _, tower in towers:
+        embedder = next((e for e in (conditioner.embedders if conditioner is not None else [])
+                         if any(m is tower for m in e.modules())), None)
+        if embedder is None:
+            raise ValueError("model.params.train_tokens: the text encoder is not one of the conditioner's embedders")
+        weight = tower.token_embedding.weight
+        mask = torch.zeros(weight.shape[0], 1)
+        mask[ids] = 1.0
+        weight.requires_grad_(True)
+        weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
+        _make_trainable(conditioner, embedder)
+        params.append(weight)
+    return params
 
 
 def _make_trainable(conditioner: nn.Module, embedder: nn.Module) -> None:

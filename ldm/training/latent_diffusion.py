@@ -127,9 +127,13 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             ``{path, parts, ema, keep_new}`` entries.
         cache_latents: cache first-stage moments and text embeddings (see the module docstring).
         cache_dir: keep those caches on disk in this folder, across runs and ranks (implies cache_latents).
-        lora: ``{rank, alpha, targets: [attn, ff, conv, text], dropout}``: train a LoRA / LoCon on the frozen model
-            instead of the model (see :mod:`ldm.training.lora`); checkpoints hold only the LoRA, the export is a
-            kohya-format file.
+        lora: ``{rank, alpha, targets: [attn, ff, conv, text], dropout, tokens, token_lr}``: train a LoRA / LoCon
+            on the frozen model instead of the model (see :mod:`ldm.training.lora`); checkpoints hold only the LoRA,
+            the export is a kohya-format file (``tokens``: words whose token vectors train too, bundled in the file
+            as embeddings).
+        train_tokens, token_lr: a full fine-tune's new words: the rows of their token ids in the text encoders'
+            embedding tables train (at ``token_lr``, default the learning rate; no weight decay), the rest of a
+            frozen text encoder stays as it is (:func:`ldm.adapters.lora_train.unfreeze_token_rows`).
         validation_prompts, sample_*: what the image logger samples (EMA weights, CFG).
     """
 
@@ -159,6 +163,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         first_stage_ckpt: str | None = None,
         init_from: Any = None,
         lora: Any = None,
+        train_tokens: Sequence[str] | None = None,
+        token_lr: float | None = None,
         cache_latents: bool = False,
         cache_dir: str | None = None,
         validation_prompts: Sequence[str] | None = None,
@@ -216,6 +222,15 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                         "weights (cond_stage_config.params.ckpt_path, or --init a model file) or train it "
                         "(cond_stage_trainable: true, freeze: false)")
         self.lora = self._attach_lora(lora) if lora is not None else None
+        self._token_rows: list[torch.nn.Parameter] = []
+        self.token_lr = None if token_lr is None else float(token_lr)
+        if train_tokens:
+            from ldm.adapters.lora_train import parse_tokens, unfreeze_token_rows
+
+            self._token_rows = unfreeze_token_rows(self, parse_tokens(train_tokens, token_lr)[0])
+            if self.conditioner.cache is not None:
+                log.info("train_tokens: the text embeddings change as the words train, so they are not cached")
+                self.conditioner.enable_cache(False)
         if (self.lora is not None and ("text" in self.lora.config.targets or self.lora.config.tokens)
                 and self.conditioner.cache is not None):
             log.info("LoRA on the text encoder (or its token vectors): its embeddings change as it trains, so they "
@@ -262,6 +277,16 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             if model_args["cond_stage_trainable"]:
                 raise ValueError("model.params.lora trains a LoRA on a frozen model: set cond_stage_trainable=false "
                                  "(the text encoder gets a LoRA with lora.targets: [..., text])")
+        if hp["train_tokens"] or hp["token_lr"] is not None:
+            from ldm.adapters.lora_train import parse_tokens
+
+            parse_tokens(hp["train_tokens"], hp["token_lr"])
+            if hp["lora"] is not None:
+                raise ValueError("model.params.train_tokens is for a full fine-tune; a LoRA trains new words with "
+                                 "model.params.lora.tokens (and lora.token_lr)")
+            if model_args["cond_stage_trainable"]:
+                raise ValueError("model.params.train_tokens: the text encoder trains whole already "
+                                 "(cond_stage_trainable: true); drop train_tokens or freeze the text encoder")
         if hp["base_learning_rate"] <= 0 or (hp["learning_rate"] is not None and hp["learning_rate"] <= 0):
             raise ValueError("base_learning_rate/learning_rate must be > 0 (e.g. 1e-4)")
         if len(hp["adam_betas"]) != 2:
@@ -425,11 +450,14 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
     def configure_optimizers(self) -> dict:
         params = self.trainable_parameters()
         groups: list = params
-        if self.lora is not None and self.lora.config.token_lr is not None:  # the token vectors at their own rate
-            tokens = {id(p) for p in self.lora.token_parameters()}
+        token_params = self.lora.token_parameters() if self.lora is not None else self._token_rows
+        token_lr = self.lora.config.token_lr if self.lora is not None else self.token_lr
+        if token_params:  # the new words' vectors: at their own rate, no weight decay
+            tokens = {id(p) for p in token_params}
             groups = [{"params": [p for p in params if id(p) not in tokens]},
-                      {"params": [p for p in params if id(p) in tokens], "lr": self.lora.config.token_lr,
-                       "weight_decay": 0.0}]
+                      {"params": [p for p in params if id(p) in tokens], "weight_decay": 0.0}
+                      | ({} if token_lr is None else {"lr": token_lr})]
+            groups = [g for g in groups if g["params"]]
         opt = build_optimizer(self.optimizer_name, groups, self.effective_learning_rate(), betas=self.adam_betas,
                               eps=self.adam_eps, weight_decay=self.weight_decay,
                               adam_options=self.adam_options(params) if self.optimizer_name == "adamw" else None)
