@@ -169,3 +169,39 @@ def test_bad_train_tokens_settings_are_one_line_errors(params, fragment):
 
     with pytest.raises(ValueError, match=fragment):
         tiny_module(**params)
+
+
+def test_preserve_teaches_captions_without_the_words_the_frozen_models_prediction(tmp_path, base_file):  # noqa: F811
+    """lora.preserve: samples whose caption names none of the tokens learn the frozen model's prediction. The tiny
+    shapes captions never say "star": the LoRA starts equal to the base (up = 0), so the loss is 0 and it stays
+    there, while without preserve the same run moves every up matrix."""
+    with pytest.raises(ValueError, match="preserve"):
+        parse_lora_config({"targets": ["attn"], "preserve": True})
+    lora = {"targets": ["attn", "ff", "conv"], "tokens": ["star"]}
+    kept = lora_module(base_file, **lora, preserve=True)
+    moved = lora_module(base_file, **lora)
+    for module, name in ((kept, "kept"), (moved, "moved")):
+        module.weight_decay = 0.0
+        trainer(tmp_path / name, max_steps=3).fit(module, datamodule=tiny_data())
+    ups = lambda m: [p for n, p in m.lora.named_parameters() if n.endswith("lora_up.weight")]  # noqa: E731
+    assert all(not p.abs().sum() for p in ups(kept))
+    assert all(p.abs().sum() > 0 for p in ups(moved))
+    assert kept.lora.names_tokens("Two red STARS and a star.") and not kept.lora.names_tokens("a starfish, stars")
+
+
+def test_disabled_lora_gives_the_base_model(base_file):  # noqa: F811
+    module = lora_module(base_file, tokens=["circle"])
+    with torch.no_grad():
+        for n, p in module.lora.named_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    module.eval()
+    base = load_model(None, base_file)
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300])
+    batch = {"caption": ["a red circle"]}
+    with torch.no_grad():
+        expected = base.apply_model(x, t, base.get_learned_conditioning({"txt": batch["caption"]}))
+        with module.lora.disabled():
+            got = module.apply_model(x, t, module.conditioning(batch))
+        lora_on = module.apply_model(x, t, module.conditioning(batch))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(lora_on, expected, atol=1e-3)

@@ -36,11 +36,12 @@ learning rate (textual inversion usually wants a higher one than the LoRA), with
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,8 @@ TOKENS_PREFIX = "tokens."  # the token vectors in a LoraNetwork's state dict: to
 @dataclass(frozen=True)
 class LoraConfig:
     """``model.params.lora``: rank, alpha (default: rank, a scale of 1), targets and dropout; ``tokens``: words whose
-    token vectors train too, at ``token_lr`` (default: the run's learning rate)."""
+    token vectors train too, at ``token_lr`` (default: the run's learning rate); ``preserve``: prior preservation
+    by distillation (samples whose caption names none of ``tokens`` learn the frozen model's own prediction)."""
 
     rank: int = 4
     alpha: float | None = None
@@ -70,6 +72,7 @@ class LoraConfig:
     dropout: float = 0.0
     tokens: tuple[str, ...] = ()
     token_lr: float | None = None
+    preserve: bool = False
 
     @property
     def scale(self) -> float:
@@ -121,8 +124,14 @@ def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
     dropout = value.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{key}.dropout={dropout!r} must be a number in [0, 1)")
+    preserve = value.get("preserve", False)
+    if not isinstance(preserve, bool):
+        raise ValueError(f"{key}.preserve={preserve!r} must be true or false")
+    if preserve and not tokens:
+        raise ValueError(f"{key}.preserve keeps what captions without the new words give; name the words in "
+                         f"{key}.tokens (e.g. [star])")
     return LoraConfig(rank, None if alpha is None else float(alpha), tuple(dict.fromkeys(targets)), float(dropout),
-                      tokens, token_lr)
+                      tokens, token_lr, preserve)
 
 
 class LoraBranch(nn.Module):
@@ -143,6 +152,7 @@ class LoraBranch(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.rank, self.dropout = rank, dropout
+        self.enabled = True  # off inside LoraNetwork.disabled()
 
     @property
     def scale(self) -> float:
@@ -154,6 +164,8 @@ class LoraBranch(nn.Module):
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """The forward hook on the base layer: its output plus the branch of its input."""
+        if not self.enabled:
+            return output
         return output + self(args[0]).to(output.dtype)
 
     def delta(self, weight_shape: torch.Size) -> torch.Tensor:
@@ -178,6 +190,9 @@ class _FusedWeights:
             return
         self.saved = []
         for attn, branch in self.pairs:
+            if not branch.enabled:
+                self.saved.append(attn._parameters["in_proj_weight"])
+                continue
             weight = attn._parameters["in_proj_weight"]
             self.saved.append(weight)
             attn._parameters["in_proj_weight"] = weight + branch.delta(weight.shape).to(weight.dtype)
@@ -217,10 +232,19 @@ class TokenVectors(nn.Module):
                 raise ValueError(f"model.params.lora.tokens: {word!r} has no tokens")
             self.ids[word] = ids
             self.vectors[word] = nn.Parameter(token_embedding.weight.detach()[list(ids)].float().clone())
+        self.enabled = True
+        self._patterns = [re.compile(rf"(?<![a-z0-9]){re.escape(w.lower())}(?![a-z0-9])") for w in words]
+
+    def named_in(self, text: str) -> bool:
+        """Whether a prompt uses one of the words (as a whole word; CLIP's tokenizer lower-cases)."""
+        text = text.lower()
+        return any(p.search(text) for p in self._patterns)
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """The forward hook on ``token_embedding``: its output with the words' vectors in place of their ids'."""
         ids = args[0]
+        if not self.enabled:
+            return output
         for word, word_ids in self.ids.items():
             n, length = len(word_ids), ids.shape[-1]
             if n > length:
@@ -319,6 +343,23 @@ class LoraNetwork(nn.Module):
             self.tokens.append(vectors)
             self._handles.append(tower.token_embedding.register_forward_hook(vectors.hook))
             _make_trainable(conditioner, embedder)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The model without its LoRA inside the block (every branch and token vector off): the frozen base."""
+        parts = [*self.branches.values(), *self.tokens]
+        states = [part.enabled for part in parts]
+        for part in parts:
+            part.enabled = False
+        try:
+            yield
+        finally:
+            for part, state in zip(parts, states):
+                part.enabled = state
+
+    def names_tokens(self, text: str) -> bool:
+        """Whether a caption uses one of the trained words (``tokens``)."""
+        return any(vectors.named_in(text) for vectors in self.tokens)
 
     def token_parameters(self) -> list[nn.Parameter]:
         """The token vectors (trained at ``token_lr``)."""

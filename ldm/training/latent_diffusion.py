@@ -363,9 +363,31 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         images = batch[self.first_stage_key]
         keys = self.cache_keys(images) if self.cache_latents and self.training else None
         z = self.latents(images, generator, keys)
+        preserve = self.lora is not None and self.lora.config.preserve and self.training
+        state = generator.get_state() if preserve else None
         cond = self.conditioning(batch, generator, drop)
-        loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator)
+        if not preserve:
+            loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator)
+            return loss
+        captions = batch[self.cond_stage_key]
+        mask = torch.tensor([not self.lora.names_tokens(c) for c in ([captions] if isinstance(captions, str)
+                                                                     else captions)])
+        loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator,
+                               teacher=lambda x_t, t, m: self._frozen_prediction(batch, state, drop, x_t, t, m),
+                               teacher_mask=mask)
         return loss
+
+    def _frozen_prediction(self, batch: dict, state: torch.Tensor, drop: bool, x_t: torch.Tensor, t: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+        """``lora.preserve``: the frozen model's prediction (the LoRA off) for the masked samples, with the same
+        conditioning dropout as the trained forward (the generator state from before it)."""
+        generator = torch.Generator(device=self.device)
+        generator.set_state(state)
+        with self.lora.disabled():
+            cond = self.conditioning(batch, generator, drop)
+            cond = {k: v[mask.to(v.device)] for k, v in cond.items()} if isinstance(cond, dict) else \
+                cond[mask.to(cond.device)]
+            return self.apply_model(x_t, t, cond)
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
