@@ -205,3 +205,18 @@ def test_disabled_lora_gives_the_base_model(base_file):  # noqa: F811
         lora_on = module.apply_model(x, t, module.conditioning(batch))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(lora_on, expected, atol=1e-3)
+
+
+def test_full_fine_tune_preserve_keeps_the_starting_unet_for_captions_without_the_words(tmp_path, base_file):  # noqa: F811
+    from test_train_ldm import tiny_module
+
+    with pytest.raises(ValueError, match="train_tokens"):
+        tiny_module(preserve=True)
+    kept = tiny_module(init_from=str(base_file), train_tokens=["star"], preserve=True, use_ema=False)
+    moved = tiny_module(init_from=str(base_file), train_tokens=["star"], use_ema=False)
+    start = {k: v.clone() for k, v in kept.model.state_dict().items()}
+    assert "_teacher" not in dict(kept.named_modules()) and not any("teacher" in k for k in kept.state_dict())
+    for module, name in ((kept, "kept"), (moved, "moved")):
+        trainer(tmp_path / name, max_steps=2).fit(module, datamodule=tiny_data())
+    assert all(torch.equal(v, start[k]) for k, v in kept.model.state_dict().items())  # loss 0: nothing moves
+    assert not all(torch.equal(v, start[k]) for k, v in moved.model.state_dict().items())

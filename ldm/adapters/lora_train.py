@@ -52,7 +52,7 @@ from ldm.convert.module_names import diffusers_unet_names
 from ldm.models.text_encoder import _bpe_tokenizer
 
 __all__ = ["LORA_TARGETS", "LoraConfig", "parse_lora_config", "parse_tokens", "LoraBranch", "TokenVectors",
-           "LoraNetwork", "kohya_state_dict", "bundled_embeddings", "unfreeze_token_rows"]
+           "LoraNetwork", "kohya_state_dict", "bundled_embeddings", "unfreeze_token_rows", "names_any"]
 
 LORA_TARGETS = ("attn", "ff", "conv", "text")
 _FUSED = "_self_attn_in_proj"  # the branch of a fused q/k/v projection; exported as _q_proj, _k_proj, _v_proj
@@ -233,12 +233,6 @@ class TokenVectors(nn.Module):
             self.ids[word] = ids
             self.vectors[word] = nn.Parameter(token_embedding.weight.detach()[list(ids)].float().clone())
         self.enabled = True
-        self._patterns = [re.compile(rf"(?<![a-z0-9]){re.escape(w.lower())}(?![a-z0-9])") for w in words]
-
-    def named_in(self, text: str) -> bool:
-        """Whether a prompt uses one of the words (as a whole word; CLIP's tokenizer lower-cases)."""
-        text = text.lower()
-        return any(p.search(text) for p in self._patterns)
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """The forward hook on ``token_embedding``: its output with the words' vectors in place of their ids'."""
@@ -359,7 +353,7 @@ class LoraNetwork(nn.Module):
 
     def names_tokens(self, text: str) -> bool:
         """Whether a caption uses one of the trained words (``tokens``)."""
-        return any(vectors.named_in(text) for vectors in self.tokens)
+        return names_any(text, self.config.tokens)
 
     def token_parameters(self) -> list[nn.Parameter]:
         """The token vectors (trained at ``token_lr``)."""
@@ -375,6 +369,12 @@ class LoraNetwork(nn.Module):
         """The kohya file's tensors (float32, detached copies), the token vectors as bundled embeddings."""
         state = self.state_dict()
         return kohya_state_dict(state) | bundled_embeddings(state)
+
+
+def names_any(text: str, words: tuple[str, ...]) -> bool:
+    """Whether ``text`` uses one of ``words`` as a whole word (case-insensitive, as CLIP's tokenizer lower-cases)."""
+    text = text.lower()
+    return any(re.search(rf"(?<![a-z0-9]){re.escape(w.lower())}(?![a-z0-9])", text) for w in words)
 
 
 def unfreeze_token_rows(model: nn.Module, words: tuple[str, ...]) -> list[nn.Parameter]:

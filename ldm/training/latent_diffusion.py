@@ -29,6 +29,7 @@ says so when the training data uses them). A corrupt file is reported, encoded a
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import inspect
 import logging
@@ -134,6 +135,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         train_tokens, token_lr: a full fine-tune's new words: the rows of their token ids in the text encoders'
             embedding tables train (at ``token_lr``, default the learning rate; no weight decay), the rest of a
             frozen text encoder stays as it is (:func:`ldm.adapters.lora_train.unfreeze_token_rows`).
+        preserve: a full fine-tune's prior preservation by distillation (with ``train_tokens``): samples whose
+            caption names none of the new words learn the prediction of a frozen copy of the starting UNet (kept
+            beside it: its memory once more) instead of the data's target. A LoRA run has ``lora.preserve``.
         validation_prompts, sample_*: what the image logger samples (EMA weights, CFG).
     """
 
@@ -165,6 +169,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         lora: Any = None,
         train_tokens: Sequence[str] | None = None,
         token_lr: float | None = None,
+        preserve: bool = False,
         cache_latents: bool = False,
         cache_dir: str | None = None,
         validation_prompts: Sequence[str] | None = None,
@@ -223,14 +228,19 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                         "(cond_stage_trainable: true, freeze: false)")
         self.lora = self._attach_lora(lora) if lora is not None else None
         self._token_rows: list[torch.nn.Parameter] = []
+        self._words: tuple[str, ...] = self.lora.config.tokens if self.lora is not None else ()
+        self._teacher: torch.nn.Module | None = None  # preserve: the starting UNet, frozen (not a submodule)
         self.token_lr = None if token_lr is None else float(token_lr)
         if train_tokens:
             from ldm.adapters.lora_train import parse_tokens, unfreeze_token_rows
 
-            self._token_rows = unfreeze_token_rows(self, parse_tokens(train_tokens, token_lr)[0])
+            self._words = parse_tokens(train_tokens, token_lr)[0]
+            self._token_rows = unfreeze_token_rows(self, self._words)
             if self.conditioner.cache is not None:
                 log.info("train_tokens: the text embeddings change as the words train, so they are not cached")
                 self.conditioner.enable_cache(False)
+        if preserve:
+            self.__dict__["_teacher"] = copy.deepcopy(self.model).requires_grad_(False).eval()
         if (self.lora is not None and ("text" in self.lora.config.targets or self.lora.config.tokens)
                 and self.conditioner.cache is not None):
             log.info("LoRA on the text encoder (or its token vectors): its embeddings change as it trains, so they "
@@ -287,6 +297,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             if model_args["cond_stage_trainable"]:
                 raise ValueError("model.params.train_tokens: the text encoder trains whole already "
                                  "(cond_stage_trainable: true); drop train_tokens or freeze the text encoder")
+        if hp["preserve"] and (hp["lora"] is not None or not hp["train_tokens"]):
+            raise ValueError("model.params.preserve keeps a full fine-tune's other prompts: it needs "
+                             "model.params.train_tokens (the new words); a LoRA has lora.preserve")
         if hp["base_learning_rate"] <= 0 or (hp["learning_rate"] is not None and hp["learning_rate"] <= 0):
             raise ValueError("base_learning_rate/learning_rate must be > 0 (e.g. 1e-4)")
         if len(hp["adam_betas"]) != 2:
@@ -363,15 +376,17 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         images = batch[self.first_stage_key]
         keys = self.cache_keys(images) if self.cache_latents and self.training else None
         z = self.latents(images, generator, keys)
-        preserve = self.lora is not None and self.lora.config.preserve and self.training
+        preserve = self.training and (self._teacher is not None or (self.lora is not None and self.lora.config.preserve))
         state = generator.get_state() if preserve else None
         cond = self.conditioning(batch, generator, drop)
         if not preserve:
             loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator)
             return loss
         captions = batch[self.cond_stage_key]
-        mask = torch.tensor([not self.lora.names_tokens(c) for c in ([captions] if isinstance(captions, str)
-                                                                     else captions)])
+        from ldm.adapters.lora_train import names_any
+
+        mask = torch.tensor([not names_any(c, self._words) for c in ([captions] if isinstance(captions, str)
+                                                                   else captions)])
         loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator,
                                teacher=lambda x_t, t, m: self._frozen_prediction(batch, state, drop, x_t, t, m),
                                teacher_mask=mask)
@@ -379,15 +394,17 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
 
     def _frozen_prediction(self, batch: dict, state: torch.Tensor, drop: bool, x_t: torch.Tensor, t: torch.Tensor,
                            mask: torch.Tensor) -> torch.Tensor:
-        """``lora.preserve``: the frozen model's prediction (the LoRA off) for the masked samples, with the same
-        conditioning dropout as the trained forward (the generator state from before it)."""
+        """``preserve``: the frozen model's prediction (the LoRA off, or the starting UNet's) for the masked
+        samples, with the same conditioning dropout as the trained forward (the generator state from before it)."""
         generator = torch.Generator(device=self.device)
         generator.set_state(state)
-        with self.lora.disabled():
+        with self.lora.disabled() if self.lora is not None else contextlib.nullcontext():
             cond = self.conditioning(batch, generator, drop)
             cond = {k: v[mask.to(v.device)] for k, v in cond.items()} if isinstance(cond, dict) else \
                 cond[mask.to(cond.device)]
-            return self.apply_model(x_t, t, cond)
+            if self._teacher is None:
+                return self.apply_model(x_t, t, cond)
+            return self._teacher.to(x_t.device)(x_t, t, cond)
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
