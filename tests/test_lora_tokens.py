@@ -75,7 +75,7 @@ def test_tokens_train_with_their_own_rate_and_leave_other_prompts_alone(tmp_path
                                   base.get_learned_conditioning(named)["crossattn"], atol=1e-4)
 
 
-def test_export_bundles_the_words_and_the_pipeline_uses_them_while_the_lora_is_loaded(tmp_path, base_file):  # noqa: F811
+def test_export_bundles_the_words_and_the_pipeline_uses_them_with_the_lora(tmp_path, base_file):  # noqa: F811
     lora = {"rank": 4, "alpha": 2.0, "targets": ["attn", "ff"], "tokens": ["circle", "circles"], "token_lr": 0.05}
     module = lora_module(base_file, **lora)
     module.run_config = {"model": tiny_model_node(init_from=str(base_file), lora=lora),
@@ -207,7 +207,7 @@ def test_disabled_lora_gives_the_base_model(base_file):  # noqa: F811
     assert not torch.allclose(lora_on, expected, atol=1e-3)
 
 
-def test_full_fine_tune_preserve_keeps_the_starting_unet_for_captions_without_the_words(tmp_path, base_file):  # noqa: F811
+def test_full_fine_tune_preserve_keeps_the_starting_unet_without_the_words(tmp_path, base_file):  # noqa: F811
     from test_train_ldm import tiny_module
 
     with pytest.raises(ValueError, match="train_tokens"):

@@ -327,7 +327,8 @@ class LoraNetwork(nn.Module):
         conditioner = getattr(model, "conditioner", None)
         towers = _text_towers(model)
         if not towers:
-            raise ValueError("model.params.lora.tokens: the model has no OpenCLIP text encoder whose tokens could train")
+            raise ValueError("model.params.lora.tokens: the model has no OpenCLIP text encoder whose tokens "
+                             "could train")
         for _, tower in towers:
             embedder = next((e for e in (conditioner.embedders if conditioner is not None else [])
                              if any(m is tower for m in e.modules())), None)

@@ -376,7 +376,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         images = batch[self.first_stage_key]
         keys = self.cache_keys(images) if self.cache_latents and self.training else None
         z = self.latents(images, generator, keys)
-        preserve = self.training and (self._teacher is not None or (self.lora is not None and self.lora.config.preserve))
+        preserve = self.training and (self._teacher is not None
+                                      or (self.lora is not None and self.lora.config.preserve))
         state = generator.get_state() if preserve else None
         cond = self.conditioning(batch, generator, drop)
         if not preserve:
