@@ -220,3 +220,20 @@ def test_full_fine_tune_preserve_keeps_the_starting_unet_without_the_words(tmp_p
         trainer(tmp_path / name, max_steps=2).fit(module, datamodule=tiny_data())
     assert all(torch.equal(v, start[k]) for k, v in kept.model.state_dict().items())  # loss 0: nothing moves
     assert not all(torch.equal(v, start[k]) for k, v in moved.model.state_dict().items())
+
+
+def test_conditioner_records_the_dropped_captions(base_file):  # noqa: F811
+    """preserve distils every dropped caption (the unconditional branch stays the base's): the conditioner says
+    which samples its dropout replaced."""
+    from test_train_ldm import tiny_module
+
+    module = tiny_module(init_from=str(base_file), cond_drop_rate=0.5)
+    module.eval()
+    captions = [f"{n} red circles" for n in ("one", "two", "three", "four")] * 4
+    with torch.no_grad():
+        cond = module.conditioning({"caption": captions}, torch.Generator().manual_seed(1), drop=True)["crossattn"]
+        dropped = module.conditioner.last_dropped["txt"]
+        empty = module.conditioning({"caption": [""]})["crossattn"][0]
+    assert module.conditioner.last_dropped == {}  # a call without dropout drops nothing
+    assert 0 < int(dropped.sum()) < len(captions)
+    assert [bool(torch.allclose(row, empty)) for row in cond] == dropped.tolist()

@@ -388,6 +388,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
 
         mask = torch.tensor([not names_any(c, self._words) for c in ([captions] if isinstance(captions, str)
                                                                    else captions)])
+        dropped = self.conditioner.last_dropped.get(PROMPT_KEY)
+        if dropped is not None:  # a dropped caption is the empty prompt: its prediction is the base's too
+            mask = mask | dropped.cpu()
         loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator,
                                teacher=lambda x_t, t, m: self._frozen_prediction(batch, state, drop, x_t, t, m),
                                teacher_mask=mask)
@@ -396,7 +399,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
     def _frozen_prediction(self, batch: dict, state: torch.Tensor, drop: bool, x_t: torch.Tensor, t: torch.Tensor,
                            mask: torch.Tensor) -> torch.Tensor:
         """``preserve``: the frozen model's prediction (the LoRA off, or the starting UNet's) for the masked
-        samples, with the same conditioning dropout as the trained forward (the generator state from before it)."""
+        samples (captions without the new words, and every dropped caption: the unconditional branch that
+        guidance subtracts stays the base's), with the same conditioning dropout as the trained forward (the
+        generator state from before it)."""
         generator = torch.Generator(device=self.device)
         generator.set_state(state)
         with self.lora.disabled() if self.lora is not None else contextlib.nullcontext():
