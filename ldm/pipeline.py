@@ -602,13 +602,34 @@ class _Pipeline:
         stays until :meth:`unload_loras`; a file that does not fit this model is refused in one line."""
         from ldm.adapters import lora
 
-        return lora.load_lora(self.model, path, weight, unet_weight=unet_weight, name=name)
+        loaded = lora.load_lora(self.model, path, weight, unet_weight=unet_weight, name=name)
+        self._sync_lora_embeddings()
+        return loaded
 
     def unload_loras(self) -> None:
         """Take every LoRA off again: the weights are restored exactly."""
         from ldm.adapters import lora
 
         lora.unload_loras(self.model)
+        self._sync_lora_embeddings()
+
+    def _sync_lora_embeddings(self) -> None:
+        """The embeddings bundled in the loaded LoRA files (A1111's ``bundle_emb``) are prompt embeddings while their
+        LoRA is loaded: added to :attr:`embeddings`, taken out (and a file embedding they hid put back) after."""
+        from ldm.adapters import lora
+
+        bundled = self.__dict__.setdefault("_bundled", {})  # name -> (bundled embedding, the one it replaced)
+        for name, (embedding, replaced) in list(bundled.items()):
+            if name in self.embeddings and self.embeddings[name] is embedding:
+                self.embeddings.remove(name)
+                if replaced is not None:
+                    self.embeddings.add(replaced)
+            del bundled[name]
+        for loaded in lora.loaded_loras(self.model):
+            for embedding in loaded.embeddings:
+                previous = bundled.get(embedding.name, (None, None))[1] if embedding.name in bundled else (
+                    self.embeddings[embedding.name] if embedding.name in self.embeddings else None)
+                bundled[embedding.name] = (self.embeddings.add(embedding), previous)
 
     @property
     def loras(self) -> list:
@@ -641,6 +662,7 @@ class _Pipeline:
             for name, tag in wanted.items():
                 lora.load_lora(self.model, paths[name], tag.weight, unet_weight=tag.unet_weight, name=name,
                                source="prompt")
+            self._sync_lora_embeddings()
         if cleaned == req.prompts:
             return req
         return dataclasses.replace(req, prompts=cleaned, shown_prompts=req.shown_prompts or req.prompts)

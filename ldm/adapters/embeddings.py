@@ -29,7 +29,7 @@ import torch
 from ldm.io import CheckpointError, model_hash, read_state_dict
 from ldm.models.text_encoder import _bpe_tokenizer
 
-__all__ = ["EMBEDDING_SUFFIXES", "Embedding", "EmbeddingLibrary", "read_embedding"]
+__all__ = ["EMBEDDING_SUFFIXES", "Embedding", "EmbeddingLibrary", "read_embedding", "embedding_vectors"]
 
 log = logging.getLogger(__name__)
 
@@ -90,31 +90,39 @@ def read_embedding(path: str | os.PathLike, token: str | None = None) -> Embeddi
     if not path.is_file():
         raise FileNotFoundError(f"embedding not found: {path} (check the path)")
     state, _ = read_state_dict(path, nested=True)
+    vectors, stored_token = embedding_vectors(state, str(path))
+    if token is None:
+        token = stored_token if stored_token is not None and path.stem == _DIFFUSERS_STEM else path.stem
+    return Embedding(token, vectors, path, model_hash(path, 12))
+
+
+def embedding_vectors(state: dict[str, Any], where: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """An embedding's tensors (one of the formats above, also as bundled in a LoRA file under ``bundle_emb.<name>.``)
+    -> its vector sets (float32 ``[n, width]``) and the token a diffusers file stores (else None); ``where`` names
+    the source in the one-line CheckpointError of anything else."""
     params = [k for k in state if k.startswith("string_to_param.")]
     stored_token = None
     if params:
         if len(params) != 1:
-            raise CheckpointError(f"{path}: an A1111 embedding has one string_to_param entry, this one has "
+            raise CheckpointError(f"{where}: an A1111 embedding has one string_to_param entry, this one has "
                                   f"{len(params)}; it is not supported")
         vectors = {"": state[params[0]]}
     elif "emb_params" in state:
         vectors = {"": state["emb_params"]}
     elif "clip_l" in state or "clip_g" in state:
         vectors = {k: state[k] for k in ("clip_l", "clip_g") if k in state}
-    elif len(state) == 1:
+    elif len(state) == 1 and isinstance(next(iter(state.values())), torch.Tensor):
         stored_token, tensor = next(iter(state.items()))
         vectors = {"": tensor}
     else:
         keys = ", ".join(sorted(state)[:5]) + (", ..." if len(state) > 5 else "")
-        raise CheckpointError(f"{path} is not a textual-inversion embedding (it has {keys}; expected "
+        raise CheckpointError(f"{where} is not a textual-inversion embedding (it has {keys}; expected "
                               "string_to_param, emb_params, clip_l + clip_g, or one {token: tensor})")
     vectors = {k: (t[None] if t.ndim == 1 else t).detach().float() for k, t in vectors.items()}
     if any(t.ndim != 2 for t in vectors.values()):
-        raise CheckpointError(f"{path}: embedding vectors must be [n, width], got "
+        raise CheckpointError(f"{where}: embedding vectors must be [n, width], got "
                               f"{[tuple(t.shape) for t in vectors.values()]}")
-    if token is None:
-        token = stored_token if stored_token is not None and path.stem == _DIFFUSERS_STEM else path.stem
-    return Embedding(token, vectors, path, model_hash(path, 12))
+    return vectors, stored_token
 
 
 class EmbeddingLibrary:

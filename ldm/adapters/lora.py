@@ -388,6 +388,7 @@ class LoadedLora:
     hash: str
     source: str = "api"  # "api" (load_lora) or "prompt" (a <lora:...> tag)
     state: dict = field(default_factory=dict, repr=False)
+    embeddings: list = field(default_factory=list)  # its bundled embeddings (ldm.adapters.embeddings.Embedding)
 
 
 @dataclass
@@ -454,6 +455,30 @@ def _with_peft_alphas(state: dict[str, torch.Tensor], meta: Mapping[str, str]) -
     return out
 
 
+_BUNDLE = "bundle_emb."
+
+
+def split_bundled_embeddings(state: Mapping[str, torch.Tensor], source: str = "LoRA file"
+                             ) -> tuple[dict[str, torch.Tensor], list]:
+    """A LoRA file's tensors -> (its LoRA tensors, its bundled textual-inversion embeddings): A1111's
+    ``bundle_emb.<name>.string_to_param.*`` / ``.emb_params`` / ``.clip_l`` + ``.clip_g`` (kohya's and
+    :mod:`ldm.adapters.lora_train`'s pivotal-tuning output), each an embedding called by ``<name>``."""
+    from ldm.adapters.embeddings import Embedding, embedding_vectors
+
+    rest, bundles = {}, {}
+    for key, value in state.items():
+        if key.startswith(_BUNDLE):
+            name, _, inner = key[len(_BUNDLE):].partition(".")
+            bundles.setdefault(name, {})[inner] = value
+        else:
+            rest[key] = value
+    embeddings = []
+    for name, tensors in bundles.items():
+        vectors, _ = embedding_vectors(tensors, f"{source}: bundled embedding {name!r}")
+        embeddings.append(Embedding(name, vectors))
+    return rest, embeddings
+
+
 def load_lora(model: nn.Module, path: str | os.PathLike, weight: float = 1.0, *, unet_weight: float | None = None,
               name: str | None = None, source: str = "api") -> LoadedLora:
     """Merge a LoRA / LoCon / LoHa / LoKr file into ``model`` (a ``LatentDiffusion``) with ``weight`` (the text
@@ -466,10 +491,15 @@ def load_lora(model: nn.Module, path: str | os.PathLike, weight: float = 1.0, *,
         if value is not None and not math.isfinite(value):
             raise ValueError(f"LoRA {label} {value} is not a finite number")
     state, meta = read_state_dict(path)
-    state = _with_peft_alphas(state, meta)
+    state, embeddings = split_bundled_embeddings(_with_peft_alphas(state, meta), f"LoRA {path}")
+    from ldm.adapters.prompts import text_encoders
+
+    for embedding in embeddings:  # checked before anything merges
+        for encoder in text_encoders(model):
+            embedding.vectors_for(encoder)
     lora = LoadedLora(name or path.stem, path, float(weight), None if unet_weight is None else float(unet_weight),
-                      lora_hash(path), source, state)
-    _merge(model, lora, lora_updates(model, state, f"LoRA {path}"))
+                      lora_hash(path), source, state, embeddings)
+    _merge(model, lora, lora_updates(model, state, f"LoRA {path}") if state or not embeddings else [])
     _stack(model).loras.append(lora)
     log.info("LoRA %s merged (weight %g, %s)", lora.name, lora.weight, lora.hash)
     return lora
@@ -490,7 +520,7 @@ def unload_loras(model: nn.Module, source: str | None = None) -> None:
     stack.loras[:] = []
     _text_changed(model)
     for lora in keep:
-        _merge(model, lora, lora_updates(model, lora.state, f"LoRA {lora.path}"))
+        _merge(model, lora, lora_updates(model, lora.state, f"LoRA {lora.path}") if lora.state else [])
         stack.loras.append(lora)
 
 

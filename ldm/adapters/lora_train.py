@@ -25,13 +25,23 @@ Targets (``targets``):
     ff: the transformers' feed-forward layers (ff.net.0.proj, ff.net.2);
     conv: LoCon, the ResBlocks' and down/upsamplers' convolutions and time-embedding projections;
     text: every block of the text encoder(s) the model runs: q/k/v, out_proj, fc1, fc2.
+
+Token vectors (``tokens: [star, stars]``, pivotal tuning): the input token embeddings of these words train with the
+LoRA, one set per text tower, starting from the words' own embeddings (:class:`TokenVectors`). A LoRA teaches the
+model a new word this way without changing how any other prompt is encoded (a text LoRA changes every prompt's
+encoding). The export bundles them into the LoRA file as A1111 does (``bundle_emb.<word>.string_to_param.*``, SDXL:
+``bundle_emb.<word>.clip_l`` / ``clip_g``): loading the LoRA makes the words embeddings, which replace the words'
+token vectors wherever a prompt uses them, so the loaded file gives exactly what training saw. ``token_lr``: their
+learning rate (textual inversion usually wants a higher one than the LoRA), without weight decay.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,25 +49,48 @@ from torch import nn
 
 from ldm.adapters.lora import _text_towers
 from ldm.convert.module_names import diffusers_unet_names
+from ldm.models.text_encoder import _bpe_tokenizer
 
-__all__ = ["LORA_TARGETS", "LoraConfig", "parse_lora_config", "LoraBranch", "LoraNetwork", "kohya_state_dict"]
+__all__ = ["LORA_TARGETS", "LoraConfig", "parse_lora_config", "parse_tokens", "LoraBranch", "TokenVectors",
+           "LoraNetwork", "kohya_state_dict", "bundled_embeddings", "unfreeze_token_rows", "names_any"]
 
 LORA_TARGETS = ("attn", "ff", "conv", "text")
 _FUSED = "_self_attn_in_proj"  # the branch of a fused q/k/v projection; exported as _q_proj, _k_proj, _v_proj
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+TOKENS_PREFIX = "tokens."  # the token vectors in a LoraNetwork's state dict: tokens.<tower>.<word>
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """``model.params.lora``: rank, alpha (default: rank, a scale of 1), targets and dropout."""
+    """``model.params.lora``: rank, alpha (default: rank, a scale of 1), targets and dropout; ``tokens``: words whose
+    token vectors train too, at ``token_lr`` (default: the run's learning rate); ``preserve``: prior preservation
+    by distillation (samples whose caption names none of ``tokens`` learn the frozen model's own prediction)."""
 
     rank: int = 4
     alpha: float | None = None
     targets: tuple[str, ...] = ("attn", "ff")
     dropout: float = 0.0
+    tokens: tuple[str, ...] = ()
+    token_lr: float | None = None
+    preserve: bool = False
 
     @property
     def scale(self) -> float:
         return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+
+def parse_tokens(tokens: Any, token_lr: Any, key: str = "model.params.train_tokens",
+                 lr_key: str = "model.params.token_lr") -> tuple[tuple[str, ...], float | None]:
+    """Words whose token vectors train (a word or a list) and their learning rate, checked: one-line ValueErrors."""
+    tokens = [tokens] if isinstance(tokens, str) else (tokens or [])
+    if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) and _WORD.fullmatch(t) for t in tokens):
+        raise ValueError(f"{key}={tokens!r} must be a list of words (letters, digits, _ or -), e.g. [star, stars]")
+    if token_lr is not None and (isinstance(token_lr, bool) or not isinstance(token_lr, (int, float))
+                                 or not math.isfinite(token_lr) or token_lr <= 0):
+        raise ValueError(f"{lr_key}={token_lr!r} must be a number > 0 (the token vectors' learning rate)")
+    if token_lr is not None and not tokens:
+        raise ValueError(f"{lr_key} is set but no tokens train: add {key} (e.g. [star]) or drop {lr_key}")
+    return tuple(dict.fromkeys(tokens)), None if token_lr is None else float(token_lr)
 
 
 def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
@@ -78,18 +111,27 @@ def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
                               or not math.isfinite(alpha) or alpha <= 0):
         raise ValueError(f"{key}.alpha={alpha!r} must be a number > 0 (the update is scaled by alpha / rank)")
+    tokens, token_lr = parse_tokens(value.get("tokens"), value.get("token_lr"), f"{key}.tokens", f"{key}.token_lr")
     targets = value.get("targets", list(LoraConfig.targets))
     if isinstance(targets, str):
         targets = [targets]
-    if not isinstance(targets, (list, tuple)) or not targets:
-        raise ValueError(f"{key}.targets={targets!r} must be a non-empty list of {', '.join(LORA_TARGETS)}")
+    if not isinstance(targets, (list, tuple)) or not (targets or tokens):
+        raise ValueError(f"{key}.targets={targets!r} must be a non-empty list of {', '.join(LORA_TARGETS)} "
+                         "(it may be empty only with tokens)")
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad:
         raise ValueError(f"{key}.targets: {bad[0]!r} is unknown; use some of {', '.join(LORA_TARGETS)}")
     dropout = value.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{key}.dropout={dropout!r} must be a number in [0, 1)")
-    return LoraConfig(rank, None if alpha is None else float(alpha), tuple(dict.fromkeys(targets)), float(dropout))
+    preserve = value.get("preserve", False)
+    if not isinstance(preserve, bool):
+        raise ValueError(f"{key}.preserve={preserve!r} must be true or false")
+    if preserve and not tokens:
+        raise ValueError(f"{key}.preserve keeps what captions without the new words give; name the words in "
+                         f"{key}.tokens (e.g. [star])")
+    return LoraConfig(rank, None if alpha is None else float(alpha), tuple(dict.fromkeys(targets)), float(dropout),
+                      tokens, token_lr, preserve)
 
 
 class LoraBranch(nn.Module):
@@ -110,6 +152,7 @@ class LoraBranch(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.rank, self.dropout = rank, dropout
+        self.enabled = True  # off inside LoraNetwork.disabled()
 
     @property
     def scale(self) -> float:
@@ -121,6 +164,8 @@ class LoraBranch(nn.Module):
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """The forward hook on the base layer: its output plus the branch of its input."""
+        if not self.enabled:
+            return output
         return output + self(args[0]).to(output.dtype)
 
     def delta(self, weight_shape: torch.Size) -> torch.Tensor:
@@ -145,6 +190,9 @@ class _FusedWeights:
             return
         self.saved = []
         for attn, branch in self.pairs:
+            if not branch.enabled:
+                self.saved.append(attn._parameters["in_proj_weight"])
+                continue
             weight = attn._parameters["in_proj_weight"]
             self.saved.append(weight)
             delta = branch.delta(weight.shape)  # summed in the branch's fp32 also for a bf16 base
@@ -168,6 +216,44 @@ def _unet_category(name: str, diffusers_name: str) -> str | None:
     if ".resnets." in diffusers_name or "samplers.0." in diffusers_name:
         return "conv"
     return None
+
+
+class TokenVectors(nn.Module):
+    """Trainable input vectors of some words in one text tower (``vectors[word]``: [n ids, width], from the word's
+    token embeddings), put in place of the tower's ``token_embedding`` output wherever the word's ids occur in a
+    row, as an A1111 embedding of that name is (its vectors replace the word's ids)."""
+
+    def __init__(self, token_embedding: nn.Embedding, words: tuple[str, ...], encode: Any):
+        super().__init__()
+        self.vectors = nn.ParameterDict()
+        self.ids: dict[str, tuple[int, ...]] = {}
+        for word in words:
+            ids = tuple(encode(word))
+            if not ids:
+                raise ValueError(f"model.params.lora.tokens: {word!r} has no tokens")
+            self.ids[word] = ids
+            self.vectors[word] = nn.Parameter(token_embedding.weight.detach()[list(ids)].float().clone())
+        self.enabled = True
+
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """The forward hook on ``token_embedding``: its output with the words' vectors in place of their ids'."""
+        ids = args[0]
+        if not self.enabled:
+            return output
+        for word, word_ids in self.ids.items():
+            n, length = len(word_ids), ids.shape[-1]
+            if n > length:
+                continue
+            starts = torch.ones_like(ids[..., :length - n + 1], dtype=torch.bool)
+            for k, token in enumerate(word_ids):
+                starts = starts & (ids[..., k:length - n + 1 + k] == token)
+            if not bool(starts.any()):
+                continue
+            vectors = self.vectors[word].to(output.dtype)
+            for k in range(n):
+                at = F.pad(starts, (k, n - 1 - k))  # the k-th id of every occurrence
+                output = torch.where(at[..., None], vectors[k], output)
+        return output
 
 
 class LoraNetwork(nn.Module):
@@ -197,8 +283,11 @@ class LoraNetwork(nn.Module):
             self._add(key, module, LoraBranch(module, config.rank, alpha, config.dropout))
         if "text" in config.targets:
             self._add_text(model, alpha)
-        if not len(self.branches):
+        if not len(self.branches) and not config.tokens:
             raise ValueError(f"model.params.lora.targets {list(config.targets)} select no layer of this model")
+        self.tokens = nn.ModuleList()
+        if config.tokens:
+            self._add_tokens(model, config.tokens)
 
     def _add(self, key: str, module: nn.Module, branch: LoraBranch) -> None:
         self.branches[key] = branch
@@ -235,6 +324,43 @@ class LoraNetwork(nn.Module):
             self._handles.append(embedder.register_forward_hook(swap.after, always_call=True))
             _make_trainable(conditioner, embedder)
 
+    def _add_tokens(self, model: nn.Module, words: tuple[str, ...]) -> None:
+        conditioner = getattr(model, "conditioner", None)
+        towers = _text_towers(model)
+        if not towers:
+            raise ValueError("model.params.lora.tokens: the model has no OpenCLIP text encoder whose tokens "
+                             "could train")
+        for _, tower in towers:
+            embedder = next((e for e in (conditioner.embedders if conditioner is not None else [])
+                             if any(m is tower for m in e.modules())), None)
+            if embedder is None:
+                raise ValueError("model.params.lora.tokens: the text encoder is not one of the conditioner's embedders")
+            vectors = TokenVectors(tower.token_embedding, words, _bpe_tokenizer().encode)
+            self.tokens.append(vectors)
+            self._handles.append(tower.token_embedding.register_forward_hook(vectors.hook))
+            _make_trainable(conditioner, embedder)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The model without its LoRA inside the block (every branch and token vector off): the frozen base."""
+        parts = [*self.branches.values(), *self.tokens]
+        states = [part.enabled for part in parts]
+        for part in parts:
+            part.enabled = False
+        try:
+            yield
+        finally:
+            for part, state in zip(parts, states):
+                part.enabled = state
+
+    def names_tokens(self, text: str) -> bool:
+        """Whether a caption uses one of the trained words (``tokens``)."""
+        return names_any(text, self.config.tokens)
+
+    def token_parameters(self) -> list[nn.Parameter]:
+        """The token vectors (trained at ``token_lr``)."""
+        return list(self.tokens.parameters())
+
     def remove(self) -> None:
         """Take every hook off the model (the branches stay, unused)."""
         for handle in self._handles:
@@ -242,8 +368,41 @@ class LoraNetwork(nn.Module):
         self._handles.clear()
 
     def kohya_state_dict(self) -> dict[str, torch.Tensor]:
-        """The kohya file's tensors (float32, detached copies)."""
-        return kohya_state_dict({k: v for k, v in self.state_dict().items()})
+        """The kohya file's tensors (float32, detached copies), the token vectors as bundled embeddings."""
+        state = self.state_dict()
+        return kohya_state_dict(state) | bundled_embeddings(state)
+
+
+def names_any(text: str, words: tuple[str, ...]) -> bool:
+    """Whether ``text`` uses one of ``words`` as a whole word (case-insensitive, as CLIP's tokenizer lower-cases)."""
+    text = text.lower()
+    return any(re.search(rf"(?<![a-z0-9]){re.escape(w.lower())}(?![a-z0-9])", text) for w in words)
+
+
+def unfreeze_token_rows(model: nn.Module, words: tuple[str, ...]) -> list[nn.Parameter]:
+    """A full fine-tune's ``train_tokens``: every text tower's ``token_embedding.weight`` trains, but only in the
+    rows of the words' token ids (its gradient is masked to them; trained without weight decay, the other rows
+    never move), so the export holds the new words in the model's own embedding table. A word of several ids
+    moves those ids wherever they occur."""
+    conditioner = getattr(model, "conditioner", None)
+    towers = _text_towers(model)
+    if not towers:
+        raise ValueError("model.params.train_tokens: the model has no OpenCLIP text encoder whose tokens could train")
+    ids = sorted({i for word in words for i in _bpe_tokenizer().encode(word)})
+    params = []
+    for _, tower in towers:
+        embedder = next((e for e in (conditioner.embedders if conditioner is not None else [])
+                         if any(m is tower for m in e.modules())), None)
+        if embedder is None:
+            raise ValueError("model.params.train_tokens: the text encoder is not one of the conditioner's embedders")
+        weight = tower.token_embedding.weight
+        mask = torch.zeros(weight.shape[0], 1)
+        mask[ids] = 1.0
+        weight.requires_grad_(True)
+        weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
+        _make_trainable(conditioner, embedder)
+        params.append(weight)
+    return params
 
 
 def _make_trainable(conditioner: nn.Module, embedder: nn.Module) -> None:
@@ -271,4 +430,24 @@ def kohya_state_dict(state: Mapping[str, torch.Tensor], prefix: str = "branches.
         for part, proj in enumerate(("q_proj", "k_proj", "v_proj")):
             piece = value.chunk(3, dim=0)[part].clone() if role == "lora_up.weight" else value.clone()
             out[f"{base}_self_attn_{proj}.{role}"] = piece
+    return out
+
+
+def bundled_embeddings(state: Mapping[str, torch.Tensor], prefix: str = TOKENS_PREFIX) -> dict[str, torch.Tensor]:
+    """A :class:`LoraNetwork` state dict's token vectors (``{prefix}<tower>.vectors.<word>``) -> A1111's bundled
+    embeddings of a LoRA file: ``bundle_emb.<word>.string_to_param.*`` for one text tower, ``bundle_emb.<word>.clip_l``
+    and ``.clip_g`` for SDXL's two."""
+    found: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            continue
+        tower, _, word = key[len(prefix):].partition(".vectors.")
+        found.setdefault(word, {})[int(tower)] = value.detach().float().clone()
+    out = {}
+    for word, sets in found.items():
+        if len(sets) == 1:
+            out[f"bundle_emb.{word}.string_to_param.*"] = next(iter(sets.values()))
+        else:
+            for tower, name in enumerate(("clip_l", "clip_g")):
+                out[f"bundle_emb.{word}.{name}"] = sets[tower]
     return out

@@ -152,6 +152,7 @@ class Conditioner(nn.Module):
         ``only``: run just the embedders that read nothing but these keys."""
         size = _batch_size(batch, self.input_keys)
         outputs: dict[str, list[torch.Tensor]] = {}
+        self.last_dropped: dict[str, torch.Tensor] = {}  # input key -> the samples this call dropped (with drop)
         for i, (embedder, spec) in enumerate(zip(self.embedders, self.specs)):
             if only is not None and not set(spec.input_keys) <= set(only):
                 continue
@@ -160,6 +161,8 @@ class Conditioner(nn.Module):
             if drop and spec.ucg_rate > 0:
                 device = generator.device if generator is not None else "cpu"
                 dropped = torch.rand(size, generator=generator, device=device) < spec.ucg_rate
+                for key in spec.input_keys:
+                    self.last_dropped[key] = self.last_dropped.get(key, torch.zeros_like(dropped)) | dropped
                 if spec.legacy_ucg_value is not None:
                     inputs = [_replace(inputs[0], dropped.tolist(), spec.legacy_ucg_value)]
                 else:

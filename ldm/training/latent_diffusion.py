@@ -29,6 +29,7 @@ says so when the training data uses them). A corrupt file is reported, encoded a
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import inspect
 import logging
@@ -127,10 +128,17 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             ``{path, parts, ema, keep_new}`` entries.
         cache_latents: cache first-stage moments and text embeddings (see the module docstring).
         cache_dir: keep those caches on disk in this folder, across runs and ranks (implies cache_latents).
-        lora: ``{rank, alpha, targets: [attn, ff, conv, text], dropout}``: train a LoRA / LoCon on the frozen model
-            instead of the model (see :mod:`ldm.training.lora`); checkpoints hold only the LoRA, the export is a
-            kohya-format file. Under ``precision: bf16-mixed`` the frozen base is stored in bf16
+        lora: ``{rank, alpha, targets: [attn, ff, conv, text], dropout, tokens, token_lr, preserve}``: train a LoRA /
+            LoCon on the frozen model instead of the model (see :mod:`ldm.training.lora`); checkpoints hold only the
+            LoRA, the export is a kohya-format file (``tokens``: words whose token vectors train too, bundled in the
+            file as embeddings). Under ``precision: bf16-mixed`` the frozen base is stored in bf16
             (:meth:`store_base_in_bf16`).
+        train_tokens, token_lr: a full fine-tune's new words: the rows of their token ids in the text encoders'
+            embedding tables train (at ``token_lr``, default the learning rate; no weight decay), the rest of a
+            frozen text encoder stays as it is (:func:`ldm.adapters.lora_train.unfreeze_token_rows`).
+        preserve: a full fine-tune's prior preservation by distillation (with ``train_tokens``): samples whose
+            caption names none of the new words learn the prediction of a frozen copy of the starting UNet (kept
+            beside it: its memory once more) instead of the data's target. A LoRA run has ``lora.preserve``.
         validation_prompts, sample_*: what the image logger samples (EMA weights, CFG).
     """
 
@@ -160,6 +168,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         first_stage_ckpt: str | None = None,
         init_from: Any = None,
         lora: Any = None,
+        train_tokens: Sequence[str] | None = None,
+        token_lr: float | None = None,
+        preserve: bool = False,
         cache_latents: bool = False,
         cache_dir: str | None = None,
         validation_prompts: Sequence[str] | None = None,
@@ -217,8 +228,24 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                         "weights (cond_stage_config.params.ckpt_path, or --init a model file) or train it "
                         "(cond_stage_trainable: true, freeze: false)")
         self.lora = self._attach_lora(lora) if lora is not None else None
-        if self.lora is not None and "text" in self.lora.config.targets and self.conditioner.cache is not None:
-            log.info("LoRA on the text encoder: its embeddings change as it trains, so they are not cached")
+        self._token_rows: list[torch.nn.Parameter] = []
+        self._words: tuple[str, ...] = self.lora.config.tokens if self.lora is not None else ()
+        self._teacher: torch.nn.Module | None = None  # preserve: the starting UNet, frozen (not a submodule)
+        self.token_lr = None if token_lr is None else float(token_lr)
+        if train_tokens:
+            from ldm.adapters.lora_train import parse_tokens, unfreeze_token_rows
+
+            self._words = parse_tokens(train_tokens, token_lr)[0]
+            self._token_rows = unfreeze_token_rows(self, self._words)
+            if self.conditioner.cache is not None:
+                log.info("train_tokens: the text embeddings change as the words train, so they are not cached")
+                self.conditioner.enable_cache(False)
+        if preserve:
+            self.__dict__["_teacher"] = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if (self.lora is not None and ("text" in self.lora.config.targets or self.lora.config.tokens)
+                and self.conditioner.cache is not None):
+            log.info("LoRA on the text encoder (or its token vectors): its embeddings change as it trains, so they "
+                     "are not cached")
             self.conditioner.enable_cache(False)
         self._lora_base: str | None = None  # fingerprint of the frozen base weights, made at the first save
         self._lora_base_built: str | None = None  # ... of the base as built, when it was then cast (setup)
@@ -303,6 +330,19 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             if model_args["cond_stage_trainable"]:
                 raise ValueError("model.params.lora trains a LoRA on a frozen model: set cond_stage_trainable=false "
                                  "(the text encoder gets a LoRA with lora.targets: [..., text])")
+        if hp["train_tokens"] or hp["token_lr"] is not None:
+            from ldm.adapters.lora_train import parse_tokens
+
+            parse_tokens(hp["train_tokens"], hp["token_lr"])
+            if hp["lora"] is not None:
+                raise ValueError("model.params.train_tokens is for a full fine-tune; a LoRA trains new words with "
+                                 "model.params.lora.tokens (and lora.token_lr)")
+            if model_args["cond_stage_trainable"]:
+                raise ValueError("model.params.train_tokens: the text encoder trains whole already "
+                                 "(cond_stage_trainable: true); drop train_tokens or freeze the text encoder")
+        if hp["preserve"] and (hp["lora"] is not None or not hp["train_tokens"]):
+            raise ValueError("model.params.preserve keeps a full fine-tune's other prompts: it needs "
+                             "model.params.train_tokens (the new words); a LoRA has lora.preserve")
         if hp["base_learning_rate"] <= 0 or (hp["learning_rate"] is not None and hp["learning_rate"] <= 0):
             raise ValueError("base_learning_rate/learning_rate must be > 0 (e.g. 1e-4)")
         if len(hp["adam_betas"]) != 2:
@@ -379,9 +419,41 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         images = batch[self.first_stage_key]
         keys = self.cache_keys(images) if self.cache_latents and self.training else None
         z = self.latents(images, generator, keys)
+        preserve = self.training and (self._teacher is not None
+                                      or (self.lora is not None and self.lora.config.preserve))
+        state = generator.get_state() if preserve else None
         cond = self.conditioning(batch, generator, drop)
-        loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator)
+        if not preserve:
+            loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator)
+            return loss
+        captions = batch[self.cond_stage_key]
+        from ldm.adapters.lora_train import names_any
+
+        mask = torch.tensor([not names_any(c, self._words) for c in ([captions] if isinstance(captions, str)
+                                                                   else captions)])
+        dropped = self.conditioner.last_dropped.get(PROMPT_KEY)
+        if dropped is not None:  # a dropped caption is the empty prompt: its prediction is the base's too
+            mask = mask | dropped.cpu()
+        loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator,
+                               teacher=lambda x_t, t, m: self._frozen_prediction(batch, state, drop, x_t, t, m),
+                               teacher_mask=mask)
         return loss
+
+    def _frozen_prediction(self, batch: dict, state: torch.Tensor, drop: bool, x_t: torch.Tensor, t: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
+        """``preserve``: the frozen model's prediction (the LoRA off, or the starting UNet's) for the masked
+        samples (captions without the new words, and every dropped caption: the unconditional branch that
+        guidance subtracts stays the base's), with the same conditioning dropout as the trained forward (the
+        generator state from before it)."""
+        generator = torch.Generator(device=self.device)
+        generator.set_state(state)
+        with self.lora.disabled() if self.lora is not None else contextlib.nullcontext():
+            cond = self.conditioning(batch, generator, drop)
+            cond = {k: v[mask.to(v.device)] for k, v in cond.items()} if isinstance(cond, dict) else \
+                cond[mask.to(cond.device)]
+            if self._teacher is None:
+                return self.apply_model(x_t, t, cond)
+            return self._teacher.to(x_t.device)(x_t, t, cond)
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -466,7 +538,16 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
 
     def configure_optimizers(self) -> dict:
         params = self.trainable_parameters()
-        opt = build_optimizer(self.optimizer_name, params, self.effective_learning_rate(), betas=self.adam_betas,
+        groups: list = params
+        token_params = self.lora.token_parameters() if self.lora is not None else self._token_rows
+        token_lr = self.lora.config.token_lr if self.lora is not None else self.token_lr
+        if token_params:  # the new words' vectors: at their own rate, no weight decay
+            tokens = {id(p) for p in token_params}
+            groups = [{"params": [p for p in params if id(p) not in tokens]},
+                      {"params": [p for p in params if id(p) in tokens], "weight_decay": 0.0}
+                      | ({} if token_lr is None else {"lr": token_lr})]
+            groups = [g for g in groups if g["params"]]
+        opt = build_optimizer(self.optimizer_name, groups, self.effective_learning_rate(), betas=self.adam_betas,
                               eps=self.adam_eps, weight_decay=self.weight_decay,
                               adam_options=self.adam_options(params) if self.optimizer_name == "adamw" else None)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.lr_lambda)

@@ -85,7 +85,7 @@ def store_frozen_base_in_(modules: Iterable[nn.Module], dtype: torch.dtype) -> N
 def lora_file_state(state: Mapping[str, torch.Tensor], use_ema: bool = True) -> dict[str, torch.Tensor]:
     """A LoRA run's state dict (a training checkpoint's, or the module's) -> the kohya file's tensors, from the EMA
     weights when ``use_ema`` and the run has them."""
-    from ldm.adapters.lora_train import kohya_state_dict
+    from ldm.adapters.lora_train import TOKENS_PREFIX, bundled_embeddings, kohya_state_dict
 
     branches = {k[len(LORA_PREFIX):]: v for k, v in state.items() if k.startswith(LORA_PREFIX)}
     if not branches:
@@ -99,7 +99,7 @@ def lora_file_state(state: Mapping[str, torch.Tensor], use_ema: bool = True) -> 
                 swapped += 1
         if swapped:
             log.info("LoRA export: %d tensors from the EMA weights", swapped)
-    return kohya_state_dict(branches, prefix=_BRANCHES)
+    return kohya_state_dict(branches, prefix=_BRANCHES) | bundled_embeddings(branches, prefix=TOKENS_PREFIX)
 
 
 def _file_hashes(path: str) -> dict[str, str]:

@@ -1,0 +1,239 @@
+"""Pivotal tuning: ``model.params.lora.tokens`` trains the token vectors of some words with the LoRA, exported as
+A1111's bundled embeddings (``bundle_emb.<word>.*``) that load with the LoRA and give the trained model's
+conditioning; prompts without the words encode as before. Tiny models as in test_train_lora.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from ldm.adapters.lora import load_lora, loaded_loras, split_bundled_embeddings, unload_loras
+from ldm.adapters.lora_train import LoraNetwork, TokenVectors, bundled_embeddings, parse_lora_config
+from ldm.convert import load_model
+from ldm.io import read_state_dict
+from ldm.models.text_encoder import _bpe_tokenizer
+from ldm.pipeline import Text2Image
+from ldm.training.callbacks import export_model
+from test_train_ldm import tiny_data, tiny_model_node, trainer
+from test_train_lora import base_file, lora_module  # noqa: F401  (the module-scoped base model fixture)
+
+
+def test_parse_tokens_and_token_lr():
+    config = parse_lora_config({"rank": 2, "targets": ["attn"], "tokens": ["star", "stars"], "token_lr": 0.01})
+    assert config.tokens == ("star", "stars") and config.token_lr == 0.01
+    assert parse_lora_config({"targets": [], "tokens": "star"}).tokens == ("star",)  # tokens alone: textual inversion
+    for bad, fragment in (({"tokens": ["a star"]}, "tokens"), ({"tokens": [3]}, "tokens"),
+                          ({"token_lr": 0.1}, "no tokens train"), ({"tokens": ["x"], "token_lr": -1}, "token_lr"),
+                          ({"targets": []}, "non-empty")):
+        with pytest.raises(ValueError, match=fragment):
+            parse_lora_config(bad)
+
+
+def test_token_vectors_replace_every_occurrence_of_a_multi_id_word():
+    embedding = nn.Embedding(50, 3)
+    words = {"ab": (7, 8), "c": (9,)}
+    vectors = TokenVectors(embedding, tuple(words), lambda w: list(words[w]))
+    assert torch.equal(vectors.vectors["ab"], embedding.weight[[7, 8]])
+    with torch.no_grad():
+        vectors.vectors["ab"].copy_(torch.tensor([[1.0, 1, 1], [2, 2, 2]]))
+        vectors.vectors["c"].fill_(5)
+    handle = embedding.register_forward_hook(vectors.hook)
+    ids = torch.tensor([[7, 8, 1, 7, 8, 9], [8, 7, 2, 7, 3, 8]])  # "ab" twice and "c"; then only stray 7s and 8s
+    out = embedding(ids)
+    handle.remove()
+    plain = embedding(ids)
+    expected = plain.clone()
+    expected[0, [0, 3]] = 1.0
+    expected[0, [1, 4]] = 2.0
+    expected[0, 5] = 5.0
+    torch.testing.assert_close(out, expected)
+
+
+def test_tokens_train_with_their_own_rate_and_leave_other_prompts_alone(tmp_path, base_file):  # noqa: F811
+    word = "circle"  # a word of the tiny shapes captions
+    module = lora_module(base_file, targets=["attn"], tokens=[word], token_lr=0.05)
+    before = module.lora.tokens[0].vectors[word].detach().clone()
+    table = module.conditioner.embedders[0].model.token_embedding.weight.detach().clone()
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, 0.05]
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert optimizer.param_groups[1]["params"] == module.lora.token_parameters()
+    trainer(tmp_path, max_steps=3).fit(module, datamodule=tiny_data())
+    after = module.lora.tokens[0].vectors[word].detach()
+    assert not torch.allclose(after, before)
+    assert torch.equal(module.conditioner.embedders[0].model.token_embedding.weight, table)
+
+    base = load_model(None, base_file)
+    module.eval()
+    with torch.no_grad():
+        other = {"txt": ["a red square", "two blue triangles"]}
+        torch.testing.assert_close(module.conditioning({"caption": other["txt"]})["crossattn"],
+                                   base.get_learned_conditioning(other)["crossattn"], atol=1e-6, rtol=1e-6)
+        named = {"txt": ["a red circle"]}
+        assert not torch.allclose(module.conditioning({"caption": named["txt"]})["crossattn"],
+                                  base.get_learned_conditioning(named)["crossattn"], atol=1e-4)
+
+
+def test_export_bundles_the_words_and_the_pipeline_uses_them_with_the_lora(tmp_path, base_file):  # noqa: F811
+    lora = {"rank": 4, "alpha": 2.0, "targets": ["attn", "ff"], "tokens": ["circle", "circles"], "token_lr": 0.05}
+    module = lora_module(base_file, **lora)
+    module.run_config = {"model": tiny_model_node(init_from=str(base_file), lora=lora),
+                         "data": {"params": {"batch_size": 4, "size": 32}}, "seed": 0}
+    trainer(tmp_path, max_steps=3).fit(module, datamodule=tiny_data())
+    path = export_model(module, tmp_path / "shape.safetensors", use_ema=False)
+    state, _ = read_state_dict(path)
+    assert {k for k in state if k.startswith("bundle_emb.")} == {"bundle_emb.circle.string_to_param.*",
+                                                                "bundle_emb.circles.string_to_param.*"}
+    ids = _bpe_tokenizer().encode("circle")
+    assert state["bundle_emb.circle.string_to_param.*"].shape == (len(ids), module.conditioner.embedders[0].width)
+
+    module.eval()
+    prompts = ["a red circle above two blue circles", "a green square"]
+    with torch.no_grad():
+        expected = module.conditioning({"caption": prompts})["crossattn"]
+    pipe = Text2Image.from_checkpoint(base_file)
+    plain = pipe.encode_prompts(prompts)["crossattn"]
+    pipe.load_lora(path)
+    assert {"circle", "circles"} <= {e.name for e in pipe.embeddings}
+    torch.testing.assert_close(pipe.encode_prompts(prompts)["crossattn"], expected, atol=1e-5, rtol=1e-5)
+    pipe.unload_loras()
+    assert len(pipe.embeddings) == 0
+    torch.testing.assert_close(pipe.encode_prompts(prompts)["crossattn"], plain)
+
+
+def test_a_file_of_bundled_embeddings_only_loads_and_a_misfit_is_refused(tmp_path, base_file):  # noqa: F811
+    model = load_model(None, base_file)
+    width = model.conditioner.embedders[0].width
+    only = tmp_path / "ti_only.safetensors"
+    save_file({"bundle_emb.zork.string_to_param.*": torch.randn(2, width)}, str(only))
+    loaded = load_lora(model, only)
+    assert [e.name for e in loaded.embeddings] == ["zork"] and loaded_loras(model) == [loaded]
+    unload_loras(model)
+    misfit = tmp_path / "misfit.safetensors"
+    save_file({"bundle_emb.zork.string_to_param.*": torch.randn(2, width + 1)}, str(misfit))
+    with pytest.raises(ValueError, match="does not fit"):
+        load_lora(model, misfit)
+    assert loaded_loras(model) == []
+    rest, embeddings = split_bundled_embeddings({"a.lora_up.weight": torch.zeros(1), "bundle_emb.x.clip_l":
+                                                 torch.zeros(1, 4), "bundle_emb.x.clip_g": torch.zeros(1, 8)})
+    assert list(rest) == ["a.lora_up.weight"] and embeddings[0].widths == [4, 8]
+
+
+def test_sdxl_like_model_bundles_one_vector_set_per_text_encoder():
+    from test_lora import tiny_sdxl_like
+
+    model = tiny_sdxl_like()
+    network = LoraNetwork(model, parse_lora_config({"rank": 2, "targets": ["attn"], "tokens": ["star"]}))
+    assert len(network.tokens) == 2
+    bundle = bundled_embeddings(network.state_dict())
+    assert set(bundle) == {"bundle_emb.star.clip_l", "bundle_emb.star.clip_g"}
+    widths = [e.width for e in model.conditioner.embedders if hasattr(e, "tokenize_prompts")]
+    assert [bundle["bundle_emb.star.clip_l"].shape[1], bundle["bundle_emb.star.clip_g"].shape[1]] == widths
+
+
+def test_full_fine_tune_trains_only_the_words_rows_of_the_embedding_table(tmp_path, base_file):  # noqa: F811
+    from test_train_ldm import tiny_module
+
+    module = tiny_module(init_from=str(base_file), train_tokens=["circle"], token_lr=0.05)
+    table = module.conditioner.embedders[0].model.token_embedding.weight
+    before, unet_before = table.detach().clone(), module.model.diffusion_model.out[2].weight.detach().clone()
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert optimizer.param_groups[1]["params"] == [table] and optimizer.param_groups[1]["lr"] == 0.05
+    trainer(tmp_path, max_steps=3).fit(module, datamodule=tiny_data())
+    changed = (table.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == _bpe_tokenizer().encode("circle")  # that row alone (the captions name squares etc. too)
+    assert not torch.equal(module.model.diffusion_model.out[2].weight, unet_before)
+    tower = module.conditioner.embedders[0].model
+    assert all(not p.requires_grad for n, p in tower.named_parameters() if n != "token_embedding.weight")
+
+    path = export_model(module, tmp_path / "ft.safetensors")
+    exported = load_model(None, path)
+    base = load_model(None, base_file)
+    with torch.no_grad():
+        other, named = {"txt": ["two blue squares"]}, {"txt": ["a red circle"]}
+        torch.testing.assert_close(exported.get_learned_conditioning(other)["crossattn"],
+                                   base.get_learned_conditioning(other)["crossattn"])
+        assert not torch.allclose(exported.get_learned_conditioning(named)["crossattn"],
+                                  base.get_learned_conditioning(named)["crossattn"], atol=1e-4)
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"train_tokens": ["star"], "lora": {"rank": 2}}, "lora.tokens"),
+    ({"token_lr": 0.1}, "no tokens train"),
+    ({"train_tokens": ["two words"]}, "list of words"),
+    ({"train_tokens": ["star"], "cond_stage_trainable": True}, "trains whole"),
+])
+def test_bad_train_tokens_settings_are_one_line_errors(params, fragment):
+    from test_train_ldm import tiny_module
+
+    with pytest.raises(ValueError, match=fragment):
+        tiny_module(**params)
+
+
+def test_preserve_teaches_captions_without_the_words_the_frozen_models_prediction(tmp_path, base_file):  # noqa: F811
+    """lora.preserve: samples whose caption names none of the tokens learn the frozen model's prediction. The tiny
+    shapes captions never say "star": the LoRA starts equal to the base (up = 0), so the loss is 0 and it stays
+    there, while without preserve the same run moves every up matrix."""
+    with pytest.raises(ValueError, match="preserve"):
+        parse_lora_config({"targets": ["attn"], "preserve": True})
+    lora = {"targets": ["attn", "ff", "conv"], "tokens": ["star"]}
+    kept = lora_module(base_file, **lora, preserve=True)
+    moved = lora_module(base_file, **lora)
+    for module, name in ((kept, "kept"), (moved, "moved")):
+        module.weight_decay = 0.0
+        trainer(tmp_path / name, max_steps=3).fit(module, datamodule=tiny_data())
+    ups = lambda m: [p for n, p in m.lora.named_parameters() if n.endswith("lora_up.weight")]  # noqa: E731
+    assert all(not p.abs().sum() for p in ups(kept))
+    assert all(p.abs().sum() > 0 for p in ups(moved))
+    assert kept.lora.names_tokens("Two red STARS and a star.") and not kept.lora.names_tokens("a starfish, stars")
+
+
+def test_disabled_lora_gives_the_base_model(base_file):  # noqa: F811
+    module = lora_module(base_file, tokens=["circle"])
+    with torch.no_grad():
+        for n, p in module.lora.named_parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    module.eval()
+    base = load_model(None, base_file)
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300])
+    batch = {"caption": ["a red circle"]}
+    with torch.no_grad():
+        expected = base.apply_model(x, t, base.get_learned_conditioning({"txt": batch["caption"]}))
+        with module.lora.disabled():
+            got = module.apply_model(x, t, module.conditioning(batch))
+        lora_on = module.apply_model(x, t, module.conditioning(batch))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(lora_on, expected, atol=1e-3)
+
+
+def test_full_fine_tune_preserve_keeps_the_starting_unet_without_the_words(tmp_path, base_file):  # noqa: F811
+    from test_train_ldm import tiny_module
+
+    with pytest.raises(ValueError, match="train_tokens"):
+        tiny_module(preserve=True)
+    kept = tiny_module(init_from=str(base_file), train_tokens=["star"], preserve=True, use_ema=False)
+    moved = tiny_module(init_from=str(base_file), train_tokens=["star"], use_ema=False)
+    start = {k: v.clone() for k, v in kept.model.state_dict().items()}
+    assert "_teacher" not in dict(kept.named_modules()) and not any("teacher" in k for k in kept.state_dict())
+    for module, name in ((kept, "kept"), (moved, "moved")):
+        trainer(tmp_path / name, max_steps=2).fit(module, datamodule=tiny_data())
+    assert all(torch.equal(v, start[k]) for k, v in kept.model.state_dict().items())  # loss 0: nothing moves
+    assert not all(torch.equal(v, start[k]) for k, v in moved.model.state_dict().items())
+
+
+def test_conditioner_records_the_dropped_captions(base_file):  # noqa: F811
+    """preserve distils every dropped caption (the unconditional branch stays the base's): the conditioner says
+    which samples its dropout replaced."""
+    from test_train_ldm import tiny_module
+
+    module = tiny_module(init_from=str(base_file), cond_drop_rate=0.5)
+    module.eval()
+    captions = [f"{n} red circles" for n in ("one", "two", "three", "four")] * 4
+    with torch.no_grad():
+        cond = module.conditioning({"caption": captions}, torch.Generator().manual_seed(1), drop=True)["crossattn"]
+        dropped = module.conditioner.last_dropped["txt"]
+        empty = module.conditioning({"caption": [""]})["crossattn"][0]
+    assert module.conditioner.last_dropped == {}  # a call without dropout drops nothing
+    assert 0 < int(dropped.sum()) < len(captions)
+    assert [bool(torch.allclose(row, empty)) for row in cond] == dropped.tolist()
