@@ -237,3 +237,32 @@ def test_conditioner_records_the_dropped_captions(base_file):  # noqa: F811
     assert module.conditioner.last_dropped == {}  # a call without dropout drops nothing
     assert 0 < int(dropped.sum()) < len(captions)
     assert [bool(torch.allclose(row, empty)) for row in cond] == dropped.tolist()
+
+
+def test_teacher_targets_and_weight_in_the_diffusion_loss():
+    from ldm.diffusion.loss import DiffusionLoss
+
+    loss_fn = DiffusionLoss("v", "uniform", num_timesteps=10)
+    alphas = torch.linspace(0.99, 0.1, 10)
+    x0, t, noise = torch.randn(4, 2, 3, 3), torch.tensor([1, 3, 5, 7]), torch.randn(4, 2, 3, 3)
+    net = lambda x, t, c: x * 0.5  # noqa: E731
+    mask = torch.tensor([True, False, True, False])
+    plain, _ = loss_fn(net, x0, None, alphas, t=t, noise=noise)
+    taught, _ = loss_fn(net, x0, None, alphas, t=t, noise=noise, teacher=lambda x, tt, m: net(x, tt, None),
+                        teacher_mask=mask)
+    heavy, _ = loss_fn(net, x0, None, alphas, t=t, noise=noise, teacher=lambda x, tt, m: net(x, tt, None),
+                       teacher_mask=mask, teacher_weight=10.0)
+    # the taught samples' error is 0: only the other two count (a quarter of the batch each), whatever the weight
+    per_sample, _ = zip(*[loss_fn(net, x0[i:i + 1], None, alphas, t=t[i:i + 1], noise=noise[i:i + 1])
+                          for i in range(4)])
+    torch.testing.assert_close(taught, (per_sample[1] + per_sample[3]) / 4)
+    torch.testing.assert_close(heavy, taught)
+    assert plain > taught
+    off = lambda x, tt, m: net(x, tt, None) + 1.0  # noqa: E731  (a teacher the net does not match: error 1 each)
+    one, _ = loss_fn(net, x0, None, alphas, t=t, noise=noise, teacher=off, teacher_mask=mask)
+    ten, _ = loss_fn(net, x0, None, alphas, t=t, noise=noise, teacher=off, teacher_mask=mask, teacher_weight=10.0)
+    torch.testing.assert_close(one - taught, torch.tensor(0.5))  # two of four samples with squared error 1
+    torch.testing.assert_close(ten - taught, torch.tensor(5.0))
+    with pytest.raises(ValueError, match="weight"):
+        parse_lora_config({"tokens": ["x"], "preserve": -1})
+    assert parse_lora_config({"tokens": ["x"], "preserve": 5}).preserve == 5.0

@@ -52,7 +52,7 @@ from ldm.convert.module_names import diffusers_unet_names
 from ldm.models.text_encoder import _bpe_tokenizer
 
 __all__ = ["LORA_TARGETS", "LoraConfig", "parse_lora_config", "parse_tokens", "LoraBranch", "TokenVectors",
-           "LoraNetwork", "kohya_state_dict", "bundled_embeddings", "unfreeze_token_rows", "names_any"]
+           "LoraNetwork", "kohya_state_dict", "bundled_embeddings", "unfreeze_token_rows", "names_any", "check_preserve"]
 
 LORA_TARGETS = ("attn", "ff", "conv", "text")
 _FUSED = "_self_attn_in_proj"  # the branch of a fused q/k/v projection; exported as _q_proj, _k_proj, _v_proj
@@ -64,7 +64,8 @@ TOKENS_PREFIX = "tokens."  # the token vectors in a LoraNetwork's state dict: to
 class LoraConfig:
     """``model.params.lora``: rank, alpha (default: rank, a scale of 1), targets and dropout; ``tokens``: words whose
     token vectors train too, at ``token_lr`` (default: the run's learning rate); ``preserve``: prior preservation
-    by distillation (samples whose caption names none of ``tokens`` learn the frozen model's own prediction)."""
+    by distillation (samples whose caption names none of ``tokens`` learn the frozen model's own prediction; a
+    number: their loss weight)."""
 
     rank: int = 4
     alpha: float | None = None
@@ -72,7 +73,7 @@ class LoraConfig:
     dropout: float = 0.0
     tokens: tuple[str, ...] = ()
     token_lr: float | None = None
-    preserve: bool = False
+    preserve: float = 0.0
 
     @property
     def scale(self) -> float:
@@ -91,6 +92,15 @@ def parse_tokens(tokens: Any, token_lr: Any, key: str = "model.params.train_toke
     if token_lr is not None and not tokens:
         raise ValueError(f"{lr_key} is set but no tokens train: add {key} (e.g. [star]) or drop {lr_key}")
     return tuple(dict.fromkeys(tokens)), None if token_lr is None else float(token_lr)
+
+
+def check_preserve(value: Any, key: str = "model.params.preserve") -> float:
+    """``preserve``: false (off), true (on, weight 1) or the weight (> 0) of the distilled samples' loss."""
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key}={value!r} must be true, false or a weight > 0 (the distilled samples' loss weight)")
+    return float(value)
 
 
 def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
@@ -124,9 +134,7 @@ def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
     dropout = value.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{key}.dropout={dropout!r} must be a number in [0, 1)")
-    preserve = value.get("preserve", False)
-    if not isinstance(preserve, bool):
-        raise ValueError(f"{key}.preserve={preserve!r} must be true or false")
+    preserve = check_preserve(value.get("preserve", False), f"{key}.preserve")
     if preserve and not tokens:
         raise ValueError(f"{key}.preserve keeps what captions without the new words give; name the words in "
                          f"{key}.tokens (e.g. [star])")

@@ -77,10 +77,11 @@ class DiffusionLoss:
     def __call__(self, net: Callable[[Tensor, Tensor, Any], Tensor], x0: Tensor, cond: Any, alphas_cumprod: Tensor,
                  *, t: Tensor | None = None, noise: Tensor | None = None,
                  generator: torch.Generator | None = None, teacher: Callable[[Tensor, Tensor, Tensor], Tensor] |
-                 None = None, teacher_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                 None = None, teacher_mask: Tensor | None = None, teacher_weight: float = 1.0
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
         """Return ``(loss, logs)``; ``t`` and ``noise`` may be given (tests), otherwise they are drawn.
         ``teacher(x_t[mask], t[mask], mask)``: the target of the samples where ``teacher_mask`` is true, in place of
-        the data's (distillation, e.g. a LoRA's prior preservation); the same weighting."""
+        the data's (distillation, e.g. a LoRA's prior preservation); the same weighting, times ``teacher_weight``."""
         if len(alphas_cumprod) != self.num_timesteps:
             raise ValueError(f"alphas_cumprod has {len(alphas_cumprod)} entries but num_timesteps="
                              f"{self.num_timesteps}; make the loss and the schedule agree")
@@ -101,5 +102,8 @@ class DiffusionLoss:
             target = target.clone()
             target[mask] = taught.to(target.dtype)
         mse = ((net(x_t, t, cond).float() - target.float()) ** 2).mean(dim=tuple(range(1, x0.ndim)))
-        loss = (self.weights(alpha_bar) * mse).mean()
+        weights = self.weights(alpha_bar)
+        if teacher is not None and teacher_mask is not None and teacher_weight != 1.0:
+            weights = weights * torch.where(teacher_mask.to(weights.device), teacher_weight, 1.0).to(weights.dtype)
+        loss = (weights * mse).mean()
         return loss, {"loss": loss.detach(), "mse": mse.mean().detach()}

@@ -170,7 +170,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         lora: Any = None,
         train_tokens: Sequence[str] | None = None,
         token_lr: float | None = None,
-        preserve: bool = False,
+        preserve: bool | float = False,
         cache_latents: bool = False,
         cache_dir: str | None = None,
         validation_prompts: Sequence[str] | None = None,
@@ -240,7 +240,11 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             if self.conditioner.cache is not None:
                 log.info("train_tokens: the text embeddings change as the words train, so they are not cached")
                 self.conditioner.enable_cache(False)
+        self._preserve = self.lora.config.preserve if self.lora is not None else 0.0
         if preserve:
+            from ldm.adapters.lora_train import check_preserve
+
+            self._preserve = check_preserve(preserve)
             self.__dict__["_teacher"] = copy.deepcopy(self.model).requires_grad_(False).eval()
         if (self.lora is not None and ("text" in self.lora.config.targets or self.lora.config.tokens)
                 and self.conditioner.cache is not None):
@@ -340,6 +344,10 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             if model_args["cond_stage_trainable"]:
                 raise ValueError("model.params.train_tokens: the text encoder trains whole already "
                                  "(cond_stage_trainable: true); drop train_tokens or freeze the text encoder")
+        if hp["preserve"] is not False:
+            from ldm.adapters.lora_train import check_preserve
+
+            check_preserve(hp["preserve"])
         if hp["preserve"] and (hp["lora"] is not None or not hp["train_tokens"]):
             raise ValueError("model.params.preserve keeps a full fine-tune's other prompts: it needs "
                              "model.params.train_tokens (the new words); a LoRA has lora.preserve")
@@ -419,8 +427,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         images = batch[self.first_stage_key]
         keys = self.cache_keys(images) if self.cache_latents and self.training else None
         z = self.latents(images, generator, keys)
-        preserve = self.training and (self._teacher is not None
-                                      or (self.lora is not None and self.lora.config.preserve))
+        preserve = self.training and bool(self._preserve)
         state = generator.get_state() if preserve else None
         cond = self.conditioning(batch, generator, drop)
         if not preserve:
@@ -436,7 +443,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             mask = mask | dropped.cpu()
         loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator,
                                teacher=lambda x_t, t, m: self._frozen_prediction(batch, state, drop, x_t, t, m),
-                               teacher_mask=mask)
+                               teacher_mask=mask, teacher_weight=self._preserve)
         return loss
 
     def _frozen_prediction(self, batch: dict, state: torch.Tensor, drop: bool, x_t: torch.Tensor, t: torch.Tensor,
