@@ -136,8 +136,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         train_tokens, token_lr: a full fine-tune's new words: the rows of their token ids in the text encoders'
             embedding tables train (at ``token_lr``, default the learning rate; no weight decay), the rest of a
             frozen text encoder stays as it is (:func:`ldm.adapters.lora_train.unfreeze_token_rows`).
-        preserve: a full fine-tune's prior preservation by distillation (with ``train_tokens``): samples whose
-            caption names none of the new words learn the prediction of a frozen copy of the starting UNet (kept
+        preserve: a full fine-tune's prior preservation by distillation (with ``train_tokens``; ``true`` or the
+            weight of those samples' loss): samples whose caption names none of the new words, and samples whose
+            caption the CFG dropout emptied, learn the prediction of a frozen copy of the starting UNet (kept
             beside it: its memory once more) instead of the data's target. A LoRA run has ``lora.preserve``.
         validation_prompts, sample_*: what the image logger samples (EMA weights, CFG).
     """
