@@ -266,3 +266,22 @@ def test_teacher_targets_and_weight_in_the_diffusion_loss():
     with pytest.raises(ValueError, match="weight"):
         parse_lora_config({"tokens": ["x"], "preserve": -1})
     assert parse_lora_config({"tokens": ["x"], "preserve": 5}).preserve == 5.0
+
+
+def test_preserve_dropped_decides_whether_emptied_captions_are_distilled(tmp_path, base_file):  # noqa: F811
+    """Every caption names the trained word and every caption is dropped (cond_drop_rate 1): with preserve_dropped
+    (the default) all samples are distilled, the loss is 0 and the LoRA stays at the base; without it they learn
+    their pictures and the LoRA moves."""
+    lora = {"targets": ["attn", "ff", "conv"], "tokens": ["circle", "circles", "square", "squares", "triangle",
+                                                          "triangles"], "preserve": True}
+    kept = lora_module(base_file, **lora)
+    moved = lora_module(base_file, **lora, preserve_dropped=False)
+    for module, name in ((kept, "kept"), (moved, "moved")):
+        module.weight_decay = 0.0
+        module.conditioner.set_ucg_rate("txt", 1.0)
+        trainer(tmp_path / name, max_steps=2).fit(module, datamodule=tiny_data())
+    ups = lambda m: [p for n, p in m.lora.named_parameters() if n.endswith("lora_up.weight")]  # noqa: E731
+    assert all(not p.abs().sum() for p in ups(kept))
+    assert any(p.abs().sum() > 0 for p in ups(moved))
+    with pytest.raises(ValueError, match="preserve_dropped"):
+        parse_lora_config({"tokens": ["x"], "preserve": True, "preserve_dropped": "no"})

@@ -52,7 +52,8 @@ from ldm.convert.module_names import diffusers_unet_names
 from ldm.models.text_encoder import _bpe_tokenizer
 
 __all__ = ["LORA_TARGETS", "LoraConfig", "parse_lora_config", "parse_tokens", "LoraBranch", "TokenVectors",
-           "LoraNetwork", "kohya_state_dict", "bundled_embeddings", "unfreeze_token_rows", "names_any", "check_preserve"]
+           "LoraNetwork", "kohya_state_dict", "bundled_embeddings", "unfreeze_token_rows", "names_any",
+           "check_preserve"]
 
 LORA_TARGETS = ("attn", "ff", "conv", "text")
 _FUSED = "_self_attn_in_proj"  # the branch of a fused q/k/v projection; exported as _q_proj, _k_proj, _v_proj
@@ -65,7 +66,8 @@ class LoraConfig:
     """``model.params.lora``: rank, alpha (default: rank, a scale of 1), targets and dropout; ``tokens``: words whose
     token vectors train too, at ``token_lr`` (default: the run's learning rate); ``preserve``: prior preservation
     by distillation (samples whose caption names none of ``tokens`` learn the frozen model's own prediction; a
-    number: their loss weight)."""
+    number: their loss weight); ``preserve_dropped`` (default true): so do the samples whose caption the CFG
+    dropout emptied, also those of pictures that show the new words (false: those learn the picture)."""
 
     rank: int = 4
     alpha: float | None = None
@@ -74,6 +76,7 @@ class LoraConfig:
     tokens: tuple[str, ...] = ()
     token_lr: float | None = None
     preserve: float = 0.0
+    preserve_dropped: bool = True
 
     @property
     def scale(self) -> float:
@@ -135,11 +138,14 @@ def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{key}.dropout={dropout!r} must be a number in [0, 1)")
     preserve = check_preserve(value.get("preserve", False), f"{key}.preserve")
+    preserve_dropped = value.get("preserve_dropped", True)
+    if not isinstance(preserve_dropped, bool):
+        raise ValueError(f"{key}.preserve_dropped={preserve_dropped!r} must be true or false")
     if preserve and not tokens:
         raise ValueError(f"{key}.preserve keeps what captions without the new words give; name the words in "
                          f"{key}.tokens (e.g. [star])")
     return LoraConfig(rank, None if alpha is None else float(alpha), tuple(dict.fromkeys(targets)), float(dropout),
-                      tokens, token_lr, preserve)
+                      tokens, token_lr, preserve, preserve_dropped)
 
 
 class LoraBranch(nn.Module):

@@ -440,7 +440,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         mask = torch.tensor([not names_any(c, self._words) for c in ([captions] if isinstance(captions, str)
                                                                    else captions)])
         dropped = self.conditioner.last_dropped.get(PROMPT_KEY)
-        if dropped is not None:  # a dropped caption is the empty prompt: its prediction is the base's too
+        # a dropped caption is the empty prompt: its prediction is the base's too (unless lora.preserve_dropped=false)
+        if dropped is not None and (self.lora is None or self.lora.config.preserve_dropped):
             mask = mask | dropped.cpu()
         loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator,
                                teacher=lambda x_t, t, m: self._frozen_prediction(batch, state, drop, x_t, t, m),
