@@ -627,9 +627,12 @@ class _Pipeline:
             del bundled[name]
         for loaded in lora.loaded_loras(self.model):
             for embedding in loaded.embeddings:
-                previous = bundled.get(embedding.name, (None, None))[1] if embedding.name in bundled else (
-                    self.embeddings[embedding.name] if embedding.name in self.embeddings else None)
-                bundled[embedding.name] = (self.embeddings.add(embedding), previous)
+                name = embedding.name
+                if name in bundled:  # a later LoRA bundles the same word: it hides the same file embedding
+                    hidden = bundled[name][1]
+                else:
+                    hidden = self.embeddings[name] if name in self.embeddings else None
+                bundled[name] = (self.embeddings.add(embedding), hidden)
 
     @property
     def loras(self) -> list:

@@ -101,6 +101,16 @@ def test_export_bundles_the_words_and_the_pipeline_uses_them_with_the_lora(tmp_p
     assert len(pipe.embeddings) == 0
     torch.testing.assert_close(pipe.encode_prompts(prompts)["crossattn"], plain)
 
+    # a file embedding of the same word is hidden while the LoRA is loaded, and back afterwards
+    own = tmp_path / "circle.safetensors"
+    save_file({"emb_params": torch.zeros(1, module.conditioner.embedders[0].width)}, str(own))
+    mine = pipe.load_embedding(own)
+    pipe.load_lora(path)
+    assert pipe.embeddings["circle"] is not mine
+    torch.testing.assert_close(pipe.encode_prompts(prompts)["crossattn"], expected, atol=1e-5, rtol=1e-5)
+    pipe.unload_loras()
+    assert pipe.embeddings["circle"] is mine and "circles" not in pipe.embeddings
+
 
 def test_a_file_of_bundled_embeddings_only_loads_and_a_misfit_is_refused(tmp_path, base_file):  # noqa: F811
     model = load_model(None, base_file)

@@ -314,11 +314,7 @@ class LoraNetwork(nn.Module):
             raise ValueError("model.params.lora.targets: 'text' but the model has no OpenCLIP text encoder")
         for index, (_, tower) in enumerate(towers):
             prefix = "lora_te_" if len(towers) == 1 else f"lora_te{index + 1}_"
-            embedder = next((e for e in (conditioner.embedders if conditioner is not None else [])
-                             if any(m is tower for m in e.modules())), None)
-            if embedder is None:
-                raise ValueError("model.params.lora.targets: 'text' but the text encoder is not one of the "
-                                 "conditioner's embedders")
+            embedder = _embedder_of(conditioner, tower, "model.params.lora.targets: 'text'")
             blocks = tower.transformer.resblocks
             run = min(len(blocks), getattr(embedder, "layers_run", len(blocks)))  # skipped blocks get no LoRA
             fused = []
@@ -345,10 +341,7 @@ class LoraNetwork(nn.Module):
             raise ValueError("model.params.lora.tokens: the model has no OpenCLIP text encoder whose tokens "
                              "could train")
         for _, tower in towers:
-            embedder = next((e for e in (conditioner.embedders if conditioner is not None else [])
-                             if any(m is tower for m in e.modules())), None)
-            if embedder is None:
-                raise ValueError("model.params.lora.tokens: the text encoder is not one of the conditioner's embedders")
+            embedder = _embedder_of(conditioner, tower, "model.params.lora.tokens")
             vectors = TokenVectors(tower.token_embedding, words, _bpe_tokenizer().encode)
             self.tokens.append(vectors)
             self._handles.append(tower.token_embedding.register_forward_hook(vectors.hook))
@@ -405,10 +398,7 @@ def unfreeze_token_rows(model: nn.Module, words: tuple[str, ...]) -> list[nn.Par
     ids = sorted({i for word in words for i in _bpe_tokenizer().encode(word)})
     params = []
     for _, tower in towers:
-        embedder = next((e for e in (conditioner.embedders if conditioner is not None else [])
-                         if any(m is tower for m in e.modules())), None)
-        if embedder is None:
-            raise ValueError("model.params.train_tokens: the text encoder is not one of the conditioner's embedders")
+        embedder = _embedder_of(conditioner, tower, "model.params.train_tokens")
         weight = tower.token_embedding.weight
         mask = torch.zeros(weight.shape[0], 1)
         mask[ids] = 1.0
@@ -417,6 +407,15 @@ def unfreeze_token_rows(model: nn.Module, words: tuple[str, ...]) -> list[nn.Par
         _make_trainable(conditioner, embedder)
         params.append(weight)
     return params
+
+
+def _embedder_of(conditioner: nn.Module | None, tower: nn.Module, key: str) -> nn.Module:
+    """The conditioner's embedder that runs ``tower`` (``key`` names the setting in the one-line error)."""
+    embedder = next((e for e in (conditioner.embedders if conditioner is not None else [])
+                     if any(m is tower for m in e.modules())), None)
+    if embedder is None:
+        raise ValueError(f"{key}: the text encoder is not one of the conditioner's embedders")
+    return embedder
 
 
 def _make_trainable(conditioner: nn.Module, embedder: nn.Module) -> None:
