@@ -345,6 +345,42 @@ def test_cli_geneval_runs_the_pipeline(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "report.json").read_text())["num_images"] == 12
 
 
+class _FailsCounting(_FakeText2Image):
+    """Draws the truth, except an empty picture for counting prompts."""
+
+    def __call__(self, prompts, negative_prompts=None, **kw):
+        out = super().__call__(prompts, negative_prompts, **kw)
+        if prompts[0] in self.counting:
+            out.images = [Image.new("RGB", (64, 64), BACKGROUND) for _ in out.images]
+        return out
+
+
+def test_cli_geneval_saves_every_picture_with_its_verdict(tmp_path, monkeypatch):
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"x")
+    fake = _FailsCounting(1, 0)
+    fake.counting = {p.prompt for p in make_eval_prompts(1, 0) if p.category == "counting"}
+    monkeypatch.setattr(cli, "_load_pipeline", lambda args: fake)
+    shots = tmp_path / "shots"
+    report = cli.main(["geneval", "--ckpt", str(ckpt), "--n", "1", "--images-per-prompt", "2",
+                       "--save-images", str(shots), "--out", str(tmp_path / "r.md")])
+    names = sorted(p.name for p in shots.glob("0*.png"))
+    assert len(names) == 12 and names[0] == "00000-single_object-right.png"
+    wrong = [r for r in report["records"] if not r["correct"]]
+    assert wrong and all(r["category"] == "counting" and r["image"].endswith("-wrong.png") for r in wrong)
+    assert all((shots / r["image"]).is_file() for r in report["records"])
+    assert json.loads((tmp_path / "r.json").read_text())["records"][0]["image"] == names[0]
+    lines = (shots / "verdicts.txt").read_text().splitlines()
+    assert len(lines) == 12 and "wrong (missing object)" in lines[names.index(wrong[0]["image"])]
+    sheet = Image.open(shots / "sheet-counting.png")
+    assert sheet.size == (2 * 70, 70)  # one prompt: a row of two pictures, each framed by 3 px
+    assert sheet.getpixel((0, 0)) == (220, 40, 40)  # framed red: wrong
+    assert Image.open(shots / "sheet-colors.png").getpixel((0, 0)) == (40, 200, 40)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="is a file"):
+        cli.main(["geneval", "--ckpt", str(ckpt), "--n", "1", "--save-images", str(tmp_path / "afile")])
+
+
 def test_cli_recon_of_an_identity_autoencoder(tmp_path, monkeypatch):
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"x")

@@ -26,7 +26,8 @@ Weights always come from files you name: nothing is downloaded.
 
 ``geneval --lora FILE[:WEIGHT]`` merges LoRAs into the model first (the pipeline's ``load_lora``);
 ``--focus-shape star`` makes every prompt name that opt-in shape (``ldm.data.shapes.EXTRA_SHAPES``), lets the
-analyzer find it and reports the share of images that show it.
+analyzer find it and reports the share of images that show it. ``--save-images DIR`` keeps every picture with its
+verdict (file names, ``verdicts.txt``, a framed contact sheet per category) to check the analyzer by eye.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ from ldm.eval.geneval import (evaluate, format_report, make_eval_prompts, make_p
                               read_prompts_file)
 from ldm.metrics import psnr, ssim
 
-__all__ = ["main", "build_parser", "run_geneval", "run_recon", "run_fid", "run_clip_score"]
+__all__ = ["main", "build_parser", "run_geneval", "save_verdicts", "run_recon", "run_fid", "run_clip_score"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="merge this LoRA into the model before sampling (repeatable; as sample.py --lora)")
     g.add_argument("--focus-shape", default=None, choices=EXTRA_SHAPES,
                    help="prompts that all name this opt-in shape; the analyzer finds it too")
+    g.add_argument("--save-images", default=None, metavar="DIR",
+                   help="save every picture with its verdict in the name, verdicts.txt and a contact sheet "
+                        "per category (framed green when right, red when wrong), to check the analyzer by eye")
     r = sub.add_parser("recon", help="autoencoder reconstruction PSNR / SSIM on held-out shapes pictures")
     _add_common(r)
     r.add_argument("--num", type=positive_int, default=64, help="number of pictures")
@@ -133,6 +137,9 @@ def _geneval_prompts(args: argparse.Namespace) -> list:
 
 def run_geneval(args: argparse.Namespace) -> dict[str, Any]:
     prompts = _geneval_prompts(args)  # a bad prompts file fails before the model loads
+    save_dir = getattr(args, "save_images", None)
+    if save_dir and os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise SystemExit(f"python -m ldm.eval: error: --save-images {save_dir} is a file; name a folder")
     pipe = _load_pipeline(args)
     if args.lora:
         from ldm.cli.sample import parse_lora_arg
@@ -145,12 +152,19 @@ def run_geneval(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
 
+    kept: list = []
+
     def generate(prompts: list[str], seeds: list[int]) -> list:
-        return pipe(prompts, seeds=seeds, **options).images
+        images = pipe(prompts, seeds=seeds, **options).images
+        if save_dir:
+            kept.extend(images)
+        return images
 
     focus = args.focus_shape
     shapes = SHAPES + (focus,) if focus else SHAPES
     report = evaluate(generate, prompts, args.images_per_prompt, seed=args.seed, shapes=shapes, focus=focus)
+    if save_dir:
+        save_verdicts(save_dir, report["records"], kept, args.images_per_prompt)
     table = format_report(report)
     log.info("GenEval-style report for %s\n%s", args.ckpt, table)
     if args.out:
@@ -159,6 +173,36 @@ def run_geneval(args: argparse.Namespace) -> dict[str, Any]:
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump(report, f, indent=1)
     return report
+
+
+def save_verdicts(folder: str, records: list[dict], images: Sequence, images_per_prompt: int) -> None:
+    """Write ``images`` (one per record, in order) to ``folder`` as ``NNNNN-<category>-<right|wrong>.png``,
+    ``verdicts.txt`` (file, prompt, seed, verdict, what the analyzer found: one line each) and
+    ``sheet-<category>.png``: a row per prompt, each picture framed green when the analyzer says right and red
+    when wrong. Each record gets its file name as ``image``."""
+    from PIL import ImageOps
+
+    from ldm.cli.common import make_grid
+
+    if len(images) != len(records):
+        raise ValueError(f"{len(images)} images for {len(records)} records")
+    os.makedirs(folder, exist_ok=True)
+    lines, framed = [], {}
+    for i, (record, image) in enumerate(zip(records, images)):
+        verdict = "right" if record["correct"] else "wrong"
+        record["image"] = name = f"{i:05d}-{record['category']}-{verdict}.png"
+        image.save(os.path.join(folder, name))
+        lines.append("\t".join([name, record["prompt"], str(record["seed"]),
+                                verdict if record["correct"] else f"wrong ({record['cause']})",
+                                "; ".join(record["found"]) or "nothing"]))
+        color = (40, 200, 40) if record["correct"] else (220, 40, 40)
+        framed.setdefault(record["category"], []).append(ImageOps.expand(image.convert("RGB"), border=3, fill=color))
+    with open(os.path.join(folder, "verdicts.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    for category, tiles in framed.items():
+        make_grid(tiles, rows=max(1, len(tiles) // images_per_prompt)).save(
+            os.path.join(folder, f"sheet-{category}.png"))
+    log.info("wrote %d pictures, verdicts.txt and %d contact sheets to %s", len(images), len(framed), folder)
 
 
 @torch.no_grad()
