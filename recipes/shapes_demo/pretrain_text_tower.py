@@ -22,6 +22,11 @@ exchanged ("a red circle below a blue triangle" against "a red triangle below a 
 kept the colors bound and let the shapes trade places. ``--paraphrase P``: a share P of the captions and their
 negatives (worded alike) come from ``ldm.data.paraphrase`` (other words and word orders); a negative that reads
 like its caption (a left/right relation worded "next to" names no side) is left out.
+
+``--twice-negatives``: pictures of two different shapes (relation and color-attribution scenes) get their caption
+with the first shape named twice as a hard negative ("a circle and a square" against "a circle and a circle"), and
+color-attribution captions go color-free 40% of the time: a v7 candidate trained on a tower without it drew "a
+circle and a square" as two circles. The report adds ``twice_accuracy``.
 """
 from __future__ import annotations
 
@@ -92,12 +97,15 @@ def shape_swapped_captions(spec: dict, seed: int) -> tuple[str, str]:
 
 
 def changed_spec(spec: dict, change: str) -> dict:
-    """``spec`` with its relation inverted (``change`` "relation"), or the two objects' colors or shapes
-    exchanged ("colors", "shapes")."""
+    """``spec`` with its relation inverted (``change`` "relation"), the two objects' colors or shapes
+    exchanged ("colors", "shapes"), or the first object's shape drawn twice ("twice": the second object takes the
+    first one's shape, its color, size and count kept)."""
     objects = [dict(g) for g in spec["objects"]]
     relation = dict(spec["relation"]) if spec.get("relation") else None
     if change == "relation":
         relation["type"] = INVERSE_RELATION[relation["type"]]
+    elif change == "twice":
+        objects[1]["shape"] = objects[0]["shape"]
     else:
         key = {"colors": "color", "shapes": "shape"}[change]
         objects[0][key], objects[1][key] = spec["objects"][1][key], spec["objects"][0][key]
@@ -113,11 +121,14 @@ def paraphrased_pair(spec: dict, change: str, seed: int) -> tuple[str, str | Non
 
 
 def batch(data: ShapesDataset, indices: Sequence[int], rng: random.Random, color_swaps: bool = False,
-          shape_swaps: bool = False, paraphrase: float = 0.0) -> tuple[torch.Tensor, list, list]:
+          shape_swaps: bool = False, paraphrase: float = 0.0, twice: bool = False) -> tuple[torch.Tensor, list, list]:
     """Images, captions, and each image's hard negatives, a dict {change: caption} (empty for most scenes):
     relation scenes the caption with the relation inverted ("relation"; with ``shape_swaps`` also the shapes
     exchanged, "shapes"), with ``color_swaps`` color-attribution scenes the caption with the colors exchanged
-    ("colors"). With ``paraphrase`` that share of the captions (and their negatives) are paraphrases."""
+    ("colors"). With ``twice``, relation and color-attribution scenes of two different shapes also get the caption
+    with the first shape named twice ("twice": "a circle and a square" against "a circle and a circle"), and
+    color-attribution captions go color-free 40% of the time, as relation ones do. With ``paraphrase`` that share
+    of the captions (and their negatives) are paraphrases."""
     images, captions, negatives = [], [], []
     for i in indices:
         scene, caption = data.scene(i)
@@ -127,10 +138,14 @@ def batch(data: ShapesDataset, indices: Sequence[int], rng: random.Random, color
             changes = ["relation", "shapes"] if shape_swaps else ["relation"]
         elif color_swaps and scene.kind == "color_attribution":
             changes = ["colors"]
+        two_shapes = len({o.shape for o in scene.objects}) == 2
+        if twice and two_shapes and (scene.relation is not None or scene.kind == "color_attribution"):
+            changes = changes + ["twice"]
         negs = {}
         if changes:
             spec, seed = scene_to_prompt_spec(scene), rng.randrange(1 << 30)
-            if scene.relation is not None and not rng.random() > 0.4:  # 40% color-free, as the position prompts
+            color_free = scene.relation is not None or (twice and scene.kind == "color_attribution")
+            if color_free and not rng.random() > 0.4:  # 40% color-free, as the position and two-object prompts
                 for g in spec["objects"]:
                     g["color"] = g["size"] = None
             words = rng.random() < paraphrase if paraphrase else False
@@ -167,10 +182,10 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, ne
 def hard_negative_accuracy(tower: OpenCLIPTextEncoder, images: ImageEncoder, num: int = 128,
                            kind: str = "relation", change: str = "relation", paraphrase: float = 0.0) -> float:
     """Share of ``num`` held-out pictures of ``kind`` whose caption scores above its ``change`` negative (the
-    relation inverted, "colors" or "shapes" exchanged), among those that have one."""
+    relation inverted, "colors" or "shapes" exchanged, the first shape "twice"), among those that have one."""
     data = ShapesDataset(num, kinds=[kind], split="eval")
     pics, caps, negs = batch(data, range(num), random.Random(0), color_swaps=True, shape_swaps=True,
-                             paraphrase=paraphrase)
+                             paraphrase=paraphrase, twice=change == "twice")
     rows = [i for i, n in enumerate(negs) if change in n]
     img = F.normalize(images(pics[rows]), dim=-1)
     true = (img * F.normalize(text_embeddings(tower, [caps[i] for i in rows]), dim=-1)).sum(-1)
@@ -189,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="color-attribution pictures' captions with the colors exchanged as hard negatives too")
     p.add_argument("--shape-swaps", action="store_true",
                    help="relation pictures' captions with the two objects' shapes exchanged as hard negatives too")
+    p.add_argument("--twice-negatives", action="store_true",
+                   help="two-shape pictures' captions with the first shape named twice as hard negatives too")
     p.add_argument("--paraphrase", type=float, default=0.0,
                    help="share of captions (and their negatives) worded by ldm.data.paraphrase (default 0)")
     p.add_argument("--num-train", type=int, default=50000)
@@ -226,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tower.train()
     for step in range(1, args.steps + 1):
         pics, caps, negs = batch(data, rng.sample(range(len(data)), args.batch_size), rng, args.color_swaps,
-                                 args.shape_swaps, args.paraphrase)
+                                 args.shape_swaps, args.paraphrase, args.twice_negatives)
         rows = torch.tensor([i for i, n in enumerate(negs) for _ in n], dtype=torch.long)
         txt = text_embeddings(tower, caps + [c for n in negs for c in n.values()])
         loss = contrastive_loss(images(pics), txt[:len(caps)], txt[len(caps):], rows, scale.exp().clamp(max=100),
@@ -248,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         report["shape_accuracy"] = hard_negative_accuracy(tower, images, change="shapes")
         log.info("held-out relation pictures whose caption beats the shapes-exchanged one: %.1f%%",
                  100 * report["shape_accuracy"])
+    if args.twice_negatives:
+        report["twice_accuracy"] = hard_negative_accuracy(tower, images, kind="color_attribution", change="twice")
+        log.info("held-out two-shape pictures whose caption beats the first-shape-twice one: %.1f%%",
+                 100 * report["twice_accuracy"])
     if args.paraphrase:
         report["paraphrased_relation_accuracy"] = hard_negative_accuracy(tower, images, paraphrase=1.0)
         log.info("the same for relation inversions, paraphrased: %.1f%%", 100 * report["paraphrased_relation_accuracy"])

@@ -183,6 +183,35 @@ def test_batch_gives_relation_pictures_shape_swapped_and_paraphrased_negatives()
     assert all(set(n) == ({"relation"} if k == "relation" else {"colors"}) for n, k in zip(plain, kinds))
 
 
+def test_batch_twice_negatives_name_the_first_shape_twice():
+    import random
+
+    from ldm.data.shapes import ShapesDataset
+
+    data = ShapesDataset(64, kinds=["relation", "color_attribution", "single"])
+    _, caps, negs = pretrain_text_tower.batch(data, range(64), random.Random(0), color_swaps=True,
+                                              shape_swaps=True, twice=True)
+    scenes = [data.scene(i)[0] for i in range(64)]
+    two_shapes = [len({o.shape for o in s.objects}) == 2 and s.kind != "single" for s in scenes]
+    assert any(two_shapes) and all(("twice" in n) == t for n, t in zip(negs, two_shapes))
+    for s, cap, n in zip(scenes, caps, negs):
+        if "twice" in n:
+            first, second = (o.shape for o in s.objects[:2]) if s.relation is None else (None, None)
+            assert n["twice"] != cap
+            if first:  # color attribution: the second shape's word is gone, the first one's said twice
+                assert second in cap and second not in n["twice"] and n["twice"].count(first) == 2
+    # some color-attribution captions go color-free (they keep the twice negative, lose the colors one)
+    assert any("twice" in n and "colors" not in n for n, s in zip(negs, scenes) if s.kind == "color_attribution")
+    _, _, plain = pretrain_text_tower.batch(data, range(64), random.Random(0), color_swaps=True, shape_swaps=True)
+    assert not any("twice" in n for n in plain)
+
+
+def test_pretrain_text_tower_with_twice_negatives_reports_them(tmp_path):
+    report = pretrain_text_tower.main(["--steps", "2", "--batch-size", "8", "--num-train", "16", "--twice-negatives",
+                                       "--out", str(tmp_path / "tower.safetensors")])
+    assert 0.0 <= report["twice_accuracy"] <= 1.0
+
+
 def test_pretrain_text_tower_with_shape_swaps_and_paraphrases_reports_them(tmp_path):
     report = pretrain_text_tower.main(["--steps", "2", "--batch-size", "8", "--num-train", "16", "--shape-swaps",
                                        "--paraphrase", "0.5", "--out", str(tmp_path / "tower.safetensors")])
