@@ -77,9 +77,10 @@ def call(model: torch.nn.Module, x, t, context) -> torch.Tensor:
     return out.sample if hasattr(out, "sample") else out
 
 
-def forward_fn(model, x, t, context, precision: str, inner: int = 1) -> Callable[[], None]:
+def forward_fn(model, x, t, context, precision: str, inner: int = 1,
+               setting: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Callable[[], None]:
     def run() -> None:
-        with torch.no_grad(), autocast(precision, x.device):
+        with torch.no_grad(), autocast(precision, x.device), setting():
             for _ in range(inner):
                 call(model, x, t, context)
     return run
@@ -169,6 +170,9 @@ def bench_size(width: int, latent: int, args) -> list[list]:
             if mode == "forward":
                 pair = {"ours": forward_fn(ours, x, t, context, precision, inner),
                         peer: forward_fn(theirs, x, t, context, precision, inner)}
+                if "fused-attention" in args.without:
+                    pair["ours without fused-attention"] = forward_fn(
+                        ours, x, t, context, precision, inner, common.without_fused_attention)
             else:
                 pair = {"ours": train_fn(copy.deepcopy(ours), x, t, context, precision, "ours", inner),
                         peer: train_fn(copy.deepcopy(theirs), x, t, context, precision,
@@ -195,6 +199,13 @@ def bench_size(width: int, latent: int, args) -> list[list]:
                 row += ["", "", "", ""]
             rows.append(row)
             logger.info("%s", row)
+            if "ours without fused-attention" in times:
+                c = median(times["ours without fused-attention"]) / inner
+                rows.append([label, mode, f"{precision}, ours without fused-attention", c, b, f"{b / c:.2f}x",
+                             f"{diff:.1e}"] + ([f"{flops / 1e9:.0f}", f"{peak:.0f}",
+                                                f"{100 * flops / c / 1e9 / peak:.0f}%", ""] if mode == "forward"
+                                               else ["", "", "", ""]))
+                logger.info("%s", rows[-1])
     return rows
 
 
@@ -217,6 +228,9 @@ def main() -> None:
                         help="give diffusers' training step torch's fused AdamW too (default: torch's default "
                              "AdamW, as diffusers' training scripts build it; ours always uses our trainer's fused "
                              "AdamW)")
+    parser.add_argument("--without", nargs="*", choices=("fused-attention",), default=[],
+                        help="fused-attention: add ours with the attention on its Python paths instead of the "
+                             "compiled fused kernel (ldm.accel.cpu_kernels) to the forward rounds")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds per candidate (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(common.RESULTS / "unet.md"))

@@ -78,6 +78,19 @@ def autocast(precision: str, device: str | torch.device = "cpu") -> contextlib.A
     return torch.autocast(torch.device(device).type, dtype=DTYPES[precision], enabled=precision != "fp32")
 
 
+@contextlib.contextmanager
+def without_fused_attention() -> Iterator[None]:
+    """Our attention on its Python paths (the blocked kernel in Python blocks, sdpa with several threads) instead of
+    the compiled fused kernel of ``ldm.accel.cpu_kernels``, for the ``--without fused-attention`` rows."""
+    from ldm.accel import attention
+
+    old, attention.USE_CPU_KERNELS = attention.USE_CPU_KERNELS, False
+    try:
+        yield
+    finally:
+        attention.USE_CPU_KERNELS = old
+
+
 def synchronizer(device: str | torch.device) -> Callable[[], None]:
     """What makes a wall-clock reading include the device's queued work: cuda.synchronize, or nothing."""
     device = torch.device(device)

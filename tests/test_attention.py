@@ -86,6 +86,9 @@ def test_xformers_on_cpu_is_a_clear_error():
 
 
 def _record_kernels(monkeypatch) -> list:
+    """Record the kernels attention calls, choosing as without the compiled fused kernel (tests/test_cpu_kernels.py
+    has the choice with it)."""
+    monkeypatch.setattr(accel_attn, "USE_CPU_KERNELS", False)
     calls = []
     for name in ("sdpa", "math"):
         monkeypatch.setitem(attn_mod.KERNELS, name, lambda *a, n=name, f=attn_mod.KERNELS[name]: calls.append(n)

@@ -30,7 +30,7 @@ from torch import nn
 from ldm.models import attention as base
 from ldm.models import unet
 
-from . import onednn
+from . import cpu_kernels, onednn
 
 __all__ = ["BACKENDS", "attention", "AcceleratedAttention", "ContextProjections", "CrossAttention", "AttentionBlock",
            "context_projections"]
@@ -40,6 +40,7 @@ BLOCKED_MIN_KEYS = 256
 BLOCKED_MIN_SCORES = 1 << 18  # queries x keys per head
 MATH_MAX_SCORES = 1 << 16
 BLOCKED_MAX_THREADS = 1  # torch threads up to which "auto" takes blocked (above: sdpa)
+USE_CPU_KERNELS = True  # "blocked" runs on the compiled fused kernel where it can (False: the Python blocks)
 _BLOCK_SCORES = 1 << 19  # fp32 scores per block (2 MiB): a block's scores and probabilities stay in cache
 
 
@@ -50,6 +51,8 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
     torch's CPU flash kernel at SD's 4096 tokens (bench/README.md)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return base.KERNELS["math"](q, k, v, mask)  # the blocks are written in place, which autograd cannot follow
+    if mask is None and _fused(q, k, v):
+        return cpu_kernels.attention_bf16(q, k, v)
     b, h, n, d = q.shape
     rows = max(16, _BLOCK_SCORES // max(k.shape[2], 1))
     with torch.autocast(device_type=q.device.type, enabled=False):
@@ -72,12 +75,19 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
     return out.reshape(b, h, n, v.shape[-1])
 
 
-def _cpu_choice(q: torch.Tensor, k: torch.Tensor) -> Optional[str]:
+def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the compiled fused kernel (:mod:`ldm.accel.cpu_kernels`) takes these tensors."""
+    return USE_CPU_KERNELS and q.dtype == torch.bfloat16 and cpu_kernels.fits(q, k, v) and cpu_kernels.available()
+
+
+def _cpu_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[str]:
     """The kernel ``"auto"`` takes for bf16 on a CPU; None elsewhere (the model's own ``"auto"`` then)."""
     if q.device.type != "cpu" or q.dtype != torch.bfloat16:
         return None
     queries, keys = q.shape[2], k.shape[2]
     if not torch.is_grad_enabled():
+        if mask is None and _fused(q, k, v):
+            return "blocked"  # on the fused kernel: faster than sdpa and math at every shape measured, any threads
         if keys >= BLOCKED_MIN_KEYS or queries * keys >= BLOCKED_MIN_SCORES:
             return "blocked" if torch.get_num_threads() <= BLOCKED_MAX_THREADS else None
         return "math"
@@ -89,7 +99,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     """:func:`ldm.models.attention.attention` (same arguments), plus ``"blocked"`` and the CPU ``"auto"``."""
     base._check_backend(backend, slice_size, BACKENDS)
     if backend == "auto":
-        backend = _cpu_choice(q, k) or "auto"
+        backend = _cpu_choice(q, k, v, mask) or "auto"
     if backend != "blocked":
         return base.attention(q, k, v, backend=backend, slice_size=slice_size, mask=mask)
     return base.sliced_attention(_blocked, q, k, v, mask=mask, slice_size=slice_size)

@@ -1,0 +1,182 @@
+"""Optional C++ kernels for the CPU, compiled at first use (``ldm/accel/csrc``), with the Python paths as fallback.
+
+:func:`attention_bf16` is a fused attention kernel for bf16 inference on x86 CPUs with AVX-512 BF16: the scores,
+softmax and product with v of a block of query rows in one pass through the cache, one OpenMP parallel region per
+call (``csrc/attention.cpp`` says how). It computes the numbers of ``ldm.accel.attention``'s ``"blocked"`` kernel
+(fp32 scores of the bf16 inputs, an fp32 softmax, bf16 probabilities), which uses it where it can.
+
+Building: the first call compiles ``csrc/attention.cpp`` with the system's C++ compiler (``$CXX``, else ``c++``;
+about a second) into a cache folder (``$LDM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ldm/kernels``, else
+``~/.cache/ldm/kernels``), named by a hash of the source, the compiler's version and the flags, written atomically;
+later processes load the file. The kernel is a plain C function loaded with :mod:`ctypes`: no torch or Python headers
+(a ``torch.utils.cpp_extension`` build of the same code takes ~1 min for the headers alone). Without a compiler, on
+another CPU, or with ``LDM_CPU_KERNELS=0``, :func:`available` is False and the callers keep their Python paths;
+a failed build says so once in the log, with the compiler's last line.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+__all__ = ["available", "attention_bf16", "build", "reason", "supports_cpu"]
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+         "-mavx512dq", "-mavx512bf16", "-mfma"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # as /proc/cpuinfo names them
+MAX_HEAD_DIM = 256
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_reason: Optional[str] = None  # why there is no kernel, once that is known
+_I64x4 = ctypes.c_int64 * 4
+
+
+def supports_cpu() -> bool:
+    """Whether this CPU runs the kernels (x86-64 Linux with AVX-512 and its BF16 instructions)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return all(f in have for f in CPU_FLAGS)
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("LDM_KERNEL_CACHE"):
+        return Path(os.environ["LDM_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ldm" / "kernels"
+
+
+def _compiler() -> Optional[str]:
+    return shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels (or find them compiled) and return the library's path; raises ``RuntimeError`` with the
+    reason when that cannot be done."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"{cxx} --version failed: {e}") from e
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *FLAGS]).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    target = folder / f"ldm_attention-{key}.so"
+    if target.exists() and not force:
+        return target
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f"cannot create the kernel cache folder {folder}: {e} (set LDM_KERNEL_CACHE)") from e
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"{Path(cxx).name} failed on {SOURCE.name}: {last}")
+        os.replace(tmp, target)  # atomic: a process beside this one loads the whole file or builds its own
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"{Path(cxx).name} took over {e.timeout} s on {SOURCE.name}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _reason
+    if _lib is not None or _reason is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _reason is not None:
+            return _lib
+        if os.environ.get("LDM_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+            _reason = "LDM_CPU_KERNELS=0"
+            return None
+        if not supports_cpu():
+            _reason = "this CPU has no AVX-512 BF16 (or is not x86-64 Linux)"
+            return None
+        try:
+            lib = ctypes.CDLL(str(build()))
+        except (RuntimeError, OSError) as e:
+            _reason = str(e)
+            log.warning("the fused CPU attention kernel is not available, using the Python path: %s", e)
+            return None
+        lib.ldm_attention_bf16.restype = ctypes.c_int
+        lib.ldm_attention_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [_I64x4] * 4 + [
+            ctypes.c_float, ctypes.c_int]
+        _lib = lib
+        return _lib
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used in this process (builds them at the first call)."""
+    return _load() is not None
+
+
+def reason() -> Optional[str]:
+    """Why :func:`available` is False (None while it is True or not yet asked)."""
+    return _reason
+
+
+def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attention_bf16` takes these tensors (bf16 on a CPU, [B, H, N, D] with the last dimension
+    contiguous, an even D up to ``MAX_HEAD_DIM``, k and v of q's batch or a batch of 1, no autograd)."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4 and t.stride(-1) == 1
+               for t in (q, k, v)):
+        return False
+    (b, h, n, d), (bk, hk, m, dk), (bv, hv, mv, dv) = q.shape, k.shape, v.shape
+    if d != dk or d % 2 or d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM or m != mv or m == 0 or n == 0:
+        return False
+    if (hk, hv) != (h, h) or bk != bv or bk not in (1, b):
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
+def _strides(t: torch.Tensor, batch: int) -> ctypes.Array:
+    s = t.stride()
+    return _I64x4(0 if t.shape[0] == 1 and batch > 1 else s[0], s[1], s[2], 1)
+
+
+def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q @ k^T * scale) @ v for bf16 ``q`` [B, H, N, D], ``k`` [B or 1, H, M, D], ``v`` [B or 1, H, M, Dv]
+    (``scale`` defaults to D ** -0.5). Returns [B, H, N, Dv] bf16, a view of a [B, N, H, Dv] tensor (so merging the
+    heads back is free). Raises ``RuntimeError`` when the kernel is not :func:`available` or the tensors do not
+    :func:`fit <fits>`."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the fused CPU attention kernel is not available: {_reason}")
+    if not fits(q, k, v):
+        raise RuntimeError("attention_bf16 takes bf16 CPU tensors [B, H, N, D] with an even D <= "
+                           f"{MAX_HEAD_DIM} and a contiguous last dimension; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                           f"{tuple(v.shape)} {q.dtype}")
+    b, h, n, d = q.shape
+    m, dv = k.shape[2], v.shape[3]
+    out = torch.empty(b, n, h, dv, dtype=torch.bfloat16).transpose(1, 2)
+    rc = lib.ldm_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, n, m, d, dv,
+                                _strides(q, b), _strides(k, b), _strides(v, b), _strides(out, b),
+                                float(d ** -0.5 if scale is None else scale), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("the fused CPU attention kernel could not allocate its buffers")
+    return out
