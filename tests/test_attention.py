@@ -85,10 +85,14 @@ def test_xformers_on_cpu_is_a_clear_error():
         attention(q, k, v, backend="xformers")
 
 
-def _record_kernels(monkeypatch) -> list:
-    """Record the kernels attention calls, choosing as without the compiled fused kernel (tests/test_cpu_kernels.py
-    has the choice with it)."""
+@pytest.fixture(autouse=True)
+def python_kernels(monkeypatch):
+    """These tests are about the Python kernels and the choice among them: the compiled fused kernel is off
+    (tests/test_cpu_kernels.py has it, and the choice with it)."""
     monkeypatch.setattr(accel_attn, "USE_CPU_KERNELS", False)
+
+
+def _record_kernels(monkeypatch) -> list:
     calls = []
     for name in ("sdpa", "math"):
         monkeypatch.setitem(attn_mod.KERNELS, name, lambda *a, n=name, f=attn_mod.KERNELS[name]: calls.append(n)

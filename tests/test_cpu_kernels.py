@@ -49,12 +49,27 @@ def test_fused_kernel_matches_fp64_as_closely_as_the_python_blocks(shape, monkey
     v = torch.randn(b, h, m, dv, generator=g).bfloat16()
     ref = _reference(q, k, v)
     with torch.no_grad():
-        fused = cpu_kernels.attention_bf16(q, k, v)
+        fused = cpu_kernels.attention(q, k, v)
     assert fused.shape == (b, h, n, dv) and fused.dtype == torch.bfloat16
     err = (fused.double() - ref).abs()
     err_py = (_python_blocked(q, k, v, monkeypatch).double() - ref).abs()
     assert err.max() <= max(1.5 * err_py.max().item(), 1e-2)  # one bf16 rounding of outputs of magnitude ~1
     assert err.mean() <= 1.25 * err_py.mean() + 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_kernel_in_fp32_is_the_math_kernel(shape):
+    b, h, n, m, d, dv = shape
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    q, k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, m, d, generator=g) * 2, torch.randn(
+        b, h, m, dv, generator=g)
+    ref = _reference(q, k, v)
+    with torch.no_grad():
+        fused = cpu_kernels.attention(q, k, v)
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert fused.dtype == torch.float32
+    assert (fused.double() - ref).abs().max() <= max(4 * (sdpa.double() - ref).abs().max().item(), 2e-6)
 
 
 @needs_kernel
@@ -68,7 +83,7 @@ def test_fused_kernel_probabilities_are_rounded_once(monkeypatch):
     v = torch.eye(200).bfloat16().expand(1, 2, 200, 200).contiguous()
     ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 16 ** -0.5, -1)
     with torch.no_grad():
-        rel = (cpu_kernels.attention_bf16(q, k, v).double() - ref).abs() / ref
+        rel = (cpu_kernels.attention(q, k, v).double() - ref).abs() / ref
     rel_py = (_python_blocked(q, k, v, monkeypatch).double() - ref).abs() / ref
     assert rel.max() <= 2 ** -8 + 1e-5
     assert rel.mean() <= 1.05 * rel_py.mean()
@@ -84,8 +99,8 @@ def test_fused_kernel_takes_strided_views_broadcast_keys_and_a_scale():
     v = torch.randn(1, m, h * d, generator=g).bfloat16().reshape(1, m, h, d).transpose(1, 2)
     assert not q.is_contiguous()
     with torch.no_grad():
-        out = cpu_kernels.attention_bf16(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), scale=0.3)
-        out1 = cpu_kernels.attention_bf16(q, k, v, scale=0.3)  # a batch of one broadcasts too
+        out = cpu_kernels.attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), scale=0.3)
+        out1 = cpu_kernels.attention(q, k, v, scale=0.3)  # a batch of one broadcasts too
     ref = _reference(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), scale=0.3)
     torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=0)
     assert torch.equal(out, out1)
@@ -100,9 +115,9 @@ def test_fused_kernel_threads_give_the_same_numbers():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernels.attention_bf16(q, k, v)
+        one = cpu_kernels.attention(q, k, v)
         torch.set_num_threads(2)
-        two = cpu_kernels.attention_bf16(q, k, v)
+        two = cpu_kernels.attention(q, k, v)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)  # the work is split by blocks of rows, each computed the same way
@@ -111,9 +126,12 @@ def test_fused_kernel_threads_give_the_same_numbers():
 def test_fits_refuses_what_the_kernel_does_not_take():
     q = torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
     assert cpu_kernels.fits(q, q, q)
-    assert not cpu_kernels.fits(q.float(), q.float(), q.float())  # fp32
+    assert cpu_kernels.fits(q.float(), q.float(), q.float())
+    assert not cpu_kernels.fits(q.half(), q.half(), q.half())  # fp16
+    assert not cpu_kernels.fits(q, q.float(), q)  # mixed
     odd = torch.zeros(1, 2, 8, 15, dtype=torch.bfloat16)
-    assert not cpu_kernels.fits(odd, odd, odd)  # odd head dim
+    assert not cpu_kernels.fits(odd, odd, odd)  # odd head dim in bf16 (pairs)
+    assert cpu_kernels.fits(odd.float(), odd.float(), odd.float())
     wide = torch.zeros(1, 2, 8, cpu_kernels.MAX_HEAD_DIM + 2, dtype=torch.bfloat16)
     assert not cpu_kernels.fits(wide, wide, wide)
     assert not cpu_kernels.fits(q, torch.zeros(3, 2, 8, 16, dtype=torch.bfloat16), q)  # batch 3 against 1
@@ -127,8 +145,8 @@ def test_fits_refuses_what_the_kernel_does_not_take():
 @needs_kernel
 def test_auto_takes_the_fused_kernel_for_bf16_inference_at_any_thread_count(monkeypatch):
     calls = []
-    monkeypatch.setattr(cpu_kernels, "attention_bf16",
-                        lambda *a, f=cpu_kernels.attention_bf16, **kw: calls.append("fused") or f(*a, **kw))
+    monkeypatch.setattr(cpu_kernels, "attention",
+                        lambda *a, f=cpu_kernels.attention, **kw: calls.append("fused") or f(*a, **kw))
     g = torch.Generator().manual_seed(2)
     text = [torch.randn(2, 2, 64, 16, generator=g).bfloat16()] + [
         torch.randn(2, 2, 77, 16, generator=g).bfloat16() for _ in range(2)]
@@ -148,7 +166,9 @@ def test_auto_takes_the_fused_kernel_for_bf16_inference_at_any_thread_count(monk
     fp32 = [t.float() for t in fmap]
     with torch.no_grad():
         accel_attn.attention(*fp32, backend="auto")
-    assert len(calls) == 4  # fp32 stays on sdpa
+    assert len(calls) == 5  # fp32 inference too
+    accel_attn.attention(*[t.requires_grad_() for t in fp32], backend="auto")
+    assert len(calls) == 5  # training: the kernel has no backward
 
 
 @needs_kernel
@@ -160,8 +180,8 @@ def test_accelerated_unet_in_bf16_matches_the_python_blocks(monkeypatch):
     fast = ldm.accel.optimize(randomize(tiny()).eval(), device="cpu", precision="bf16")
     x, t, c = inputs(size=16, ctx_len=77)  # 256 pixels at the first level, a 77-token context
     calls = []
-    monkeypatch.setattr(cpu_kernels, "attention_bf16",
-                        lambda *a, f=cpu_kernels.attention_bf16, **kw: calls.append(1) or f(*a, **kw))
+    monkeypatch.setattr(cpu_kernels, "attention",
+                        lambda *a, f=cpu_kernels.attention, **kw: calls.append(1) or f(*a, **kw))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         fused = fast(x, t, c).float()
         monkeypatch.setattr(accel_attn, "USE_CPU_KERNELS", False)

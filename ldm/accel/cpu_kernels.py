@@ -1,13 +1,14 @@
 """Optional C++ kernels for the CPU, compiled at first use (``ldm/accel/csrc``), with the Python paths as fallback.
 
-:func:`attention_bf16` is a fused attention kernel for bf16 inference on x86 CPUs with AVX-512 BF16: the scores,
-softmax and product with v of a block of query rows in one pass through the cache, one OpenMP parallel region per
-call (``csrc/attention.cpp`` says how). It computes the numbers of ``ldm.accel.attention``'s ``"blocked"`` kernel
-(fp32 scores of the bf16 inputs, an fp32 softmax, bf16 probabilities), which uses it where it can.
+:func:`attention` is a fused attention kernel for inference in bf16 or fp32 on x86 CPUs with AVX-512 BF16: the
+scores, softmax and product with v of a block of query rows in one pass through the cache, one OpenMP parallel
+region per call (``csrc/attention.cpp`` says how). It computes the numbers of the math kernel (fp32 scores and
+softmax; for bf16 the probabilities rounded to bf16 once), as ``ldm.accel.attention``'s ``"blocked"`` kernel does,
+which uses it where it can.
 
 Building: the first call compiles ``csrc/attention.cpp`` with the system's C++ compiler (``$CXX``, else ``c++``;
 about a second) into a cache folder (``$LDM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ldm/kernels``, else
-``~/.cache/ldm/kernels``), named by a hash of the source, the compiler's version and the flags, written atomically;
+``~/.cache/ldm/kernels``), named by a hash of the source, the compiler (its resolved path, size and time) and the flags, written atomically;
 later processes load the file. The kernel is a plain C function loaded with :mod:`ctypes`: no torch or Python headers
 (a ``torch.utils.cpp_extension`` build of the same code takes ~1 min for the headers alone). Without a compiler, on
 another CPU, or with ``LDM_CPU_KERNELS=0``, :func:`available` is False and the callers keep their Python paths;
@@ -29,7 +30,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "attention_bf16", "build", "reason", "supports_cpu"]
+__all__ = ["available", "attention", "build", "fits", "reason", "supports_cpu"]
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +76,13 @@ def build(force: bool = False) -> Path:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"{cxx} --version failed: {e}") from e
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *FLAGS]).encode()).hexdigest()[:16]
+    real = os.path.realpath(cxx)
+    try:  # the compiler by its file (path, size, time): cheaper than asking `--version` in every process
+        stat = os.stat(real)
+    except OSError as e:
+        raise RuntimeError(f"cannot read the compiler {real}: {e}") from e
+    compiler = f"{real} {stat.st_size} {stat.st_mtime_ns}"
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     target = folder / f"ldm_attention-{key}.so"
     if target.exists() and not force:
@@ -123,9 +126,9 @@ def _load() -> Optional[ctypes.CDLL]:
             _reason = str(e)
             log.warning("the fused CPU attention kernel is not available, using the Python path: %s", e)
             return None
-        lib.ldm_attention_bf16.restype = ctypes.c_int
-        lib.ldm_attention_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [_I64x4] * 4 + [
-            ctypes.c_float, ctypes.c_int]
+        for fn in (lib.ldm_attention_bf16, lib.ldm_attention_f32):
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [_I64x4] * 4 + [ctypes.c_float, ctypes.c_int]
         _lib = lib
         return _lib
 
@@ -141,15 +144,18 @@ def reason() -> Optional[str]:
 
 
 def fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`attention_bf16` takes these tensors (bf16 on a CPU, [B, H, N, D] with the last dimension
-    contiguous, an even D up to ``MAX_HEAD_DIM``, k and v of q's batch or a batch of 1, no autograd)."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4 and t.stride(-1) == 1
+    """Whether :func:`attention` takes these tensors: bf16 or fp32 (all three alike) on a CPU, [B, H, N, D] with
+    the last dimension contiguous, D up to ``MAX_HEAD_DIM`` (even for bf16), k and v of q's batch or a batch of 1,
+    no autograd."""
+    if q.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    if not all(t.device.type == "cpu" and t.dtype == q.dtype and t.dim() == 4 and t.stride(-1) == 1
                for t in (q, k, v)):
         return False
     (b, h, n, d), (bk, hk, m, dk), (bv, hv, mv, dv) = q.shape, k.shape, v.shape
-    if d != dk or d % 2 or d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM or m != mv or m == 0 or n == 0:
+    if d != dk or (d % 2 and q.dtype == torch.bfloat16) or d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
         return False
-    if (hk, hv) != (h, h) or bk != bv or bk not in (1, b):
+    if m != mv or m == 0 or n == 0 or d == 0 or dv == 0 or (hk, hv) != (h, h) or bk != bv or bk not in (1, b):
         return False
     return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 
@@ -159,24 +165,26 @@ def _strides(t: torch.Tensor, batch: int) -> ctypes.Array:
     return _I64x4(0 if t.shape[0] == 1 and batch > 1 else s[0], s[1], s[2], 1)
 
 
-def attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
-    """softmax(q @ k^T * scale) @ v for bf16 ``q`` [B, H, N, D], ``k`` [B or 1, H, M, D], ``v`` [B or 1, H, M, Dv]
-    (``scale`` defaults to D ** -0.5). Returns [B, H, N, Dv] bf16, a view of a [B, N, H, Dv] tensor (so merging the
-    heads back is free). Raises ``RuntimeError`` when the kernel is not :func:`available` or the tensors do not
-    :func:`fit <fits>`."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(q @ k^T * scale) @ v for ``q`` [B, H, N, D], ``k`` [B or 1, H, M, D], ``v`` [B or 1, H, M, Dv], all
+    bf16 or all fp32 (``scale`` defaults to D ** -0.5), computed as the math kernel computes it: fp32 scores and
+    softmax, for bf16 the probabilities rounded to bf16 once, products accumulated in fp32. Returns [B, H, N, Dv] in
+    q's dtype, a view of a [B, N, H, Dv] tensor (so merging the heads back is free). Raises ``RuntimeError`` when
+    the kernel is not :func:`available` or the tensors do not :func:`fit <fits>`."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the fused CPU attention kernel is not available: {_reason}")
     if not fits(q, k, v):
-        raise RuntimeError("attention_bf16 takes bf16 CPU tensors [B, H, N, D] with an even D <= "
-                           f"{MAX_HEAD_DIM} and a contiguous last dimension; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                           f"{tuple(v.shape)} {q.dtype}")
+        raise RuntimeError(f"the fused CPU attention kernel takes bf16 or fp32 CPU tensors [B, H, N, D] (D <= "
+                           f"{MAX_HEAD_DIM}, even for bf16) with a contiguous last dimension, without autograd; got "
+                           f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} {q.dtype}")
     b, h, n, d = q.shape
     m, dv = k.shape[2], v.shape[3]
-    out = torch.empty(b, n, h, dv, dtype=torch.bfloat16).transpose(1, 2)
-    rc = lib.ldm_attention_bf16(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, n, m, d, dv,
-                                _strides(q, b), _strides(k, b), _strides(v, b), _strides(out, b),
-                                float(d ** -0.5 if scale is None else scale), torch.get_num_threads())
+    out = torch.empty(b, n, h, dv, dtype=q.dtype).transpose(1, 2)
+    fn = lib.ldm_attention_bf16 if q.dtype == torch.bfloat16 else lib.ldm_attention_f32
+    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, n, m, d, dv, _strides(q, b),
+            _strides(k, b), _strides(v, b), _strides(out, b), float(d ** -0.5 if scale is None else scale),
+            torch.get_num_threads())
     if rc != 0:
         raise MemoryError("the fused CPU attention kernel could not allocate its buffers")
     return out

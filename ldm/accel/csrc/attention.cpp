@@ -46,26 +46,47 @@ inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline __m512i pair_at(const bf16* p) {
+// A 32-bit lane of the reduced dimension broadcast to all 16 lanes: two bf16 (a pair) or one fp32.
+inline __m512i lane_at(const void* p) {
   int32_t v;
   std::memcpy(&v, p, sizeof v);
   return _mm512_set1_epi32(v);
 }
 
+// acc += the lanes' dot products: bf16 pairs (vdpbf16ps, exact products, fp32 sums) or fp32 (fma).
+template <typename T>
+inline __m512 dot(__m512 acc, __m512i a, __m512i b) {
+  if constexpr (sizeof(T) == 2) return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+  else return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
+}
+
+template <typename T>
+inline void store_row(T* out, __m512 x, int n) {  // the first n of 16 lanes
+  if constexpr (sizeof(T) == 2)
+    _mm256_mask_storeu_epi16(out, (__mmask16)((1u << n) - 1u), (__m256i)_mm512_cvtneps_pbh(x));
+  else _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1u), x);
+}
+
+// Elements of T per 32-bit lane: 2 for bf16 (pairs), 1 for fp32.
+template <typename T>
+constexpr int LANE = (int)(4 / sizeof(T));
+
 // Scores of R query rows against C vectors of 16 keys. kp: the packed keys at this tile's first block,
-// [C][P][16][2]; s: the rows' scores at this tile's first key; valid: which of the last vector's keys exist.
-template <int R, int C>
-inline void qk_tile(const bf16* q, int64_t q_rs, const bf16* kp, int P, float* s, int64_t s_ld, __m512* rowmax,
+// [C][P][16][LANE]; P = D / LANE; s: the rows' scores at this tile's first key; last_valid: which of the last
+// vector's keys exist (the others are padding, kept out of the row maxima).
+template <typename T, int R, int C>
+inline void qk_tile(const T* q, int64_t q_rs, const T* kp, int P, float* s, int64_t s_ld, __m512* rowmax,
                     __mmask16 last_valid) {
+  constexpr int L = LANE<T>;
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   for (int p = 0; p < P; ++p) {
     __m512i kv[C];
-    for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_si512(kp + ((int64_t)c * P + p) * 32);
+    for (int c = 0; c < C; ++c) kv[c] = _mm512_loadu_si512(kp + ((int64_t)c * P + p) * 16 * L);
     for (int r = 0; r < R; ++r) {
-      const __m512i qb = pair_at(q + r * q_rs + 2 * p);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)qb, (__m512bh)kv[c]);
+      const __m512i qb = lane_at(q + r * q_rs + L * p);
+      for (int c = 0; c < C; ++c) acc[r][c] = dot<T>(acc[r][c], qb, kv[c]);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -77,102 +98,104 @@ inline void qk_tile(const bf16* q, int64_t q_rs, const bf16* kp, int P, float* s
   }
 }
 
-template <int R>
-inline void qk_rows(const bf16* q, int64_t q_rs, const bf16* kp, int P, int64_t m, float* s, int64_t s_ld,
+template <typename T, int R>
+inline void qk_rows(const T* q, int64_t q_rs, const T* kp, int P, int64_t m, float* s, int64_t s_ld,
                     __m512* rowmax) {
+  constexpr int L = LANE<T>;
   const int64_t blocks = (m + 15) / 16;
   const int tail = (int)(m - (blocks - 1) * 16);
   const __mmask16 tail_mask = (__mmask16)((1u << tail) - 1u);
   int64_t b = 0;
   for (; b + QK_C <= blocks; b += QK_C)
-    qk_tile<R, QK_C>(q, q_rs, kp + b * P * 32, P, s + b * 16, s_ld, rowmax,
-                     b + QK_C == blocks ? tail_mask : (__mmask16)0xFFFF);
+    qk_tile<T, R, QK_C>(q, q_rs, kp + b * P * 16 * L, P, s + b * 16, s_ld, rowmax,
+                        b + QK_C == blocks ? tail_mask : (__mmask16)0xFFFF);
   const int64_t left = blocks - b;
-  if (left == 1) qk_tile<R, 1>(q, q_rs, kp + b * P * 32, P, s + b * 16, s_ld, rowmax, tail_mask);
-  if (left == 2) qk_tile<R, 2>(q, q_rs, kp + b * P * 32, P, s + b * 16, s_ld, rowmax, tail_mask);
+  if (left == 1) qk_tile<T, R, 1>(q, q_rs, kp + b * P * 16 * L, P, s + b * 16, s_ld, rowmax, tail_mask);
+  if (left == 2) qk_tile<T, R, 2>(q, q_rs, kp + b * P * 16 * L, P, s + b * 16, s_ld, rowmax, tail_mask);
 }
 
-// R rows of probabilities (bf16, pairs of keys side by side) times NV 16-column vectors of the packed values
-// ([pairs][dv_pad][2]), accumulated in fp32 and written as bf16.
-template <int R, int NV>
-inline void pv_tile(const bf16* pr, int64_t p_ld, const bf16* vp, int64_t pairs, int64_t dv_pad, int col0,
-                    bf16* out, int64_t o_rs, int dv) {
+// R rows of probabilities (T; for bf16 pairs of keys side by side) times NV 16-column vectors of the packed
+// values ([steps][dv_pad][LANE]), accumulated in fp32 and written as T.
+template <typename T, int R, int NV>
+inline void pv_tile(const T* pr, int64_t p_ld, const T* vp, int64_t steps, int64_t dv_pad, int col0, T* out,
+                    int64_t o_rs, int dv) {
+  constexpr int L = LANE<T>;
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
-  const bf16* v = vp + col0 * 2;
-  for (int64_t m = 0; m < pairs; ++m, v += dv_pad * 2) {
+  const T* v = vp + col0 * L;
+  for (int64_t m = 0; m < steps; ++m, v += dv_pad * L) {
     __m512i vv[NV];
-    for (int i = 0; i < NV; ++i) vv[i] = _mm512_loadu_si512(v + i * 32);
+    for (int i = 0; i < NV; ++i) vv[i] = _mm512_loadu_si512(v + i * 16 * L);
     for (int r = 0; r < R; ++r) {
-      const __m512i pb = pair_at(pr + r * p_ld + 2 * m);
-      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], (__m512bh)pb, (__m512bh)vv[i]);
+      const __m512i pb = lane_at(pr + r * p_ld + L * m);
+      for (int i = 0; i < NV; ++i) acc[r][i] = dot<T>(acc[r][i], pb, vv[i]);
     }
   }
   for (int r = 0; r < R; ++r) {
     for (int i = 0; i < NV; ++i) {
       const int col = col0 + i * 16;
-      const int n = dv - col < 16 ? dv - col : 16;
-      const __m256i o = (__m256i)_mm512_cvtneps_pbh(acc[r][i]);
-      _mm256_mask_storeu_epi16(out + r * o_rs + col, (__mmask16)((1u << n) - 1u), o);
+      store_row<T>(out + r * o_rs + col, acc[r][i], dv - col < 16 ? dv - col : 16);
     }
   }
 }
 
-template <int R>
-inline void pv_rows_r(const bf16* pr, int64_t p_ld, const bf16* vp, int64_t pairs, int64_t dv_pad, bf16* out,
-                      int64_t o_rs, int dv) {
+template <typename T, int R>
+inline void pv_rows_r(const T* pr, int64_t p_ld, const T* vp, int64_t steps, int64_t dv_pad, T* out, int64_t o_rs,
+                      int dv) {
   constexpr int NV = PV_ACC / R > 8 ? 8 : PV_ACC / R;
   const int vecs = (int)(dv_pad / 16);
   int i = 0;
-  for (; i + NV <= vecs; i += NV) pv_tile<R, NV>(pr, p_ld, vp, pairs, dv_pad, i * 16, out, o_rs, dv);
+  for (; i + NV <= vecs; i += NV) pv_tile<T, R, NV>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv);
   switch (vecs - i) {  // fewer vectors than a full tile (NV <= 8, so at most 7 left)
-    case 1: pv_tile<R, 1>(pr, p_ld, vp, pairs, dv_pad, i * 16, out, o_rs, dv); break;
-    case 2: pv_tile<R, 2>(pr, p_ld, vp, pairs, dv_pad, i * 16, out, o_rs, dv); break;
-    case 3: pv_tile<R, 3>(pr, p_ld, vp, pairs, dv_pad, i * 16, out, o_rs, dv); break;
-    case 4: pv_tile<R, 4>(pr, p_ld, vp, pairs, dv_pad, i * 16, out, o_rs, dv); break;
-    case 5: pv_tile<R, 5>(pr, p_ld, vp, pairs, dv_pad, i * 16, out, o_rs, dv); break;
-    case 6: pv_tile<R, 6>(pr, p_ld, vp, pairs, dv_pad, i * 16, out, o_rs, dv); break;
-    case 7: pv_tile<R, 7>(pr, p_ld, vp, pairs, dv_pad, i * 16, out, o_rs, dv); break;
+    case 1: pv_tile<T, R, 1>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
+    case 2: pv_tile<T, R, 2>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
+    case 3: pv_tile<T, R, 3>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
+    case 4: pv_tile<T, R, 4>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
+    case 5: pv_tile<T, R, 5>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
+    case 6: pv_tile<T, R, 6>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
+    case 7: pv_tile<T, R, 7>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
     default: break;
   }
 }
 
 // rows <= G rows of probabilities times v; the row block per tile depends on the value width
-inline void pv_rows(int rows, const bf16* pr, int64_t p_ld, const bf16* vp, int64_t pairs, int64_t dv_pad,
-                    bf16* out, int64_t o_rs, int dv) {
+template <typename T>
+inline void pv_rows(int rows, const T* pr, int64_t p_ld, const T* vp, int64_t steps, int64_t dv_pad, T* out,
+                    int64_t o_rs, int dv) {
   const int vecs = (int)(dv_pad / 16);
   const int tile_rows = vecs <= 3 ? 8 : vecs <= 4 ? 6 : 4;
   int r = 0;
   for (; r + tile_rows <= rows; r += tile_rows) {
-    if (tile_rows == 8) pv_rows_r<8>(pr + r * p_ld, p_ld, vp, pairs, dv_pad, out + r * o_rs, o_rs, dv);
-    else if (tile_rows == 6) pv_rows_r<6>(pr + r * p_ld, p_ld, vp, pairs, dv_pad, out + r * o_rs, o_rs, dv);
-    else pv_rows_r<4>(pr + r * p_ld, p_ld, vp, pairs, dv_pad, out + r * o_rs, o_rs, dv);
+    if (tile_rows == 8) pv_rows_r<T, 8>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv);
+    else if (tile_rows == 6) pv_rows_r<T, 6>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv);
+    else pv_rows_r<T, 4>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv);
   }
-  for (; r < rows; ++r) pv_rows_r<1>(pr + r * p_ld, p_ld, vp, pairs, dv_pad, out + r * o_rs, o_rs, dv);
+  for (; r < rows; ++r) pv_rows_r<T, 1>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv);
 }
 
-// One block of `rows` (<= G) query rows of one head: scores, softmax, product with v.
-void block(const bf16* q, int64_t q_rs, int rows, const bf16* kp, int P, int64_t m, const bf16* vp, int64_t m_pad,
-           int64_t dv_pad, int dv, float scale, float* s, bf16* pr, bf16* out, int64_t o_rs) {
+// One block of `rows` (<= G) query rows of one head: scores, softmax, product with v. For fp32 the probabilities
+// replace the scores in s (pr == s).
+template <typename T>
+void block(const T* q, int64_t q_rs, int rows, const T* kp, int P, int64_t m, const T* vp, int64_t m_pad,
+           int64_t dv_pad, int dv, float scale, float* s, T* pr, T* out, int64_t o_rs) {
   __m512 rowmax[G];
   for (int r = 0; r < G; ++r) rowmax[r] = _mm512_set1_ps(-__builtin_inff());
   switch (rows) {
-    case 8: qk_rows<8>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
-    case 7: qk_rows<7>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
-    case 6: qk_rows<6>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
-    case 5: qk_rows<5>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
-    case 4: qk_rows<4>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
-    case 3: qk_rows<3>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
-    case 2: qk_rows<2>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
-    default: qk_rows<1>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
+    case 8: qk_rows<T, 8>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
+    case 7: qk_rows<T, 7>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
+    case 6: qk_rows<T, 6>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
+    case 5: qk_rows<T, 5>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
+    case 4: qk_rows<T, 4>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
+    case 3: qk_rows<T, 3>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
+    case 2: qk_rows<T, 2>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
+    default: qk_rows<T, 1>(q, q_rs, kp, P, m, s, m_pad, rowmax); break;
   }
   const float c = scale * 1.4426950408889634f;  // scale * log2(e): softmax by 2^x
   const int64_t full = m / 16;
   const int tail = (int)(m - full * 16);
   for (int r = 0; r < rows; ++r) {
     float* sr = s + r * m_pad;
-    bf16* p = pr + r * m_pad;
     const __m512 mc = _mm512_set1_ps(_mm512_reduce_max_ps(rowmax[r]) * c);
     const __m512 cv = _mm512_set1_ps(c);
     __m512 sum = _mm512_setzero_ps();
@@ -189,33 +212,31 @@ void block(const bf16* q, int64_t q_rs, int rows, const bf16* kp, int P, int64_t
       _mm512_storeu_ps(sr + j, e);
     }
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (j = 0; j < m_pad; j += 16)  // the probabilities, rounded to bf16 once (as the reference rounds them)
-      _mm256_storeu_si256((__m256i*)(p + j), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(sr + j), inv)));
+    T* p = pr + r * m_pad;
+    for (j = 0; j < m_pad; j += 16) {  // the probabilities (for bf16 rounded once, as the reference rounds them)
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(sr + j), inv);
+      if constexpr (sizeof(T) == 2) _mm256_storeu_si256((__m256i*)(p + j), (__m256i)_mm512_cvtneps_pbh(x));
+      else _mm512_storeu_ps(p + j, x);
+    }
   }
-  pv_rows(rows, pr, m_pad, vp, m_pad / 2, dv_pad, out, o_rs, dv);
+  pv_rows<T>(rows, pr, m_pad, vp, m_pad / LANE<T>, dv_pad, out, o_rs, dv);
 }
 
-}  // namespace
-
-extern "C" {
-
-int ldm_attention_version(void) { return 1; }
-
-// q: [B, H, N, D], k: [Bk, H, M, D], v: [Bk, H, M, Dv], out: [B, H, N, Dv], bf16, each with its own strides in
-// elements (batch, head, row; the last dimension contiguous); Bk is B or 1 (a batch stride of 0 broadcasts).
-// D even. Returns 0, or -1 when memory for the packed keys and values could not be had.
-int ldm_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, int64_t B, int64_t H, int64_t N,
-                       int64_t M, int64_t D, int64_t Dv, const int64_t* q_st, const int64_t* k_st,
-                       const int64_t* v_st, const int64_t* o_st, float scale, int threads) {
-  const int P = (int)(D / 2);
+// out = softmax(q @ k^T * scale) @ v for one element type; see the extern "C" functions.
+template <typename T>
+int attention(const T* q, const T* k, const T* v, T* out, int64_t B, int64_t H, int64_t N, int64_t M, int64_t D,
+              int64_t Dv, const int64_t* q_st, const int64_t* k_st, const int64_t* v_st, const int64_t* o_st,
+              float scale, int threads) {
+  constexpr int L = LANE<T>;
+  const int P = (int)(D / L);
   const int64_t m_pad = (M + 15) / 16 * 16;
   const int64_t dv_pad = (Dv + 15) / 16 * 16;
   const int64_t kv_batches = k_st[0] == 0 ? 1 : B;
   const int64_t heads_kv = kv_batches * H;
-  const int64_t kp_size = m_pad * P * 2, vp_size = m_pad * dv_pad;  // bf16 elements per head
-  bf16* kp = (bf16*)std::aligned_alloc(64, round64((size_t)(heads_kv * (kp_size + vp_size)) * sizeof(bf16)));
+  const int64_t kp_size = m_pad * D, vp_size = m_pad * dv_pad;  // elements per head
+  T* kp = (T*)std::aligned_alloc(64, round64((size_t)(heads_kv * (kp_size + vp_size)) * sizeof(T)));
   if (!kp) return -1;
-  bf16* vp = kp + heads_kv * kp_size;
+  T* vp = kp + heads_kv * kp_size;
   const int64_t blocks = (N + G - 1) / G;
   int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -223,26 +244,24 @@ int ldm_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, i
 #pragma omp for schedule(static)
     for (int64_t hk = 0; hk < heads_kv; ++hk) {
       const int64_t b = hk / H, h = hk % H;
-      const bf16* kh = k + b * k_st[0] + h * k_st[1];
-      const bf16* vh = v + b * v_st[0] + h * v_st[1];
-      bf16* kd = kp + hk * kp_size;  // [m_pad / 16][P][16][2]
+      const T* kh = k + b * k_st[0] + h * k_st[1];
+      const T* vh = v + b * v_st[0] + h * v_st[1];
+      T* kd = kp + hk * kp_size;  // [m_pad / 16][P][16][L]
       for (int64_t j = 0; j < m_pad; ++j) {
-        const bf16* row = kh + j * k_st[2];
-        bf16* dst = kd + (j / 16) * P * 32 + (j % 16) * 2;
-        for (int p = 0; p < P; ++p) {
-          dst[p * 32] = j < M ? row[2 * p] : 0;
-          dst[p * 32 + 1] = j < M ? row[2 * p + 1] : 0;
-        }
+        const T* row = kh + j * k_st[2];
+        T* dst = kd + (j / 16) * P * 16 * L + (j % 16) * L;
+        for (int p = 0; p < P; ++p)
+          for (int l = 0; l < L; ++l) dst[p * 16 * L + l] = j < M ? row[L * p + l] : T(0);
       }
-      bf16* vd = vp + hk * vp_size;  // [m_pad / 2][dv_pad][2]
+      T* vd = vp + hk * vp_size;  // [m_pad / L][dv_pad][L]
       for (int64_t j = 0; j < m_pad; ++j) {
-        const bf16* row = vh + j * v_st[2];
-        bf16* dst = vd + (j / 2) * dv_pad * 2 + (j % 2);
-        for (int64_t c = 0; c < dv_pad; ++c) dst[c * 2] = (j < M && c < Dv) ? row[c] : 0;
+        const T* row = vh + j * v_st[2];
+        T* dst = vd + (j / L) * dv_pad * L + (j % L);
+        for (int64_t c = 0; c < dv_pad; ++c) dst[c * L] = (j < M && c < Dv) ? row[c] : T(0);
       }
     }
     float* s = (float*)std::aligned_alloc(64, round64((size_t)(G * m_pad) * sizeof(float)));
-    bf16* pr = (bf16*)std::aligned_alloc(64, round64((size_t)(G * m_pad) * sizeof(bf16)));
+    T* pr = sizeof(T) == 4 ? (T*)s : (T*)std::aligned_alloc(64, round64((size_t)(G * m_pad) * sizeof(T)));
     if (!s || !pr) {
 #pragma omp atomic write
       failed = 1;
@@ -255,16 +274,37 @@ int ldm_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, i
         const int64_t b = bh / H, h = bh % H;
         const int64_t hk = (kv_batches == 1 ? 0 : b) * H + h;
         const int rows = (int)(N - i0 < G ? N - i0 : G);
-        block(q + b * q_st[0] + h * q_st[1] + i0 * q_st[2], q_st[2], rows, kp + hk * kp_size, P, M,
-              vp + hk * vp_size, m_pad, dv_pad, (int)Dv, scale, s, pr, out + b * o_st[0] + h * o_st[1] + i0 * o_st[2],
-              o_st[2]);
+        block<T>(q + b * q_st[0] + h * q_st[1] + i0 * q_st[2], q_st[2], rows, kp + hk * kp_size, P, M,
+                 vp + hk * vp_size, m_pad, dv_pad, (int)Dv, scale, s, pr, out + b * o_st[0] + h * o_st[1] + i0 * o_st[2],
+                 o_st[2]);
       }
     }
+    if ((void*)pr != (void*)s) std::free(pr);
     std::free(s);
-    std::free(pr);
   }
   std::free(kp);
   return failed ? -1 : 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int ldm_attention_version(void) { return 2; }
+
+// q: [B, H, N, D], k: [Bk, H, M, D], v: [Bk, H, M, Dv], out: [B, H, N, Dv], each with its own strides in elements
+// (batch, head, row; the last dimension contiguous); Bk is B or 1 (a batch stride of 0 broadcasts). bf16: D even.
+// Returns 0, or -1 when memory for the packed keys and values or the blocks could not be had.
+int ldm_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, int64_t B, int64_t H, int64_t N,
+                       int64_t M, int64_t D, int64_t Dv, const int64_t* q_st, const int64_t* k_st,
+                       const int64_t* v_st, const int64_t* o_st, float scale, int threads) {
+  return attention<bf16>(q, k, v, out, B, H, N, M, D, Dv, q_st, k_st, v_st, o_st, scale, threads);
+}
+
+int ldm_attention_f32(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t H, int64_t N,
+                      int64_t M, int64_t D, int64_t Dv, const int64_t* q_st, const int64_t* k_st,
+                      const int64_t* v_st, const int64_t* o_st, float scale, int threads) {
+  return attention<float>(q, k, v, out, B, H, N, M, D, Dv, q_st, k_st, v_st, o_st, scale, threads);
 }
 
 }  // extern "C"
