@@ -351,6 +351,9 @@ def sd2_text_pair(arch: str):
 def open_clip_sd2_embedding(arch: str, ckpt: dict, prompts: list[str]) -> torch.Tensor:
     """What SD2's FrozenOpenCLIPEmbedder computes, on open_clip's own CLIP model and tokenizer: all blocks but the
     last, then ln_final."""
+    from ldm.models.text_encoder import register_text_archs
+
+    register_text_archs()  # the project's small architectures, by name (not only when another test did it first)
     model = open_clip.create_model(arch, pretrained=None)
     del model.visual
     model.load_state_dict({k.removeprefix(SD2_TEXT_PREFIX): v for k, v in ckpt.items()}, strict=True)
