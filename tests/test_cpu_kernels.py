@@ -123,6 +123,93 @@ def test_fused_kernel_threads_give_the_same_numbers():
     assert torch.equal(one, two)  # the work is split by blocks of rows, each computed the same way
 
 
+def _spy_on_autograd(monkeypatch, calls: list) -> None:
+    real = cpu_kernels._Attention
+    monkeypatch.setattr(cpu_kernels, "_Attention", type("Spy", (), {
+        "apply": staticmethod(lambda *a: calls.append(1) or real.apply(*a))}))
+
+
+def _grads(fn, q, k, v, g):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    fn(q, k, v).backward(g)
+    return [t.grad for t in (q, k, v)]
+
+
+def _math_bf16(q, k, v):
+    """The math kernel as the reference computes attention under bf16 autocast: fp32 scores and softmax, the
+    probabilities rounded to bf16, a bf16 product with v."""
+    with torch.autocast("cpu", enabled=False):
+        p = ((q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5).softmax(-1)
+    return p.to(v.dtype) @ v
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES[:2] + [(1, 3, 130, 200, 80, 24), (2, 1, 9, 17, 64, 250)])
+def test_fused_backward_matches_fp64_as_closely_as_the_math_kernel(shape):
+    b, h, n, m, d, dv = shape
+    g = torch.Generator().manual_seed(sum(shape) + 2)
+    q = torch.randn(b, h, n, d, generator=g).bfloat16()
+    k = (torch.randn(b, h, m, d, generator=g) * 2).bfloat16()
+    v = torch.randn(b, h, m, dv, generator=g).bfloat16()
+    dout = torch.randn(b, h, n, dv, generator=g).bfloat16()
+    ref = _grads(_reference, q.double(), k.double(), v.double(), dout.double())
+    ours = _grads(cpu_kernels.attention, q, k, v, dout)
+    math = _grads(_math_bf16, q, k, v, dout)
+    for name, a, f, r in zip("qkv", ours, math, ref):
+        assert a.dtype == torch.bfloat16 and a.shape == r.shape
+        err, err_math = (a.double() - r).abs(), (f.double() - r).abs()
+        assert err.max() <= 1.5 * err_math.max() + 1e-3 * r.abs().max(), name
+        assert err.mean() <= 1.2 * err_math.mean(), name
+
+
+@needs_kernel
+def test_fused_backward_of_strided_views_and_through_auto(monkeypatch):
+    """The attention layers' strided q, k, v ([B, N, H * D] projections split into heads): "auto" takes the fused
+    kernel for bf16 training too, and its gradients are those of contiguous copies."""
+    calls = []
+    _spy_on_autograd(monkeypatch, calls)
+    g = torch.Generator().manual_seed(4)
+    b, h, n, d = 2, 3, 40, 8
+    proj = [torch.randn(b, n, h * d, generator=g).bfloat16().requires_grad_() for _ in range(3)]
+    q, k, v = (p.view(b, n, h, d).transpose(1, 2) for p in proj)
+    dout = torch.randn(b, h, n, d, generator=g).bfloat16()
+    accel_attn.attention(q, k, v, backend="auto").backward(dout)
+    assert calls == [1]
+    contiguous = _grads(cpu_kernels.attention, *(t.detach().contiguous() for t in (q, k, v)), dout)
+    for p, c in zip(proj, contiguous):
+        assert torch.equal(p.grad.view(b, n, h, d).transpose(1, 2), c)
+    assert not cpu_kernels.trains(q.float(), k.float(), v.float())  # fp32 training: torch's kernels
+    assert not cpu_kernels.trains(q, k[:1].expand(b, -1, -1, -1), v[:1].expand(b, -1, -1, -1))  # broadcast keys
+
+
+@needs_kernel
+def test_accelerated_unet_trains_in_bf16_on_the_fused_backward(monkeypatch):
+    """A bf16 training step of the accelerated UNet: loss and gradients as with the math kernel, a few bf16
+    roundings apart."""
+    import ldm.accel
+    from test_unet import inputs, randomize, tiny
+
+    torch.manual_seed(0)
+    net = ldm.accel.optimize(randomize(tiny()), device="cpu")
+    x, t, c = inputs(size=16, ctx_len=77)
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = net(x, t, c).float().pow(2).mean()
+        loss.backward()
+        return loss.item(), torch.cat([p.grad.flatten().float() for p in net.parameters()])
+
+    calls = []
+    _spy_on_autograd(monkeypatch, calls)
+    loss, grad = step()
+    assert calls
+    monkeypatch.setattr(accel_attn, "USE_CPU_KERNELS", False)
+    loss_ref, grad_ref = step()
+    assert abs(loss - loss_ref) <= 0.02 * abs(loss_ref)
+    assert (grad - grad_ref).norm() <= 0.05 * grad_ref.norm()
+
+
 def test_fits_refuses_what_the_kernel_does_not_take():
     q = torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
     assert cpu_kernels.fits(q, q, q)

@@ -2,21 +2,21 @@
 
 :func:`attention` is :func:`ldm.models.attention.attention` with two additions:
 
-- ``"blocked"``: the same numbers as ``"math"``, one head and a cache-sized block of query rows at a time. For bf16
-  inference without a mask it runs on the compiled fused kernel of :mod:`ldm.accel.cpu_kernels` where that is
-  available (x86 with AVX-512 BF16 and a C++ compiler: scores, softmax and the product with v of a block of rows
-  in one pass, one parallel region per call; 2-2.5x the Python blocks), else in Python blocks (faster than
-  torch's CPU flash kernel for bf16 inference at one thread);
-- ``"auto"`` with bf16 on a CPU: for inference, the fused kernel at every shape and thread count where it is
-  available (``USE_CPU_KERNELS``; faster than sdpa and math at every SD shape measured, 1 and 2 threads); without
-  it, where torch's flash kernel has a high fixed cost, the Python blocks with at least ``BLOCKED_MIN_KEYS`` keys
-  or ``BLOCKED_MIN_SCORES`` scores per head (self-attention over a feature map, text attention at 4096 pixels)
-  when torch runs at most ``BLOCKED_MAX_THREADS`` threads (one), sdpa (torch's flash kernel) there with more
-  threads, math below that; in training, math up to ``MATH_MAX_SCORES`` scores per head. With several threads the
-  Python blocks' many small calls (four per block of query rows and head) each open and join an OpenMP parallel
-  region, and on a CPU shared with other work each join waits for a descheduled thread, while the flash kernel is
-  one parallel region per call (2 threads, a loaded 2-core VM: 1.5-1.8 s against 0.10 s per layer at SDXL's 1024
-  tokens, batch 2).
+- ``"blocked"``: the same numbers as ``"math"``, one head and a cache-sized block of query rows at a time. Without a
+  mask it runs on the compiled fused kernel of :mod:`ldm.accel.cpu_kernels` where that is available (x86 with
+  AVX-512 BF16 and a C++ compiler: scores, softmax and the product with v of a block of rows in one pass, one
+  parallel region per call; inference in bf16 or fp32, training in bf16 with the kernel's own backward), else in
+  Python blocks (faster than torch's CPU flash kernel for bf16 inference at one thread; no backward of their own);
+- ``"auto"`` on a CPU: the fused kernel wherever it is available and takes the tensors (``USE_CPU_KERNELS``; it was
+  faster than sdpa and math at every SD shape measured, at 1 and 2 threads, bf16 and fp32, forward and backward).
+  Without it, for bf16: where torch's flash kernel has a high fixed cost, the Python blocks with at least
+  ``BLOCKED_MIN_KEYS`` keys or ``BLOCKED_MIN_SCORES`` scores per head (self-attention over a feature map, text
+  attention at 4096 pixels) when torch runs at most ``BLOCKED_MAX_THREADS`` threads (one), sdpa (torch's flash
+  kernel) there with more threads, math below that; in training, math up to ``MATH_MAX_SCORES`` scores per head.
+  With several threads the Python blocks' many small calls (four per block of query rows and head) each open and
+  join an OpenMP parallel region, and on a CPU shared with other work each join waits for a descheduled thread,
+  while the flash kernel is one parallel region per call (2 threads, a loaded 2-core VM: 1.5-1.8 s against 0.10 s
+  per layer at SDXL's 1024 tokens, batch 2).
   Everything else as the model's ``"auto"`` (xformers on CUDA when installed, else sdpa). (Measured per layer
   shape in bench/README.md.)
 
@@ -52,14 +52,15 @@ _BLOCK_SCORES = 1 << 19  # fp32 scores per block (2 MiB): a block's scores and p
 def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The ``"math"`` kernel's numbers (fp32 scores and softmax, probabilities cast to v's dtype for the second
     product), one head and a block of query rows at a time, so each block's scores stay in the CPU cache: on the
-    compiled fused kernel for bf16 without a mask where it is available (:func:`_fused`), else in Python blocks
+    compiled fused kernel without a mask where it is available (:func:`_fused`; inference in bf16 or fp32, training
+    in bf16 with the kernel's backward), else in Python blocks
     whose q @ k^T runs on oneDNN's fp32 matmul (:func:`onednn.linear`). With bf16 q, k, v on a CPU the Python blocks
     are ~1.75x faster than torch's CPU flash kernel at SD's 4096 tokens at one thread, the fused kernel 2.4x
     (bench/README.md)."""
+    if mask is None and _fused(q, k, v):
+        return cpu_kernels.attention(q, k, v)  # with its own backward under autograd (bf16)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return base.KERNELS["math"](q, k, v, mask)  # the blocks are written in place, which autograd cannot follow
-    if mask is None and _fused(q, k, v):
-        return cpu_kernels.attention(q, k, v)
     b, h, n, d = q.shape
     rows = max(16, _BLOCK_SCORES // max(k.shape[2], 1))
     with torch.autocast(device_type=q.device.type, enabled=False):
@@ -83,8 +84,13 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the compiled fused kernel (:mod:`ldm.accel.cpu_kernels`) takes these tensors."""
-    return USE_CPU_KERNELS and cpu_kernels.fits(q, k, v) and cpu_kernels.available()
+    """Whether the compiled fused kernel (:mod:`ldm.accel.cpu_kernels`) takes these tensors: for inference bf16 or
+    fp32, with autograd bf16 (its backward)."""
+    if not USE_CPU_KERNELS:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return cpu_kernels.trains(q, k, v) and cpu_kernels.available()
+    return cpu_kernels.fits(q, k, v) and cpu_kernels.available()
 
 
 def _cpu_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[str]:
@@ -92,7 +98,7 @@ def _cpu_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optiona
     model's own ``"auto"`` then)."""
     if q.device.type != "cpu":
         return None
-    if not torch.is_grad_enabled() and mask is None and _fused(q, k, v):
+    if mask is None and _fused(q, k, v):
         return "blocked"  # on the fused kernel: faster than sdpa and math at every shape measured, any threads
     if q.dtype != torch.bfloat16:
         return None

@@ -12,7 +12,7 @@ about a second) into a cache folder (``$LDM_KERNEL_CACHE``, else ``$XDG_CACHE_HO
 later processes load the file. The kernel is a plain C function loaded with :mod:`ctypes`: no torch or Python headers
 (a ``torch.utils.cpp_extension`` build of the same code takes ~1 min for the headers alone). Without a compiler, on
 another CPU, or with ``LDM_CPU_KERNELS=0``, :func:`available` is False and the callers keep their Python paths;
-a failed build says so once in the log, with the compiler's last line.
+a failed build says so once in the log, with the compiler's first error line.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "attention", "build", "fits", "reason", "supports_cpu"]
+__all__ = ["available", "attention", "build", "fits", "reason", "supports_cpu", "trains"]
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,9 @@ def build(force: bool = False) -> Path:
     try:
         done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"{Path(cxx).name} failed on {SOURCE.name}: {last}")
+            lines = done.stderr.strip().splitlines() or ["(no output)"]
+            first = next((ln for ln in lines if "error" in ln), lines[-1]).strip()
+            raise RuntimeError(f"{Path(cxx).name} failed on {SOURCE.name}: {first}")
         os.replace(tmp, target)  # atomic: a process beside this one loads the whole file or builds its own
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"{Path(cxx).name} took over {e.timeout} s on {SOURCE.name}") from e
@@ -128,7 +129,11 @@ def _load() -> Optional[ctypes.CDLL]:
             return None
         for fn in (lib.ldm_attention_bf16, lib.ldm_attention_f32):
             fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [_I64x4] * 4 + [ctypes.c_float, ctypes.c_int]
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [_I64x4] * 4 + [
+                ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        fn = lib.ldm_attention_backward_bf16
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [_I64x4] * 7 + [ctypes.c_float, ctypes.c_int]
         _lib = lib
         return _lib
 
@@ -165,26 +170,80 @@ def _strides(t: torch.Tensor, batch: int) -> ctypes.Array:
     return _I64x4(0 if t.shape[0] == 1 and batch > 1 else s[0], s[1], s[2], 1)
 
 
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, lse: Optional[torch.Tensor] = None,
+             out32: Optional[torch.Tensor] = None) -> torch.Tensor:
+    b, h, n, d = q.shape
+    m, dv = k.shape[2], v.shape[3]
+    out = torch.empty(b, n, h, dv, dtype=q.dtype).transpose(1, 2)
+    fn = _lib.ldm_attention_bf16 if q.dtype == torch.bfloat16 else _lib.ldm_attention_f32
+    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, n, m, d, dv, _strides(q, b),
+            _strides(k, b), _strides(v, b), _strides(out, b), scale, torch.get_num_threads(),
+            None if lse is None else lse.data_ptr(), None if out32 is None else out32.data_ptr())
+    if rc != 0:
+        raise MemoryError("the fused CPU attention kernel could not allocate its buffers")
+    return out
+
+
+class _Attention(torch.autograd.Function):
+    """bf16 attention on the fused kernel with its backward (flash-attention style: the forward keeps each row's
+    log-sum-exp and the output in fp32, not the probabilities; the backward recomputes them block by block)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        b, h, n, _ = q.shape
+        lse = torch.empty(b, h, n, dtype=torch.float32)
+        out32 = torch.empty(b, h, n, v.shape[-1], dtype=torch.float32)  # for rowsum(dO o O) before the rounding
+        out = _forward(q, k, v, scale, lse, out32)
+        ctx.save_for_backward(q, k, v, out32, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out32, lse = ctx.saved_tensors
+        b, h, n, d = q.shape
+        m, dv = k.shape[2], v.shape[3]
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        dq = torch.empty(b, n, h, d, dtype=q.dtype).transpose(1, 2)
+        dk = torch.empty(b, m, h, d, dtype=q.dtype).transpose(1, 2)
+        dvv = torch.empty(b, m, h, dv, dtype=q.dtype).transpose(1, 2)
+        rc = _lib.ldm_attention_backward_bf16(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out32.data_ptr(), dout.data_ptr(), lse.data_ptr(), dq.data_ptr(),
+            dk.data_ptr(), dvv.data_ptr(), b, h, n, m, d, dv, *(_strides(t, b) for t in (q, k, v, dout, dq, dk, dvv)),
+            ctx.scale, torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("the fused CPU attention kernel could not allocate its buffers")
+        return dq, dk, dvv, None
+
+
+def trains(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attention` takes these tensors with autograd: bf16, even head and value dims, k and v of q's
+    full batch (and everything :func:`fits` asks but the autograd condition)."""
+    with torch.no_grad():
+        if not fits(q, k, v):
+            return False
+    return q.dtype == torch.bfloat16 and v.shape[-1] % 2 == 0 and k.shape[0] == q.shape[0] and all(
+        t.stride(0) != 0 or t.shape[0] == 1 for t in (k, v))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """softmax(q @ k^T * scale) @ v for ``q`` [B, H, N, D], ``k`` [B or 1, H, M, D], ``v`` [B or 1, H, M, Dv], all
     bf16 or all fp32 (``scale`` defaults to D ** -0.5), computed as the math kernel computes it: fp32 scores and
     softmax, for bf16 the probabilities rounded to bf16 once, products accumulated in fp32. Returns [B, H, N, Dv] in
-    q's dtype, a view of a [B, N, H, Dv] tensor (so merging the heads back is free). Raises ``RuntimeError`` when
-    the kernel is not :func:`available` or the tensors do not :func:`fit <fits>`."""
+    q's dtype, a view of a [B, N, H, Dv] tensor (so merging the heads back is free). With autograd on and an input
+    that requires grad, bf16 tensors that :func:`trains` accepts get a backward (the same kernel's). Raises
+    ``RuntimeError`` when the kernel is not :func:`available` or the tensors do not fit."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the fused CPU attention kernel is not available: {_reason}")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if grad and trains(q, k, v):
+        return _Attention.apply(q, k, v, scale)
     if not fits(q, k, v):
         raise RuntimeError(f"the fused CPU attention kernel takes bf16 or fp32 CPU tensors [B, H, N, D] (D <= "
-                           f"{MAX_HEAD_DIM}, even for bf16) with a contiguous last dimension, without autograd; got "
-                           f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)} {q.dtype}")
-    b, h, n, d = q.shape
-    m, dv = k.shape[2], v.shape[3]
-    out = torch.empty(b, n, h, dv, dtype=q.dtype).transpose(1, 2)
-    fn = lib.ldm_attention_bf16 if q.dtype == torch.bfloat16 else lib.ldm_attention_f32
-    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, n, m, d, dv, _strides(q, b),
-            _strides(k, b), _strides(v, b), _strides(out, b), float(d ** -0.5 if scale is None else scale),
-            torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("the fused CPU attention kernel could not allocate its buffers")
-    return out
+                           f"{MAX_HEAD_DIM}, even for bf16) with a contiguous last dimension (with autograd: bf16, "
+                           f"even dims, k and v of the full batch); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                           f"{tuple(v.shape)} {q.dtype}")
+    return _forward(q, k, v, scale)

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 
 #include <omp.h>
 
@@ -118,7 +119,7 @@ inline void qk_rows(const T* q, int64_t q_rs, const T* kp, int P, int64_t m, flo
 // values ([steps][dv_pad][LANE]), accumulated in fp32 and written as T.
 template <typename T, int R, int NV>
 inline void pv_tile(const T* pr, int64_t p_ld, const T* vp, int64_t steps, int64_t dv_pad, int col0, T* out,
-                    int64_t o_rs, int dv) {
+                    int64_t o_rs, int dv, float* o32) {
   constexpr int L = LANE<T>;
   __m512 acc[R][NV];
   for (int r = 0; r < R; ++r)
@@ -136,25 +137,26 @@ inline void pv_tile(const T* pr, int64_t p_ld, const T* vp, int64_t steps, int64
     for (int i = 0; i < NV; ++i) {
       const int col = col0 + i * 16;
       store_row<T>(out + r * o_rs + col, acc[r][i], dv - col < 16 ? dv - col : 16);
+      if (o32) store_row<float>(o32 + r * dv + col, acc[r][i], dv - col < 16 ? dv - col : 16);
     }
   }
 }
 
 template <typename T, int R>
 inline void pv_rows_r(const T* pr, int64_t p_ld, const T* vp, int64_t steps, int64_t dv_pad, T* out, int64_t o_rs,
-                      int dv) {
+                      int dv, float* o32) {
   constexpr int NV = PV_ACC / R > 8 ? 8 : PV_ACC / R;
   const int vecs = (int)(dv_pad / 16);
   int i = 0;
-  for (; i + NV <= vecs; i += NV) pv_tile<T, R, NV>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv);
+  for (; i + NV <= vecs; i += NV) pv_tile<T, R, NV>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv, o32);
   switch (vecs - i) {  // fewer vectors than a full tile (NV <= 8, so at most 7 left)
-    case 1: pv_tile<T, R, 1>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
-    case 2: pv_tile<T, R, 2>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
-    case 3: pv_tile<T, R, 3>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
-    case 4: pv_tile<T, R, 4>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
-    case 5: pv_tile<T, R, 5>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
-    case 6: pv_tile<T, R, 6>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
-    case 7: pv_tile<T, R, 7>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv); break;
+    case 1: pv_tile<T, R, 1>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv, o32); break;
+    case 2: pv_tile<T, R, 2>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv, o32); break;
+    case 3: pv_tile<T, R, 3>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv, o32); break;
+    case 4: pv_tile<T, R, 4>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv, o32); break;
+    case 5: pv_tile<T, R, 5>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv, o32); break;
+    case 6: pv_tile<T, R, 6>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv, o32); break;
+    case 7: pv_tile<T, R, 7>(pr, p_ld, vp, steps, dv_pad, i * 16, out, o_rs, dv, o32); break;
     default: break;
   }
 }
@@ -162,23 +164,23 @@ inline void pv_rows_r(const T* pr, int64_t p_ld, const T* vp, int64_t steps, int
 // rows <= G rows of probabilities times v; the row block per tile depends on the value width
 template <typename T>
 inline void pv_rows(int rows, const T* pr, int64_t p_ld, const T* vp, int64_t steps, int64_t dv_pad, T* out,
-                    int64_t o_rs, int dv) {
+                    int64_t o_rs, int dv, float* o32) {
   const int vecs = (int)(dv_pad / 16);
   const int tile_rows = vecs <= 3 ? 8 : vecs <= 4 ? 6 : 4;
   int r = 0;
   for (; r + tile_rows <= rows; r += tile_rows) {
-    if (tile_rows == 8) pv_rows_r<T, 8>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv);
-    else if (tile_rows == 6) pv_rows_r<T, 6>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv);
-    else pv_rows_r<T, 4>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv);
+    if (tile_rows == 8) pv_rows_r<T, 8>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv, o32 ? o32 + r * dv : nullptr);
+    else if (tile_rows == 6) pv_rows_r<T, 6>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv, o32 ? o32 + r * dv : nullptr);
+    else pv_rows_r<T, 4>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv, o32 ? o32 + r * dv : nullptr);
   }
-  for (; r < rows; ++r) pv_rows_r<T, 1>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv);
+  for (; r < rows; ++r) pv_rows_r<T, 1>(pr + r * p_ld, p_ld, vp, steps, dv_pad, out + r * o_rs, o_rs, dv, o32 ? o32 + r * dv : nullptr);
 }
 
 // One block of `rows` (<= G) query rows of one head: scores, softmax, product with v. For fp32 the probabilities
 // replace the scores in s (pr == s).
 template <typename T>
 void block(const T* q, int64_t q_rs, int rows, const T* kp, int P, int64_t m, const T* vp, int64_t m_pad,
-           int64_t dv_pad, int dv, float scale, float* s, T* pr, T* out, int64_t o_rs) {
+           int64_t dv_pad, int dv, float scale, float* s, T* pr, T* out, int64_t o_rs, float* lse, float* o32) {
   __m512 rowmax[G];
   for (int r = 0; r < G; ++r) rowmax[r] = _mm512_set1_ps(-__builtin_inff());
   switch (rows) {
@@ -211,7 +213,9 @@ void block(const T* q, int64_t q_rs, int rows, const T* kp, int P, int64_t m, co
       sum = _mm512_add_ps(sum, e);
       _mm512_storeu_ps(sr + j, e);
     }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    const float total = _mm512_reduce_add_ps(sum);
+    if (lse) lse[r] = _mm512_reduce_max_ps(rowmax[r]) * c + __builtin_log2f(total);  // P = 2^(s c - lse)
+    const __m512 inv = _mm512_set1_ps(1.0f / total);
     T* p = pr + r * m_pad;
     for (j = 0; j < m_pad; j += 16) {  // the probabilities (for bf16 rounded once, as the reference rounds them)
       const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(sr + j), inv);
@@ -219,14 +223,14 @@ void block(const T* q, int64_t q_rs, int rows, const T* kp, int P, int64_t m, co
       else _mm512_storeu_ps(p + j, x);
     }
   }
-  pv_rows<T>(rows, pr, m_pad, vp, m_pad / LANE<T>, dv_pad, out, o_rs, dv);
+  pv_rows<T>(rows, pr, m_pad, vp, m_pad / LANE<T>, dv_pad, out, o_rs, dv, o32);
 }
 
 // out = softmax(q @ k^T * scale) @ v for one element type; see the extern "C" functions.
 template <typename T>
 int attention(const T* q, const T* k, const T* v, T* out, int64_t B, int64_t H, int64_t N, int64_t M, int64_t D,
               int64_t Dv, const int64_t* q_st, const int64_t* k_st, const int64_t* v_st, const int64_t* o_st,
-              float scale, int threads) {
+              float scale, int threads, float* lse, float* o32) {
   constexpr int L = LANE<T>;
   const int P = (int)(D / L);
   const int64_t m_pad = (M + 15) / 16 * 16;
@@ -276,7 +280,7 @@ int attention(const T* q, const T* k, const T* v, T* out, int64_t B, int64_t H, 
         const int rows = (int)(N - i0 < G ? N - i0 : G);
         block<T>(q + b * q_st[0] + h * q_st[1] + i0 * q_st[2], q_st[2], rows, kp + hk * kp_size, P, M,
                  vp + hk * vp_size, m_pad, dv_pad, (int)Dv, scale, s, pr, out + b * o_st[0] + h * o_st[1] + i0 * o_st[2],
-                 o_st[2]);
+                 o_st[2], lse ? lse + bh * N + i0 : nullptr, o32 ? o32 + (bh * N + i0) * Dv : nullptr);
       }
     }
     if ((void*)pr != (void*)s) std::free(pr);
@@ -286,25 +290,257 @@ int attention(const T* q, const T* k, const T* v, T* out, int64_t B, int64_t H, 
   return failed ? -1 : 0;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward (bf16), flash-attention style: per head, key blocks outer, query blocks inner; every product is the
+// microkernel below, acc[r][c] (+)= sum_p A[r][2p, 2p + 1] . B[p][vector c], with A row-major bf16 (pairs along the
+// reduced dimension) and B packed in 32-bit lanes of two bf16.
+//
+//   S^T = K_j q^T (keys x queries)            P^T = 2^(S^T c - lse)            dP^T = V_j dO^T
+//   dS^T = scale P^T (dP^T - rowsum(dO o O))  dV_j += P^T dO    dK_j += dS^T q    dQ^T += K_j^T dS^T
+//
+// So the probabilities and their gradient are made with the queries in the lanes and are never transposed; dQ is
+// accumulated transposed ([D][N] fp32) and written out at the end. P is rounded to bf16 for dV (as the forward's
+// product with v rounds it); dS, which the reference keeps in fp32, goes into dK and dQ as the sum of two bf16
+// parts (high and low: ~16 bits), each product run twice; sums are fp32.
+
+constexpr int QB = 64;  // queries per block (4 vectors of 16)
+constexpr int KB = 32;  // keys per block
+
+template <int R, int C, bool LOAD>
+inline void mk(const bf16* A, int64_t lda, const bf16* B, int64_t sp, int64_t sc, int P, float* out, int64_t ldc) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = LOAD ? _mm512_loadu_ps(out + r * ldc + c * 16) : _mm512_setzero_ps();
+  for (int p = 0; p < P; ++p) {
+    __m512i b[C];
+    for (int c = 0; c < C; ++c) b[c] = _mm512_loadu_si512(B + p * sp + c * sc);
+    for (int r = 0; r < R; ++r) {
+      const __m512i a = lane_at(A + r * lda + 2 * p);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)a, (__m512bh)b[c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * ldc + c * 16, acc[r][c]);
+}
+
+template <int C, bool LOAD>
+inline void mk_rows(int rows, const bf16* A, int64_t lda, const bf16* B, int64_t sp, int64_t sc, int P, float* out,
+                    int64_t ldc) {
+  constexpr int R = 24 / C > 8 ? 8 : 24 / C;
+  int r = 0;
+  for (; r + R <= rows; r += R) mk<R, C, LOAD>(A + r * lda, lda, B, sp, sc, P, out + r * ldc, ldc);
+  const bf16* a = A + r * lda;
+  float* o = out + r * ldc;
+  switch (rows - r) {
+    case 1: mk<1, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 2: mk<2, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 3: mk<3, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 4: mk<4, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 5: mk<5, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 6: mk<6, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 7: mk<7, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    default: break;
+  }
+}
+
+// out[rows][vecs * 16] (+)= A B, the 16-lane vectors of B taken 4 at a time
+template <bool LOAD>
+inline void gemm(int rows, int vecs, const bf16* A, int64_t lda, const bf16* B, int64_t sp, int64_t sc, int P,
+                 float* out, int64_t ldc) {
+  int v = 0;
+  for (; v + 4 <= vecs; v += 4) mk_rows<4, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc);
+  switch (vecs - v) {
+    case 1: mk_rows<1, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc); break;
+    case 2: mk_rows<2, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc); break;
+    case 3: mk_rows<3, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc); break;
+    default: break;
+  }
+}
+
+inline bf16 to_bf16(float x) {  // round to nearest even, as vcvtneps2bf16
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  // NaN stays NaN
+  return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float from_bf16(bf16 x) {
+  const uint32_t u = (uint32_t)x << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+struct Strides {
+  const int64_t* st;
+  int64_t at(int64_t b, int64_t h) const { return b * st[0] + h * st[1]; }
+};
+
+int attention_backward(const bf16* q, const bf16* k, const bf16* v, const float* o, const bf16* dout, const float* lse,
+                       bf16* dq, bf16* dk, bf16* dv, int64_t B, int64_t H, int64_t N, int64_t M, int64_t D, int64_t Dv,
+                       const int64_t* q_st, const int64_t* k_st, const int64_t* v_st, const int64_t* do_st,
+                       const int64_t* dq_st, const int64_t* dk_st, const int64_t* dv_st, float scale, int threads) {
+  const int64_t n_pad = (N + QB - 1) / QB * QB, m_pad = (M + KB - 1) / KB * KB;
+  const int64_t d_pad = (D + 15) / 16 * 16, dv_pad = (Dv + 15) / 16 * 16;
+  const int Pd = (int)(D / 2), Pv = (int)(Dv / 2);
+  const float c = scale * 1.4426950408889634f;
+  // per-thread buffers, in bf16 and fp32 elements
+  const size_t n16 = (size_t)(n_pad * D            // q, lanes: [n_pad / 16][Pd][16][2]
+                              + n_pad * Dv         // dO, lanes
+                              + n_pad * d_pad      // q, columns: [n_pad / 2][d_pad][2]
+                              + n_pad * dv_pad     // dO, columns
+                              + m_pad * D          // K rows (zero-padded keys)
+                              + m_pad * Dv         // V rows
+                              + D * m_pad          // K^T rows: [D][m_pad]
+                              + 5 * KB * QB);      // P^T, dS^T (rows, high and low parts), the same interleaved
+  const size_t n32 = (size_t)(2 * n_pad            // lse, rowsum(dO o O)
+                              + 2 * KB * QB        // S^T, dP^T
+                              + KB * dv_pad + KB * d_pad  // dV_j, dK_j
+                              + D * n_pad);        // dQ^T
+  int failed = 0;
+  alignas(64) static const int16_t interleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i ilv = _mm512_load_si512(interleave);
+#pragma omp parallel num_threads(threads)
+  {
+    bf16* b16 = (bf16*)std::aligned_alloc(64, round64(n16 * sizeof(bf16)));
+    float* b32 = (float*)std::aligned_alloc(64, round64(n32 * sizeof(float)));
+    if (!b16 || !b32) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp barrier
+    if (!failed) {
+      bf16 *q_l = b16, *do_l = q_l + n_pad * D, *q_c = do_l + n_pad * Dv, *do_c = q_c + n_pad * d_pad;
+      bf16 *k_r = do_c + n_pad * dv_pad, *v_r = k_r + m_pad * D, *kt = v_r + m_pad * Dv;
+      bf16 *pt = kt + D * m_pad, *dst = pt + KB * QB, *dst_lo = dst + KB * QB, *dsi = dst_lo + KB * QB;
+      bf16* dsi_lo = dsi + KB * QB;
+      float *lse2 = b32, *rowsum = lse2 + n_pad, *st = rowsum + n_pad, *dpt = st + KB * QB;
+      float *dvj = dpt + KB * QB, *dkj = dvj + KB * dv_pad, *dqt = dkj + KB * d_pad;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const bf16 *qh = q + Strides{q_st}.at(b, h), *kh = k + Strides{k_st}.at(b, h);
+        const bf16* vh = v + Strides{v_st}.at(b, h);
+        const float* oh = o + bh * N * Dv;  // the fp32 output, [B, H, N, Dv] contiguous
+        const bf16* doh = dout + Strides{do_st}.at(b, h);
+        // pack the queries and the output's gradient (zeros past N), both ways
+        std::memset(q_l, 0, sizeof(bf16) * (size_t)(n_pad * (D + Dv + d_pad + dv_pad)));
+        for (int64_t i = 0; i < N; ++i) {
+          const bf16 *qi = qh + i * q_st[2], *di = doh + i * do_st[2];
+          bf16* ql = q_l + (i / 16) * Pd * 32 + (i % 16) * 2;
+          for (int p = 0; p < Pd; ++p) { ql[p * 32] = qi[2 * p]; ql[p * 32 + 1] = qi[2 * p + 1]; }
+          bf16* dl = do_l + (i / 16) * Pv * 32 + (i % 16) * 2;
+          for (int p = 0; p < Pv; ++p) { dl[p * 32] = di[2 * p]; dl[p * 32 + 1] = di[2 * p + 1]; }
+          bf16* qc = q_c + (i / 2) * d_pad * 2 + (i % 2);
+          for (int64_t d = 0; d < D; ++d) qc[d * 2] = qi[d];
+          bf16* dc = do_c + (i / 2) * dv_pad * 2 + (i % 2);
+          for (int64_t d = 0; d < Dv; ++d) dc[d * 2] = di[d];
+          float sum = 0.f;
+          const float* oi = oh + i * Dv;
+          for (int64_t d = 0; d < Dv; ++d) sum += from_bf16(di[d]) * oi[d];
+          rowsum[i] = sum;
+          lse2[i] = lse[bh * N + i];
+        }
+        for (int64_t i = N; i < n_pad; ++i) { rowsum[i] = 0.f; lse2[i] = 1e30f; }  // padded queries: P = 0
+        // keys and values as rows (zeros past M), and the keys transposed
+        for (int64_t j = 0; j < m_pad; ++j) {
+          for (int64_t d = 0; d < D; ++d) {
+            const bf16 x = j < M ? kh[j * k_st[2] + d] : (bf16)0;
+            k_r[j * D + d] = x;
+            kt[d * m_pad + j] = x;
+          }
+          for (int64_t d = 0; d < Dv; ++d) v_r[j * Dv + d] = j < M ? vh[j * v_st[2] + d] : (bf16)0;
+        }
+        std::memset(dqt, 0, sizeof(float) * (size_t)(D * n_pad));
+        for (int64_t j0 = 0; j0 < m_pad; j0 += KB) {
+          std::memset(dvj, 0, sizeof(float) * (size_t)(KB * (dv_pad + d_pad)));
+          const int valid = (int)(M - j0 < KB ? M - j0 : KB);
+          for (int64_t i0 = 0; i0 < n_pad; i0 += QB) {
+            gemm<false>(KB, QB / 16, k_r + j0 * D, D, q_l + (i0 / 16) * Pd * 32, 32, Pd * 32, Pd, st, QB);
+            gemm<false>(KB, QB / 16, v_r + j0 * Dv, Dv, do_l + (i0 / 16) * Pv * 32, 32, Pv * 32, Pv, dpt, QB);
+            for (int jj = 0; jj < KB; jj += 2) {
+              for (int qv = 0; qv < QB; qv += 16) {
+                const __m512 l2 = _mm512_loadu_ps(lse2 + i0 + qv), rs = _mm512_loadu_ps(rowsum + i0 + qv);
+                __m512 ds[2], lo[2];
+                for (int t = 0; t < 2; ++t) {
+                  const int j = jj + t;
+                  __m512 p = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(st + j * QB + qv), _mm512_set1_ps(c), l2));
+                  if (j >= valid) p = _mm512_setzero_ps();
+                  const __m512 dp = _mm512_loadu_ps(dpt + j * QB + qv);
+                  ds[t] = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dp, rs)), _mm512_set1_ps(scale));
+                  _mm256_storeu_si256((__m256i*)(pt + j * QB + qv), (__m256i)_mm512_cvtneps_pbh(p));
+                  const __m256bh hi = _mm512_cvtneps_pbh(ds[t]);
+                  lo[t] = _mm512_sub_ps(ds[t], _mm512_cvtpbh_ps(hi));  // dS = hi + lo to ~16 bits: two products
+                  _mm256_storeu_si256((__m256i*)(dst + j * QB + qv), (__m256i)hi);
+                  _mm256_storeu_si256((__m256i*)(dst_lo + j * QB + qv), (__m256i)_mm512_cvtneps_pbh(lo[t]));
+                }
+                const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);  // [row jj | row jj + 1]
+                _mm512_storeu_si512(dsi + ((jj / 2) * QB + qv) * 2, _mm512_permutexvar_epi16(ilv, both));
+                const __m512i both_lo = (__m512i)_mm512_cvtne2ps_pbh(lo[1], lo[0]);
+                _mm512_storeu_si512(dsi_lo + ((jj / 2) * QB + qv) * 2, _mm512_permutexvar_epi16(ilv, both_lo));
+              }
+            }
+            gemm<true>(KB, (int)(dv_pad / 16), pt, QB, do_c + (i0 / 2) * dv_pad * 2, dv_pad * 2, 32, QB / 2, dvj,
+                       dv_pad);
+            for (const bf16* part : {dst, dst_lo})
+              gemm<true>(KB, (int)(d_pad / 16), part, QB, q_c + (i0 / 2) * d_pad * 2, d_pad * 2, 32, QB / 2, dkj, d_pad);
+            for (const bf16* part : {dsi, dsi_lo})
+              gemm<true>((int)D, QB / 16, kt + j0, m_pad, part, QB * 2, 32, KB / 2, dqt + i0, n_pad);
+          }
+          bf16 *dkh = dk + Strides{dk_st}.at(b, h), *dvh = dv + Strides{dv_st}.at(b, h);
+          for (int jj = 0; jj < valid; ++jj) {
+            for (int64_t d = 0; d < D; ++d) dkh[(j0 + jj) * dk_st[2] + d] = to_bf16(dkj[jj * d_pad + d]);
+            for (int64_t d = 0; d < Dv; ++d) dvh[(j0 + jj) * dv_st[2] + d] = to_bf16(dvj[jj * dv_pad + d]);
+          }
+        }
+        bf16* dqh = dq + Strides{dq_st}.at(b, h);
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t d = 0; d < D; ++d) dqh[i * dq_st[2] + d] = to_bf16(dqt[d * n_pad + i]);
+      }
+    }
+    std::free(b16);
+    std::free(b32);
+  }
+  return failed ? -1 : 0;
+}
+
 }  // namespace
 
 extern "C" {
 
-int ldm_attention_version(void) { return 2; }
+int ldm_attention_version(void) { return 4; }
 
 // q: [B, H, N, D], k: [Bk, H, M, D], v: [Bk, H, M, Dv], out: [B, H, N, Dv], each with its own strides in elements
 // (batch, head, row; the last dimension contiguous); Bk is B or 1 (a batch stride of 0 broadcasts). bf16: D even.
-// Returns 0, or -1 when memory for the packed keys and values or the blocks could not be had.
+// lse: null, or [B, H, N] fp32 receiving each row's log2-sum-exp of the scores times scale * log2(e) (for the
+// backward: P = 2^(q.k scale log2(e) - lse)); o32: null, or [B, H, N, Dv] fp32 receiving the output before its
+// rounding (the backward's rowsum(dO o O) is taken of it, as the reference's softmax backward takes it of fp32
+// probabilities). Returns 0, or -1 when memory could not be had.
 int ldm_attention_bf16(const bf16* q, const bf16* k, const bf16* v, bf16* out, int64_t B, int64_t H, int64_t N,
                        int64_t M, int64_t D, int64_t Dv, const int64_t* q_st, const int64_t* k_st,
-                       const int64_t* v_st, const int64_t* o_st, float scale, int threads) {
-  return attention<bf16>(q, k, v, out, B, H, N, M, D, Dv, q_st, k_st, v_st, o_st, scale, threads);
+                       const int64_t* v_st, const int64_t* o_st, float scale, int threads, float* lse,
+                       float* o32) {
+  return attention<bf16>(q, k, v, out, B, H, N, M, D, Dv, q_st, k_st, v_st, o_st, scale, threads, lse, o32);
 }
 
 int ldm_attention_f32(const float* q, const float* k, const float* v, float* out, int64_t B, int64_t H, int64_t N,
                       int64_t M, int64_t D, int64_t Dv, const int64_t* q_st, const int64_t* k_st,
-                      const int64_t* v_st, const int64_t* o_st, float scale, int threads) {
-  return attention<float>(q, k, v, out, B, H, N, M, D, Dv, q_st, k_st, v_st, o_st, scale, threads);
+                      const int64_t* v_st, const int64_t* o_st, float scale, int threads, float* lse,
+                       float* o32) {
+  return attention<float>(q, k, v, out, B, H, N, M, D, Dv, q_st, k_st, v_st, o_st, scale, threads, lse, o32);
+}
+
+// The gradients of attention_bf16 (given its lse and o32) for q, k, v ([B, H, N, D], [B, H, M, D], [B, H, M, Dv]; k
+// and v of the full batch), given the output's gradient dout ([B, H, N, Dv]); strides as above.
+int ldm_attention_backward_bf16(const bf16* q, const bf16* k, const bf16* v, const float* o32, const bf16* dout,
+                                const float* lse, bf16* dq, bf16* dk, bf16* dv, int64_t B, int64_t H, int64_t N,
+                                int64_t M, int64_t D, int64_t Dv, const int64_t* q_st, const int64_t* k_st,
+                                const int64_t* v_st, const int64_t* do_st, const int64_t* dq_st, const int64_t* dk_st,
+                                const int64_t* dv_st, float scale, int threads) {
+  return attention_backward(q, k, v, o32, dout, lse, dq, dk, dv, B, H, N, M, D, Dv, q_st, k_st, v_st, do_st, dq_st,
+                            dk_st, dv_st, scale, threads);
 }
 
 }  // extern "C"
