@@ -159,7 +159,8 @@ def test_fused_backward_matches_fp64_as_closely_as_the_math_kernel(shape):
         assert a.dtype == torch.bfloat16 and a.shape == r.shape
         err, err_math = (a.double() - r).abs(), (f.double() - r).abs()
         assert err.max() <= 1.5 * err_math.max() + 1e-3 * r.abs().max(), name
-        assert err.mean() <= 1.2 * err_math.mean(), name
+        # dS rounded to bf16 for dK and dQ (FlashAttention-2's choice; the reference keeps it in fp32): 1.0-1.5x
+        assert err.mean() <= (1.6 if name in "qk" else 1.05) * err_math.mean(), name
 
 
 @needs_kernel

@@ -164,8 +164,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                    help="compute (default): with bf16/fp16 store the UNet's conv/linear weights in that dtype "
                         "(same images, half the UNet's memory); fp32: keep float32 weights, cast on the fly")
     g.add_argument(*_names("--attention"), default=None, choices=("sdpa", "xformers", "math", "blocked", "auto"),
-                   help="attention backend (default: the model's, auto: xformers on CUDA when installed, "
-                        "blocked for bf16 on a CPU, else sdpa)")
+                   help="attention backend (default: the model's, auto: xformers on CUDA when installed; on a CPU "
+                        "blocked, on the compiled fused kernel where it builds (AVX-512 BF16 and a C++ compiler), "
+                        "else the Python blocks for bf16 at one thread; else sdpa)")
     g.add_argument(*_names("--attention-slicing"), dest="attention_slicing", type=int, nargs="?",
                    const=DEFAULT_SLICE_ROWS, default=None,
                    help=f"attention in chunks of N query rows (default N {DEFAULT_SLICE_ROWS})")
