@@ -164,6 +164,20 @@ def test_fused_backward_matches_fp64_as_closely_as_the_math_kernel(shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", SHAPES[:2] + [(1, 3, 130, 200, 80, 24), (2, 1, 9, 17, 63, 250)])
+def test_fused_backward_in_fp32_is_the_math_kernels(shape):
+    b, h, n, m, d, dv = shape
+    g = torch.Generator().manual_seed(sum(shape) + 3)
+    q, k, v, dout = (torch.randn(b, h, rows, w, generator=g) for rows, w in ((n, d), (m, d), (m, dv), (n, dv)))
+    ref = _grads(_reference, q.double(), k.double(), v.double(), dout.double())
+    ours = _grads(cpu_kernels.attention, q, k, v, dout)
+    math = _grads(_math_bf16, q, k, v, dout)  # in fp32: the plain math
+    for name, a, f, r in zip("qkv", ours, math, ref):
+        assert a.dtype == torch.float32
+        assert (a.double() - r).abs().max() <= 4 * (f.double() - r).abs().max() + 1e-6 * r.abs().max(), name
+
+
+@needs_kernel
 def test_fused_backward_of_strided_views_and_through_auto(monkeypatch):
     """The attention layers' strided q, k, v ([B, N, H * D] projections split into heads): "auto" takes the fused
     kernel for bf16 training too, and its gradients are those of contiguous copies."""
@@ -179,7 +193,7 @@ def test_fused_backward_of_strided_views_and_through_auto(monkeypatch):
     contiguous = _grads(cpu_kernels.attention, *(t.detach().contiguous() for t in (q, k, v)), dout)
     for p, c in zip(proj, contiguous):
         assert torch.equal(p.grad.view(b, n, h, d).transpose(1, 2), c)
-    assert not cpu_kernels.trains(q.float(), k.float(), v.float())  # fp32 training: torch's kernels
+    assert cpu_kernels.trains(q.float(), k.float(), v.float())
     assert not cpu_kernels.trains(q, k[:1].expand(b, -1, -1, -1), v[:1].expand(b, -1, -1, -1))  # broadcast keys
 
 
@@ -231,7 +245,7 @@ def test_fits_refuses_what_the_kernel_does_not_take():
 
 
 @needs_kernel
-def test_auto_takes_the_fused_kernel_for_bf16_inference_at_any_thread_count(monkeypatch):
+def test_auto_takes_the_fused_kernel_at_any_thread_count(monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_kernels, "attention",
                         lambda *a, f=cpu_kernels.attention, **kw: calls.append("fused") or f(*a, **kw))
@@ -256,7 +270,7 @@ def test_auto_takes_the_fused_kernel_for_bf16_inference_at_any_thread_count(monk
         accel_attn.attention(*fp32, backend="auto")
     assert len(calls) == 5  # fp32 inference too
     accel_attn.attention(*[t.requires_grad_() for t in fp32], backend="auto")
-    assert len(calls) == 5  # training: the kernel has no backward
+    assert len(calls) == 6  # training too, with the kernel's backward (tested below)
 
 
 @needs_kernel

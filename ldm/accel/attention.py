@@ -5,7 +5,7 @@
 - ``"blocked"``: the same numbers as ``"math"``, one head and a cache-sized block of query rows at a time. Without a
   mask it runs on the compiled fused kernel of :mod:`ldm.accel.cpu_kernels` where that is available (x86 with
   AVX-512 BF16 and a C++ compiler: scores, softmax and the product with v of a block of rows in one pass, one
-  parallel region per call; inference in bf16 or fp32, training in bf16 with the kernel's own backward), else in
+  parallel region per call; bf16 and fp32, in training with the kernel's own backward), else in
   Python blocks (faster than torch's CPU flash kernel for bf16 inference at one thread; no backward of their own);
 - ``"auto"`` on a CPU: the fused kernel wherever it is available and takes the tensors (``USE_CPU_KERNELS``; it was
   faster than sdpa and math at every SD shape measured, at 1 and 2 threads, bf16 and fp32, forward and backward).
@@ -52,8 +52,8 @@ _BLOCK_SCORES = 1 << 19  # fp32 scores per block (2 MiB): a block's scores and p
 def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """The ``"math"`` kernel's numbers (fp32 scores and softmax, probabilities cast to v's dtype for the second
     product), one head and a block of query rows at a time, so each block's scores stay in the CPU cache: on the
-    compiled fused kernel without a mask where it is available (:func:`_fused`; inference in bf16 or fp32, training
-    in bf16 with the kernel's backward), else in Python blocks
+    compiled fused kernel without a mask where it is available (:func:`_fused`; bf16 or fp32, with its own backward
+    in training), else in Python blocks
     whose q @ k^T runs on oneDNN's fp32 matmul (:func:`onednn.linear`). With bf16 q, k, v on a CPU the Python blocks
     are ~1.75x faster than torch's CPU flash kernel at SD's 4096 tokens at one thread, the fused kernel 2.4x
     (bench/README.md)."""
@@ -84,8 +84,8 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
 
 
 def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the compiled fused kernel (:mod:`ldm.accel.cpu_kernels`) takes these tensors: for inference bf16 or
-    fp32, with autograd bf16 (its backward)."""
+    """Whether the compiled fused kernel (:mod:`ldm.accel.cpu_kernels`) takes these tensors (bf16 or fp32, with
+    autograd on its own backward)."""
     if not USE_CPU_KERNELS:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -1,8 +1,8 @@
 """Optional C++ kernels for the CPU, compiled at first use (``ldm/accel/csrc``), with the Python paths as fallback.
 
-:func:`attention` is a fused attention kernel for inference in bf16 or fp32 on x86 CPUs with AVX-512 BF16: the
-scores, softmax and product with v of a block of query rows in one pass through the cache, one OpenMP parallel
-region per call (``csrc/attention.cpp`` says how). It computes the numbers of the math kernel (fp32 scores and
+:func:`attention` is a fused attention kernel in bf16 or fp32 on x86 CPUs with AVX-512 BF16, with its own
+backward: the scores, softmax and product with v of a block of query rows in one pass through the cache, one OpenMP
+parallel region per call (``csrc/attention.cpp`` says how). It computes the numbers of the math kernel (fp32 scores and
 softmax; for bf16 the probabilities rounded to bf16 once), as ``ldm.accel.attention``'s ``"blocked"`` kernel does,
 which uses it where it can.
 
@@ -131,9 +131,9 @@ def _load() -> Optional[ctypes.CDLL]:
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [_I64x4] * 4 + [
                 ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-        fn = lib.ldm_attention_backward_bf16
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [_I64x4] * 7 + [ctypes.c_float, ctypes.c_int]
+        for fn in (lib.ldm_attention_backward_bf16, lib.ldm_attention_backward_f32):
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [_I64x4] * 7 + [ctypes.c_float, ctypes.c_int]
         _lib = lib
         return _lib
 
@@ -176,16 +176,17 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ls
     m, dv = k.shape[2], v.shape[3]
     out = torch.empty(b, n, h, dv, dtype=q.dtype).transpose(1, 2)
     fn = _lib.ldm_attention_bf16 if q.dtype == torch.bfloat16 else _lib.ldm_attention_f32
-    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, n, m, d, dv, _strides(q, b),
-            _strides(k, b), _strides(v, b), _strides(out, b), scale, torch.get_num_threads(),
-            None if lse is None else lse.data_ptr(), None if out32 is None else out32.data_ptr())
+    with torch.profiler.record_function("ldm::fused_attention"):  # a name in torch.profiler's tables
+        rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, n, m, d, dv, _strides(q, b),
+                _strides(k, b), _strides(v, b), _strides(out, b), scale, torch.get_num_threads(),
+                None if lse is None else lse.data_ptr(), None if out32 is None else out32.data_ptr())
     if rc != 0:
         raise MemoryError("the fused CPU attention kernel could not allocate its buffers")
     return out
 
 
 class _Attention(torch.autograd.Function):
-    """bf16 attention on the fused kernel with its backward (flash-attention style: the forward keeps each row's
+    """Attention on the fused kernel with its backward (flash-attention style: the forward keeps each row's
     log-sum-exp and the output in fp32, not the probabilities; the backward recomputes them block by block)."""
 
     @staticmethod
@@ -208,22 +209,24 @@ class _Attention(torch.autograd.Function):
         dq = torch.empty(b, n, h, d, dtype=q.dtype).transpose(1, 2)
         dk = torch.empty(b, m, h, d, dtype=q.dtype).transpose(1, 2)
         dvv = torch.empty(b, m, h, dv, dtype=q.dtype).transpose(1, 2)
-        rc = _lib.ldm_attention_backward_bf16(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), out32.data_ptr(), dout.data_ptr(), lse.data_ptr(), dq.data_ptr(),
-            dk.data_ptr(), dvv.data_ptr(), b, h, n, m, d, dv, *(_strides(t, b) for t in (q, k, v, dout, dq, dk, dvv)),
-            ctx.scale, torch.get_num_threads())
+        with torch.profiler.record_function("ldm::fused_attention_backward"):
+            fn = _lib.ldm_attention_backward_bf16 if q.dtype == torch.bfloat16 else _lib.ldm_attention_backward_f32
+            rc = fn(
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), out32.data_ptr(), dout.data_ptr(), lse.data_ptr(), dq.data_ptr(),
+                dk.data_ptr(), dvv.data_ptr(), b, h, n, m, d, dv,
+                *(_strides(t, b) for t in (q, k, v, dout, dq, dk, dvv)), ctx.scale, torch.get_num_threads())
         if rc != 0:
             raise MemoryError("the fused CPU attention kernel could not allocate its buffers")
         return dq, dk, dvv, None
 
 
 def trains(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`attention` takes these tensors with autograd: bf16, even head and value dims, k and v of q's
-    full batch (and everything :func:`fits` asks but the autograd condition)."""
+    """Whether :func:`attention` takes these tensors with autograd: everything :func:`fits` asks but the autograd
+    condition, an even value dim for bf16, k and v of q's full batch."""
     with torch.no_grad():
         if not fits(q, k, v):
             return False
-    return q.dtype == torch.bfloat16 and v.shape[-1] % 2 == 0 and k.shape[0] == q.shape[0] and all(
+    return (q.dtype != torch.bfloat16 or v.shape[-1] % 2 == 0) and k.shape[0] == q.shape[0] and all(
         t.stride(0) != 0 or t.shape[0] == 1 for t in (k, v))
 
 
@@ -232,7 +235,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     bf16 or all fp32 (``scale`` defaults to D ** -0.5), computed as the math kernel computes it: fp32 scores and
     softmax, for bf16 the probabilities rounded to bf16 once, products accumulated in fp32. Returns [B, H, N, Dv] in
     q's dtype, a view of a [B, N, H, Dv] tensor (so merging the heads back is free). With autograd on and an input
-    that requires grad, bf16 tensors that :func:`trains` accepts get a backward (the same kernel's). Raises
+    that requires grad, tensors that :func:`trains` accepts get a backward (the same kernel's). Raises
     ``RuntimeError`` when the kernel is not :func:`available` or the tensors do not fit."""
     lib = _load()
     if lib is None:
@@ -243,7 +246,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         return _Attention.apply(q, k, v, scale)
     if not fits(q, k, v):
         raise RuntimeError(f"the fused CPU attention kernel takes bf16 or fp32 CPU tensors [B, H, N, D] (D <= "
-                           f"{MAX_HEAD_DIM}, even for bf16) with a contiguous last dimension (with autograd: bf16, "
-                           f"even dims, k and v of the full batch); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                           f"{MAX_HEAD_DIM}, even for bf16) with a contiguous last dimension (with autograd: k and v "
+                           f"of the full batch, bf16 value dims even); got {tuple(q.shape)}, {tuple(k.shape)}, "
                            f"{tuple(v.shape)} {q.dtype}")
     return _forward(q, k, v, scale)

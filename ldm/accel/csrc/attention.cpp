@@ -291,24 +291,25 @@ int attention(const T* q, const T* k, const T* v, T* out, int64_t B, int64_t H, 
 
 
 // ---------------------------------------------------------------------------------------------------------------
-// Backward (bf16), flash-attention style: per head, key blocks outer, query blocks inner; every product is the
-// microkernel below, acc[r][c] (+)= sum_p A[r][2p, 2p + 1] . B[p][vector c], with A row-major bf16 (pairs along the
-// reduced dimension) and B packed in 32-bit lanes of two bf16.
+// Backward (bf16 and fp32), flash-attention style: per head, key blocks outer, query blocks inner; every product is
+// the microkernel below, acc[r][c] (+)= sum_p A[r][lane p] . B[lane p][vector c], with A row-major (bf16: pairs of
+// the reduced dimension in a 32-bit lane) and B packed in 32-bit lanes (two bf16 or one fp32).
 //
 //   S^T = K_j q^T (keys x queries)            P^T = 2^(S^T c - lse)            dP^T = V_j dO^T
 //   dS^T = scale P^T (dP^T - rowsum(dO o O))  dV_j += P^T dO    dK_j += dS^T q    dQ^T += K_j^T dS^T
 //
 // So the probabilities and their gradient are made with the queries in the lanes and are never transposed; dQ is
-// accumulated transposed ([D][N] fp32) and written out at the end. P is rounded to bf16 for dV (as the forward's
-// product with v rounds it) and dS for dK and dQ (as FlashAttention-2 does on GPUs; the reference keeps dS in fp32:
-// splitting it into two bf16 parts for ~16 bits cost 32% more time, for gradients 1.0-1.5x closer to fp64's);
-// sums are fp32. rowsum(dO o O) is taken of the forward's fp32 output.
+// accumulated transposed ([D][N] fp32) and written out at the end. In bf16, P is rounded to bf16 for dV (as the
+// forward's product with v rounds it) and dS for dK and dQ (as FlashAttention-2 does on GPUs; the reference keeps
+// dS in fp32: splitting it into two bf16 parts for ~16 bits cost 32% more time, for gradients 1.0-1.5x closer to
+// fp64's); sums are fp32. rowsum(dO o O) is taken of the forward's fp32 output.
 
 constexpr int QB = 64;  // queries per block (4 vectors of 16)
 constexpr int KB = 32;  // keys per block
 
-template <int R, int C, bool LOAD>
-inline void mk(const bf16* A, int64_t lda, const bf16* B, int64_t sp, int64_t sc, int P, float* out, int64_t ldc) {
+template <typename T, int R, int C, bool LOAD>
+inline void mk(const T* A, int64_t lda, const T* B, int64_t sp, int64_t sc, int P, float* out, int64_t ldc) {
+  constexpr int L = LANE<T>;
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = LOAD ? _mm512_loadu_ps(out + r * ldc + c * 16) : _mm512_setzero_ps();
@@ -316,60 +317,72 @@ inline void mk(const bf16* A, int64_t lda, const bf16* B, int64_t sp, int64_t sc
     __m512i b[C];
     for (int c = 0; c < C; ++c) b[c] = _mm512_loadu_si512(B + p * sp + c * sc);
     for (int r = 0; r < R; ++r) {
-      const __m512i a = lane_at(A + r * lda + 2 * p);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)a, (__m512bh)b[c]);
+      const __m512i a = lane_at(A + r * lda + L * p);
+      for (int c = 0; c < C; ++c) acc[r][c] = dot<T>(acc[r][c], a, b[c]);
     }
   }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * ldc + c * 16, acc[r][c]);
 }
 
-template <int C, bool LOAD>
-inline void mk_rows(int rows, const bf16* A, int64_t lda, const bf16* B, int64_t sp, int64_t sc, int P, float* out,
+template <typename T, int C, bool LOAD>
+inline void mk_rows(int rows, const T* A, int64_t lda, const T* B, int64_t sp, int64_t sc, int P, float* out,
                     int64_t ldc) {
   constexpr int R = 24 / C > 8 ? 8 : 24 / C;
   int r = 0;
-  for (; r + R <= rows; r += R) mk<R, C, LOAD>(A + r * lda, lda, B, sp, sc, P, out + r * ldc, ldc);
-  const bf16* a = A + r * lda;
+  for (; r + R <= rows; r += R) mk<T, R, C, LOAD>(A + r * lda, lda, B, sp, sc, P, out + r * ldc, ldc);
+  const T* a = A + r * lda;
   float* o = out + r * ldc;
   switch (rows - r) {
-    case 1: mk<1, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
-    case 2: mk<2, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
-    case 3: mk<3, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
-    case 4: mk<4, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
-    case 5: mk<5, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
-    case 6: mk<6, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
-    case 7: mk<7, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 1: mk<T, 1, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 2: mk<T, 2, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 3: mk<T, 3, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 4: mk<T, 4, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 5: mk<T, 5, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 6: mk<T, 6, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
+    case 7: mk<T, 7, C, LOAD>(a, lda, B, sp, sc, P, o, ldc); break;
     default: break;
   }
 }
 
-// out[rows][vecs * 16] (+)= A B, the 16-lane vectors of B taken 4 at a time
-template <bool LOAD>
-inline void gemm(int rows, int vecs, const bf16* A, int64_t lda, const bf16* B, int64_t sp, int64_t sc, int P,
-                 float* out, int64_t ldc) {
+// out[rows][vecs * 16] (+)= A B over P lanes of the reduced dimension; B's 16-lane vectors taken 4 at a time
+template <typename T, bool LOAD>
+inline void gemm(int rows, int vecs, const T* A, int64_t lda, const T* B, int64_t sp, int64_t sc, int P, float* out,
+                 int64_t ldc) {
   int v = 0;
-  for (; v + 4 <= vecs; v += 4) mk_rows<4, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc);
+  for (; v + 4 <= vecs; v += 4) mk_rows<T, 4, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc);
   switch (vecs - v) {
-    case 1: mk_rows<1, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc); break;
-    case 2: mk_rows<2, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc); break;
-    case 3: mk_rows<3, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc); break;
+    case 1: mk_rows<T, 1, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc); break;
+    case 2: mk_rows<T, 2, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc); break;
+    case 3: mk_rows<T, 3, LOAD>(rows, A, lda, B + v * sc, sp, sc, P, out + v * 16, ldc); break;
     default: break;
   }
 }
 
-inline bf16 to_bf16(float x) {  // round to nearest even, as vcvtneps2bf16
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  // NaN stays NaN
-  return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-inline float from_bf16(bf16 x) {
+inline float to_float(bf16 x) {
   const uint32_t u = (uint32_t)x << 16;
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
+}
+inline float to_float(float x) { return x; }
+
+template <typename T>
+inline T from_float(float x) {
+  if constexpr (sizeof(T) == 4) {
+    return x;
+  } else {  // round to nearest even, as vcvtneps2bf16
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  // NaN stays NaN
+    return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+}
+
+template <typename T>
+inline void store16(T* p, __m512 x) {
+  if constexpr (sizeof(T) == 2) _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(x));
+  else _mm512_storeu_ps(p, x);
 }
 
 struct Strides {
@@ -377,23 +390,25 @@ struct Strides {
   int64_t at(int64_t b, int64_t h) const { return b * st[0] + h * st[1]; }
 };
 
-int attention_backward(const bf16* q, const bf16* k, const bf16* v, const float* o, const bf16* dout, const float* lse,
-                       bf16* dq, bf16* dk, bf16* dv, int64_t B, int64_t H, int64_t N, int64_t M, int64_t D, int64_t Dv,
+template <typename T>
+int attention_backward(const T* q, const T* k, const T* v, const float* o, const T* dout, const float* lse, T* dq,
+                       T* dk, T* dv, int64_t B, int64_t H, int64_t N, int64_t M, int64_t D, int64_t Dv,
                        const int64_t* q_st, const int64_t* k_st, const int64_t* v_st, const int64_t* do_st,
                        const int64_t* dq_st, const int64_t* dk_st, const int64_t* dv_st, float scale, int threads) {
   const int64_t n_pad = (N + QB - 1) / QB * QB, m_pad = (M + KB - 1) / KB * KB;
   const int64_t d_pad = (D + 15) / 16 * 16, dv_pad = (Dv + 15) / 16 * 16;
-  const int Pd = (int)(D / 2), Pv = (int)(Dv / 2);
+  constexpr int L = LANE<T>;
+  const int Pd = (int)(D / L), Pv = (int)(Dv / L);
   const float c = scale * 1.4426950408889634f;
-  // per-thread buffers, in bf16 and fp32 elements
-  const size_t n16 = (size_t)(n_pad * D            // q, lanes: [n_pad / 16][Pd][16][2]
+  // per-thread buffers, in T and fp32 elements
+  const size_t n16 = (size_t)(n_pad * D            // q, lanes: [n_pad / 16][Pd][16][L]
                               + n_pad * Dv         // dO, lanes
-                              + n_pad * d_pad      // q, columns: [n_pad / 2][d_pad][2]
+                              + n_pad * d_pad      // q, columns: [n_pad / L][d_pad][L]
                               + n_pad * dv_pad     // dO, columns
                               + m_pad * D          // K rows (zero-padded keys)
                               + m_pad * Dv         // V rows
                               + D * m_pad          // K^T rows: [D][m_pad]
-                              + 3 * KB * QB);      // P^T, dS^T (rows), dS^T (key pairs interleaved)
+                              + 3 * KB * QB);      // P^T, dS^T (rows), dS^T (bf16: key pairs interleaved)
   const size_t n32 = (size_t)(2 * n_pad            // lse, rowsum(dO o O)
                               + 2 * KB * QB        // S^T, dP^T
                               + KB * dv_pad + KB * d_pad  // dV_j, dK_j
@@ -404,7 +419,7 @@ int attention_backward(const bf16* q, const bf16* k, const bf16* v, const float*
   const __m512i ilv = _mm512_load_si512(interleave);
 #pragma omp parallel num_threads(threads)
   {
-    bf16* b16 = (bf16*)std::aligned_alloc(64, round64(n16 * sizeof(bf16)));
+    T* b16 = (T*)std::aligned_alloc(64, round64(n16 * sizeof(T)));
     float* b32 = (float*)std::aligned_alloc(64, round64(n32 * sizeof(float)));
     if (!b16 || !b32) {
 #pragma omp atomic write
@@ -412,33 +427,35 @@ int attention_backward(const bf16* q, const bf16* k, const bf16* v, const float*
     }
 #pragma omp barrier
     if (!failed) {
-      bf16 *q_l = b16, *do_l = q_l + n_pad * D, *q_c = do_l + n_pad * Dv, *do_c = q_c + n_pad * d_pad;
-      bf16 *k_r = do_c + n_pad * dv_pad, *v_r = k_r + m_pad * D, *kt = v_r + m_pad * Dv;
-      bf16 *pt = kt + D * m_pad, *dst = pt + KB * QB, *dsi = dst + KB * QB;
+      T *q_l = b16, *do_l = q_l + n_pad * D, *q_c = do_l + n_pad * Dv, *do_c = q_c + n_pad * d_pad;
+      T *k_r = do_c + n_pad * dv_pad, *v_r = k_r + m_pad * D, *kt = v_r + m_pad * Dv;
+      T *pt = kt + D * m_pad, *dst = pt + KB * QB, *dsi = L == 1 ? dst : dst + KB * QB;
       float *lse2 = b32, *rowsum = lse2 + n_pad, *st = rowsum + n_pad, *dpt = st + KB * QB;
       float *dvj = dpt + KB * QB, *dkj = dvj + KB * dv_pad, *dqt = dkj + KB * d_pad;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t bh = 0; bh < B * H; ++bh) {
         const int64_t b = bh / H, h = bh % H;
-        const bf16 *qh = q + Strides{q_st}.at(b, h), *kh = k + Strides{k_st}.at(b, h);
-        const bf16* vh = v + Strides{v_st}.at(b, h);
+        const T *qh = q + Strides{q_st}.at(b, h), *kh = k + Strides{k_st}.at(b, h);
+        const T* vh = v + Strides{v_st}.at(b, h);
         const float* oh = o + bh * N * Dv;  // the fp32 output, [B, H, N, Dv] contiguous
-        const bf16* doh = dout + Strides{do_st}.at(b, h);
+        const T* doh = dout + Strides{do_st}.at(b, h);
         // pack the queries and the output's gradient (zeros past N), both ways
-        std::memset(q_l, 0, sizeof(bf16) * (size_t)(n_pad * (D + Dv + d_pad + dv_pad)));
+        std::memset(q_l, 0, sizeof(T) * (size_t)(n_pad * (D + Dv + d_pad + dv_pad)));
         for (int64_t i = 0; i < N; ++i) {
-          const bf16 *qi = qh + i * q_st[2], *di = doh + i * do_st[2];
-          bf16* ql = q_l + (i / 16) * Pd * 32 + (i % 16) * 2;
-          for (int p = 0; p < Pd; ++p) { ql[p * 32] = qi[2 * p]; ql[p * 32 + 1] = qi[2 * p + 1]; }
-          bf16* dl = do_l + (i / 16) * Pv * 32 + (i % 16) * 2;
-          for (int p = 0; p < Pv; ++p) { dl[p * 32] = di[2 * p]; dl[p * 32 + 1] = di[2 * p + 1]; }
-          bf16* qc = q_c + (i / 2) * d_pad * 2 + (i % 2);
-          for (int64_t d = 0; d < D; ++d) qc[d * 2] = qi[d];
-          bf16* dc = do_c + (i / 2) * dv_pad * 2 + (i % 2);
-          for (int64_t d = 0; d < Dv; ++d) dc[d * 2] = di[d];
+          const T *qi = qh + i * q_st[2], *di = doh + i * do_st[2];
+          T* ql = q_l + (i / 16) * Pd * 16 * L + (i % 16) * L;
+          for (int p = 0; p < Pd; ++p)
+            for (int l = 0; l < L; ++l) ql[p * 16 * L + l] = qi[L * p + l];
+          T* dl = do_l + (i / 16) * Pv * 16 * L + (i % 16) * L;
+          for (int p = 0; p < Pv; ++p)
+            for (int l = 0; l < L; ++l) dl[p * 16 * L + l] = di[L * p + l];
+          T* qc = q_c + (i / L) * d_pad * L + (i % L);
+          for (int64_t d = 0; d < D; ++d) qc[d * L] = qi[d];
+          T* dc = do_c + (i / L) * dv_pad * L + (i % L);
+          for (int64_t d = 0; d < Dv; ++d) dc[d * L] = di[d];
           float sum = 0.f;
           const float* oi = oh + i * Dv;
-          for (int64_t d = 0; d < Dv; ++d) sum += from_bf16(di[d]) * oi[d];
+          for (int64_t d = 0; d < Dv; ++d) sum += to_float(di[d]) * oi[d];
           rowsum[i] = sum;
           lse2[i] = lse[bh * N + i];
         }
@@ -446,19 +463,21 @@ int attention_backward(const bf16* q, const bf16* k, const bf16* v, const float*
         // keys and values as rows (zeros past M), and the keys transposed
         for (int64_t j = 0; j < m_pad; ++j) {
           for (int64_t d = 0; d < D; ++d) {
-            const bf16 x = j < M ? kh[j * k_st[2] + d] : (bf16)0;
+            const T x = j < M ? kh[j * k_st[2] + d] : (T)0;
             k_r[j * D + d] = x;
             kt[d * m_pad + j] = x;
           }
-          for (int64_t d = 0; d < Dv; ++d) v_r[j * Dv + d] = j < M ? vh[j * v_st[2] + d] : (bf16)0;
+          for (int64_t d = 0; d < Dv; ++d) v_r[j * Dv + d] = j < M ? vh[j * v_st[2] + d] : (T)0;
         }
         std::memset(dqt, 0, sizeof(float) * (size_t)(D * n_pad));
         for (int64_t j0 = 0; j0 < m_pad; j0 += KB) {
           std::memset(dvj, 0, sizeof(float) * (size_t)(KB * (dv_pad + d_pad)));
           const int valid = (int)(M - j0 < KB ? M - j0 : KB);
           for (int64_t i0 = 0; i0 < n_pad; i0 += QB) {
-            gemm<false>(KB, QB / 16, k_r + j0 * D, D, q_l + (i0 / 16) * Pd * 32, 32, Pd * 32, Pd, st, QB);
-            gemm<false>(KB, QB / 16, v_r + j0 * Dv, Dv, do_l + (i0 / 16) * Pv * 32, 32, Pv * 32, Pv, dpt, QB);
+            gemm<T, false>(KB, QB / 16, k_r + j0 * D, D, q_l + (i0 / 16) * Pd * 16 * L, 16 * L, Pd * 16 * L, Pd, st,
+                           QB);
+            gemm<T, false>(KB, QB / 16, v_r + j0 * Dv, Dv, do_l + (i0 / 16) * Pv * 16 * L, 16 * L, Pv * 16 * L, Pv,
+                           dpt, QB);
             for (int jj = 0; jj < KB; jj += 2) {
               for (int qv = 0; qv < QB; qv += 16) {
                 const __m512 l2 = _mm512_loadu_ps(lse2 + i0 + qv), rs = _mm512_loadu_ps(rowsum + i0 + qv);
@@ -469,27 +488,30 @@ int attention_backward(const bf16* q, const bf16* k, const bf16* v, const float*
                   if (j >= valid) p = _mm512_setzero_ps();
                   const __m512 dp = _mm512_loadu_ps(dpt + j * QB + qv);
                   ds[t] = _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dp, rs)), _mm512_set1_ps(scale));
-                  _mm256_storeu_si256((__m256i*)(pt + j * QB + qv), (__m256i)_mm512_cvtneps_pbh(p));
-                  _mm256_storeu_si256((__m256i*)(dst + j * QB + qv), (__m256i)_mm512_cvtneps_pbh(ds[t]));
+                  store16(pt + j * QB + qv, p);
+                  store16(dst + j * QB + qv, ds[t]);
                 }
-                const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);  // [row jj | row jj + 1]
-                _mm512_storeu_si512(dsi + ((jj / 2) * QB + qv) * 2, _mm512_permutexvar_epi16(ilv, both));
+                if constexpr (L == 2) {
+                  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);  // [row jj | row jj + 1]
+                  _mm512_storeu_si512(dsi + ((jj / 2) * QB + qv) * 2, _mm512_permutexvar_epi16(ilv, both));
+                }
               }
             }
-            gemm<true>(KB, (int)(dv_pad / 16), pt, QB, do_c + (i0 / 2) * dv_pad * 2, dv_pad * 2, 32, QB / 2, dvj,
-                       dv_pad);
-            gemm<true>(KB, (int)(d_pad / 16), dst, QB, q_c + (i0 / 2) * d_pad * 2, d_pad * 2, 32, QB / 2, dkj, d_pad);
-            gemm<true>((int)D, QB / 16, kt + j0, m_pad, dsi, QB * 2, 32, KB / 2, dqt + i0, n_pad);
+            gemm<T, true>(KB, (int)(dv_pad / 16), pt, QB, do_c + (i0 / L) * dv_pad * L, dv_pad * L, 16 * L, QB / L,
+                          dvj, dv_pad);
+            gemm<T, true>(KB, (int)(d_pad / 16), dst, QB, q_c + (i0 / L) * d_pad * L, d_pad * L, 16 * L, QB / L, dkj,
+                          d_pad);
+            gemm<T, true>((int)D, QB / 16, kt + j0, m_pad, dsi, QB * L, 16 * L, KB / L, dqt + i0, n_pad);
           }
-          bf16 *dkh = dk + Strides{dk_st}.at(b, h), *dvh = dv + Strides{dv_st}.at(b, h);
+          T *dkh = dk + Strides{dk_st}.at(b, h), *dvh = dv + Strides{dv_st}.at(b, h);
           for (int jj = 0; jj < valid; ++jj) {
-            for (int64_t d = 0; d < D; ++d) dkh[(j0 + jj) * dk_st[2] + d] = to_bf16(dkj[jj * d_pad + d]);
-            for (int64_t d = 0; d < Dv; ++d) dvh[(j0 + jj) * dv_st[2] + d] = to_bf16(dvj[jj * dv_pad + d]);
+            for (int64_t d = 0; d < D; ++d) dkh[(j0 + jj) * dk_st[2] + d] = from_float<T>(dkj[jj * d_pad + d]);
+            for (int64_t d = 0; d < Dv; ++d) dvh[(j0 + jj) * dv_st[2] + d] = from_float<T>(dvj[jj * dv_pad + d]);
           }
         }
-        bf16* dqh = dq + Strides{dq_st}.at(b, h);
+        T* dqh = dq + Strides{dq_st}.at(b, h);
         for (int64_t i = 0; i < N; ++i)
-          for (int64_t d = 0; d < D; ++d) dqh[i * dq_st[2] + d] = to_bf16(dqt[d * n_pad + i]);
+          for (int64_t d = 0; d < D; ++d) dqh[i * dq_st[2] + d] = from_float<T>(dqt[d * n_pad + i]);
       }
     }
     std::free(b16);
@@ -502,7 +524,7 @@ int attention_backward(const bf16* q, const bf16* k, const bf16* v, const float*
 
 extern "C" {
 
-int ldm_attention_version(void) { return 4; }
+int ldm_attention_version(void) { return 5; }
 
 // q: [B, H, N, D], k: [Bk, H, M, D], v: [Bk, H, M, Dv], out: [B, H, N, Dv], each with its own strides in elements
 // (batch, head, row; the last dimension contiguous); Bk is B or 1 (a batch stride of 0 broadcasts). bf16: D even.
@@ -524,15 +546,25 @@ int ldm_attention_f32(const float* q, const float* k, const float* v, float* out
   return attention<float>(q, k, v, out, B, H, N, M, D, Dv, q_st, k_st, v_st, o_st, scale, threads, lse, o32);
 }
 
-// The gradients of attention_bf16 (given its lse and o32) for q, k, v ([B, H, N, D], [B, H, M, D], [B, H, M, Dv]; k
-// and v of the full batch), given the output's gradient dout ([B, H, N, Dv]); strides as above.
+// The gradients of attention_bf16 / _f32 (given its lse and o32) for q, k, v ([B, H, N, D], [B, H, M, D],
+// [B, H, M, Dv]; k and v of the full batch), given the output's gradient dout ([B, H, N, Dv]); strides as above.
+// bf16: D and Dv even.
 int ldm_attention_backward_bf16(const bf16* q, const bf16* k, const bf16* v, const float* o32, const bf16* dout,
                                 const float* lse, bf16* dq, bf16* dk, bf16* dv, int64_t B, int64_t H, int64_t N,
                                 int64_t M, int64_t D, int64_t Dv, const int64_t* q_st, const int64_t* k_st,
                                 const int64_t* v_st, const int64_t* do_st, const int64_t* dq_st, const int64_t* dk_st,
                                 const int64_t* dv_st, float scale, int threads) {
-  return attention_backward(q, k, v, o32, dout, lse, dq, dk, dv, B, H, N, M, D, Dv, q_st, k_st, v_st, do_st, dq_st,
-                            dk_st, dv_st, scale, threads);
+  return attention_backward<bf16>(q, k, v, o32, dout, lse, dq, dk, dv, B, H, N, M, D, Dv, q_st, k_st, v_st, do_st,
+                                  dq_st, dk_st, dv_st, scale, threads);
+}
+
+int ldm_attention_backward_f32(const float* q, const float* k, const float* v, const float* o32, const float* dout,
+                               const float* lse, float* dq, float* dk, float* dv, int64_t B, int64_t H, int64_t N,
+                               int64_t M, int64_t D, int64_t Dv, const int64_t* q_st, const int64_t* k_st,
+                               const int64_t* v_st, const int64_t* do_st, const int64_t* dq_st, const int64_t* dk_st,
+                               const int64_t* dv_st, float scale, int threads) {
+  return attention_backward<float>(q, k, v, o32, dout, lse, dq, dk, dv, B, H, N, M, D, Dv, q_st, k_st, v_st, do_st,
+                                   dq_st, dk_st, dv_st, scale, threads);
 }
 
 }  // extern "C"
