@@ -11,8 +11,9 @@ reduced ``d1-2-2@32``. Example:
 
 ``--without context-store blocked-choice`` adds, in the same interleaved rounds, ours with one lever taken off:
 ``context-store`` projects the text context in every call (``cache_context_projections = False``);
-``blocked-choice`` has the attention over feature maps on the blocked kernel at any thread count (the choice before
-"auto" took torch's flash kernel with several threads).
+``blocked-choice`` has the attention over feature maps on the Python blocked kernel at any thread count (the choice
+before "auto" took torch's flash kernel with several threads); ``fused-attention`` has the attention on its Python
+paths instead of the compiled fused kernel (``ldm.accel.cpu_kernels``).
 """
 from __future__ import annotations
 
@@ -62,19 +63,22 @@ class Without:
     def __call__(self, x, t, context):
         from ldm.accel import attention
 
-        unet, max_threads = self.ours.unet, attention.BLOCKED_MAX_THREADS
+        unet, max_threads, fused = self.ours.unet, attention.BLOCKED_MAX_THREADS, attention.USE_CPU_KERNELS
         if self.lever == "context-store":
             unet.cache_context_projections = False
-        else:  # blocked-choice
+        elif self.lever == "fused-attention":
+            attention.USE_CPU_KERNELS = False
+        else:  # blocked-choice (of the Python paths)
+            attention.USE_CPU_KERNELS = False
             attention.BLOCKED_MAX_THREADS = 1 << 20
         try:
             return self.ours(x, t, context)
         finally:
             unet.cache_context_projections = True
-            attention.BLOCKED_MAX_THREADS = max_threads
+            attention.BLOCKED_MAX_THREADS, attention.USE_CPU_KERNELS = max_threads, fused
 
 
-LEVERS = ("context-store", "blocked-choice")
+LEVERS = ("context-store", "blocked-choice", "fused-attention")
 
 
 class Theirs:

@@ -133,7 +133,7 @@ def _load() -> Optional[ctypes.CDLL]:
                 ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         for fn in (lib.ldm_attention_backward_bf16, lib.ldm_attention_backward_f32):
             fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [_I64x4] * 7 + [ctypes.c_float, ctypes.c_int]
+            fn.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [_I64x4] * 8 + [ctypes.c_float, ctypes.c_int]
         _lib = lib
         return _lib
 
@@ -193,8 +193,11 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale):
         b, h, n, _ = q.shape
         lse = torch.empty(b, h, n, dtype=torch.float32)
-        out32 = torch.empty(b, h, n, v.shape[-1], dtype=torch.float32)  # for rowsum(dO o O) before the rounding
-        out = _forward(q, k, v, scale, lse, out32)
+        if q.dtype == torch.float32:
+            out = out32 = _forward(q, k, v, scale, lse)
+        else:  # the output before its rounding, for the backward's rowsum(dO o O)
+            out32 = torch.empty(b, h, n, v.shape[-1], dtype=torch.float32)
+            out = _forward(q, k, v, scale, lse, out32)
         ctx.save_for_backward(q, k, v, out32, lse)
         ctx.scale = scale
         return out
@@ -214,7 +217,7 @@ class _Attention(torch.autograd.Function):
             rc = fn(
                 q.data_ptr(), k.data_ptr(), v.data_ptr(), out32.data_ptr(), dout.data_ptr(), lse.data_ptr(), dq.data_ptr(),
                 dk.data_ptr(), dvv.data_ptr(), b, h, n, m, d, dv,
-                *(_strides(t, b) for t in (q, k, v, dout, dq, dk, dvv)), ctx.scale, torch.get_num_threads())
+                *(_strides(t, b) for t in (q, k, v, out32, dout, dq, dk, dvv)), ctx.scale, torch.get_num_threads())
         if rc != 0:
             raise MemoryError("the fused CPU attention kernel could not allocate its buffers")
         return dq, dk, dvv, None

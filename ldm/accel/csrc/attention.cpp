@@ -393,8 +393,9 @@ struct Strides {
 template <typename T>
 int attention_backward(const T* q, const T* k, const T* v, const float* o, const T* dout, const float* lse, T* dq,
                        T* dk, T* dv, int64_t B, int64_t H, int64_t N, int64_t M, int64_t D, int64_t Dv,
-                       const int64_t* q_st, const int64_t* k_st, const int64_t* v_st, const int64_t* do_st,
-                       const int64_t* dq_st, const int64_t* dk_st, const int64_t* dv_st, float scale, int threads) {
+                       const int64_t* q_st, const int64_t* k_st, const int64_t* v_st, const int64_t* o_st,
+                       const int64_t* do_st, const int64_t* dq_st, const int64_t* dk_st, const int64_t* dv_st,
+                       float scale, int threads) {
   const int64_t n_pad = (N + QB - 1) / QB * QB, m_pad = (M + KB - 1) / KB * KB;
   const int64_t d_pad = (D + 15) / 16 * 16, dv_pad = (Dv + 15) / 16 * 16;
   constexpr int L = LANE<T>;
@@ -437,7 +438,7 @@ int attention_backward(const T* q, const T* k, const T* v, const float* o, const
         const int64_t b = bh / H, h = bh % H;
         const T *qh = q + Strides{q_st}.at(b, h), *kh = k + Strides{k_st}.at(b, h);
         const T* vh = v + Strides{v_st}.at(b, h);
-        const float* oh = o + bh * N * Dv;  // the fp32 output, [B, H, N, Dv] contiguous
+        const float* oh = o + Strides{o_st}.at(b, h);  // the fp32 output
         const T* doh = dout + Strides{do_st}.at(b, h);
         // pack the queries and the output's gradient (zeros past N), both ways
         std::memset(q_l, 0, sizeof(T) * (size_t)(n_pad * (D + Dv + d_pad + dv_pad)));
@@ -454,7 +455,7 @@ int attention_backward(const T* q, const T* k, const T* v, const float* o, const
           T* dc = do_c + (i / L) * dv_pad * L + (i % L);
           for (int64_t d = 0; d < Dv; ++d) dc[d * L] = di[d];
           float sum = 0.f;
-          const float* oi = oh + i * Dv;
+          const float* oi = oh + i * o_st[2];
           for (int64_t d = 0; d < Dv; ++d) sum += to_float(di[d]) * oi[d];
           rowsum[i] = sum;
           lse2[i] = lse[bh * N + i];
@@ -547,24 +548,25 @@ int ldm_attention_f32(const float* q, const float* k, const float* v, float* out
 }
 
 // The gradients of attention_bf16 / _f32 (given its lse and o32) for q, k, v ([B, H, N, D], [B, H, M, D],
-// [B, H, M, Dv]; k and v of the full batch), given the output's gradient dout ([B, H, N, Dv]); strides as above.
+// [B, H, M, Dv]; k and v of the full batch), given the fp32 output o32 (for fp32 the output itself) and the
+// output's gradient dout ([B, H, N, Dv]); strides as above.
 // bf16: D and Dv even.
 int ldm_attention_backward_bf16(const bf16* q, const bf16* k, const bf16* v, const float* o32, const bf16* dout,
                                 const float* lse, bf16* dq, bf16* dk, bf16* dv, int64_t B, int64_t H, int64_t N,
                                 int64_t M, int64_t D, int64_t Dv, const int64_t* q_st, const int64_t* k_st,
-                                const int64_t* v_st, const int64_t* do_st, const int64_t* dq_st, const int64_t* dk_st,
-                                const int64_t* dv_st, float scale, int threads) {
-  return attention_backward<bf16>(q, k, v, o32, dout, lse, dq, dk, dv, B, H, N, M, D, Dv, q_st, k_st, v_st, do_st,
-                                  dq_st, dk_st, dv_st, scale, threads);
+                                const int64_t* v_st, const int64_t* o_st, const int64_t* do_st, const int64_t* dq_st,
+                                const int64_t* dk_st, const int64_t* dv_st, float scale, int threads) {
+  return attention_backward<bf16>(q, k, v, o32, dout, lse, dq, dk, dv, B, H, N, M, D, Dv, q_st, k_st, v_st, o_st,
+                                  do_st, dq_st, dk_st, dv_st, scale, threads);
 }
 
 int ldm_attention_backward_f32(const float* q, const float* k, const float* v, const float* o32, const float* dout,
                                const float* lse, float* dq, float* dk, float* dv, int64_t B, int64_t H, int64_t N,
                                int64_t M, int64_t D, int64_t Dv, const int64_t* q_st, const int64_t* k_st,
-                               const int64_t* v_st, const int64_t* do_st, const int64_t* dq_st, const int64_t* dk_st,
-                               const int64_t* dv_st, float scale, int threads) {
-  return attention_backward<float>(q, k, v, o32, dout, lse, dq, dk, dv, B, H, N, M, D, Dv, q_st, k_st, v_st, do_st,
-                                   dq_st, dk_st, dv_st, scale, threads);
+                               const int64_t* v_st, const int64_t* o_st, const int64_t* do_st, const int64_t* dq_st,
+                               const int64_t* dk_st, const int64_t* dv_st, float scale, int threads) {
+  return attention_backward<float>(q, k, v, o32, dout, lse, dq, dk, dv, B, H, N, M, D, Dv, q_st, k_st, v_st, o_st,
+                                   do_st, dq_st, dk_st, dv_st, scale, threads);
 }
 
 }  // extern "C"
