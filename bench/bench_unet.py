@@ -86,7 +86,8 @@ def forward_fn(model, x, t, context, precision: str, inner: int = 1,
     return run
 
 
-def train_fn(model, x, t, context, precision: str, optimizer: str = "torch", inner: int = 1) -> Callable[[], None]:
+def train_fn(model, x, t, context, precision: str, optimizer: str = "torch", inner: int = 1,
+             setting: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Callable[[], None]:
     """One optimisation step on an MSE loss to a fixed target; the model keeps training between calls.
     ``optimizer``: "ours" (our trainer's AdamW, ``ldm.training.common.AdamW``, fused as ``fused_optimizer``
     makes it), "torch-fused" (torch's fused AdamW) or "torch" (torch's default AdamW, what diffusers' training
@@ -101,9 +102,10 @@ def train_fn(model, x, t, context, precision: str, optimizer: str = "torch", inn
     def run() -> None:
         for _ in range(inner):
             opt.zero_grad(set_to_none=True)
-            with autocast(precision, x.device):
-                loss = F.mse_loss(call(model, x, t, context).float(), target)
-            loss.backward()
+            with setting():
+                with autocast(precision, x.device):
+                    loss = F.mse_loss(call(model, x, t, context).float(), target)
+                loss.backward()
             opt.step()
     return run
 
@@ -178,6 +180,9 @@ def bench_size(width: int, latent: int, args) -> list[list]:
                         peer: train_fn(copy.deepcopy(theirs), x, t, context, precision,
                                        "ours" if peer == "plain" else
                                        "torch-fused" if args.diffusers_fused_adam else "torch", inner)}
+                if "fused-attention" in args.without:
+                    pair["ours without fused-attention"] = train_fn(copy.deepcopy(ours), x, t, context, precision,
+                                                                    "ours", inner, common.without_fused_attention)
             rates: list[float] = []
             if mode == "forward":  # the matmul peak, measured between the rounds, under the same machine load
                 pair["matmul peak"] = lambda: rates.append(
@@ -200,7 +205,7 @@ def bench_size(width: int, latent: int, args) -> list[list]:
             rows.append(row)
             logger.info("%s", row)
             if "ours without fused-attention" in times:
-                c = median(times["ours without fused-attention"]) / inner
+                c = median(times.pop("ours without fused-attention")) / inner
                 rows.append([label, mode, f"{precision}, ours without fused-attention", c, b, f"{b / c:.2f}x",
                              f"{diff:.1e}"] + ([f"{flops / 1e9:.0f}", f"{peak:.0f}",
                                                 f"{100 * flops / c / 1e9 / peak:.0f}%", ""] if mode == "forward"
@@ -229,8 +234,8 @@ def main() -> None:
                              "AdamW, as diffusers' training scripts build it; ours always uses our trainer's fused "
                              "AdamW)")
     parser.add_argument("--without", nargs="*", choices=("fused-attention",), default=[],
-                        help="fused-attention: add ours with the attention on its Python paths instead of the "
-                             "compiled fused kernel (ldm.accel.cpu_kernels) to the forward rounds")
+                        help="fused-attention: add ours with the attention on its Python paths (and torch's "
+                             "kernels in training) instead of the compiled fused kernel (ldm.accel.cpu_kernels)")
     parser.add_argument("--reps", type=int, default=3, help="timed rounds per candidate (after one warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(common.RESULTS / "unet.md"))

@@ -8,7 +8,7 @@
   parallel region per call; bf16 and fp32, in training with the kernel's own backward), else in
   Python blocks (faster than torch's CPU flash kernel for bf16 inference at one thread; no backward of their own);
 - ``"auto"`` on a CPU: the fused kernel wherever it is available and takes the tensors (``USE_CPU_KERNELS``; it was
-  faster than sdpa and math at every SD shape measured, at 1 and 2 threads, bf16 and fp32, forward and backward).
+  2-3.7x sdpa in bf16 and 0.99-1.6x in fp32 at the SD shapes measured, at 1 and 2 threads; bench/README.md).
   Without it, for bf16: where torch's flash kernel has a high fixed cost, the Python blocks with at least
   ``BLOCKED_MIN_KEYS`` keys or ``BLOCKED_MIN_SCORES`` scores per head (self-attention over a feature map, text
   attention at 4096 pixels) when torch runs at most ``BLOCKED_MAX_THREADS`` threads (one), sdpa (torch's flash
@@ -53,12 +53,11 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[t
     """The ``"math"`` kernel's numbers (fp32 scores and softmax, probabilities cast to v's dtype for the second
     product), one head and a block of query rows at a time, so each block's scores stay in the CPU cache: on the
     compiled fused kernel without a mask where it is available (:func:`_fused`; bf16 or fp32, with its own backward
-    in training), else in Python blocks
-    whose q @ k^T runs on oneDNN's fp32 matmul (:func:`onednn.linear`). With bf16 q, k, v on a CPU the Python blocks
+    in training), else in Python blocks whose q @ k^T runs on oneDNN's fp32 matmul (:func:`onednn.linear`). With bf16 q, k, v on a CPU the Python blocks
     are ~1.75x faster than torch's CPU flash kernel at SD's 4096 tokens at one thread, the fused kernel 2.4x
     (bench/README.md)."""
     if mask is None and _fused(q, k, v):
-        return cpu_kernels.attention(q, k, v)  # with its own backward under autograd (bf16)
+        return cpu_kernels.attention(q, k, v)  # with its own backward under autograd
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return base.KERNELS["math"](q, k, v, mask)  # the blocks are written in place, which autograd cannot follow
     b, h, n, d = q.shape
@@ -94,12 +93,12 @@ def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 def _cpu_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[str]:
-    """The kernel ``"auto"`` takes on a CPU for inference on the fused kernel and for bf16; None elsewhere (the
-    model's own ``"auto"`` then)."""
+    """The kernel ``"auto"`` takes on a CPU: the fused kernel where it takes the tensors, else a choice for bf16;
+    None elsewhere (the model's own ``"auto"`` then)."""
     if q.device.type != "cpu":
         return None
     if mask is None and _fused(q, k, v):
-        return "blocked"  # on the fused kernel: faster than sdpa and math at every shape measured, any threads
+        return "blocked"  # on the fused kernel: as fast as sdpa or faster at every shape measured, any threads
     if q.dtype != torch.bfloat16:
         return None
     queries, keys = q.shape[2], k.shape[2]

@@ -7,10 +7,11 @@ softmax; for bf16 the probabilities rounded to bf16 once), as ``ldm.accel.attent
 which uses it where it can.
 
 Building: the first call compiles ``csrc/attention.cpp`` with the system's C++ compiler (``$CXX``, else ``c++``;
-about a second) into a cache folder (``$LDM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ldm/kernels``, else
-``~/.cache/ldm/kernels``), named by a hash of the source, the compiler (its resolved path, size and time) and the flags, written atomically;
-later processes load the file. The kernel is a plain C function loaded with :mod:`ctypes`: no torch or Python headers
-(a ``torch.utils.cpp_extension`` build of the same code takes ~1 min for the headers alone). Without a compiler, on
+about 2 s) into a cache folder (``$LDM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ldm/kernels``, else
+``~/.cache/ldm/kernels``), named by a hash of the source, the compiler (its resolved path, size and time) and the
+flags, written atomically; later processes load the file. The kernel is a plain C function loaded with
+:mod:`ctypes`, so the build needs no torch or Python headers (``torch.utils.cpp_extension`` would compile against
+both and needs Python's development headers installed). Without a compiler, on
 another CPU, or with ``LDM_CPU_KERNELS=0``, :func:`available` is False and the callers keep their Python paths;
 a failed build says so once in the log, with the compiler's first error line.
 """
