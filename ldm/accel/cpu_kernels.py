@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["available", "attention", "build", "fits", "reason", "supports_cpu", "trains"]
+__all__ = ["available", "attention", "build", "fits", "library_path", "reason", "supports_cpu", "trains"]
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +71,9 @@ def _compiler() -> Optional[str]:
     return shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++") or shutil.which("clang++")
 
 
-def build(force: bool = False) -> Path:
-    """Compile the kernels (or find them compiled) and return the library's path; raises ``RuntimeError`` with the
-    reason when that cannot be done."""
+def library_path() -> tuple[str, Path]:
+    """The compiler to build with and the library's path in the cache, named by a hash of the source, the compiler
+    and the flags; raises ``RuntimeError`` without a compiler."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX or install g++)")
@@ -84,8 +84,14 @@ def build(force: bool = False) -> Path:
         raise RuntimeError(f"cannot read the compiler {real}: {e}") from e
     compiler = f"{real} {stat.st_size} {stat.st_mtime_ns}"
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS]).encode()).hexdigest()[:16]
-    folder = _cache_dir()
-    target = folder / f"ldm_attention-{key}.so"
+    return cxx, _cache_dir() / f"ldm_attention-{key}.so"
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels (or, unless ``force``, find them compiled) and return the library's path; raises
+    ``RuntimeError`` with the reason when that cannot be done."""
+    cxx, target = library_path()
+    folder = target.parent
     if target.exists() and not force:
         return target
     try:
