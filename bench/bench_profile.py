@@ -39,12 +39,11 @@ def build(args):
     from ldm.models.unet import UNetModel
 
     unet = common.randomize_(UNetModel(**common.SD_V1_UNET))
-    gen = torch.Generator().manual_seed(0)
-    b = args.batch
-    x = torch.randn(b, 4, args.latent, args.latent, generator=gen)
-    t = torch.full((b,), 500)
-    ctx = torch.randn(b, 77, common.SD_V1_UNET["context_dim"], generator=gen)
     if args.mode == "forward":
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(args.batch, 4, args.latent, args.latent, generator=gen)
+        t = torch.full((args.batch,), 500)
+        ctx = torch.randn(args.batch, 77, common.SD_V1_UNET["context_dim"], generator=gen)
         unet = ldm.accel.optimize(unet.eval(), "cpu", args.precision)
         if args.precision == "bf16":
             ldm.accel.store_weights_in_(unet, torch.bfloat16)

@@ -336,3 +336,23 @@ def test_build_is_cached_by_source_and_written_atomically(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="failed on attention.cpp"):
         cpu_kernels.build()
     assert sorted(p.name for p in first.parent.iterdir()) == sorted([first.name, second.name])  # nothing left over
+
+
+def test_a_cache_others_may_write_is_refused(tmp_path, monkeypatch):
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C++ compiler here")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LDM_KERNEL_CACHE", str(cache))
+    source = tmp_path / "attention.cpp"
+    source.write_text("extern \"C\" int f() { return 1; }\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+    built = cpu_kernels.build()
+    built.chmod(0o666)  # a library anyone could have replaced
+    with pytest.raises(RuntimeError, match="refusing to load kernels from .*writable by others"):
+        cpu_kernels.build()
+    built.chmod(0o755)
+    cache.chmod(0o777)  # a shared folder: the file could be swapped
+    with pytest.raises(RuntimeError, match="refusing to load kernels from .*cache"):
+        cpu_kernels.build()
+    cache.chmod(0o755)
+    assert cpu_kernels.build() == built

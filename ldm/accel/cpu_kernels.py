@@ -9,7 +9,8 @@ which uses it where it can.
 Building: the first call compiles ``csrc/attention.cpp`` with the system's C++ compiler (``$CXX``, else ``c++``;
 about 2 s) into a cache folder (``$LDM_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/ldm/kernels``, else
 ``~/.cache/ldm/kernels``), named by a hash of the source, the compiler (its resolved path, size and time) and the
-flags, written atomically; later processes load the file. The kernel is a plain C function loaded with
+flags, written atomically; later processes load the file, unless it or its folder belongs to another user or others
+may write it (a planted library would run as code). The kernel is a plain C function loaded with
 :mod:`ctypes`, so the build needs no torch or Python headers (``torch.utils.cpp_extension`` would compile against
 both and needs Python's development headers installed). Without a compiler, on
 another CPU, or with ``LDM_CPU_KERNELS=0``, :func:`available` is False and the callers keep their Python paths;
@@ -87,17 +88,27 @@ def library_path() -> tuple[str, Path]:
     return cxx, _cache_dir() / f"ldm_attention-{key}.so"
 
 
+def _check_private(path: Path) -> None:
+    """The process loads the cached library as code: refuse a folder or file that another user owns or may write."""
+    st = path.stat()
+    if (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o022:
+        raise RuntimeError(f"refusing to load kernels from {path}: owned by another user or writable by others "
+                           f"(set LDM_KERNEL_CACHE to a folder of your own)")
+
+
 def build(force: bool = False) -> Path:
     """Compile the kernels (or, unless ``force``, find them compiled) and return the library's path; raises
     ``RuntimeError`` with the reason when that cannot be done."""
     cxx, target = library_path()
     folder = target.parent
-    if target.exists() and not force:
-        return target
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RuntimeError(f"cannot create the kernel cache folder {folder}: {e} (set LDM_KERNEL_CACHE)") from e
+    _check_private(folder)
+    if target.exists() and not force:
+        _check_private(target)
+        return target
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:

@@ -67,6 +67,12 @@ inline void store_row(T* out, __m512 x, int n) {  // the first n of 16 lanes
   else _mm512_mask_storeu_ps(out, (__mmask16)((1u << n) - 1u), x);
 }
 
+template <typename T>
+inline void store16(T* p, __m512 x) {  // all 16 lanes
+  if constexpr (sizeof(T) == 2) _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(x));
+  else _mm512_storeu_ps(p, x);
+}
+
 // Elements of T per 32-bit lane: 2 for bf16 (pairs), 1 for fp32.
 template <typename T>
 constexpr int LANE = (int)(4 / sizeof(T));
@@ -217,9 +223,7 @@ void block(const T* q, int64_t q_rs, int rows, const T* kp, int P, int64_t m, co
     const __m512 inv = _mm512_set1_ps(1.0f / total);
     T* p = pr + r * m_pad;
     for (j = 0; j < m_pad; j += 16) {  // the probabilities (for bf16 rounded once, as the reference rounds them)
-      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(sr + j), inv);
-      if constexpr (sizeof(T) == 2) _mm256_storeu_si256((__m256i*)(p + j), (__m256i)_mm512_cvtneps_pbh(x));
-      else _mm512_storeu_ps(p + j, x);
+      store16(p + j, _mm512_mul_ps(_mm512_loadu_ps(sr + j), inv));
     }
   }
   pv_rows<T>(rows, pr, m_pad, vp, m_pad / LANE<T>, dv_pad, out, o_rs, dv, o32);
@@ -288,7 +292,6 @@ int attention(const T* q, const T* k, const T* v, T* out, int64_t B, int64_t H, 
   std::free(kp);
   return failed ? -1 : 0;
 }
-
 
 // ---------------------------------------------------------------------------------------------------------------
 // Backward (bf16 and fp32), flash-attention style: per head, key blocks outer, query blocks inner; every product is
@@ -377,12 +380,6 @@ inline T from_float(float x) {
     if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);  // NaN stays NaN
     return (bf16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   }
-}
-
-template <typename T>
-inline void store16(T* p, __m512 x) {
-  if constexpr (sizeof(T) == 2) _mm256_storeu_si256((__m256i*)p, (__m256i)_mm512_cvtneps_pbh(x));
-  else _mm512_storeu_ps(p, x);
 }
 
 struct Strides {
@@ -524,8 +521,6 @@ int attention_backward(const T* q, const T* k, const T* v, const float* o, const
 }  // namespace
 
 extern "C" {
-
-int ldm_attention_version(void) { return 5; }
 
 // q: [B, H, N, D], k: [Bk, H, M, D], v: [Bk, H, M, Dv], out: [B, H, N, Dv], each with its own strides in elements
 // (batch, head, row; the last dimension contiguous); Bk is B or 1 (a batch stride of 0 broadcasts). bf16: D even.
