@@ -50,6 +50,46 @@ def test_token_vectors_replace_every_occurrence_of_a_multi_id_word():
     torch.testing.assert_close(out, expected)
 
 
+def test_token_init_starts_a_word_from_the_mean_of_other_words():
+    """lora.token_init / token_init: a word's vectors start from the mean embedding of other words (each word's ids
+    averaged first), one copy per id of the word; bad entries are one-line errors naming the key."""
+    embedding = nn.Embedding(50, 3)
+    words = {"ab": (7, 8), "c": (9,), "x": (1,), "yz": (2, 3)}
+    vectors = TokenVectors(embedding, ("ab", "c"), lambda w: list(words[w]), {"ab": ("x", "yz")})
+    w = embedding.weight.detach()
+    expected = (w[1] + (w[2] + w[3]) / 2) / 2
+    torch.testing.assert_close(vectors.vectors["ab"], expected.expand(2, -1))
+    assert torch.equal(vectors.vectors["c"], w[[9]])  # no init: the word's own row
+    config = parse_lora_config({"tokens": ["star", "stars"], "targets": [],
+                                "token_init": {"star": "circle", "stars": ["circles", "squares"]}})
+    assert config.token_init == (("star", ("circle",)), ("stars", ("circles", "squares")))
+    for bad, fragment in (({"tokens": ["star"], "token_init": {"moon": "circle"}}, "token_init.moon.*not one of"),
+                          ({"tokens": ["star"], "token_init": {"star": []}}, "token_init.star"),
+                          ({"tokens": ["star"], "token_init": {"star": ["a circle"]}}, "token_init.star"),
+                          ({"tokens": ["star"], "token_init": ["circle"]}, "must be a mapping")):
+        with pytest.raises(ValueError, match=fragment):
+            parse_lora_config(bad)
+
+
+def test_token_init_in_a_lora_run_and_a_full_fine_tune(base_file):  # noqa: F811
+    from test_train_ldm import tiny_module
+
+    encode = _bpe_tokenizer().encode
+    module = lora_module(base_file, targets=["attn"], tokens=["star"], token_init={"star": ["circle", "square"]})
+    table = module.conditioner.embedders[0].model.token_embedding.weight.detach()
+    expected = (table[encode("circle")].mean(0) + table[encode("square")].mean(0)) / 2
+    torch.testing.assert_close(module.lora.tokens[0].vectors["star"][0], expected)
+
+    full = tiny_module(init_from=str(base_file), train_tokens=["star"], token_init={"star": "circle"})
+    table = full.conditioner.embedders[0].model.token_embedding.weight.detach()
+    torch.testing.assert_close(table[encode("star")], table[encode("circle")])
+    base = load_model(None, base_file).conditioner.embedders[0].model.token_embedding.weight
+    changed = (table != base).any(dim=1).nonzero().flatten().tolist()
+    assert changed == encode("star")  # the word's row alone was set
+    with pytest.raises(ValueError, match="token_init.moon"):
+        tiny_module(init_from=str(base_file), train_tokens=["star"], token_init={"moon": "circle"})
+
+
 def test_tokens_train_with_their_own_rate_and_leave_other_prompts_alone(tmp_path, base_file):  # noqa: F811
     word = "circle"  # a word of the tiny shapes captions
     module = lora_module(base_file, targets=["attn"], tokens=[word], token_lr=0.05)

@@ -53,7 +53,7 @@ from ldm.models.text_encoder import _bpe_tokenizer
 
 __all__ = ["LORA_TARGETS", "LoraConfig", "parse_lora_config", "parse_tokens", "LoraBranch", "TokenVectors",
            "LoraNetwork", "kohya_state_dict", "bundled_embeddings", "unfreeze_token_rows", "names_any",
-           "check_preserve"]
+           "check_preserve", "parse_token_init", "initial_vectors"]
 
 LORA_TARGETS = ("attn", "ff", "conv", "text")
 _FUSED = "_self_attn_in_proj"  # the branch of a fused q/k/v projection; exported as _q_proj, _k_proj, _v_proj
@@ -67,7 +67,9 @@ class LoraConfig:
     token vectors train too, at ``token_lr`` (default: the run's learning rate); ``preserve``: prior preservation
     by distillation (samples whose caption names none of ``tokens`` learn the frozen model's own prediction; a
     number: their loss weight); ``preserve_dropped`` (default true): so do the samples whose caption the CFG
-    dropout emptied, also those of pictures that show the new words (false: those learn the picture)."""
+    dropout emptied, also those of pictures that show the new words (false: those learn the picture); ``token_init``
+    (``{word: init word or words}``): start a word's vectors from the mean embedding of other words, as textual
+    inversion's initializer token does (default: the word's own, possibly never-trained, embedding)."""
 
     rank: int = 4
     alpha: float | None = None
@@ -77,6 +79,7 @@ class LoraConfig:
     token_lr: float | None = None
     preserve: float = 0.0
     preserve_dropped: bool = True
+    token_init: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def scale(self) -> float:
@@ -95,6 +98,43 @@ def parse_tokens(tokens: Any, token_lr: Any, key: str = "model.params.train_toke
     if token_lr is not None and not tokens:
         raise ValueError(f"{lr_key} is set but no tokens train: add {key} (e.g. [star]) or drop {lr_key}")
     return tuple(dict.fromkeys(tokens)), None if token_lr is None else float(token_lr)
+
+
+def parse_token_init(value: Any, tokens: tuple[str, ...], key: str = "model.params.token_init"
+                     ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``token_init``: ``{word: init word or list of words}`` for words among ``tokens`` -> ((word, inits), ...);
+    a one-line ValueError names a wrong entry."""
+    if value is None or (isinstance(value, Mapping) and not value):
+        return ()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key}={value!r} must be a mapping from a trained word to the word(s) its vectors start "
+                         "from, e.g. {star: [circle, square, triangle]}")
+    pairs = []
+    for word, inits in value.items():
+        if word not in tokens:
+            raise ValueError(f"{key}.{word}: {word!r} is not one of the trained words {list(tokens)}")
+        inits = [inits] if isinstance(inits, str) else inits
+        if not isinstance(inits, (list, tuple)) or not inits or \
+                not all(isinstance(w, str) and _WORD.fullmatch(w) for w in inits):
+            raise ValueError(f"{key}.{word}={inits!r} must be a word or a non-empty list of words (e.g. circle)")
+        pairs.append((word, tuple(inits)))
+    return tuple(pairs)
+
+
+def initial_vectors(weight: torch.Tensor, ids: tuple[int, ...], inits: tuple[str, ...] | None, encode: Any
+                    ) -> torch.Tensor:
+    """The starting vectors ([len(ids), width], float32) of a word of token ``ids`` in an embedding table
+    ``weight``: its own rows, or with ``inits`` the mean over those words of each word's mean row (a word of
+    several ids counts once), for each of its ids."""
+    if not inits:
+        return weight.detach()[list(ids)].float().clone()
+    rows = []
+    for word in inits:
+        word_ids = list(encode(word))
+        if not word_ids:
+            raise ValueError(f"token_init: {word!r} has no tokens")
+        rows.append(weight.detach()[word_ids].float().mean(0))
+    return torch.stack(rows).mean(0).expand(len(ids), -1).clone()
 
 
 def check_preserve(value: Any, key: str = "model.params.preserve") -> float:
@@ -125,6 +165,7 @@ def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
                               or not math.isfinite(alpha) or alpha <= 0):
         raise ValueError(f"{key}.alpha={alpha!r} must be a number > 0 (the update is scaled by alpha / rank)")
     tokens, token_lr = parse_tokens(value.get("tokens"), value.get("token_lr"), f"{key}.tokens", f"{key}.token_lr")
+    token_init = parse_token_init(value.get("token_init"), tokens, f"{key}.token_init")
     targets = value.get("targets", list(LoraConfig.targets))
     if isinstance(targets, str):
         targets = [targets]
@@ -145,7 +186,7 @@ def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
         raise ValueError(f"{key}.preserve keeps what captions without the new words give; name the words in "
                          f"{key}.tokens (e.g. [star])")
     return LoraConfig(rank, None if alpha is None else float(alpha), tuple(dict.fromkeys(targets)), float(dropout),
-                      tokens, token_lr, preserve, preserve_dropped)
+                      tokens, token_lr, preserve, preserve_dropped, token_init)
 
 
 class LoraBranch(nn.Module):
@@ -235,9 +276,11 @@ def _unet_category(name: str, diffusers_name: str) -> str | None:
 class TokenVectors(nn.Module):
     """Trainable input vectors of some words in one text tower (``vectors[word]``: [n ids, width], from the word's
     token embeddings), put in place of the tower's ``token_embedding`` output wherever the word's ids occur in a
-    row, as an A1111 embedding of that name is (its vectors replace the word's ids)."""
+    row, as an A1111 embedding of that name is (its vectors replace the word's ids). ``init``: ``{word: words}``
+    whose mean embedding a word's vectors start from (:func:`initial_vectors`)."""
 
-    def __init__(self, token_embedding: nn.Embedding, words: tuple[str, ...], encode: Any):
+    def __init__(self, token_embedding: nn.Embedding, words: tuple[str, ...], encode: Any,
+                 init: Mapping[str, tuple[str, ...]] | None = None):
         super().__init__()
         self.vectors = nn.ParameterDict()
         self.ids: dict[str, tuple[int, ...]] = {}
@@ -246,7 +289,8 @@ class TokenVectors(nn.Module):
             if not ids:
                 raise ValueError(f"model.params.lora.tokens: {word!r} has no tokens")
             self.ids[word] = ids
-            self.vectors[word] = nn.Parameter(token_embedding.weight.detach()[list(ids)].float().clone())
+            self.vectors[word] = nn.Parameter(initial_vectors(token_embedding.weight, ids, (init or {}).get(word),
+                                                              encode))
         self.enabled = True
 
     def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -342,7 +386,8 @@ class LoraNetwork(nn.Module):
                              "could train")
         for _, tower in towers:
             embedder = _embedder_of(conditioner, tower, "model.params.lora.tokens")
-            vectors = TokenVectors(tower.token_embedding, words, _bpe_tokenizer().encode)
+            vectors = TokenVectors(tower.token_embedding, words, _bpe_tokenizer().encode,
+                                   dict(self.config.token_init))
             self.tokens.append(vectors)
             self._handles.append(tower.token_embedding.register_forward_hook(vectors.hook))
             _make_trainable(conditioner, embedder)
@@ -386,20 +431,27 @@ def names_any(text: str, words: tuple[str, ...]) -> bool:
     return any(re.search(rf"(?<![a-z0-9]){re.escape(w.lower())}(?![a-z0-9])", text) for w in words)
 
 
-def unfreeze_token_rows(model: nn.Module, words: tuple[str, ...]) -> list[nn.Parameter]:
+def unfreeze_token_rows(model: nn.Module, words: tuple[str, ...],
+                        init: Mapping[str, tuple[str, ...]] | None = None) -> list[nn.Parameter]:
     """A full fine-tune's ``train_tokens``: every text tower's ``token_embedding.weight`` trains, but only in the
     rows of the words' token ids (its gradient is masked to them; trained without weight decay, the other rows
     never move), so the export holds the new words in the model's own embedding table. A word of several ids
-    moves those ids wherever they occur."""
+    moves those ids wherever they occur. ``init`` (``{word: words}``): those words' rows start from the mean row
+    of the other words (:func:`initial_vectors`)."""
     conditioner = getattr(model, "conditioner", None)
     towers = _text_towers(model)
     if not towers:
         raise ValueError("model.params.train_tokens: the model has no OpenCLIP text encoder whose tokens could train")
-    ids = sorted({i for word in words for i in _bpe_tokenizer().encode(word)})
+    encode = _bpe_tokenizer().encode
+    ids = sorted({i for word in words for i in encode(word)})
     params = []
     for _, tower in towers:
         embedder = _embedder_of(conditioner, tower, "model.params.train_tokens")
         weight = tower.token_embedding.weight
+        with torch.no_grad():
+            for word, inits in (init or {}).items():
+                word_ids = tuple(encode(word))
+                weight[list(word_ids)] = initial_vectors(weight, word_ids, inits, encode).to(weight.dtype)
         mask = torch.zeros(weight.shape[0], 1)
         mask[ids] = 1.0
         weight.requires_grad_(True)

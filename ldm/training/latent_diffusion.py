@@ -136,6 +136,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         train_tokens, token_lr: a full fine-tune's new words: the rows of their token ids in the text encoders'
             embedding tables train (at ``token_lr``, default the learning rate; no weight decay), the rest of a
             frozen text encoder stays as it is (:func:`ldm.adapters.lora_train.unfreeze_token_rows`).
+        token_init: ``{word: init word(s)}``: those of ``train_tokens`` (or ``lora.token_init`` of ``lora.tokens``)
+            start from the mean embedding of the init words, as textual inversion's initializer token.
         preserve: a full fine-tune's prior preservation by distillation (with ``train_tokens``; ``true`` or the
             weight of those samples' loss): samples whose caption names none of the new words, and samples whose
             caption the CFG dropout emptied, learn the prediction of a frozen copy of the starting UNet (kept
@@ -171,6 +173,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         lora: Any = None,
         train_tokens: Sequence[str] | None = None,
         token_lr: float | None = None,
+        token_init: Any = None,
         preserve: bool | float = False,
         cache_latents: bool = False,
         cache_dir: str | None = None,
@@ -234,10 +237,10 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         self._teacher: torch.nn.Module | None = None  # preserve: the starting UNet, frozen (not a submodule)
         self.token_lr = None if token_lr is None else float(token_lr)
         if train_tokens:
-            from ldm.adapters.lora_train import parse_tokens, unfreeze_token_rows
+            from ldm.adapters.lora_train import parse_token_init, parse_tokens, unfreeze_token_rows
 
             self._words = parse_tokens(train_tokens, token_lr)[0]
-            self._token_rows = unfreeze_token_rows(self, self._words)
+            self._token_rows = unfreeze_token_rows(self, self._words, dict(parse_token_init(token_init, self._words)))
             if self.conditioner.cache is not None:
                 log.info("train_tokens: the text embeddings change as the words train, so they are not cached")
                 self.conditioner.enable_cache(False)
@@ -335,10 +338,11 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             if model_args["cond_stage_trainable"]:
                 raise ValueError("model.params.lora trains a LoRA on a frozen model: set cond_stage_trainable=false "
                                  "(the text encoder gets a LoRA with lora.targets: [..., text])")
-        if hp["train_tokens"] or hp["token_lr"] is not None:
-            from ldm.adapters.lora_train import parse_tokens
+        if hp["train_tokens"] or hp["token_lr"] is not None or hp["token_init"]:
+            from ldm.adapters.lora_train import parse_token_init, parse_tokens
 
-            parse_tokens(hp["train_tokens"], hp["token_lr"])
+            words = parse_tokens(hp["train_tokens"], hp["token_lr"])[0]
+            parse_token_init(hp["token_init"], words)
             if hp["lora"] is not None:
                 raise ValueError("model.params.train_tokens is for a full fine-tune; a LoRA trains new words with "
                                  "model.params.lora.tokens (and lora.token_lr)")
