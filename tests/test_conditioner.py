@@ -105,6 +105,31 @@ def test_unconditional_zeroes_the_embedders_asked_for():
     torch.testing.assert_close(plain.unconditional(negative)["crossattn"], plain(negative)["crossattn"])
 
 
+def test_zeroed_text_embedders_do_not_run_and_give_the_same_zeros():
+    """The unconditional branch of an embedder the conditioner zeroes (SDXL's empty negative prompt) comes from the
+    tokens' shapes (TextEmbedder.zero_output): the tower does not run, and the zeros are those running it gave."""
+    torch.manual_seed(0)
+    hidden = text_embedder()
+    hidden["params"] = {**hidden["params"], "pooled": False}
+    cond = Conditioner([hidden, text_embedder(), size_embedder()], zero_uncond=["txt"])
+    calls = []
+    for embedder in cond.embedders[:2]:
+        embedder.model.token_embedding.register_forward_hook(lambda *args: calls.append(1))
+    empty = {**batch(), "txt": ["", ""]}
+    uc = cond.unconditional(empty, only_empty=True)
+    assert calls == []
+    ran = {kind: value.clone() for kind, value in cond(batch()).items()}  # the towers run for real prompts
+    assert len(calls) == 2
+    assert uc["crossattn"].shape == ran["crossattn"].shape == (2, 77, 64) and not uc["crossattn"].any()
+    assert uc["vector"].shape == ran["vector"].shape and not uc["vector"][:, :32].any()
+    torch.testing.assert_close(uc["vector"][:, 32:], ran["vector"][:, 32:])
+    for embedder in cond.embedders[:2]:  # the same shapes as a real run of the empty prompts
+        out = embedder(["", ""])
+        zeros = embedder.zero_output(["", ""])
+        for a, b in zip(out if isinstance(out, tuple) else (out,), zeros if isinstance(zeros, tuple) else (zeros,)):
+            assert a.shape == b.shape and not b.any()
+
+
 def test_frozen_and_trainable_embedders():
     cond = Conditioner([text_embedder()])
     assert not any(p.requires_grad for p in cond.parameters())

@@ -167,13 +167,17 @@ class Conditioner(nn.Module):
                     inputs = [_replace(inputs[0], dropped.tolist(), spec.legacy_ucg_value)]
                 else:
                     keep = ~dropped
-            with torch.set_grad_enabled(torch.is_grad_enabled() and spec.is_trainable):
-                result = self._embed(i, embedder, spec, inputs)
+            zeroed = any(k in force_zero for k in spec.input_keys)
+            if zeroed and callable(getattr(embedder, "zero_output", None)):
+                result = embedder.zero_output(*inputs)  # the zeros' shapes without running the embedder
+            else:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and spec.is_trainable):
+                    result = self._embed(i, embedder, spec, inputs)
             for emb in result if isinstance(result, (tuple, list)) else (result,):
                 if emb.ndim not in _KIND_OF_NDIM:
                     raise ValueError(f"embedder {i} ({type(embedder).__name__}) returned a {emb.ndim}-D tensor; "
                                      "an embedder returns [B, D] (vector), [B, L, D] (crossattn) or [B, C, H, W]")
-                if any(k in force_zero for k in spec.input_keys):
+                if zeroed:
                     emb = torch.zeros_like(emb)
                 elif keep is not None:
                     emb = emb * keep.to(emb.device, emb.dtype).view(-1, *([1] * (emb.ndim - 1)))
@@ -306,6 +310,18 @@ class TextEmbedder(OpenCLIPTextEncoder):
         projection = self.model.text_projection
         pooled = projection(pooled) if isinstance(projection, nn.Module) else pooled @ projection
         return context, pooled
+
+    def zero_output(self, prompts: str | Sequence[str]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Zeros of the shapes :meth:`forward` gives for ``prompts``, from their tokens alone: what the conditioner
+        uses where it zeroes this embedder (SDXL's empty negative prompt), without running the tower."""
+        tokens = self.tokenize_prompts(prompts)[0] if _is_prompt_objects(prompts) else self.tokenize(prompts)
+        device = self.model.token_embedding.weight.device
+        context = torch.zeros(*tokens.shape, self.width, device=device)
+        if not self.pooled:
+            return context
+        projection = self.model.text_projection
+        dim = projection.out_features if isinstance(projection, nn.Module) else projection.shape[1]
+        return context, torch.zeros(tokens.shape[0], dim, device=device)
 
     def _context_and_last(self, tokens: torch.Tensor, token_embeddings: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
