@@ -315,15 +315,21 @@ def test_live_preview_while_a_client_watches(make_client, monkeypatch):
     assert seen[-1]["current_image"].size == (64, 64) and 0 < seen[0]["progress"] < seen[-1]["progress"] <= 1
 
 
-def test_timeout_and_failures_are_the_requests_own(make_client, folders, monkeypatch):
-    client = make_client(timeout=0.2)
+def _slow_steps(monkeypatch, seconds: float = 0.15):
+    """Each sampler step of the worker waits ``seconds`` first; returns the real step, to put back."""
     step = worker_module.Worker._step
 
     def slow_step(self, pipe, info):
-        time.sleep(0.15)
+        time.sleep(seconds)
         return step(self, pipe, info)
 
     monkeypatch.setattr(worker_module.Worker, "_step", slow_step)
+    return step
+
+
+def test_timeout_and_failures_are_the_requests_own(make_client, folders, monkeypatch):
+    client = make_client(timeout=0.2)
+    step = _slow_steps(monkeypatch)
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "x", **{**FAST, "steps": 10}})
     monkeypatch.setattr(worker_module.Worker, "_step", step)
     assert r.status_code == 504 and "--timeout" in r.text
@@ -502,11 +508,15 @@ def _wait(predicate, seconds: float = 120, every: float = 0.1):
     raise TimeoutError("the page did not get there in time")
 
 
-def test_the_page_in_a_browser(live_demo, tmp_path):
+def test_the_page_in_a_browser(live_demo, tmp_path, monkeypatch):
     """Type a prompt, generate with the demo model, watch the progress, see the images with their parameters, reuse
     one's settings; the layout fits a phone. LDM_SERVE_SCREENSHOT=docs/serve.png saves the screenshot there."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
+
+    # The page polls /progress every 400 ms, and on a fast CPU the demo model's 8 steps can finish between two polls
+    # (CI failed so once): each step waits 0.15 s here, so the progress bar has several polls to show.
+    _slow_steps(monkeypatch)
 
     browser = _browser(1280, 960)
     try:
