@@ -27,10 +27,21 @@ like its caption (a left/right relation worded "next to" names no side) is left 
 with the first shape named twice as a hard negative ("a circle and a square" against "a circle and a circle"), and
 color-attribution captions go color-free 40% of the time: a v7 candidate trained on a tower without it drew "a
 circle and a square" as two circles. The report adds ``twice_accuracy``.
+
+``--count-negatives``: single-object and counting pictures get their caption with the count one higher or lower
+("three red circles" against "four red circles"; one object against two, four against three), worded alike. Towers
+trained without it drew "three circles" as four. The report adds ``count_accuracy``. ``--color-moves``: relation
+pictures whose caption names colors also get it with the two objects' colors exchanged ("a red circle above a
+blue square" against "a blue circle above a red square"), as ``--color-swaps`` does for color-attribution ones.
+
+``--anchor W``: the hard negatives train the end-of-text token only, but the UNet reads every token's output; W x
+the mean squared change of every caption token's output against the ``--init`` tower's (relative to the latter's
+mean square) keeps those where the UNet, trained on the init tower, expects them. Needs ``--init``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import random
 from typing import Sequence
@@ -40,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.data.paraphrase import paraphrase_spec
-from ldm.data.shapes import (INVERSE_RELATION, ShapesDataset, caption_spec, image_to_tensor, render,
+from ldm.data.shapes import (INVERSE_RELATION, MAX_COUNT, ShapesDataset, caption_spec, image_to_tensor, render,
                              scene_to_prompt_spec)
 from ldm.eval.probe import text_change
 from ldm.io import read_state_dict, save_checkpoint
@@ -67,11 +78,14 @@ class ImageEncoder(nn.Module):
         return self.head(self.body(x).flatten(1))
 
 
-def text_embeddings(tower: OpenCLIPTextEncoder, captions: Sequence[str]) -> torch.Tensor:
-    """The end-of-text token's output for each caption (the causal tower lets it see every word)."""
+def text_embeddings(tower: OpenCLIPTextEncoder, captions: Sequence[str],
+                    outputs: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The end-of-text token's output for each caption (the causal tower lets it see every word); with
+    ``outputs`` also every token's output, (captions, tokens, width)."""
     tokens = tower.tokenize(list(captions))
     out = tower.encode_tokens(tokens)
-    return out[torch.arange(len(captions)), tokens.argmax(dim=-1)]
+    eot = out[torch.arange(len(captions)), tokens.argmax(dim=-1)]
+    return (eot, out) if outputs else eot
 
 
 def color_swapped_captions(spec: dict, seed: int) -> tuple[str, str]:
@@ -98,14 +112,19 @@ def shape_swapped_captions(spec: dict, seed: int) -> tuple[str, str]:
 
 def changed_spec(spec: dict, change: str) -> dict:
     """``spec`` with its relation inverted (``change`` "relation"), the two objects' colors or shapes
-    exchanged ("colors", "shapes"), or the first object's shape drawn twice ("twice": the second object takes the
-    first one's shape, its color, size and count kept)."""
+    exchanged ("colors", "shapes"), the first object's shape drawn twice ("twice": the second object takes the
+    first one's shape, its color, size and count kept), or the first group's count one higher or lower ("more",
+    "fewer")."""
     objects = [dict(g) for g in spec["objects"]]
     relation = dict(spec["relation"]) if spec.get("relation") else None
     if change == "relation":
         relation["type"] = INVERSE_RELATION[relation["type"]]
     elif change == "twice":
         objects[1]["shape"] = objects[0]["shape"]
+    elif change in ("more", "fewer"):
+        objects[0]["count"] += 1 if change == "more" else -1
+        if not 1 <= objects[0]["count"] <= MAX_COUNT:
+            raise ValueError(f"a count of {spec['objects'][0]['count']} has no '{change}' negative in 1..{MAX_COUNT}")
     else:
         key = {"colors": "color", "shapes": "shape"}[change]
         objects[0][key], objects[1][key] = spec["objects"][1][key], spec["objects"][0][key]
@@ -121,14 +140,17 @@ def paraphrased_pair(spec: dict, change: str, seed: int) -> tuple[str, str | Non
 
 
 def batch(data: ShapesDataset, indices: Sequence[int], rng: random.Random, color_swaps: bool = False,
-          shape_swaps: bool = False, paraphrase: float = 0.0, twice: bool = False) -> tuple[torch.Tensor, list, list]:
+          shape_swaps: bool = False, paraphrase: float = 0.0, twice: bool = False, counts: bool = False,
+          color_moves: bool = False) -> tuple[torch.Tensor, list, list]:
     """Images, captions, and each image's hard negatives, a dict {change: caption} (empty for most scenes):
     relation scenes the caption with the relation inverted ("relation"; with ``shape_swaps`` also the shapes
     exchanged, "shapes"), with ``color_swaps`` color-attribution scenes the caption with the colors exchanged
     ("colors"). With ``twice``, relation and color-attribution scenes of two different shapes also get the caption
     with the first shape named twice ("twice": "a circle and a square" against "a circle and a circle"), and
-    color-attribution captions go color-free 40% of the time, as relation ones do. With ``paraphrase`` that share
-    of the captions (and their negatives) are paraphrases."""
+    color-attribution captions go color-free 40% of the time, as relation ones do. With ``counts``, single and
+    counting scenes get the caption with the count one higher or lower ("count"), and go color-free 40% of the
+    time; with ``color_moves``, relation scenes whose caption names colors also get the colors exchanged
+    ("colors"). With ``paraphrase`` that share of the captions (and their negatives) are paraphrases."""
     images, captions, negatives = [], [], []
     for i in indices:
         scene, caption = data.scene(i)
@@ -141,20 +163,30 @@ def batch(data: ShapesDataset, indices: Sequence[int], rng: random.Random, color
         two_shapes = len({o.shape for o in scene.objects}) == 2
         if twice and two_shapes and (scene.relation is not None or scene.kind == "color_attribution"):
             changes = changes + ["twice"]
+        single = scene.kind in ("single", "counting")
+        if counts and single:
+            changes = ["count"]
         negs = {}
         if changes:
             spec, seed = scene_to_prompt_spec(scene), rng.randrange(1 << 30)
-            color_free = scene.relation is not None or (twice and scene.kind == "color_attribution")
+            color_free = (scene.relation is not None or (twice and scene.kind == "color_attribution")
+                          or (counts and single))
             if color_free and not rng.random() > 0.4:  # 40% color-free, as the position and two-object prompts
                 for g in spec["objects"]:
                     g["color"] = g["size"] = None
+            if color_moves and scene.relation is not None and spec["objects"][0]["color"] is not None:
+                changes = changes + ["colors"]
+            if "count" in changes:
+                n = spec["objects"][0]["count"]
+                count_change = "more" if n == 1 else "fewer" if n == MAX_COUNT else rng.choice(["more", "fewer"])
             words = rng.random() < paraphrase if paraphrase else False
             for change in changes:
+                how = count_change if change == "count" else change
                 if words:
-                    caption, negs[change] = paraphrased_pair(spec, change, seed)
+                    caption, negs[change] = paraphrased_pair(spec, how, seed)
                 else:
                     caption, negs[change] = caption_spec(spec, random.Random(seed)), caption_spec(
-                        changed_spec(spec, change), random.Random(seed))
+                        changed_spec(spec, how), random.Random(seed))
             negs = {k: v for k, v in negs.items() if v is not None and v != caption}
         captions.append(caption)
         negatives.append(negs)
@@ -178,14 +210,24 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, neg: torch.Tensor, ne
     return loss
 
 
+def anchor_loss(outputs: torch.Tensor, reference: OpenCLIPTextEncoder, captions: Sequence[str]) -> torch.Tensor:
+    """Mean squared difference of every token's output (``outputs``) from the ``reference`` tower's on the same
+    ``captions``, over the reference outputs' mean square: 0 where nothing moved, 1 for a change as large as the
+    outputs themselves."""
+    with torch.no_grad():
+        target = reference.encode_tokens(reference.tokenize(list(captions)))
+    return (outputs - target).pow(2).mean() / target.pow(2).mean().clamp(min=1e-12)
+
+
 @torch.no_grad()
 def hard_negative_accuracy(tower: OpenCLIPTextEncoder, images: ImageEncoder, num: int = 128,
                            kind: str = "relation", change: str = "relation", paraphrase: float = 0.0) -> float:
     """Share of ``num`` held-out pictures of ``kind`` whose caption scores above its ``change`` negative (the
-    relation inverted, "colors" or "shapes" exchanged, the first shape "twice"), among those that have one."""
+    relation inverted, "colors" or "shapes" exchanged, the first shape "twice", the "count" changed by one),
+    among those that have one."""
     data = ShapesDataset(num, kinds=[kind], split="eval")
     pics, caps, negs = batch(data, range(num), random.Random(0), color_swaps=True, shape_swaps=True,
-                             paraphrase=paraphrase, twice=change == "twice")
+                             paraphrase=paraphrase, twice=change == "twice", counts=change == "count")
     rows = [i for i, n in enumerate(negs) if change in n]
     img = F.normalize(images(pics[rows]), dim=-1)
     true = (img * F.normalize(text_embeddings(tower, [caps[i] for i in rows]), dim=-1)).sum(-1)
@@ -206,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relation pictures' captions with the two objects' shapes exchanged as hard negatives too")
     p.add_argument("--twice-negatives", action="store_true",
                    help="two-shape pictures' captions with the first shape named twice as hard negatives too")
+    p.add_argument("--count-negatives", action="store_true",
+                   help="single and counting pictures' captions with the count one higher or lower as hard negatives")
+    p.add_argument("--color-moves", action="store_true",
+                   help="colored relation pictures' captions with the two objects' colors exchanged as hard negatives")
+    p.add_argument("--anchor", type=float, default=0.0,
+                   help="weight of keeping every caption token's output near the --init tower's (default 0)")
     p.add_argument("--paraphrase", type=float, default=0.0,
                    help="share of captions (and their negatives) worded by ldm.data.paraphrase (default 0)")
     p.add_argument("--num-train", type=int, default=50000)
@@ -222,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"--steps {args.steps} must be >= 1 and --batch-size {args.batch_size} >= 2")
     if not 0.0 <= args.paraphrase <= 1.0:
         raise SystemExit(f"--paraphrase {args.paraphrase} must be a share in [0, 1]")
+    if args.anchor < 0 or (args.anchor and not args.init):
+        raise SystemExit(f"--anchor {args.anchor} needs --init (the tower to stay near) and a weight >= 0")
     torch.manual_seed(args.seed)
     tower = OpenCLIPTextEncoder("ldm-small-text", layer="last", pad="zero", max_length=20, projection=False,
                                 freeze=False)
@@ -232,22 +282,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not own:
             raise SystemExit(f"--init {args.init} has no cond_stage_model.* tensors: give an LDM model file")
         tower.load_state_dict(own)
+    reference = None
+    if args.anchor:
+        reference = copy.deepcopy(tower).eval().requires_grad_(False)
     images = ImageEncoder(tower.encode(["x"]).shape[-1])
     scale = nn.Parameter(torch.tensor(10.0).log())
     params = list(tower.parameters()) + list(images.parameters()) + [scale]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup_steps=max(1, args.steps // 20),
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(warmup_steps=min(max(1, args.steps // 20), args.steps - 1),
                                                                 total_steps=args.steps, final=0.1))
     data = ShapesDataset(args.num_train, kinds=KINDS, seed=args.seed, color_drop=0.4, paraphrase=args.paraphrase)
     rng = random.Random(args.seed)
     tower.train()
     for step in range(1, args.steps + 1):
         pics, caps, negs = batch(data, rng.sample(range(len(data)), args.batch_size), rng, args.color_swaps,
-                                 args.shape_swaps, args.paraphrase, args.twice_negatives)
+                                 args.shape_swaps, args.paraphrase, args.twice_negatives, args.count_negatives,
+                                 args.color_moves)
         rows = torch.tensor([i for i, n in enumerate(negs) for _ in n], dtype=torch.long)
-        txt = text_embeddings(tower, caps + [c for n in negs for c in n.values()])
+        txt, out = text_embeddings(tower, caps + [c for n in negs for c in n.values()], outputs=True)
         loss = contrastive_loss(images(pics), txt[:len(caps)], txt[len(caps):], rows, scale.exp().clamp(max=100),
                                 args.pair_weight)
+        if reference is not None:
+            loss = loss + args.anchor * anchor_loss(out[:len(caps)], reference, caps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -269,6 +325,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         report["twice_accuracy"] = hard_negative_accuracy(tower, images, kind="color_attribution", change="twice")
         log.info("held-out two-shape pictures whose caption beats the first-shape-twice one: %.1f%%",
                  100 * report["twice_accuracy"])
+    if args.count_negatives:
+        report["count_accuracy"] = hard_negative_accuracy(tower, images, kind="counting", change="count")
+        log.info("held-out counting pictures whose caption beats the count-changed one: %.1f%%",
+                 100 * report["count_accuracy"])
+    if args.anchor:
+        held_out = [caption for _, caption in (ShapesDataset(256, kinds=KINDS, split="eval").scene(i)
+                                               for i in range(256))]
+        with torch.no_grad():
+            out = tower.encode_tokens(tower.tokenize(held_out))
+            report["anchor_change"] = anchor_loss(out, reference, held_out).item()
+        log.info("held-out captions' token outputs moved by %.3f (mean square, relative to the --init tower's)",
+                 report["anchor_change"])
     if args.paraphrase:
         report["paraphrased_relation_accuracy"] = hard_negative_accuracy(tower, images, paraphrase=1.0)
         log.info("the same for relation inversions, paraphrased: %.1f%%", 100 * report["paraphrased_relation_accuracy"])

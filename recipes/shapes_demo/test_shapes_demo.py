@@ -325,3 +325,61 @@ def test_train_sh_configs_validate(recipe_commands):
         if argv[0] == "train.py":
             args, cfg = _train_py_config(argv[1:])
             validate(cfg, callback_nodes(cfg, Path(args.logdir) / args.name, args.name))
+
+
+def test_batch_count_negatives_change_the_count_by_one_and_color_moves_exchange_relation_colors():
+    import random
+
+    from ldm.data.shapes import COUNT_WORDS, MAX_COUNT, ShapesDataset
+
+    numbers = {**{w: n for n, w in COUNT_WORDS.items()}, **{str(n): n for n in COUNT_WORDS}}
+
+    def parse_count_words(caption):  # the first number named; none (a, an, a single) is one
+        return next((numbers[w] for w in caption.replace(",", " ").split() if w in numbers), 1)
+
+    data = ShapesDataset(96, kinds=["counting", "single", "relation"])
+    scenes = [data.scene(i)[0] for i in range(96)]
+    for paraphrase in (0.0, 1.0):
+        _, caps, negs = pretrain_text_tower.batch(data, range(96), random.Random(0), shape_swaps=True,
+                                                  paraphrase=paraphrase, counts=True, color_moves=True)
+        seen_counts, moved = set(), 0
+        for s, cap, n in zip(scenes, caps, negs):
+            if s.kind in ("single", "counting"):
+                assert set(n) == {"count"}
+                asked, other = parse_count_words(cap), parse_count_words(n["count"])
+                assert asked == len(s.objects) and abs(other - asked) == 1 and 1 <= other <= MAX_COUNT
+                seen_counts.add(asked)
+            else:
+                assert "count" not in n and {"relation", "shapes"} <= set(n) | {"relation", "shapes"}
+                if "colors" in n:
+                    moved += 1
+                    a, b = s.objects[0].color, s.objects[-1].color
+                    assert a != b and a in cap and b in cap and n["colors"] != cap
+        assert seen_counts == set(range(1, MAX_COUNT + 1)) and moved > 5
+    # without them the counting pictures have no negatives and the relations no color moves, as before
+    _, _, plain = pretrain_text_tower.batch(data, range(96), random.Random(0), shape_swaps=True)
+    assert all(not n if s.kind != "relation" else set(n) == {"relation", "shapes"} for s, n in zip(scenes, plain))
+    with pytest.raises(ValueError, match="no 'more' negative"):
+        pretrain_text_tower.changed_spec({"objects": [{"shape": "circle", "color": None, "size": None,
+                                                       "count": MAX_COUNT}], "relation": None}, "more")
+
+
+def test_anchor_keeps_the_tower_near_its_init(tmp_path):
+    from ldm.io import read_state_dict
+
+    init = tmp_path / "init.safetensors"
+    pretrain_text_tower.main(["--steps", "1", "--batch-size", "4", "--num-train", "16", "--out", str(init)])
+    base = ["--steps", "6", "--batch-size", "8", "--num-train", "32", "--lr", "5e-3", "--init", str(init),
+            "--count-negatives", "--color-moves", "--seed", "3"]
+    free = pretrain_text_tower.main(base + ["--out", str(tmp_path / "free.safetensors")])
+    held = pretrain_text_tower.main(base + ["--anchor", "100", "--out", str(tmp_path / "held.safetensors")])
+    assert 0.0 <= free["count_accuracy"] <= 1.0 and "anchor_change" not in free
+    start = read_state_dict(init)[0]
+
+    def moved(path):
+        state = read_state_dict(path)[0]
+        return sum((state[k].float() - start[k].float()).pow(2).sum().item() for k in start)
+
+    assert held["anchor_change"] >= 0 and moved(tmp_path / "held.safetensors") < moved(tmp_path / "free.safetensors")
+    with pytest.raises(SystemExit, match="--anchor .* needs --init"):
+        pretrain_text_tower.main(["--steps", "1", "--anchor", "1", "--out", str(tmp_path / "x.safetensors")])
