@@ -335,3 +335,38 @@ def test_preserve_dropped_decides_whether_emptied_captions_are_distilled(tmp_pat
     assert any(p.abs().sum() > 0 for p in ups(moved))
     with pytest.raises(ValueError, match="preserve_dropped"):
         parse_lora_config({"tokens": ["x"], "preserve": True, "preserve_dropped": "no"})
+
+
+def test_a_preserve_dropped_share_distils_that_share_of_the_dropped_captions(tmp_path, base_file):  # noqa: F811
+    """Every caption names the words and is dropped: the distilled (teacher) samples are none at 0, all at 1, some
+    of each at 0.5, the same ones in a rerun; the full fine-tune's model.params.preserve_dropped does the same."""
+    from test_train_ldm import tiny_module
+
+    words = ["circle", "circles", "square", "squares", "triangle", "triangles"]
+
+    def masks(module, name):
+        seen, loss_fn = [], module.loss_fn
+
+        def watched(*args, teacher_mask=None, **kwargs):
+            seen.append(teacher_mask.clone())
+            return loss_fn(*args, teacher_mask=teacher_mask, **kwargs)
+
+        module.loss_fn = watched
+        module.conditioner.set_ucg_rate("txt", 1.0)
+        trainer(tmp_path / name, max_steps=4).fit(module, datamodule=tiny_data())
+        return torch.cat(seen)
+
+    lora = {"targets": ["attn"], "tokens": words, "preserve": True}
+    got = {share: masks(lora_module(base_file, **lora, preserve_dropped=share), f"l{share}")
+           for share in (0.0, 0.5, 1.0)}
+    assert len(got[0.5]) == 16 and not got[0.0].any() and got[1.0].all()
+    assert 0 < got[0.5].sum() < 16
+    assert torch.equal(masks(lora_module(base_file, **lora, preserve_dropped=0.5), "again"), got[0.5])
+    full = masks(tiny_module(init_from=str(base_file), train_tokens=words, preserve=True, preserve_dropped=0.5,
+                             use_ema=False), "full")
+    assert 0 < full.sum() < 16
+    assert parse_lora_config({"tokens": ["x"], "preserve": True, "preserve_dropped": 0.25}).preserve_dropped == 0.25
+    with pytest.raises(ValueError, match=r"lora.preserve_dropped=1.5 must be true, false or a share in \[0, 1\]"):
+        parse_lora_config({"tokens": ["x"], "preserve": True, "preserve_dropped": 1.5})
+    with pytest.raises(ValueError, match="preserve_dropped is a part of model.params.preserve"):
+        tiny_module(init_from=str(base_file), train_tokens=words, preserve_dropped=False)

@@ -67,7 +67,8 @@ class LoraConfig:
     token vectors train too, at ``token_lr`` (default: the run's learning rate); ``preserve``: prior preservation
     by distillation (samples whose caption names none of ``tokens`` learn the frozen model's own prediction; a
     number: their loss weight); ``preserve_dropped`` (default true): so do the samples whose caption the CFG
-    dropout emptied, also those of pictures that show the new words (false: those learn the picture); ``token_init``
+    dropout emptied, also those of pictures that show the new words (false: those learn the picture; a share in
+    [0, 1]: that share of them, drawn per sample, is distilled, the rest learn the picture); ``token_init``
     (``{word: init word or words}``): start a word's vectors from the mean embedding of other words, as textual
     inversion's initializer token does (default: the word's own, possibly never-trained, embedding)."""
 
@@ -78,7 +79,7 @@ class LoraConfig:
     tokens: tuple[str, ...] = ()
     token_lr: float | None = None
     preserve: float = 0.0
-    preserve_dropped: bool = True
+    preserve_dropped: float = 1.0
     token_init: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
@@ -146,6 +147,17 @@ def check_preserve(value: Any, key: str = "model.params.preserve") -> float:
     return float(value)
 
 
+def check_preserve_dropped(value: Any, key: str = "model.params.preserve_dropped") -> float:
+    """``preserve_dropped``: true (every dropped caption of a picture with the new words is distilled, 1.0), false
+    (none, 0.0) or the share of them, in [0, 1], drawn per sample."""
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{key}={value!r} must be true, false or a share in [0, 1] of the dropped captions "
+                         "distilled")
+    return float(value)
+
+
 def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
     """A ``{rank, alpha, targets, dropout}`` mapping -> :class:`LoraConfig`; a one-line ValueError names a wrong
     key or value."""
@@ -179,9 +191,7 @@ def parse_lora_config(value: Any, key: str = "model.params.lora") -> LoraConfig:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"{key}.dropout={dropout!r} must be a number in [0, 1)")
     preserve = check_preserve(value.get("preserve", False), f"{key}.preserve")
-    preserve_dropped = value.get("preserve_dropped", True)
-    if not isinstance(preserve_dropped, bool):
-        raise ValueError(f"{key}.preserve_dropped={preserve_dropped!r} must be true or false")
+    preserve_dropped = check_preserve_dropped(value.get("preserve_dropped", True), f"{key}.preserve_dropped")
     if preserve and not tokens:
         raise ValueError(f"{key}.preserve keeps what captions without the new words give; name the words in "
                          f"{key}.tokens (e.g. [star])")

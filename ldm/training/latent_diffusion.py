@@ -142,6 +142,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             weight of those samples' loss): samples whose caption names none of the new words, and samples whose
             caption the CFG dropout emptied, learn the prediction of a frozen copy of the starting UNet (kept
             beside it: its memory once more) instead of the data's target. A LoRA run has ``lora.preserve``.
+        preserve_dropped: with ``preserve``, whether the dropped captions of pictures that show the new words are
+            distilled too (true, the default), learn their pictures (false), or a share in [0, 1] of them, drawn per
+            sample, is distilled. A LoRA run has ``lora.preserve_dropped``.
         validation_prompts, sample_*: what the image logger samples (EMA weights, CFG).
     """
 
@@ -175,6 +178,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         token_lr: float | None = None,
         token_init: Any = None,
         preserve: bool | float = False,
+        preserve_dropped: bool | float = True,
         cache_latents: bool = False,
         cache_dir: str | None = None,
         validation_prompts: Sequence[str] | None = None,
@@ -245,6 +249,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                 log.info("train_tokens: the text embeddings change as the words train, so they are not cached")
                 self.conditioner.enable_cache(False)
         self._preserve = self.lora.config.preserve if self.lora is not None else 0.0
+        self._preserve_dropped = self.lora.config.preserve_dropped if self.lora is not None else float(
+            preserve_dropped)
         if preserve:
             from ldm.adapters.lora_train import check_preserve
 
@@ -353,6 +359,13 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             from ldm.adapters.lora_train import check_preserve
 
             check_preserve(hp["preserve"])
+        if hp["preserve_dropped"] is not True:
+            from ldm.adapters.lora_train import check_preserve_dropped
+
+            check_preserve_dropped(hp["preserve_dropped"])
+            if not hp["preserve"]:
+                raise ValueError("model.params.preserve_dropped is a part of model.params.preserve (a full "
+                                 "fine-tune's prior preservation): set preserve too; a LoRA has lora.preserve_dropped")
         if hp["preserve"] and (hp["lora"] is not None or not hp["train_tokens"]):
             raise ValueError("model.params.preserve keeps a full fine-tune's other prompts: it needs "
                              "model.params.train_tokens (the new words); a LoRA has lora.preserve")
@@ -444,9 +457,14 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         mask = torch.tensor([not names_any(c, self._words) for c in ([captions] if isinstance(captions, str)
                                                                    else captions)])
         dropped = self.conditioner.last_dropped.get(PROMPT_KEY)
-        # a dropped caption is the empty prompt: its prediction is the base's too (unless lora.preserve_dropped=false)
-        if dropped is not None and (self.lora is None or self.lora.config.preserve_dropped):
-            mask = mask | dropped.cpu()
+        # a dropped caption is the empty prompt: its prediction is the base's too (preserve_dropped: a share of them)
+        share = self._preserve_dropped
+        if dropped is not None and share:
+            dropped = dropped.cpu()
+            if share < 1.0:  # only then a draw: true and false keep the runs' random streams as they were
+                dropped = dropped & (torch.rand(len(dropped), generator=generator, device=generator.device).cpu()
+                                     < share)
+            mask = mask | dropped
         loss, _ = self.loss_fn(self.apply_model, z, cond, self.alphas_cumprod, generator=generator,
                                teacher=lambda x_t, t, m: self._frozen_prediction(batch, state, drop, x_t, t, m),
                                teacher_mask=mask, teacher_weight=self._preserve)
