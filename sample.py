@@ -3,10 +3,9 @@
 
 The code lives in ldm/cli/sample.py; an installed package runs it as ``ldm-sample`` or ``python -m ldm.sample``.
 """
-import sys
 
-from ldm.cli.common import exiting
+from ldm.cli.common import exit_now
 from ldm.cli.sample import main
 
 if __name__ == "__main__":
-    sys.exit(exiting(main()))
+    exit_now(main())

@@ -155,7 +155,10 @@ def phases_child(out_path: str, argv: list[str]) -> int:
               "phases": clock.totals}
     Path(out_path).write_text(json.dumps(record))
     sys.stdout.flush()
-    exiting = getattr(sys.modules["ldm.cli.common"], "exiting", None)  # what sample.py does before it exits
+    common = sys.modules["ldm.cli.common"]  # what the tree's sample.py does at its end
+    if getattr(common, "exit_now", None) is not None:
+        common.exit_now(status)
+    exiting = getattr(common, "exiting", None)
     return status if exiting is None else exiting(status)
 
 

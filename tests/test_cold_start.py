@@ -148,6 +148,23 @@ def test_exiting_freezes_the_collector_and_keeps_the_status():
     assert out.returncode == 3 and out.stdout.split() == ["0", "True"]
 
 
+def test_exit_now_runs_the_atexit_handlers_flushes_and_keeps_the_status(tmp_path):
+    """sample.py's end: the atexit handlers run and buffered output arrives (a pipe: block-buffered), the status is
+    the process's, and a logging file handler is flushed; the teardown (here a global's __del__) does not run."""
+    log = tmp_path / "run.log"
+    code = ("import atexit, logging, sys\nfrom ldm.cli.common import exit_now\n"
+            f"logging.basicConfig(filename={str(log)!r}, level=logging.INFO)\nlogging.info('logged')\n"
+            "atexit.register(lambda: print('handler ran'))\nsys.stdout.write('buffered ')\n"
+            "sys.stderr.write('err')\nclass Kept:\n    def __del__(self): print('torn down')\nkept = Kept()\n"
+            "exit_now(4)\nprint('never')")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert (out.returncode, out.stdout, out.stderr) == (4, "buffered handler ran\n", "err")
+    assert "logged" in log.read_text()
+    for script in (REPO / "sample.py", REPO / "ldm" / "sample.py"):  # both __main__ paths end this way
+        assert "exit_now(" in script.read_text()
+
+
 def test_load_clip_knows_the_projects_archs_without_a_text_encoder_built(tmp_path):
     """Building a text encoder registered the project's archs with open_clip as a side effect; it no longer imports
     open_clip, so load_clip registers them itself (a fresh process: nothing registered before)."""
