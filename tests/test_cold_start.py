@@ -38,7 +38,34 @@ def test_sample_run_imports_nothing_heavy(tmp_path):
             f"assert s.main(['--steps', '1', '--n_samples', '1', '--outdir', {str(tmp_path)!r}]) == 0")
     loaded = _imported_by(code)
     assert not sorted(name for name in HEAVY if name in loaded)
+    assert "ftfy" not in loaded  # a plain ASCII prompt needs no text fixing (BPETokenizer.clean)
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
+
+
+def test_tokenizer_cleans_as_with_ftfy_and_skips_it_only_where_it_changes_nothing():
+    """BPETokenizer.clean skips ftfy for printable ASCII without "&": the same text as ftfy gives, on random ASCII
+    (with the characters ftfy does change: "&", control characters, "\\r") and on text it must fix."""
+    import html
+    import random
+    import string
+
+    import ftfy
+
+    from ldm.models.clip_text import BPETokenizer
+
+    def reference(text):  # open_clip's basic_clean + whitespace_clean + lower
+        return " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).strip().split()).lower()
+
+    clean = BPETokenizer.clean.__get__(object.__new__(BPETokenizer))
+    rng = random.Random(0)
+    alphabet = string.printable + "&\x00\x1b\x7f"
+    plain = string.ascii_letters + string.digits + string.punctuation.replace("&", "") + " \t\n"
+    texts = ["".join(rng.choice(alphabet if i % 2 else plain) for _ in range(rng.randint(0, 40)))
+             for i in range(4000)]
+    texts += ["a cat &amp;amp; a dog", "caf\u00c3\u00a9 au lait", "\u201ccurly\u201d quotes", "line\r\nbreak",
+              "ﬁne ligature", "two red circles above a blue square"]
+    assert [clean(t) for t in texts] == [reference(t) for t in texts]
+    assert clean("caf\u00c3\u00a9") == "caf\u00e9"  # mojibake still fixed: non-ASCII goes through ftfy
 
 
 @pytest.mark.parametrize("arch, kwargs", [("ldm-tiny-text", {}), ("ldm-tiny-text", dict(ls_init_value=0.1)),

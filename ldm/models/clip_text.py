@@ -25,6 +25,7 @@ import gzip
 import html
 import importlib.util
 import json
+import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -33,6 +34,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+# text that ftfy.fix_text returns unchanged (printable ASCII, tabs and newlines, no "&" that it could unescape)
+_PLAIN_TEXT = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
 
 __all__ = ["TextConfig", "TextTransformer", "LayerNorm", "QuickGELU", "LayerScale", "BPETokenizer", "arch_config",
            "arch_names", "text_tower_types"]
@@ -320,9 +324,11 @@ class BPETokenizer:
         return self.cache[token]
 
     def clean(self, text: str) -> str:
-        import ftfy
+        if not _PLAIN_TEXT.fullmatch(text):  # printable ASCII without "&" is ftfy's fixed point: skip its import
+            import ftfy
 
-        text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+            text = ftfy.fix_text(text)
+        text = html.unescape(html.unescape(text)).strip()
         return " ".join(text.split()).lower()
 
     def encode(self, text: str) -> list[int]:
