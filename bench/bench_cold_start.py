@@ -13,6 +13,12 @@ the shared machine's load falls on all alike):
   timers that charge wall time exclusively to the innermost phase running, times every ``import`` statement run
   inside the command as "lazy imports", and calls ``ldm.cli.sample.main``. Nothing in ``ldm`` is changed for it.
 
+Python's bytecode cache is what a user has from the second run on (``pip install`` compiles it; an editable
+install writes ``__pycache__`` on the first run), so the children run with it: ``PYTHONDONTWRITEBYTECODE`` is taken
+out of their environment and each tree gets one unrecorded warm-up run first (which also warms the file cache).
+``--bytecode none`` measures the other case, every ``ldm`` module compiled from source: each run starts with the
+tree's ``__pycache__`` folders removed and writes none.
+
 The table gives the minimum and the median of each phase over the rounds, per tree; "outside the sampling loop" is
 the wall time less the loop. Compare two trees in one run (e.g. main's and a branch's) with two ``--tree``:
 
@@ -171,10 +177,15 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _run(command: list[str], tree: Path) -> tuple[float, float, float, str]:
+def _run(command: list[str], tree: Path, bytecode: str = "cached") -> tuple[float, float, float, str]:
     """(spawn time, seconds from spawn to exit, CPU seconds, output) of one run; the child imports ldm from
-    ``tree``."""
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    ``tree``, with Python's bytecode cache (``bytecode="cached"``) or with none of the tree's (``"none"``)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPATH"] = str(tree)
+    if bytecode == "none":
+        for folder in tree.glob("**/__pycache__"):
+            shutil.rmtree(folder, ignore_errors=True)
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
     start, t, cpu = time.time(), time.perf_counter(), _cpu_seconds()
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -185,15 +196,19 @@ def _run(command: list[str], tree: Path) -> tuple[float, float, float, str]:
     return start, wall, cpu, proc.stdout + proc.stderr
 
 
-def run_rounds(trees: list[Path], rounds: int, sample_args: list[str], phases: bool) -> dict[Path, dict]:
+def run_rounds(trees: list[Path], rounds: int, sample_args: list[str], phases: bool,
+               bytecode: str = "cached") -> dict[Path, dict]:
     results = {tree: {"wall": [], "cpu": [], "phase_runs": []} for tree in trees}
     with tempfile.TemporaryDirectory(prefix="cold_start_") as tmp:
+        for tree in trees:  # the warm-up: writes the bytecode cache and reads every file once
+            _run([sys.executable, str(tree / "sample.py"), "--outdir", str(Path(tmp) / "warm-up"), *sample_args],
+                 tree, bytecode)
         for round_ in range(rounds):
             for tree in trees:
                 outdir = Path(tmp) / "out"
                 shutil.rmtree(outdir, ignore_errors=True)
                 base = ["--outdir", str(outdir), *sample_args]
-                _, wall, cpu, _ = _run([sys.executable, str(tree / "sample.py"), *base], tree)
+                _, wall, cpu, _ = _run([sys.executable, str(tree / "sample.py"), *base], tree, bytecode)
                 results[tree]["wall"].append(wall)
                 results[tree]["cpu"].append(cpu)
                 line = f"round {round_} {tree}: wall {wall:.2f} s, CPU {cpu:.2f} s"
@@ -201,7 +216,7 @@ def run_rounds(trees: list[Path], rounds: int, sample_args: list[str], phases: b
                     shutil.rmtree(outdir, ignore_errors=True)
                     record_path = Path(tmp) / "phases.json"
                     start, child_wall, _, _ = _run([sys.executable, __file__, "--phases-child", str(record_path),
-                                                 *base], tree)
+                                                 *base], tree, bytecode)
                     record = json.loads(record_path.read_text())
                     p = dict(record["phases"])
                     p["python start-up"] = record["t0"] - start
@@ -255,6 +270,9 @@ def main() -> int:
     parser.add_argument("--prompt", default="two red circles above a blue square")
     parser.add_argument("--no-phases", dest="phases", action="store_false",
                         help="only the plain runs (no phase-timing runs)")
+    parser.add_argument("--bytecode", choices=["cached", "none"], default="cached",
+                        help="run with Python's bytecode cache, as from a user's second run (default), or with "
+                             "every ldm module compiled from source")
     parser.add_argument("--out", default=None, help="markdown report (e.g. bench/results/cold_start.md)")
     args, extra = parser.parse_known_args()
     if args.rounds < 1:
@@ -265,7 +283,7 @@ def main() -> int:
         if not (tree / "sample.py").is_file() or not (tree / "ldm").is_dir():
             raise SystemExit(f"--tree {tree} has no sample.py and ldm/: pass a checkout of this project")
     load_start = os.getloadavg()
-    results = run_rounds(trees, args.rounds, ["--prompt", args.prompt, *extra], args.phases)
+    results = run_rounds(trees, args.rounds, ["--prompt", args.prompt, *extra], args.phases, args.bytecode)
     table = report(results, trees)
     print(table)
     if args.out:
@@ -275,7 +293,9 @@ def main() -> int:
         info = common.machine_info(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)), "sample.py default")
         info["load average at start"] = " ".join(f"{x:.1f}" for x in load_start)
         info["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-        info["rounds"] = f"{args.rounds} per tree, interleaved"
+        info["rounds"] = f"{args.rounds} per tree, interleaved, after one warm-up run per tree"
+        info["bytecode"] = {"cached": "cached (written by the warm-up run)",
+                            "none": "none: every ldm module compiled from source in every run"}[args.bytecode]
         common.write_report(args.out, "Cold start of python sample.py (demo model, 4 images, 20 steps)", info, table,
                             notes=["phases are exclusive wall time (an inner phase is not counted in its caller); "
                                    "'lazy imports' are the import statements run inside the command, 'imports' "

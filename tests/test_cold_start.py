@@ -39,6 +39,7 @@ def test_sample_run_imports_nothing_heavy(tmp_path):
     loaded = _imported_by(code)
     assert not sorted(name for name in HEAVY if name in loaded)
     assert "ftfy" not in loaded  # a plain ASCII prompt needs no text fixing (BPETokenizer.clean)
+    assert "regex" not in loaded  # nor the Unicode pre-tokenizer (BPETokenizer.words)
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
 
 
@@ -115,7 +116,27 @@ def test_tokenizer_is_open_clips():
         assert ours.decode(ours.encode(text)) == theirs.decode(theirs.encode(text))
     assert (ours.sot_token_id, ours.eot_token_id, ours.vocab_size) == (theirs.sot_token_id, theirs.eot_token_id,
                                                                        theirs.vocab_size)
-    assert ours.encoder == theirs.encoder and ours.bpe_ranks == theirs.bpe_ranks
+    assert ours.encoder == theirs.encoder
+    assert ours.bpe_ranks == {f"{a} {b}": rank for (a, b), rank in theirs.bpe_ranks.items()}
+
+
+def test_tokenizer_ascii_words_are_open_clips():
+    """ASCII prompts are split by ``re`` (no ``regex`` import): the same ids as open_clip's tokenizer on random ASCII
+    text of every printable character and word-like runs, and ``regex`` stays unimported for them."""
+    import random
+    import string
+
+    theirs = open_clip.tokenizer.SimpleTokenizer()
+    ours = clip_text.BPETokenizer()
+    rng = random.Random(0)
+    words = ["red", "circles", "don't", "it's", "we'll", "I'M", "x2", "3rd", "10", "a-b", "<end_of_text>", "..."]
+    texts = ["".join(rng.choice(string.printable) for _ in range(rng.randint(0, 30))) for _ in range(1500)]
+    texts += [" ".join(rng.choice(words + list(string.punctuation)) for _ in range(rng.randint(1, 8)))
+              for _ in range(500)]
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text), repr(text)
+    assert "pat" not in vars(ours)  # the regex pattern was never built: every text above is ASCII
+    assert ours.encode("caf\u00e9 \u00fcber") == theirs.encode("caf\u00e9 \u00fcber") and "pat" in vars(ours)
 
 
 # --- model loading: no random initialisation where a strict load overwrites it -------------------------------

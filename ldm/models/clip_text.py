@@ -37,6 +37,10 @@ from torch.nn import functional as F
 
 # text that ftfy.fix_text returns unchanged (printable ASCII, tabs and newlines, no "&" that it could unescape)
 _PLAIN_TEXT = re.compile(r"[\t\n\x20-\x25\x27-\x7e]*")
+_SPECIAL = "<start_of_text>|<end_of_text>"
+# BPETokenizer.pat on ASCII text, in re (whose import is free): the same pieces, tested against open_clip's tokenizer
+_ASCII_WORDS = re.compile(_SPECIAL + r"""|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+""",
+                          re.IGNORECASE | re.ASCII)
 
 __all__ = ["TextConfig", "TextTransformer", "LayerNorm", "QuickGELU", "LayerScale", "BPETokenizer", "arch_config",
            "arch_names", "text_tower_types"]
@@ -276,8 +280,6 @@ class BPETokenizer:
     ``SimpleTokenizer`` (text fixed by ftfy, HTML entities unescaped, whitespace collapsed, lower-cased)."""
 
     def __init__(self, bpe_path: str | Path | None = None):
-        import regex
-
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
         count = 49152 - 256 - 2  # the merges CLIP uses: the file's first lines after its header (of ~262k)
@@ -285,32 +287,47 @@ class BPETokenizer:
         with gzip.open(bpe_path or default_bpe(), "rt", encoding="utf-8") as f:
             while text.count("\n") <= count and (chunk := f.read(1 << 18)):  # no need to unzip the rest
                 text += chunk
-        merges = text.split("\n", count + 1)[1:count + 1]
-        merges = [tuple(merge.split()) for merge in merges]
+        merges = text.split("\n", count + 1)[1:count + 1]  # "a b": kept as the lines are (no tuple per merge)
         vocab = list(self.byte_encoder.values())
-        vocab += [v + "</w>" for v in vocab] + ["".join(merge) for merge in merges]
+        vocab += [v + "</w>" for v in vocab] + [merge.replace(" ", "") for merge in merges]
         special = ["<start_of_text>", "<end_of_text>"]
         vocab += special
         self.encoder = dict(zip(vocab, range(len(vocab))))
-        self.decoder = {v: k for k, v in self.encoder.items()}
-        self.bpe_ranks = dict(zip(merges, range(len(merges))))
+        self.bpe_ranks = dict(zip(merges, range(len(merges))))  # "first second" -> rank
         self.cache = {t: t for t in special}
-        self.pat = regex.compile("|".join(special) + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-                                 regex.IGNORECASE)
         self.vocab_size = len(self.encoder)
         self.all_special_ids = [self.encoder[t] for t in special]
         self.sot_token_id, self.eot_token_id = self.all_special_ids
 
+    @functools.cached_property
+    def decoder(self) -> dict[int, str]:
+        return {v: k for k, v in self.encoder.items()}
+
+    @functools.cached_property
+    def pat(self):
+        """open_clip's pre-tokenizer pattern (``regex``: ``\\p{L}`` letters, ``\\p{N}`` numbers)."""
+        import regex
+
+        return regex.compile(_SPECIAL + r"""|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                             regex.IGNORECASE)
+
+    def words(self, text: str) -> list[str]:
+        """The pre-tokenizer's pieces of cleaned text: ASCII text (every prompt of the shapes world, most prompts) by
+        the same pattern in ``re`` (on ASCII, ``\\p{L}`` is ``[a-z]`` and ``\\p{N}`` ``[0-9]``), the rest by
+        ``regex``, whose import the first kind then never pays."""
+        return (_ASCII_WORDS if text.isascii() else self.pat).findall(text)
+
     def bpe(self, token: str) -> str:
         if token in self.cache:
             return self.cache[token]
+        ranks = self.bpe_ranks
         word = tuple(token[:-1]) + (token[-1] + "</w>",)
         while len(word) > 1:
-            pairs = set(zip(word, word[1:]))
-            bigram = min(pairs, key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
-            if bigram not in self.bpe_ranks:
+            pairs = {f"{a} {b}" for a, b in zip(word, word[1:])}
+            bigram = min(pairs, key=lambda pair: ranks.get(pair, float("inf")))
+            if bigram not in ranks:
                 break
-            first, second = bigram
+            first, second = bigram.split(" ")
             merged, i = [], 0
             while i < len(word):
                 if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
@@ -333,7 +350,7 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         ids = []
-        for token in self.pat.findall(self.clean(text)):
+        for token in self.words(self.clean(text)):
             token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
             ids.extend(self.encoder[piece] for piece in self.bpe(token).split(" "))
         return ids
