@@ -392,10 +392,46 @@ def save_checkpoint(state_dict: Mapping[str, torch.Tensor], path: str | os.PathL
     return path
 
 
-def model_hash(path: str | os.PathLike, length: int = 10) -> str:
-    """The first ``length`` hex digits of the file's sha256 (the UIs' "Model hash")."""
+def cache_root() -> Path:
+    """The project's cache folder: ``$XDG_CACHE_HOME/ldm``, else ``~/.cache/ldm``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ldm"
+
+
+HASH_CACHE_ENTRIES = 2000  # files remembered in the hash cache (the most recently hashed)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's sha256 (hex), remembered in ``cache_root()/hashes.json`` by resolved path, size and modification
+    time, as the web UIs keep theirs: a 2-7 GB checkpoint is read once, not on every run that names it. A file changed
+    in place gets a new time and is hashed again; a cache that cannot be read or written is only skipped."""
+    path = Path(path)
+    stat = path.stat()
+    key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+    cache = cache_root() / "hashes.json"
+    try:
+        entries = json.loads(cache.read_text())
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        entries = {}
+    hit = entries.get(key)
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:length]
+    entries.pop(key, None)
+    entries[key] = {"stamp": stamp, "sha256": digest.hexdigest()}  # last: the newest
+    kept = {k: v for k, v in list(entries.items())[-HASH_CACHE_ENTRIES:] if os.path.exists(k)}
+    try:
+        atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(kept)))
+    except OSError:
+        pass
+    return digest.hexdigest()
+
+
+def model_hash(path: str | os.PathLike, length: int = 10) -> str:
+    """The first ``length`` hex digits of the file's sha256 (the UIs' "Model hash"; cached, see
+    :func:`file_sha256`)."""
+    return file_sha256(path)[:length]

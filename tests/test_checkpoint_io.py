@@ -246,3 +246,40 @@ def test_remove_stale_temp_files_only_removes_orphans(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["last.ckpt"] + [n for n, (_, stale) in files.items() if not stale])
     assert remove_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_model_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    """The sha256 is read from the cache while the file's size and time stand, and computed again when either
+    changes; an unwritable cache only costs the caching."""
+    import hashlib
+
+    from ldm.io import cache_root, file_sha256, model_hash
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"weights" * 1000)
+    true = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert model_hash(path) == true[:10] and file_sha256(path) == true
+    cache = cache_root() / "hashes.json"
+    entries = json.loads(cache.read_text())
+    assert list(entries) == [str(path.resolve())]
+    entries[str(path.resolve())]["sha256"] = "f" * 64  # what a cache hit returns, to tell it from a new hash
+    cache.write_text(json.dumps(entries))
+    assert model_hash(path, 64) == "f" * 64
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # the file changed in place
+    assert model_hash(path, 64) == true
+    path.write_bytes(b"other weights")  # and a new size
+    assert file_sha256(path) == hashlib.sha256(b"other weights").hexdigest()
+    cache.write_text("{not json")  # a broken cache is rebuilt
+    assert file_sha256(path) == hashlib.sha256(b"other weights").hexdigest()
+    assert json.loads(cache.read_text())[str(path.resolve())]["sha256"] == file_sha256(path)
+    gone = tmp_path / "gone.bin"
+    gone.write_bytes(b"x")
+    file_sha256(gone)
+    gone.unlink()
+    (tmp_path / "third.bin").write_bytes(b"y")
+    file_sha256(tmp_path / "third.bin")  # a write drops the entries of files that are gone
+    assert str(gone.resolve()) not in json.loads(cache.read_text())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(path))  # a file where the folder should be: nothing cached
+    assert model_hash(path, 64) == hashlib.sha256(b"other weights").hexdigest()

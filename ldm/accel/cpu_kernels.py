@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from ldm.io import cache_root
+
 __all__ = ["available", "attention", "build", "fits", "library_path", "reason", "supports_cpu", "trains"]
 
 log = logging.getLogger(__name__)
@@ -64,8 +66,7 @@ def supports_cpu() -> bool:
 def _cache_dir() -> Path:
     if os.environ.get("LDM_KERNEL_CACHE"):
         return Path(os.environ["LDM_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ldm" / "kernels"
+    return cache_root() / "kernels"
 
 
 def _compiler() -> Optional[str]:
