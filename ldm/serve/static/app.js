@@ -87,14 +87,20 @@ async function generate(event) {
   const body = requestBody(taskId);
   pending.push(taskId);
   startPolling();
+  const started = performance.now();
+  let done = "";
   try {
     const result = await api(initImage ? "img2img" : "txt2img", body);
     addResults(result);
+    // a fast run can end between two progress polls: say what happened instead of a bare "Ready."
+    const n = result.images.length;
+    const seconds = ((performance.now() - started) / 1000).toFixed(1);
+    done = `Done: ${n} image${n === 1 ? "" : "s"} in ${seconds} s.`;
   } catch (e) {
     showError(e.message);
   } finally {
     pending.splice(pending.indexOf(taskId), 1);
-    if (!pending.length) stopPolling();
+    if (!pending.length) stopPolling(done);
   }
 }
 
@@ -149,11 +155,11 @@ function startPolling() {
   poll();
 }
 
-function stopPolling() {
+function stopPolling(message) {
   clearInterval(polling);
   polling = null;
   $("progress-bar").style.width = "0";
-  $("progress-text").textContent = "Ready.";
+  $("progress-text").textContent = message || "Ready.";
   $("preview").hidden = true;
 }
 
