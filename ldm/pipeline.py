@@ -24,6 +24,7 @@ import inspect
 import logging
 import math
 import random
+import sys
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from ldm import accel
+from ldm.adapters import may_have_lora_tags
 from ldm.adapters.embeddings import Embedding, EmbeddingLibrary
 from ldm.adapters.prompts import WeightedPrompt, check_prompt_syntax, prompt_inputs, text_encoders
 from ldm.diffusion import samplers as _samplers
@@ -637,6 +639,8 @@ class _Pipeline:
     @property
     def loras(self) -> list:
         """The LoRAs merged into the model now (``ldm.adapters.lora.LoadedLora``: name, path, weight, hash)."""
+        if "ldm.adapters.lora" not in sys.modules:  # merging one imports it: a run without LoRAs never does
+            return []
         from ldm.adapters import lora
 
         return lora.loaded_loras(self.model)
@@ -645,6 +649,8 @@ class _Pipeline:
         """A1111's ``<lora:NAME:WEIGHT>`` tags: taken out of the prompts before they are encoded, their LoRAs
         (from :attr:`lora_dir`) merged for this call; the LoRAs of an earlier call's tags that no prompt names now
         are taken off. The parameters keep the prompts as written."""
+        if not may_have_lora_tags(req.prompts) and not any(x.source == "prompt" for x in self.loras):
+            return req  # no tag, and no earlier tag's LoRA to take off
         from ldm.adapters import lora
 
         cleaned, wanted = [], {}
@@ -683,10 +689,8 @@ class _Pipeline:
     def _adapter_parameters(self) -> dict[str, Any]:
         """``vae_hash`` / ``vae`` of a separate VAE file and ``lora_hashes`` ("name: hash, ...", as A1111 writes
         them) of the LoRAs merged now."""
-        from ldm.adapters import lora
-
         params = {} if self.vae_file is None else {"vae_hash": self.vae_file.hash, "vae": self.vae_file.name}
-        loaded = lora.loaded_loras(self.model)
+        loaded = self.loras
         if not loaded:
             return params
         hashes = {x.name.replace(":", "").replace(",", ""): x.hash for x in loaded}  # one entry per name, as A1111

@@ -40,6 +40,7 @@ def test_sample_run_imports_nothing_heavy(tmp_path):
     assert not sorted(name for name in HEAVY if name in loaded)
     assert "ftfy" not in loaded  # a plain ASCII prompt needs no text fixing (BPETokenizer.clean)
     assert "regex" not in loaded  # nor the Unicode pre-tokenizer (BPETokenizer.words)
+    assert "ldm.adapters.lora" not in loaded  # no --lora, no <lora:...> tag
     assert len(list((tmp_path / "samples").glob("*.png"))) == 1
 
 

@@ -22,6 +22,7 @@ from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from ldm.adapters import may_have_lora_tags
 from ldm.cli.common import format_parameters, make_grid, next_index, save_new_png
 
 log = logging.getLogger("sample")
@@ -346,12 +347,14 @@ def parse_lora_arg(value: str) -> tuple[Path, float]:
 
 def _check_loras(args: argparse.Namespace, prompts: list[str]) -> None:
     """--lora files exist, --lora-dir is a folder and every <lora:NAME:...> of the prompts is in it."""
-    from ldm.adapters.lora import extract_lora_tags, find_lora
-
     for value in args.lora:
         _require_file(str(parse_lora_arg(value)[0]), "LoRA file", "--lora")
     if args.lora_dir is not None and not Path(args.lora_dir).is_dir():
         raise UsageError(f"LoRA folder not found: {args.lora_dir} (check --lora-dir)")
+    if not may_have_lora_tags(prompts):
+        return
+    from ldm.adapters.lora import extract_lora_tags, find_lora
+
     for prompt in prompts:
         for tag in extract_lora_tags(prompt)[1]:
             if args.lora_dir is None:
@@ -434,7 +437,7 @@ class _Progress:
     """A tqdm bar over images and one over the steps of the current batch."""
 
     def __init__(self, total_images: int):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # the terminal's bar (tqdm.auto would look for a notebook first)
 
         self._tqdm = tqdm
         self.images = tqdm(total=total_images, desc="images", unit="img", position=0)
