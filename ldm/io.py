@@ -401,31 +401,48 @@ def cache_root() -> Path:
 HASH_CACHE_ENTRIES = 2000  # files remembered in the hash cache (the most recently hashed)
 
 
+def _hash_key(path: Path) -> tuple[str, list[int]]:
+    stat = path.stat()
+    return str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+
+
+def _hash_entries() -> dict:
+    try:
+        entries = json.loads((cache_root() / "hashes.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def cached_sha256(path: str | os.PathLike) -> str | None:
+    """The file's sha256 if :func:`file_sha256` remembers it for the file as it is now (same size and time), else
+    None; never reads the file (what a model list shows without hashing every checkpoint it lists)."""
+    key, stamp = _hash_key(Path(path))
+    hit = _hash_entries().get(key)
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
+        return hit["sha256"]
+    return None
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The file's sha256 (hex), remembered in ``cache_root()/hashes.json`` by resolved path, size and modification
     time, as the web UIs keep theirs: a 2-7 GB checkpoint is read once, not on every run that names it. A file changed
     in place gets a new time and is hashed again; a cache that cannot be read or written is only skipped."""
     path = Path(path)
-    stat = path.stat()
-    key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
-    cache = cache_root() / "hashes.json"
-    try:
-        entries = json.loads(cache.read_text())
-        entries = entries if isinstance(entries, dict) else {}
-    except (OSError, ValueError):
-        entries = {}
-    hit = entries.get(key)
-    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
-        return hit["sha256"]
+    hit = cached_sha256(path)
+    if hit is not None:
+        return hit
+    key, stamp = _hash_key(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
+    entries = _hash_entries()
     entries.pop(key, None)
     entries[key] = {"stamp": stamp, "sha256": digest.hexdigest()}  # last: the newest
     kept = {k: v for k, v in list(entries.items())[-HASH_CACHE_ENTRIES:] if os.path.exists(k)}
     try:
-        atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(kept)))
+        atomic_write(cache_root() / "hashes.json", lambda tmp: Path(tmp).write_text(json.dumps(kept)))
     except OSError:
         pass
     return digest.hexdigest()

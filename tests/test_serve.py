@@ -197,6 +197,28 @@ def test_listings(client, folders):
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny.safetensors"
 
 
+def test_model_list_shows_hashes_known_for_the_files_as_they_are(tmp_path, monkeypatch):
+    """A listed model's hash comes from the hash cache only while the file is unchanged: a checkpoint replaced in
+    place while the server runs shows no hash (not the old file's) until it is hashed again; listing reads no file."""
+    import hashlib
+
+    from ldm.serve.worker import ModelFiles
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "models").mkdir()
+    default, other = tmp_path / "default.safetensors", tmp_path / "models" / "other.safetensors"
+    default.write_bytes(b"first weights")
+    other.write_bytes(b"other weights")
+    files = ModelFiles(default, tmp_path / "models")
+    assert [e.sha256 for e in files.entries()] == [None, None]
+    assert files.sha256(default) == hashlib.sha256(b"first weights").hexdigest()
+    assert [e.hash for e in files.entries()] == [hashlib.sha256(b"first weights").hexdigest()[:10], None]
+    default.write_bytes(b"replaced weights")  # another size: the cached hash no longer stands
+    assert [e.sha256 for e in files.entries()] == [None, None]
+    assert files.sha256(default) == hashlib.sha256(b"replaced weights").hexdigest()
+    assert files.entries()[0].sha256 == hashlib.sha256(b"replaced weights").hexdigest()
+
+
 def test_switching_models_and_names_that_escape_their_folder(client, folders):
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "other.safetensors"}).status_code == 200
     assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "other.safetensors"

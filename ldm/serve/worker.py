@@ -91,15 +91,19 @@ class ModelFiles:
     def __init__(self, default: str | Path, models_dir: str | Path | None = None):
         self.default = Path(default)
         self.models_dir = None if models_dir is None else Path(models_dir)
-        self._sha256: dict[Path, str] = {}
 
     def entries(self) -> list[ModelEntry]:
         entries = [ModelEntry(self.default.name, self.default.stem, self.default.resolve())]
         for name, path in list_files(self.models_dir, CHECKPOINT_SUFFIXES).items():
             if path.resolve() != entries[0].filename:
                 entries.append(ModelEntry(name + path.suffix, name, path.resolve()))
-        for entry in entries:
-            entry.sha256 = self._sha256.get(entry.filename)
+        from ldm.io import cached_sha256
+
+        for entry in entries:  # the hashes already known for the files as they are now: listing reads no file
+            try:
+                entry.sha256 = cached_sha256(entry.filename)
+            except OSError:  # gone between the listing and here
+                entry.sha256 = None
         return entries
 
     def find(self, name: str) -> ModelEntry:
@@ -114,14 +118,13 @@ class ModelFiles:
                 return entry
         raise KeyError(f"model {name!r} not found; choose one of: {', '.join(e.title for e in entries)}")
 
-    def sha256(self, path: Path) -> str:
-        """The file's sha256 (computed once per path; A1111's short hash is its first 10 digits)."""
-        path = Path(path).resolve()
-        if path not in self._sha256:
-            from ldm.io import model_hash
+    @staticmethod
+    def sha256(path: Path) -> str:
+        """The file's sha256 (A1111's short hash is its first 10 digits), from the hash cache while the file's size
+        and time stand (:func:`ldm.io.file_sha256`): a file replaced in place is hashed again."""
+        from ldm.io import file_sha256
 
-            self._sha256[path] = model_hash(path, length=64)
-        return self._sha256[path]
+        return file_sha256(path)
 
 
 # ------------------------------------------------------------------------------------------------------------
