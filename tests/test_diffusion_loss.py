@@ -89,3 +89,47 @@ def test_bad_arguments_fail_clearly():
         DiffusionLoss(weighting="snr")
     with pytest.raises(ValueError, match="alphas_cumprod has 1000 entries but num_timesteps=500"):
         DiffusionLoss(num_timesteps=500)(lambda *a: None, torch.zeros(1, 1), None, AC)
+
+
+@pytest.mark.parametrize("bias, favoured", [
+    ({"strategy": "later", "multiplier": 3.0, "portion": 0.2}, slice(8, 10)),  # the noisiest fifth, 3x as often
+    ({"strategy": "earlier", "multiplier": 3.0, "portion": 0.2}, slice(0, 2)),
+    ({"strategy": "range", "multiplier": 3.0, "begin": 4, "end": 6}, slice(4, 6)),
+])
+def test_timestep_bias_draws_the_chosen_timesteps_more_often(bias, favoured):
+    seen = []
+    net = lambda x_t, t, cond: seen.append(t) or torch.zeros_like(x_t)
+    loss_fn = DiffusionLoss(num_timesteps=10, timestep_bias=bias)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        loss_fn(net, torch.zeros(60, 1, 1, 1), None, torch.linspace(0.99, 0.01, 10), generator=gen)
+    counts = torch.bincount(torch.cat(seen), minlength=10).double()
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[favoured] = True
+    # 6000 draws, weights 3 on 2 bins and 1 on 8: 1286 expected per favoured bin, 429 per other
+    assert len(counts) == 10 and int(counts[mask].min()) > 1150 and int(counts[~mask].max()) < 520
+    assert abs(counts[mask].mean() / counts[~mask].mean() - 3.0) < 0.25
+
+
+def test_no_timestep_bias_keeps_the_uniform_draws():
+    """strategy none (or no bias) draws exactly what an unbiased loss draws: runs without it are unchanged."""
+    draws = []
+    for bias in (None, {"strategy": "none"}):
+        gen = torch.Generator().manual_seed(3)
+        draws.append(DiffusionLoss(timestep_bias=bias).sample_timesteps(64, "cpu", gen))
+    assert torch.equal(draws[0], draws[1])
+    assert torch.equal(draws[0], torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("bias, message", [
+    ("later", "timestep_bias must be a mapping"),
+    ({"strategy": "late"}, r"timestep_bias.strategy 'late' is not one of none, later, earlier, range"),
+    ({"multiplier": 0}, "timestep_bias.multiplier must be a number > 0"),
+    ({"portion": 1.5}, r"timestep_bias.portion must be in \(0, 1\]"),
+    ({"strategy": "range", "begin": 900, "end": 100}, "begin and end must be integers with 0 <= begin < end <= 1000"),
+    ({"strategy": "later", "begin": 10}, "begin / end are for strategy range"),
+    ({"portoin": 0.5}, r"unknown key\(s\) \['portoin'\]"),
+])
+def test_bad_timestep_bias_names_the_key(bias, message):
+    with pytest.raises(ValueError, match=message):
+        DiffusionLoss(timestep_bias=bias)

@@ -607,3 +607,19 @@ def test_fused_adam_hands_channels_last_tensors_to_the_kernel_as_views(monkeypat
     w.grad = torch.randn_like(w)
     AdamW([w], lr=0.1, fused=True).step()
     assert seen == [[(True, w.data_ptr()), (True, w.grad.data_ptr())]]  # contiguous views of the same memory
+
+
+def test_timestep_bias_from_the_config_shapes_the_training_draws(tmp_path):
+    """model.params.timestep_bias reaches the loss (a training step draws from it); a wrong one names its key."""
+    module = tiny_module(timestep_bias={"strategy": "later", "multiplier": 4.0, "portion": 0.5})
+    weights = module.loss_fn.timestep_weights
+    assert weights is not None and float(weights[-1]) == 4.0 and float(weights[0]) == 1.0
+    seen = []
+    loss_fn = module.loss_fn
+    module.loss_fn = lambda net, z, cond, ac, **kw: loss_fn(
+        lambda x, t, c: seen.append(t) or net(x, t, c), z, cond, ac, **kw)
+    trainer(tmp_path, max_steps=3).fit(module, datamodule=tiny_data(num_train=16, batch_size=16))
+    t = torch.cat(seen)
+    assert len(t) == 48 and (t >= module.num_timesteps // 2).float().mean() > 0.65  # 0.8 expected
+    with pytest.raises(Exception, match=r"model\.params\.timestep_bias\.strategy 'late' is not one of"):
+        tiny_module(timestep_bias={"strategy": "late"})

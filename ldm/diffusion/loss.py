@@ -7,6 +7,11 @@ Min-SNR-gamma weighting (Hang et al. 2023) with SNR = a / (1 - a): the x0-space 
 expressed in each parameterisation's units:
 
     eps: min(SNR, gamma) / SNR      v: min(SNR, gamma) / (SNR + 1)      x0: min(SNR, gamma)
+
+A timestep bias (diffusers' ``--timestep_bias_strategy`` of its SDXL training script) draws some timesteps
+``multiplier`` times as often as the rest: ``later`` the noisiest ``portion`` of them (where layout and shapes are
+decided), ``earlier`` the least noisy (detail), ``range`` those in ``[begin, end)``. The loss is not reweighted for it:
+those timesteps simply get more of the training.
 """
 
 from __future__ import annotations
@@ -19,6 +24,51 @@ from torch import Tensor
 from ldm.diffusion.denoisers import check_parameterization, prediction_target
 
 WEIGHTINGS = ("uniform", "min_snr")
+BIAS_STRATEGIES = ("none", "later", "earlier", "range")
+_BIAS_KEYS = ("strategy", "multiplier", "portion", "begin", "end")
+
+
+def timestep_weights(bias: Any, num_timesteps: int, key: str = "timestep_bias") -> Tensor | None:
+    """The relative probability of each timestep under ``bias`` (a mapping ``{strategy, multiplier, portion}``, or
+    ``{strategy: range, multiplier, begin, end}``), or None for uniform draws (no bias, or strategy ``none``).
+    ValueError naming the key and the fix for anything else."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) and hasattr(bias, "items"):
+        bias = dict(bias.items())
+    if not isinstance(bias, dict):
+        raise ValueError(f"{key} must be a mapping such as {{strategy: later, multiplier: 2.0, portion: 0.25}}, "
+                         f"got {bias!r}")
+    unknown = sorted(set(bias) - set(_BIAS_KEYS))
+    if unknown:
+        raise ValueError(f"{key} has unknown key(s) {unknown}; use {', '.join(_BIAS_KEYS)}")
+    strategy = bias.get("strategy", "later")
+    if strategy not in BIAS_STRATEGIES:
+        raise ValueError(f"{key}.strategy {strategy!r} is not one of {', '.join(BIAS_STRATEGIES)}")
+    if strategy == "none":
+        return None
+    multiplier = bias.get("multiplier", 2.0)
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not multiplier > 0:
+        raise ValueError(f"{key}.multiplier must be a number > 0 (2.0: those timesteps twice as often), "
+                         f"got {multiplier!r}")
+    if strategy == "range":
+        begin, end = bias.get("begin", 0), bias.get("end", num_timesteps)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (begin, end)) or \
+                not 0 <= begin < end <= num_timesteps:
+            raise ValueError(f"{key}: begin and end must be integers with 0 <= begin < end <= {num_timesteps}, "
+                             f"got begin={begin!r} end={end!r}")
+        picked = slice(begin, end)
+    else:
+        if "begin" in bias or "end" in bias:
+            raise ValueError(f"{key}: begin / end are for strategy range; {strategy} takes portion")
+        portion = bias.get("portion", 0.25)
+        if isinstance(portion, bool) or not isinstance(portion, (int, float)) or not 0 < portion <= 1:
+            raise ValueError(f"{key}.portion must be in (0, 1] (0.25: a quarter of the timesteps), got {portion!r}")
+        count = max(1, round(portion * num_timesteps))
+        picked = slice(num_timesteps - count, None) if strategy == "later" else slice(0, count)
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    weights[picked] *= float(multiplier)
+    return weights
 
 
 def min_snr_weight(parameterization: str, snr: Tensor, gamma: float) -> Tensor:
@@ -40,10 +90,11 @@ class DiffusionLoss:
         min_snr_gamma: gamma of min-SNR weighting.
         offset_noise: std of a per-channel constant added to the noise (Guttenberg 2023); 0 disables.
         num_timesteps: T; the alphas_cumprod passed at call time must have this length.
+        timestep_bias: draw some timesteps more (or less) often: see :func:`timestep_weights`.
     """
 
     def __init__(self, parameterization: str = "eps", weighting: str = "uniform", min_snr_gamma: float = 5.0,
-                 offset_noise: float = 0.0, num_timesteps: int = 1000):
+                 offset_noise: float = 0.0, num_timesteps: int = 1000, timestep_bias: Any = None):
         check_parameterization(parameterization)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"unknown loss weighting {weighting!r}; use one of {', '.join(WEIGHTINGS)}")
@@ -54,6 +105,15 @@ class DiffusionLoss:
         self.min_snr_gamma = min_snr_gamma
         self.offset_noise = offset_noise
         self.num_timesteps = num_timesteps
+        self.timestep_weights = timestep_weights(timestep_bias, num_timesteps)
+
+    def sample_timesteps(self, batch: int, device: torch.device | str,
+                         generator: torch.Generator | None = None) -> Tensor:
+        """``batch`` timesteps, uniform on {0, ..., T-1} or by the timestep bias; drawn on ``device`` (the
+        generator's)."""
+        if self.timestep_weights is None:
+            return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
+        return torch.multinomial(self.timestep_weights.to(device), batch, replacement=True, generator=generator)
 
     def sample_noise(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """eps ~ N(0, I), plus offset_noise * N(0, 1) constant over the spatial dimensions of each channel.
@@ -88,7 +148,7 @@ class DiffusionLoss:
         batch = x0.shape[0]
         if t is None:
             device = generator.device if generator is not None else x0.device
-            t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device).to(x0.device)
+            t = self.sample_timesteps(batch, device, generator).to(x0.device)
         if noise is None:
             noise = self.sample_noise(x0, generator)
         alpha_bar = alphas_cumprod.to(x0.device)[t].to(torch.float32)

@@ -92,11 +92,13 @@ def _init_sources(init_from: Any, first_stage_ckpt: str | None) -> list[InitSour
     return sources
 
 
-def _make_loss(parameterization: str, weighting: str, min_snr_gamma: float, offset_noise: float, timesteps: int):
+def _make_loss(parameterization: str, weighting: str, min_snr_gamma: float, offset_noise: float, timesteps: int,
+               timestep_bias: Any = None):
     from ldm.diffusion.loss import DiffusionLoss
 
     return DiffusionLoss(parameterization, weighting=weighting, min_snr_gamma=min_snr_gamma,
-                         offset_noise=offset_noise, num_timesteps=int(timesteps))
+                         offset_noise=offset_noise, num_timesteps=int(timesteps),
+                         timestep_bias=to_plain(timestep_bias))
 
 
 class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningModule):
@@ -119,7 +121,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         cond_drop_rate: with ``cond_stage_config``, the probability that a sample's prompt is replaced by ""
             (classifier-free guidance; default 0.1). A ``conditioner_config`` gives each embedder its own
             ``ucg_rate`` instead.
-        loss_weighting, min_snr_gamma, offset_noise: options of :class:`ldm.diffusion.loss.DiffusionLoss`.
+        loss_weighting, min_snr_gamma, offset_noise, timestep_bias: options of
+            :class:`ldm.diffusion.loss.DiffusionLoss` (``timestep_bias: {strategy: later, multiplier: 2.0,
+            portion: 0.25}`` draws the noisiest quarter of the timesteps twice as often, as diffusers' SDXL script).
         gradient_checkpointing: activation checkpointing per block: every ResBlock and transformer block of the UNet
             recomputes its activations in the backward pass (:func:`ldm.models.unet.set_activation_checkpointing`);
             with or without FSDP.
@@ -170,6 +174,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         loss_weighting: str = "uniform",
         min_snr_gamma: float = 5.0,
         offset_noise: float = 0.0,
+        timestep_bias: Any = None,
         gradient_checkpointing: bool = False,
         first_stage_ckpt: str | None = None,
         init_from: Any = None,
@@ -194,8 +199,13 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                                       scheduler_config=scheduler_config, **model_params)
         self._check_training_args(hparams, model_args)  # before the (possibly large) networks are built
         init_sources = _init_sources(init_from, first_stage_ckpt)
-        loss_fn = _make_loss(model_args["parameterization"], loss_weighting, min_snr_gamma, offset_noise,
-                             model_args["timesteps"])
+        try:
+            loss_fn = _make_loss(model_args["parameterization"], loss_weighting, min_snr_gamma, offset_noise,
+                                 model_args["timesteps"], timestep_bias)
+        except ValueError as e:
+            if not str(e).startswith("timestep_bias"):
+                raise
+            raise ValueError(f"model.params.{e}") from None
         super().__init__(**model_args)
         self.save_hyperparameters(hparams, logger=False)
         self.base_learning_rate = float(base_learning_rate)
