@@ -16,7 +16,7 @@ those timesteps simply get more of the training.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -34,9 +34,7 @@ def timestep_weights(bias: Any, num_timesteps: int, key: str = "timestep_bias") 
     ValueError naming the key and the fix for anything else."""
     if bias is None:
         return None
-    if not isinstance(bias, dict) and hasattr(bias, "items"):
-        bias = dict(bias.items())
-    if not isinstance(bias, dict):
+    if not isinstance(bias, Mapping):
         raise ValueError(f"{key} must be a mapping such as {{strategy: later, multiplier: 2.0, portion: 0.25}}, "
                          f"got {bias!r}")
     unknown = sorted(set(bias) - set(_BIAS_KEYS))

@@ -118,14 +118,6 @@ class ModelFiles:
                 return entry
         raise KeyError(f"model {name!r} not found; choose one of: {', '.join(e.title for e in entries)}")
 
-    @staticmethod
-    def sha256(path: Path) -> str:
-        """The file's sha256 (A1111's short hash is its first 10 digits), from the hash cache while the file's size
-        and time stand (:func:`ldm.io.file_sha256`): a file replaced in place is hashed again."""
-        from ldm.io import file_sha256
-
-        return file_sha256(path)
-
 
 # ------------------------------------------------------------------------------------------------------------
 # jobs
@@ -326,6 +318,7 @@ class Worker:
         memory; a failed load keeps nothing half-loaded)."""
         entry = self.current if name is None else self.files.find(name)
         if self._loaded is None or self._loaded.filename != entry.filename or self._pipes is None:
+            from ldm.io import file_sha256
             from ldm.pipeline import Image2Image, Inpaint
 
             with self._cond:
@@ -336,7 +329,7 @@ class Worker:
             base = self._load(entry.filename)
             base.model_name = entry.model_name
             pipes = {"txt2img": base, "img2img": Image2Image.from_pipeline(base), "inpaint": Inpaint.from_pipeline(base)}
-            entry.sha256 = self.files.sha256(entry.filename)
+            entry.sha256 = file_sha256(entry.filename)  # cached while the file's size and time stand
             for pipe in pipes.values():  # the file is hashed once, not once per task
                 pipe.__dict__["model_hash"] = entry.hash
             self._pipes, self._loaded = pipes, entry

@@ -94,11 +94,12 @@ def _init_sources(init_from: Any, first_stage_ckpt: str | None) -> list[InitSour
 
 def _make_loss(parameterization: str, weighting: str, min_snr_gamma: float, offset_noise: float, timesteps: int,
                timestep_bias: Any = None):
-    from ldm.diffusion.loss import DiffusionLoss
+    from ldm.diffusion.loss import DiffusionLoss, timestep_weights
 
+    timestep_bias = to_plain(timestep_bias)
+    timestep_weights(timestep_bias, int(timesteps), key="model.params.timestep_bias")  # errors name the config key
     return DiffusionLoss(parameterization, weighting=weighting, min_snr_gamma=min_snr_gamma,
-                         offset_noise=offset_noise, num_timesteps=int(timesteps),
-                         timestep_bias=to_plain(timestep_bias))
+                         offset_noise=offset_noise, num_timesteps=int(timesteps), timestep_bias=timestep_bias)
 
 
 class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningModule):
@@ -199,13 +200,8 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
                                       scheduler_config=scheduler_config, **model_params)
         self._check_training_args(hparams, model_args)  # before the (possibly large) networks are built
         init_sources = _init_sources(init_from, first_stage_ckpt)
-        try:
-            loss_fn = _make_loss(model_args["parameterization"], loss_weighting, min_snr_gamma, offset_noise,
-                                 model_args["timesteps"], timestep_bias)
-        except ValueError as e:
-            if not str(e).startswith("timestep_bias"):
-                raise
-            raise ValueError(f"model.params.{e}") from None
+        loss_fn = _make_loss(model_args["parameterization"], loss_weighting, min_snr_gamma, offset_noise,
+                             model_args["timesteps"], timestep_bias)
         super().__init__(**model_args)
         self.save_hyperparameters(hparams, logger=False)
         self.base_learning_rate = float(base_learning_rate)
