@@ -7,6 +7,7 @@ import random
 from collections import Counter
 
 import numpy as np
+import torch
 import pytest
 
 from ldm.data.datamodule import ShapesDataModule
@@ -112,6 +113,21 @@ def test_data_module_mixes_star_pictures_into_the_default_world():
                                                                    "unknown shape 'hexagon'")):
         with pytest.raises(ValueError, match=fragment):
             ShapesDataModule(**kwargs)
+
+
+def test_focus_repeats_shows_each_focus_picture_that_many_times_per_epoch():
+    data = ShapesDataModule(num_train=6, num_val=0, focus="star", num_focus=4, focus_repeats=3)
+    data.setup()
+    assert len(data.train_set) == 6 + 3 * 4
+    captions = [data.train_set[i]["caption"] for i in range(len(data.train_set))]
+    assert captions[6:10] == captions[10:14] == captions[14:18] and all("star" in c for c in captions[6:])
+    assert torch.equal(data.train_set[6]["image"], data.train_set[14]["image"])
+    for kwargs, fragment in (({"focus": "star", "num_focus": 2, "focus_repeats": 0}, "focus_repeats=0 must be"),
+                             ({"focus": "star", "num_focus": 2, "focus_repeats": 2.5}, "must be an int"),
+                             ({"focus_repeats": 2}, "set focus and num_focus")):
+        with pytest.raises(ValueError, match=fragment) as info:
+            ShapesDataModule(**kwargs)
+        assert "\n" not in str(info.value)
 
 
 def test_star_eval_prompts_and_scores():

@@ -407,13 +407,16 @@ class ShapesDataModule(MapDataModule):
     (``ldm.data.paraphrase``; default 0). An opt-in shape (``ldm.data.shapes.EXTRA_SHAPES``): ``shapes`` draws the
     ``num_train`` scenes from these shapes, and ``focus`` with ``num_focus`` adds that many scenes that all show
     the ``focus`` shape to them (e.g. 500 pictures of stars among 1000 of the default world, for a LoRA), their
-    objects of ``focus_sizes`` (default: both sizes).
+    objects of ``focus_sizes`` (default: both sizes), each ``focus_repeats`` times per epoch (kohya's
+    ``num_repeats``: many default-world pictures for prior preservation with the same share of focus pictures
+    per batch, e.g. 500 stars x 10 among 5000 others).
     """
 
     def __init__(self, num_train: int = 1000, num_val: int = 64, size: int = 64, batch_size: int = 16,
                  num_workers: int = 0, seed: int = 0, color_drop: float = 0.15, kinds: Sequence[str] | None = None,
                  micro_conditioning: bool = False, paraphrase: float = 0.0, shapes: Sequence[str] | None = None,
-                 focus: str | None = None, num_focus: int = 0, focus_sizes: Sequence[str] | None = None):
+                 focus: str | None = None, num_focus: int = 0, focus_sizes: Sequence[str] | None = None,
+                 focus_repeats: int = 1):
         super().__init__()
         check_loader_args(batch_size, num_workers)
         if not 0.0 <= paraphrase <= 1.0:
@@ -438,8 +441,14 @@ class ShapesDataModule(MapDataModule):
                 ShapesDataset(1, shapes=shapes or None, focus=focus, sizes=focus_sizes)
             except ValueError as e:
                 raise ValueError(f"data.params: {e}") from None
+        if isinstance(focus_repeats, bool) or not isinstance(focus_repeats, int) or focus_repeats < 1:
+            raise ValueError(f"data.params.focus_repeats={focus_repeats!r} must be an int >= 1 (how many times each "
+                             "focus picture comes per epoch)")
+        if focus_repeats > 1 and focus is None:
+            raise ValueError(f"data.params.focus_repeats={focus_repeats} repeats the focus pictures: set focus and "
+                             "num_focus too, or leave focus_repeats out")
         self.shapes = list(shapes) if shapes else None
-        self.focus, self.num_focus = focus, int(num_focus)
+        self.focus, self.num_focus, self.focus_repeats = focus, int(num_focus), focus_repeats
         self.focus_sizes = list(focus_sizes) if focus_sizes else None
         self.color_drop = float(color_drop)
         self.micro_conditioning = bool(micro_conditioning)
@@ -462,7 +471,7 @@ class ShapesDataModule(MapDataModule):
                 focused = ShapesDataset(self.num_focus, size=self.size, seed=self.seed, kinds=self.kinds,
                                         color_drop=self.color_drop, shapes=self.shapes, focus=self.focus,
                                         sizes=self.focus_sizes, **micro, **words)
-                self.train_set = ConcatDataset([self.train_set, focused])
+                self.train_set = ConcatDataset([self.train_set] + [focused] * self.focus_repeats)
             self.val_set = (ShapesDataset(self.num_val, size=self.size, seed=self.seed + 1, **micro)
                             if self.num_val else None)
 
