@@ -7,8 +7,8 @@ import random
 from collections import Counter
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from ldm.data.datamodule import ShapesDataModule
 from ldm.data.shapes import (ALL_SHAPES, COLORS, KINDS, SHAPES, SIZES, Scene, ShapeObject, ShapesDataset, render,
