@@ -13,7 +13,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.config import ConfigError
-from ldm.data.datamodule import ResumableSampler, ShapesDataModule, WorkerCounters, collate, make_loader, node_info
+from ldm.data.datamodule import (ResumableSampler, ShapesDataModule, WorkerCounters, collate, make_loader, node_info,
+                                 sample_rng)
 from ldm.data.folder import ImageFolderDataModule
 from ldm.data.transforms import ImageTransform, load_image, to_tensor
 from ldm.data.webdataset import WebDatasetDataModule, expand_shards
@@ -512,6 +513,24 @@ def test_resumable_sampler_order_ranks_and_state():
     assert list(resumed) == list(full)[4:]
     resumed.load_state_dict({**state, "offset": 10})  # a finished epoch resumes with the next one
     assert (resumed.epoch, resumed.offset) == (2, 0)
+
+
+def test_sample_rng_seeds_only_the_cpu_generator_and_restores_the_callers_stream(monkeypatch):
+    # torch.manual_seed would queue a seed for CUDA, XPU, MPS...: a formatted stack trace per sample
+    def refuse(*_):
+        raise AssertionError("sample_rng seeded a device generator")
+
+    torch.manual_seed(5)
+    expected_after = torch.rand(3)
+    torch.manual_seed(5)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
+    with sample_rng(0, 1, 2):
+        first = torch.rand(4)
+    assert torch.equal(torch.rand(3), expected_after)  # the caller's stream goes on as if nothing happened
+    with sample_rng(0, 1, 2):
+        assert torch.equal(torch.rand(4), first)  # the same key, the same draws
+    with sample_rng(0, 1, 3):
+        assert not torch.equal(torch.rand(4), first)
 
 
 def test_resumable_sampler_state_for_other_data_goes_on_with_next_epoch(caplog):
