@@ -164,6 +164,46 @@ def test_bf16_mixed_precision_step(tmp_path):
     assert module.model.diffusion_model.out[2].weight.dtype == torch.float32  # weights stay fp32
 
 
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])  # a CPU trainer turns 16-mixed into bf16-mixed
+def test_gradient_clipping_with_the_fused_optimizer_in_every_precision(tmp_path, precision):
+    # Lightning refused to clip for torch's fused AdamW under mixed precision (the fine-tune recipes' settings)
+    norms = []
+
+    def record(optimizer, args, kwargs):  # after the step: the gradients it used, clipped (and unscaled)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))))
+
+    class Norms(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            trainer.optimizers[0].register_step_post_hook(record)
+
+    module = tiny_module()
+    trainer(tmp_path, max_steps=2, precision=precision, gradient_clip_val=1e-3,
+            callbacks=[Norms()]).fit(module, datamodule=tiny_data())
+    assert module.trainer.optimizers[0].defaults["fused"]
+    assert len(norms) == 2 and all(0 < n <= 1e-3 * 1.001 for n in norms), norms
+
+
+def test_fused_optimizer_under_a_grad_scaler_unscales_clips_and_steps_like_the_default():
+    from ldm.training.common import AdamW
+
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(8, 4)
+        opt = AdamW(layer.parameters(), lr=1e-2, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        for _ in range(3):
+            opt.zero_grad()
+            scaler.scale(layer(torch.ones(2, 8)).square().sum()).backward()
+            scaler.unscale_(opt)  # what Lightning does before clipping under fp16
+            torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.1)
+            scaler.step(opt)
+            scaler.update()
+        results.append([p.detach().clone() for p in layer.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*results))
+
+
 def test_validation_uses_ema_weights_and_restores_them(tmp_path):
     module = tiny_module(ema_decay=0.5)
     t = trainer(tmp_path, max_steps=2, limit_val_batches=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 
 import logging
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -36,6 +36,13 @@ class _FusedLayouts:
     Same update and state dict as torch's; unfused groups are left to torch as they are."""
 
     _STATES = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # torch's fused step says it unscales fp16 gradients itself, and Lightning then refuses gradient clipping
+        # under any mixed precision (bf16 included: "does not allow for gradient clipping"). Saying no makes a
+        # GradScaler unscale the gradients before the step, as for the unfused update: clipping works everywhere.
+        self._step_supports_amp_scaling = False
 
     def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps):
         out = super()._init_group(group, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)
