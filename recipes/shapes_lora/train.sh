@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Teach the shipped demo model (ldm/assets/demo/shapes.safetensors) a new shape, five-point stars, twice: as a
 # rank-8 LoRA (star_lora.yaml) and as a full fine-tune (star_finetune.yaml), each from 500 pictures of stars
-# mixed with 500 of the default world (steps of 16: the LoRA 3000 with the words' own vectors and prior
-# preservation, the fine-tune 800 with the words' embedding rows); then score both (docs/lora_demo.md has the numbers):
+# mixed with the default world's (steps of 16: the LoRA 3000 with the words' own vectors, a text-tower LoRA and
+# prior preservation over 5000 pictures, the fine-tune 800 with the words' embedding rows over 500); then score both (docs/lora_demo.md has the numbers):
 #
 #     recipes/shapes_lora/train.sh        # from the repository root or anywhere else
 #
