@@ -146,7 +146,7 @@ def sample_rng(*key: Any) -> Iterator[None]:
     digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     with torch.random.fork_rng(devices=[]):
         # the CPU generator alone: torch.manual_seed would also queue a seed for every other device type, and
-        # that costs a formatted stack trace a call (~1-3 ms a sample in training, more than rendering one)
+        # that costs a formatted stack trace a call (~0.5 ms a sample at a stack 40 frames deep; now 0.006 ms)
         torch.default_generator.manual_seed(int.from_bytes(digest, "little") >> 1)
         yield
 
