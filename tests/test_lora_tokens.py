@@ -11,6 +11,7 @@ from torch import nn
 from ldm.adapters.lora import load_lora, loaded_loras, split_bundled_embeddings, unload_loras
 from ldm.adapters.lora_train import LoraNetwork, TokenVectors, bundled_embeddings, parse_lora_config
 from ldm.convert import load_model
+from ldm.config import instantiate_from_config
 from ldm.io import read_state_dict
 from ldm.models.text_encoder import _bpe_tokenizer
 from ldm.pipeline import Text2Image
@@ -212,13 +213,66 @@ def test_full_fine_tune_trains_only_the_words_rows_of_the_embedding_table(tmp_pa
     ({"train_tokens": ["star"], "lora": {"rank": 2}}, "lora.tokens"),
     ({"token_lr": 0.1}, "no tokens train"),
     ({"train_tokens": ["two words"]}, "list of words"),
-    ({"train_tokens": ["star"], "cond_stage_trainable": True}, "trains whole"),
+    ({"text_lr": 1e-5}, "no text encoder trains"),
+    ({"text_lr": 1e-5, "lora": {"rank": 2}}, "full fine-tune"),
+    ({"text_lr": 0}, "must be > 0"),
 ])
 def test_bad_train_tokens_settings_are_one_line_errors(params, fragment):
     from test_train_ldm import tiny_module
 
     with pytest.raises(ValueError, match=fragment):
         tiny_module(**params)
+
+
+def _trainable_text(**params):
+    """A tiny full fine-tune whose text encoder trains (cond_stage_trainable, freeze: false)."""
+    from test_train_ldm import tiny_model_node
+
+    node = tiny_model_node(cond_stage_trainable=True, use_ema=False, **params)
+    node["params"]["cond_stage_config"]["params"]["freeze"] = False
+    return instantiate_from_config(node, "model")
+
+
+def test_full_fine_tune_with_a_trainable_text_encoder_trains_the_words_rows_and_the_tower_at_their_rates(
+        tmp_path, base_file):  # noqa: F811
+    """train_tokens beside a trainable text encoder (kohya's train_text_encoder): the words' rows at token_lr, the
+    rest of the tower at text_lr, the UNet at the learning rate; the table's other rows stay."""
+    module = _trainable_text(init_from=str(base_file), train_tokens=["circle"], token_lr=0.05, text_lr=2e-3)
+    tower = module.conditioner.embedders[0].model
+    table = tower.token_embedding.weight
+    layer = tower.transformer.resblocks[0].attn.out_proj.weight
+    before, layer_before = table.detach().clone(), layer.detach().clone()
+    optimizer = module.configure_optimizers()["optimizer"]
+    groups = optimizer.param_groups
+    assert [g["lr"] for g in groups[1:]] == [0.05, 2e-3] and groups[1]["params"] == [table]
+    assert {id(p) for p in groups[2]["params"]} == {id(p) for n, p in tower.named_parameters()
+                                                     if n != "token_embedding.weight"}
+    assert not {id(p) for p in groups[0]["params"]} & {id(p) for p in tower.parameters()}
+    trainer(tmp_path, max_steps=3).fit(module, datamodule=tiny_data())
+    changed = (table.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == _bpe_tokenizer().encode("circle")
+    assert not torch.equal(layer.detach(), layer_before)
+
+
+def test_full_fine_tune_preserve_with_a_trainable_text_encoder_distils_the_starting_towers_conditioning(
+        base_file):  # noqa: F811
+    """preserve's teacher is the starting model whole: once the text encoder has moved, the distilled target is
+    still the starting file's prediction on the starting file's conditioning (not on the moved encoder's)."""
+    module = _trainable_text(init_from=str(base_file), train_tokens=["star"], preserve=True)
+    assert not any("teacher" in k for k in module.state_dict())
+    with torch.no_grad():  # the tower (and the UNet) move as training would move them
+        for p in [*module.conditioner.parameters(), *module.model.parameters()]:
+            p.add_(torch.randn_like(p) * 0.05)
+    base = load_model(None, base_file)
+    batch = {"caption": ["a red circle", "two blue squares"]}
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([300, 700])
+    state = torch.Generator().manual_seed(5).get_state()
+    with torch.no_grad():
+        got = module._frozen_prediction(batch, state, False, x, t, torch.tensor([True, True]))
+        expected = base.apply_model(x, t, base.get_learned_conditioning({"txt": batch["caption"]}))
+        moved = module.apply_model(x, t, module.conditioning(batch))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(moved, expected, atol=1e-3)
 
 
 def test_preserve_teaches_captions_without_the_words_the_frozen_models_prediction(tmp_path, base_file):  # noqa: F811

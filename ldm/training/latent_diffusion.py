@@ -139,14 +139,18 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             file as embeddings). Under ``precision: bf16-mixed`` the frozen base is stored in bf16
             (:meth:`store_base_in_bf16`).
         train_tokens, token_lr: a full fine-tune's new words: the rows of their token ids in the text encoders'
-            embedding tables train (at ``token_lr``, default the learning rate; no weight decay), the rest of a
-            frozen text encoder stays as it is (:func:`ldm.adapters.lora_train.unfreeze_token_rows`).
+            embedding tables train (at ``token_lr``, default the learning rate; no weight decay), the other rows
+            stay as they are (:func:`ldm.adapters.lora_train.unfreeze_token_rows`), and so does the rest of a
+            frozen text encoder; a trainable one (``cond_stage_trainable: true``) trains the rest at ``text_lr``.
+        text_lr: a full fine-tune's rate for the trainable text encoders (kohya's ``text_encoder_lr``; not scaled
+            by the batch; default the learning rate).
         token_init: ``{word: init word(s)}``: those of ``train_tokens`` (or ``lora.token_init`` of ``lora.tokens``)
             start from the mean embedding of the init words, as textual inversion's initializer token.
         preserve: a full fine-tune's prior preservation by distillation (with ``train_tokens``; ``true`` or the
             weight of those samples' loss): samples whose caption names none of the new words, and samples whose
             caption the CFG dropout emptied, learn the prediction of a frozen copy of the starting UNet (kept
-            beside it: its memory once more) instead of the data's target. A LoRA run has ``lora.preserve``.
+            beside it: its memory once more) instead of the data's target; with a trainable text encoder, on the
+            conditioning of a frozen copy of the starting text encoder. A LoRA run has ``lora.preserve``.
         preserve_dropped: with ``preserve``, whether the dropped captions of pictures that show the new words are
             distilled too (true, the default), learn their pictures (false), or a share in [0, 1] of them, drawn per
             sample, is distilled. A LoRA run has ``lora.preserve_dropped``.
@@ -183,6 +187,7 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         train_tokens: Sequence[str] | None = None,
         token_lr: float | None = None,
         token_init: Any = None,
+        text_lr: float | None = None,
         preserve: bool | float = False,
         preserve_dropped: bool | float = True,
         cache_latents: bool = False,
@@ -245,7 +250,13 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         self._token_rows: list[torch.nn.Parameter] = []
         self._words: tuple[str, ...] = self.lora.config.tokens if self.lora is not None else ()
         self._teacher: torch.nn.Module | None = None  # preserve: the starting UNet, frozen (not a submodule)
+        self._teacher_conditioner: torch.nn.Module | None = None  # and the starting text encoders, if they train
         self.token_lr = None if token_lr is None else float(token_lr)
+        self.text_lr = None if text_lr is None else float(text_lr)
+        text_trains = self.lora is None and any(p.requires_grad for p in self.conditioner.parameters())
+        if self.text_lr is not None and not text_trains:
+            raise ValueError("model.params.text_lr: no text encoder trains (set cond_stage_trainable: true and "
+                             "cond_stage_config.params.freeze: false, or drop text_lr)")
         if train_tokens:
             from ldm.adapters.lora_train import parse_token_init, parse_tokens, unfreeze_token_rows
 
@@ -262,6 +273,10 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
 
             self._preserve = check_preserve(preserve)
             self.__dict__["_teacher"] = copy.deepcopy(self.model).requires_grad_(False).eval()
+            if text_trains:  # the starting towers (the new words' rows as token_init set them: never read here)
+                teacher = copy.deepcopy(self.conditioner).requires_grad_(False).eval()
+                teacher.enable_cache(False)
+                self.__dict__["_teacher_conditioner"] = teacher
         if (self.lora is not None and ("text" in self.lora.config.targets or self.lora.config.tokens)
                 and self.conditioner.cache is not None):
             log.info("LoRA on the text encoder (or its token vectors): its embeddings change as it trains, so they "
@@ -358,9 +373,12 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
             if hp["lora"] is not None:
                 raise ValueError("model.params.train_tokens is for a full fine-tune; a LoRA trains new words with "
                                  "model.params.lora.tokens (and lora.token_lr)")
-            if model_args["cond_stage_trainable"]:
-                raise ValueError("model.params.train_tokens: the text encoder trains whole already "
-                                 "(cond_stage_trainable: true); drop train_tokens or freeze the text encoder")
+        if hp["text_lr"] is not None:
+            if hp["lora"] is not None:
+                raise ValueError("model.params.text_lr is for a full fine-tune; a LoRA's text branches (lora.targets: "
+                                 "[..., text]) train at the LoRA's rate")
+            if not hp["text_lr"] > 0:
+                raise ValueError(f"model.params.text_lr={hp['text_lr']!r} must be > 0 (e.g. 1e-5)")
         if hp["preserve"] is not False:
             from ldm.adapters.lora_train import check_preserve
 
@@ -438,13 +456,16 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         return z * self.scale_factor
 
     def conditioning(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
-                     drop: bool = False) -> dict[str, torch.Tensor]:
+                     drop: bool = False, conditioner: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The conditioning dict of a training batch (:meth:`get_learned_conditioning`); its ``cond_stage_key``
-        entry (``caption``) is the prompt, ``txt``. ``drop``: classifier-free-guidance dropout from ``generator``."""
+        entry (``caption``) is the prompt, ``txt``. ``drop``: classifier-free-guidance dropout from ``generator``.
+        ``conditioner``: another one than the model's (preserve's frozen copy)."""
         inputs = dict(batch)
         if PROMPT_KEY not in inputs and self.cond_stage_key in inputs:
             captions = inputs[self.cond_stage_key]
             inputs[PROMPT_KEY] = [captions] if isinstance(captions, str) else list(captions)
+        if conditioner is not None:
+            return conditioner(inputs, generator=generator, drop=drop)
         return self.get_learned_conditioning(inputs, generator=generator, drop=drop)
 
     def _loss(self, batch: dict, generator: torch.Generator, drop: bool) -> torch.Tensor:
@@ -484,8 +505,9 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         generator state from before it)."""
         generator = torch.Generator(device=self.device)
         generator.set_state(state)
+        teacher = self._teacher_conditioner
         with self.lora.disabled() if self.lora is not None else contextlib.nullcontext():
-            cond = self.conditioning(batch, generator, drop)
+            cond = self.conditioning(batch, generator, drop, teacher.to(self.device) if teacher is not None else None)
             cond = {k: v[mask.to(v.device)] for k, v in cond.items()} if isinstance(cond, dict) else \
                 cond[mask.to(cond.device)]
             if self._teacher is None:
@@ -578,11 +600,13 @@ class LatentDiffusionModule(LatentDiffusion, TrainingModuleMixin, pl.LightningMo
         groups: list = params
         token_params = self.lora.token_parameters() if self.lora is not None else self._token_rows
         token_lr = self.lora.config.token_lr if self.lora is not None else self.token_lr
-        if token_params:  # the new words' vectors: at their own rate, no weight decay
+        text = {id(p) for p in self.conditioner.parameters()} if self.text_lr is not None else set()
+        if token_params or text:  # the new words' vectors: at their own rate, no weight decay; the text encoders
             tokens = {id(p) for p in token_params}
-            groups = [{"params": [p for p in params if id(p) not in tokens]},
+            groups = [{"params": [p for p in params if id(p) not in tokens and id(p) not in text]},
                       {"params": [p for p in params if id(p) in tokens], "weight_decay": 0.0}
-                      | ({} if token_lr is None else {"lr": token_lr})]
+                      | ({} if token_lr is None else {"lr": token_lr}),
+                      {"params": [p for p in params if id(p) in text and id(p) not in tokens], "lr": self.text_lr}]
             groups = [g for g in groups if g["params"]]
         opt = build_optimizer(self.optimizer_name, groups, self.effective_learning_rate(), betas=self.adam_betas,
                               eps=self.adam_eps, weight_decay=self.weight_decay,
