@@ -130,6 +130,25 @@ def test_focus_repeats_shows_each_focus_picture_that_many_times_per_epoch():
         assert "\n" not in str(info.value)
 
 
+def test_focus_kinds_draw_the_focus_pictures_scene_kinds_and_leave_the_default_worlds():
+    data = ShapesDataModule(num_train=40, num_val=0, focus="star", num_focus=30, focus_repeats=2,
+                            focus_kinds=["color_attribution"])
+    data.setup()
+    default, focused = data.train_set.datasets[0], data.train_set.datasets[1]
+    assert {focused.scene(i)[0].kind for i in range(30)} == {"color_attribution"}
+    assert len({default.scene(i)[0].kind for i in range(40)}) > 1  # kinds (all of them) as before
+    weighted = ShapesDataModule(num_train=4, num_val=0, focus="star", num_focus=200,
+                                focus_kinds=["single", "color_attribution", "color_attribution"])
+    weighted.setup()
+    kinds = [weighted.train_set.datasets[1].scene(i)[0].kind for i in range(200)]
+    assert set(kinds) == {"single", "color_attribution"} and 110 < kinds.count("color_attribution") < 160
+    for kwargs, fragment in (({"focus": "star", "num_focus": 2, "focus_kinds": ["spiral"]}, "focus_kinds has unknown"),
+                             ({"focus_kinds": ["single"]}, "set focus and num_focus")):
+        with pytest.raises(ValueError, match=fragment) as info:
+            ShapesDataModule(**kwargs)
+        assert "\n" not in str(info.value)
+
+
 def test_star_eval_prompts_and_scores():
     prompts = make_eval_prompts(8, seed=0, focus="star")
     assert [p.category for p in prompts] == [c for c in CATEGORIES for _ in range(8)]

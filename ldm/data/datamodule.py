@@ -409,16 +409,17 @@ class ShapesDataModule(MapDataModule):
     (``ldm.data.paraphrase``; default 0). An opt-in shape (``ldm.data.shapes.EXTRA_SHAPES``): ``shapes`` draws the
     ``num_train`` scenes from these shapes, and ``focus`` with ``num_focus`` adds that many scenes that all show
     the ``focus`` shape to them (e.g. 500 pictures of stars among 1000 of the default world, for a LoRA), their
-    objects of ``focus_sizes`` (default: both sizes), each ``focus_repeats`` times per epoch (kohya's
-    ``num_repeats``: many default-world pictures for prior preservation with the same share of focus pictures
-    per batch, e.g. 500 stars x 10 among 5000 others).
+    objects of ``focus_sizes`` (default: both sizes), their scene kinds drawn from ``focus_kinds`` as ``kinds``
+    (default: ``kinds``), each ``focus_repeats`` times per epoch (kohya's ``num_repeats``: many default-world
+    pictures for prior preservation with the same share of focus pictures per batch, e.g. 500 stars x 10 among
+    5000 others).
     """
 
     def __init__(self, num_train: int = 1000, num_val: int = 64, size: int = 64, batch_size: int = 16,
                  num_workers: int = 0, seed: int = 0, color_drop: float = 0.15, kinds: Sequence[str] | None = None,
                  micro_conditioning: bool = False, paraphrase: float = 0.0, shapes: Sequence[str] | None = None,
                  focus: str | None = None, num_focus: int = 0, focus_sizes: Sequence[str] | None = None,
-                 focus_repeats: int = 1):
+                 focus_repeats: int = 1, focus_kinds: Sequence[str] | None = None):
         super().__init__()
         check_loader_args(batch_size, num_workers)
         if not 0.0 <= paraphrase <= 1.0:
@@ -430,9 +431,14 @@ class ShapesDataModule(MapDataModule):
             raise ValueError(f"data.params.color_drop={color_drop!r} must be a probability in [0, 1]")
         from ldm.data.shapes import KINDS
 
-        unknown = [k for k in (kinds or ()) if k not in KINDS]
-        if unknown:
-            raise ValueError(f"data.params.kinds has unknown scene kind {unknown[0]!r}; use any of {', '.join(KINDS)}")
+        for key, value in (("kinds", kinds), ("focus_kinds", focus_kinds)):
+            unknown = [k for k in (value or ()) if k not in KINDS]
+            if unknown:
+                raise ValueError(f"data.params.{key} has unknown scene kind {unknown[0]!r}; use any of "
+                                 f"{', '.join(KINDS)}")
+        if focus_kinds and focus is None:
+            raise ValueError("data.params.focus_kinds are the focus pictures' scene kinds: set focus and num_focus "
+                             "too, or leave focus_kinds out")
         from ldm.data.shapes import ShapesDataset
 
         if (focus is None) != (not num_focus) or num_focus < 0:
@@ -455,6 +461,7 @@ class ShapesDataModule(MapDataModule):
         self.color_drop = float(color_drop)
         self.micro_conditioning = bool(micro_conditioning)
         self.kinds = list(kinds) if kinds else None
+        self.focus_kinds = list(focus_kinds) if focus_kinds else self.kinds
         self.num_train, self.num_val, self.size = num_train, num_val, size
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.train_set: Dataset | None = None
@@ -470,7 +477,7 @@ class ShapesDataModule(MapDataModule):
             self.train_set = ShapesDataset(self.num_train, size=self.size, seed=self.seed, kinds=self.kinds,
                                            color_drop=self.color_drop, **shapes, **micro, **words)
             if self.focus is not None:
-                focused = ShapesDataset(self.num_focus, size=self.size, seed=self.seed, kinds=self.kinds,
+                focused = ShapesDataset(self.num_focus, size=self.size, seed=self.seed, kinds=self.focus_kinds,
                                         color_drop=self.color_drop, shapes=self.shapes, focus=self.focus,
                                         sizes=self.focus_sizes, **micro, **words)
                 self.train_set = ConcatDataset([self.train_set] + [focused] * self.focus_repeats)
