@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Teach the shipped demo model (ldm/assets/demo/shapes.safetensors) a new shape, five-point stars, twice: as a
 # rank-8 LoRA (star_lora.yaml) and as a full fine-tune (star_finetune.yaml), each from 500 pictures of stars
-# mixed with the default world's (steps of 16: the LoRA 3000 with the words' own vectors, a text-tower LoRA and
-# prior preservation over 5000 pictures, the fine-tune 800 with the words' embedding rows over 500); then score both (docs/lora_demo.md has the numbers):
+# mixed with 5000 of the default world's, distilled from the shipped model (3000 steps of 16 each: the LoRA with the
+# words' own vectors and a text-tower LoRA, the fine-tune with the words' embedding rows and the whole text tower);
+# then score both (docs/lora_demo.md has the numbers):
 #
 #     recipes/shapes_lora/train.sh        # from the repository root or anywhere else
 #
